@@ -1,0 +1,55 @@
+// pyengine._C: the one place where every operator schema is declared.
+// Implementations register per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cpp.
+// The semantics of each op are documented next to its pure-PyTorch reference in pyengine/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(pyengine, m) {
+  // ---- masked / sparse linear (pyengine/ops/masked.py) ----
+  // y = x (W*M)^T + b for 2-D x (M, K), W (N, K), bool mask M (N, K).
+  m.def("masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias) -> Tensor");
+  // (dx, dW, db); a gradient that is not asked for comes back as an empty tensor.
+  m.def(
+      "masked_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mask, "
+      "bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
+  // CSR of W: (rowptr int32 [N+1], colidx int16 if K < 32768 else int32, values [nnz]).
+  m.def("pack_sparse(Tensor weight) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "sparse_linear(Tensor x, Tensor rowptr, Tensor colidx, Tensor values, int in_features, "
+      "Tensor? bias) -> Tensor");
+  // tensors[i][masks[mask_index[i]] == 0] = 0 for every i, in one call.
+  m.def("apply_masks_(Tensor(a!)[] tensors, Tensor[] masks, int[] mask_index) -> ()");
+
+  // ---- entropy statistics (pyengine/ops/entropy.py) ----
+  // (counts int64, nan_count int64 scalar). counts[c] = #samples with x ON for neuron c.
+  m.def(
+      "entropy_counts(Tensor x, int channel_dim, bool per_position, bool inclusive) "
+      "-> (Tensor, Tensor)");
+  // (per-neuron entropy float32, summary float64 [mean_all, mean_nonconstant, n_on, n_off]).
+  m.def("entropy_from_counts(Tensor counts, int n_samples, float eps) -> (Tensor, Tensor)");
+
+  // ---- sliced Wasserstein (pyengine/ops/sliced.py) ----
+  // x, y (B, n, d); theta (K, d) -> (dist [B], cx, cy, win); cx/cy are d dist / d projection.
+  m.def(
+      "sliced_wasserstein_fwd(Tensor x, Tensor y, Tensor theta, float p, bool use_max, "
+      "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+int pyengine_cuda_compiled();
+}
+
+static PyObject* cuda_compiled(PyObject*, PyObject*) {
+  return PyBool_FromLong(pyengine_cuda_compiled());
+}
+
+static PyMethodDef methods[] = {
+    {"cuda_compiled", cuda_compiled, METH_NOARGS,
+     "True when this build contains the CUDA kernels."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
+                                        "pyengine native operators (registered in torch.ops.pyengine)",
+                                        -1, methods};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,58 @@
+"""Loads the native library ``pyengine._C`` and says which devices it serves.
+
+Without a built extension every op still works through its pure-PyTorch reference; a single
+warning says so and how to build the extension.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_C = None
+_IMPORT_ERROR: Exception | None = None
+try:  # the import registers the torch.ops.pyengine.* operators
+    from pyengine import _C  # type: ignore[attr-defined, no-redef]
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _IMPORT_ERROR = exc
+
+HAS_NATIVE: bool = _C is not None
+CUDA_COMPILED: bool = bool(_C.cuda_compiled()) if _C is not None else False
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "(set PYENGINE_CUDA=0 for a CPU-only build, CUDA_HOME to pick a toolkit)"
+)
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def native_available(device: torch.device) -> bool:
+    """True when ``pyengine._C`` has a kernel for tensors on ``device``.
+
+    When it has none, a warning is issued once and callers use the pure-PyTorch reference.
+    """
+    if device.type == "cpu" and HAS_NATIVE:
+        return True
+    if device.type == "cuda" and CUDA_COMPILED:
+        return True
+    if not HAS_NATIVE:
+        _warn_once(
+            "no-native",
+            f"pyengine._C is not built ({_IMPORT_ERROR}); using the pure-PyTorch reference ops, "
+            f"which are slower. To get the native kernels, {BUILD_HINT}.",
+        )
+    else:
+        _warn_once(
+            f"no-{device.type}",
+            f"pyengine._C was built without {device.type.upper()} kernels; using the pure-PyTorch "
+            f"reference ops on {device.type}. To get them, rebuild where the toolkit is present: "
+            f"{BUILD_HINT}.",
+        )
+    return False

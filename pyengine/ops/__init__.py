@@ -1,0 +1,36 @@
+"""The Python face of pyengine's native kernels, each beside its pure-PyTorch reference."""
+from pyengine.ops.entropy import (
+    EntropyStats,
+    entropy_counts,
+    entropy_counts_reference,
+    entropy_from_counts,
+    entropy_from_counts_reference,
+    samples_per_neuron,
+)
+from pyengine.ops.masked import (
+    PackedWeight,
+    apply_masks_,
+    masked_linear,
+    masked_linear_reference,
+    pack_sparse,
+    sparse_linear,
+)
+from pyengine.ops.sliced import random_directions, sliced_wasserstein, sliced_wasserstein_reference
+
+__all__ = [
+    "EntropyStats",
+    "PackedWeight",
+    "apply_masks_",
+    "entropy_counts",
+    "entropy_counts_reference",
+    "entropy_from_counts",
+    "entropy_from_counts_reference",
+    "masked_linear",
+    "masked_linear_reference",
+    "pack_sparse",
+    "random_directions",
+    "samples_per_neuron",
+    "sliced_wasserstein",
+    "sliced_wasserstein_reference",
+    "sparse_linear",
+]

@@ -1,0 +1,149 @@
+"""Fused activation-state statistics for entropy-guided methods (EGP, NEPENTHE, EASIER, DSD2).
+
+* ``entropy_counts(x, channel_dim, per_position, inclusive)`` counts, per neuron, the samples
+  whose value is ON: ``x > 0`` (``x >= 0`` with ``inclusive=True``; EGP uses >, EASIER >=).
+  A neuron is a channel (every other dimension is a sample: batch, spatial positions, tokens) or,
+  with ``per_position=True``, a channel x position (every dimension but the first; only the
+  batch is a sample). Works for NCHW, channels-last and (B, T, C) tensors in fp32/fp16/bf16/fp64
+  in one pass, into exact int64 counts. NaN is never ON; the native op also counts NaNs so the
+  wrapper can refuse them without a second pass.
+* ``entropy_from_counts(counts, n_samples, eps)`` gives per-neuron binary entropy in bits,
+  H(p) = -p log2 p - (1-p) log2 (1-p) with p = count / n_samples (0 log 0 = 0; with eps > 0, p is
+  clamped to [eps, 1-eps] as the authors' code does), and a float64 summary
+  ``[mean over all neurons, mean over non-constant neurons (0 if none), #always ON, #always OFF]``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pyengine import _native
+from pyengine.ops._checks import check_tensor
+
+# --------------------------------------------------------------------------- references
+
+
+def entropy_counts_reference(x, channel_dim=1, per_position=False, inclusive=False):
+    on = (x >= 0) if inclusive else (x > 0)
+    if per_position:
+        return on.sum(0, dtype=torch.int64)
+    c = x.shape[channel_dim]
+    return on.movedim(channel_dim, 0).reshape(c, -1).sum(1, dtype=torch.int64)
+
+
+def entropy_from_counts_reference(counts, n_samples, eps=0.0):
+    c = counts.to(torch.float64)
+    p = c / n_samples
+    if eps > 0:
+        p = p.clamp(eps, 1 - eps)
+    h = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    on = counts == n_samples
+    off = counts == 0
+    nonconst = ~(on | off)
+    mean_all = h.mean() if h.numel() else h.new_zeros(())
+    mean_nc = h[nonconst].mean() if bool(nonconst.any()) else h.new_zeros(())
+    summary = torch.stack(
+        [mean_all, mean_nc, on.sum().to(torch.float64), off.sum().to(torch.float64)]
+    )
+    return h.to(torch.float32), summary
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+def _normalise_dim(channel_dim: int, ndim: int) -> int:
+    if not -ndim <= channel_dim < ndim:
+        raise ValueError(f"channel_dim={channel_dim} is out of range for a tensor with {ndim} dimensions")
+    return channel_dim % ndim
+
+
+def entropy_counts(
+    x: torch.Tensor,
+    channel_dim: int = 1,
+    per_position: bool = False,
+    inclusive: bool = False,
+    check_nan: bool = True,
+) -> torch.Tensor:
+    """Per-neuron ON counts of ``x`` as int64 (see the module docstring).
+
+    channel_dim: 1 for NCHW / (N, C) tensors (any memory format), -1 for (B, T, C).
+    With ``check_nan`` (default) a NaN in ``x`` raises ValueError; on CUDA that costs one sync.
+    """
+    check_tensor("x", x, min_ndim=2)
+    channel_dim = _normalise_dim(channel_dim, x.dim())
+    if per_position:
+        channel_dim = 1
+    x = x.detach()
+    if _native.native_available(x.device):
+        counts, nan_count = torch.ops.pyengine.entropy_counts(x, channel_dim, per_position, inclusive)
+        if check_nan and int(nan_count) > 0:
+            raise ValueError(f"x contains {int(nan_count)} NaN values; entropy counts need finite activations")
+        return counts
+    if check_nan and bool(torch.isnan(x).any()):
+        raise ValueError("x contains NaN values; entropy counts need finite activations")
+    return entropy_counts_reference(x, channel_dim, per_position, inclusive)
+
+
+def samples_per_neuron(x_shape, channel_dim: int = 1, per_position: bool = False) -> int:
+    """How many samples one call of :func:`entropy_counts` adds per neuron for this shape."""
+    if per_position:
+        return int(x_shape[0])
+    total = 1
+    for s in x_shape:
+        total *= int(s)
+    c = int(x_shape[channel_dim])
+    return total // c if c else 0
+
+
+class EntropyStats(NamedTuple):
+    per_neuron: torch.Tensor  # float32, counts' shape, bits
+    summary: torch.Tensor  # float64 [mean_all, mean_nonconstant, n_always_on, n_always_off]
+
+    @property
+    def mean(self) -> float:
+        return float(self.summary[0])
+
+    @property
+    def mean_nonconstant(self) -> float:
+        return float(self.summary[1])
+
+    @property
+    def n_always_on(self) -> int:
+        return int(self.summary[2])
+
+    @property
+    def n_always_off(self) -> int:
+        return int(self.summary[3])
+
+
+def entropy_from_counts(counts: torch.Tensor, n_samples: int, eps: float = 0.0) -> EntropyStats:
+    """Per-neuron binary entropy and the per-layer summary from ON counts."""
+    check_tensor("counts", counts, dtypes=(torch.int64, torch.int32))
+    n_samples = int(n_samples)
+    if n_samples <= 0:
+        raise ValueError(f"n_samples must be positive, got {n_samples}")
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"eps must be in [0, 0.5), got {eps}")
+    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_samples):
+        raise ValueError(f"counts must lie in [0, n_samples={n_samples}]")
+    counts = counts.to(torch.int64)
+    if _native.native_available(counts.device):
+        h, summary = torch.ops.pyengine.entropy_from_counts(counts.contiguous(), n_samples, float(eps))
+    else:
+        h, summary = entropy_from_counts_reference(counts, n_samples, eps)
+    return EntropyStats(h, summary)
+
+
+# --------------------------------------------------------------------------- registration
+
+if _native.HAS_NATIVE:
+
+    @torch.library.register_fake("pyengine::entropy_counts")
+    def _entropy_counts_fake(x, channel_dim, per_position, inclusive):
+        shape = tuple(x.shape[1:]) if per_position else (x.shape[channel_dim],)
+        return x.new_empty(shape, dtype=torch.int64), x.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("pyengine::entropy_from_counts")
+    def _entropy_from_counts_fake(counts, n_samples, eps):
+        return counts.new_empty(counts.shape, dtype=torch.float32), counts.new_empty((4,), dtype=torch.float64)

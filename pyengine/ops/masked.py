@@ -1,0 +1,255 @@
+"""Masked linear, packed sparse linear and the fused mask-upkeep op.
+
+Semantics (each native kernel must equal its reference here):
+
+* ``masked_linear(x, W, M, b) = x @ (W * M)^T + b`` for x of shape (..., K), W (N, K), M a
+  bool (or 0/1) mask of W's shape. Backward: dx = dy (W*M), dW = (dy^T x) * M, db = sum dy.
+  The native kernels process W in row tiles, so no W-sized masked copy is ever made.
+* ``pack_sparse(W)`` stores the nonzeros of W (N, K) row by row (CSR): int32 row pointers,
+  int16 column indices when K < 32768 (int32 otherwise) and the values in W's dtype.
+  ``sparse_linear(x, packed, b) = x @ W^T + b`` touches only the stored nonzeros. Inference
+  only: it has no autograd.
+* ``apply_masks_(tensors, masks, mask_index)`` sets ``tensors[i][~masks[mask_index[i]]] = 0``
+  for all i in one call (weights, their gradients and optimiser buffers share a layer's mask).
+  Zeroing (not multiplying) keeps pruned entries exactly 0 even where a value is inf or NaN.
+
+Convolutions are pruned through ``apply_masks_``: a conv's weight, gradient and momentum are
+re-masked after every optimiser step, so the pruned weights stay exactly zero and the ordinary
+cuDNN/oneDNN convolution computes the masked result.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pyengine import _native
+from pyengine.ops._checks import (
+    as_bool_mask,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+
+# --------------------------------------------------------------------------- references
+
+
+def masked_linear_reference(x, weight, mask, bias=None):
+    return F.linear(x, weight * mask.to(weight.dtype), bias)
+
+
+def sparse_linear_reference(x, dense_weight, bias=None):
+    return F.linear(x, dense_weight, bias)
+
+
+def apply_masks_reference(tensors, masks, mask_index):
+    for t, i in zip(tensors, mask_index):
+        t.masked_fill_(~masks[i], 0)
+
+
+# --------------------------------------------------------------------------- masked linear
+
+
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bias=None) -> torch.Tensor:
+    """``x @ (weight * mask)^T + bias`` without materialising ``weight * mask``.
+
+    x: (..., K); weight: (N, K); mask: bool or 0/1 of weight's shape; bias: (N,) or None.
+    Differentiable in x, weight (gradient masked) and bias.
+    """
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries but weight has {weight.shape[0]} rows")
+    check_same_device(x=x, weight=weight, mask=mask, bias=bias)
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}"
+        )
+    mask = as_bool_mask("mask", mask, weight.shape)
+    if not _native.native_available(x.device):
+        return masked_linear_reference(x, weight, mask, bias)
+    lead = x.shape[:-1]
+    y = torch.ops.pyengine.masked_linear(x.reshape(-1, x.shape[-1]), weight, mask, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+# --------------------------------------------------------------------------- sparse linear
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight matrix (out_features, in_features) stored as CSR with narrow column indices."""
+
+    rowptr: torch.Tensor
+    colidx: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        n, k = self.shape
+        return self.nnz / max(1, n * k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.colidx, self.values))
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(n, device=self.values.device), counts)
+        out = torch.zeros(n, k, dtype=self.values.dtype, device=self.values.device)
+        out[rows, self.colidx.long()] = self.values
+        return out
+
+
+def _pack_reference(weight):
+    n, k = weight.shape
+    nz = weight != 0
+    counts = nz.sum(1)
+    rowptr = torch.zeros(n + 1, dtype=torch.int32, device=weight.device)
+    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    rows, cols = nz.nonzero(as_tuple=True)
+    idx_dtype = torch.int16 if k < 32768 else torch.int32
+    return rowptr, cols.to(idx_dtype), weight[rows, cols]
+
+
+def pack_sparse(weight: torch.Tensor) -> PackedWeight:
+    """Packs the nonzeros of a 2-D weight for :func:`sparse_linear`."""
+    check_tensor("weight", weight, ndim=2)
+    if weight.numel() >= 2**31:
+        raise ValueError("weight has 2**31 or more entries; pack_sparse supports fewer")
+    w = weight.detach()
+    if _native.native_available(w.device):
+        rowptr, colidx, values = torch.ops.pyengine.pack_sparse(w)
+    else:
+        rowptr, colidx, values = _pack_reference(w)
+    return PackedWeight(rowptr, colidx, values, (int(w.shape[0]), int(w.shape[1])))
+
+
+def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias=None) -> torch.Tensor:
+    """``x @ W^T + bias`` with W given packed by :func:`pack_sparse`. Inference only."""
+    if not isinstance(packed, PackedWeight):
+        raise TypeError(f"packed must be a PackedWeight from pack_sparse, got {type(packed).__name__}")
+    n, k = packed.shape
+    check_tensor("x", x, min_ndim=1)
+    check_same_device(x=x, values=packed.values, bias=bias)
+    check_same_dtype(x=x, values=packed.values, bias=bias)
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dimension but the packed weight expects {k}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if x.requires_grad or (bias is not None and bias.requires_grad):
+        raise RuntimeError("sparse_linear is an inference op and has no autograd; call it under torch.no_grad()")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if _native.native_available(x.device):
+        y = torch.ops.pyengine.sparse_linear(x2, packed.rowptr, packed.colidx, packed.values, k, bias)
+    else:
+        y = sparse_linear_reference(x2, packed.to_dense(), bias)
+    return y.reshape(*lead, n)
+
+
+# --------------------------------------------------------------------------- mask upkeep
+
+
+def apply_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], mask_index=None) -> None:
+    """Zeroes the pruned entries of many tensors in one call.
+
+    tensors[i] is masked by masks[mask_index[i]] (default: mask_index[i] = i). Masks are bool
+    tensors of the same shape and device as the tensors they mask. Works in place.
+    """
+    tensors = list(tensors)
+    masks = list(masks)
+    if mask_index is None:
+        if len(tensors) != len(masks):
+            raise ValueError(
+                f"got {len(tensors)} tensors and {len(masks)} masks; pass mask_index to share masks"
+            )
+        mask_index = list(range(len(tensors)))
+    mask_index = [int(i) for i in mask_index]
+    if len(mask_index) != len(tensors):
+        raise ValueError(f"mask_index has {len(mask_index)} entries for {len(tensors)} tensors")
+    if not tensors:
+        return
+    for j, m in enumerate(masks):
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+            raise TypeError(f"masks[{j}] must be a bool tensor")
+    for i, (t, mi) in enumerate(zip(tensors, mask_index)):
+        check_tensor(f"tensors[{i}]", t)
+        if not 0 <= mi < len(masks):
+            raise IndexError(f"mask_index[{i}] = {mi} is out of range for {len(masks)} masks")
+        m = masks[mi]
+        if m.shape != t.shape:
+            raise ValueError(f"tensors[{i}] has shape {tuple(t.shape)} but masks[{mi}] has {tuple(m.shape)}")
+        if m.device != t.device:
+            raise ValueError(f"tensors[{i}] is on {t.device} but masks[{mi}] is on {m.device}")
+        if not t.is_contiguous() or not m.is_contiguous():
+            raise ValueError(f"tensors[{i}] and masks[{mi}] must be contiguous")
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        raise ValueError("all tensors passed to apply_masks_ must be on one device")
+    if _native.native_available(device):
+        torch.ops.pyengine.apply_masks_(tensors, masks, mask_index)
+    else:
+        with torch.no_grad():
+            apply_masks_reference(tensors, masks, mask_index)
+
+
+# --------------------------------------------------------------------------- registration
+
+if _native.HAS_NATIVE:
+
+    @torch.library.register_fake("pyengine::masked_linear")
+    def _masked_linear_fake(x, weight, mask, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("pyengine::masked_linear_backward")
+    def _masked_linear_backward_fake(grad_out, x, weight, mask, need_x, need_w, need_b):
+        dx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
+        dw = weight.new_empty(weight.shape) if need_w else weight.new_empty((0,))
+        db = weight.new_empty((weight.shape[0],)) if need_b else weight.new_empty((0,))
+        return dx, dw, db
+
+    @torch.library.register_fake("pyengine::pack_sparse")
+    def _pack_sparse_fake(weight):
+        ctx = torch.library.get_ctx()
+        nnz = ctx.new_dynamic_size()
+        n, k = weight.shape
+        idx_dtype = torch.int16 if k < 32768 else torch.int32
+        return (
+            weight.new_empty((n + 1,), dtype=torch.int32),
+            weight.new_empty((nnz,), dtype=idx_dtype),
+            weight.new_empty((nnz,)),
+        )
+
+    @torch.library.register_fake("pyengine::sparse_linear")
+    def _sparse_linear_fake(x, rowptr, colidx, values, in_features, bias):
+        return x.new_empty((x.shape[0], rowptr.shape[0] - 1))
+
+    @torch.library.register_fake("pyengine::apply_masks_")
+    def _apply_masks_fake(tensors, masks, mask_index):
+        return None
+
+    def _ml_setup(ctx, inputs, output):
+        x, weight, mask, bias = inputs
+        ctx.save_for_backward(x, weight, mask)
+        ctx.has_bias = bias is not None
+
+    def _ml_backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        need_x, need_w, _, need_b = ctx.needs_input_grad
+        dx, dw, db = torch.ops.pyengine.masked_linear_backward(
+            grad.contiguous(), x, weight, mask, need_x, need_w, bool(need_b and ctx.has_bias)
+        )
+        return (dx if need_x else None, dw if need_w else None, None, db if (need_b and ctx.has_bias) else None)
+
+    torch.library.register_autograd("pyengine::masked_linear", _ml_backward, setup_context=_ml_setup)
