@@ -1,0 +1,195 @@
+// CPU kernels: per-neuron ON counts of activations, and entropy from counts.
+// One pass over the tensor; comparisons on fp16/bf16 are done on the raw bits so the loops
+// vectorise as integer compares.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace pyengine {
+namespace {
+
+// Classifies one element: on(v) is 1 when ON (> 0, or >= 0 when inclusive), nan(v) is 1 for NaN.
+template <typename T>
+struct FloatClass {
+  using raw = T;
+  static inline int on(raw v, bool inclusive) { return inclusive ? (v >= 0) : (v > 0); }
+  static inline int nan(raw v) { return v != v; }
+};
+
+// Half-precision formats on raw bits: positive numbers (and +inf) are 0x0001..inf_bits,
+// NaNs are > inf_bits in the low 15 bits. -0 (0x8000) is >= 0.
+template <uint16_t kInfBits>
+struct HalfBitsClass {
+  using raw = uint16_t;
+  static inline int on(raw v, bool inclusive) {
+    return inclusive ? (v <= kInfBits || v == 0x8000) : (v != 0 && v <= kInfBits);
+  }
+  static inline int nan(raw v) { return (v & 0x7FFF) > kInfBits; }
+};
+
+using HalfClass = HalfBitsClass<0x7C00>;
+using BF16Class = HalfBitsClass<0x7F80>;
+
+// x is a contiguous (O, C, I) block; counts[c] += #ON over (o, i).
+template <typename Cls, bool kInclusive>
+void count_block(const typename Cls::raw* x, int64_t O, int64_t C, int64_t I, int64_t* counts,
+                 int64_t* nan_total) {
+  std::mutex mu;
+  const bool avx2 = cpu_has_avx2();
+  if (I == 1) {
+    // Row mode: O rows of C contiguous neurons (channels-last, (B, T, C), per-position).
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1));
+    at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+      std::vector<int64_t> local(C, 0);
+      std::vector<int32_t> acc(C, 0);
+      int64_t nan_local = 0;
+      for (int64_t ob = o0; ob < o1; ob += (1 << 30)) {  // int32 accumulators never overflow
+        const int64_t oe = std::min<int64_t>(o1, ob + (1 << 30));
+        std::fill(acc.begin(), acc.end(), 0);
+        nan_local += avx2 ? cpu_avx2::count_rows<Cls, kInclusive>(x, ob, oe, C, acc.data())
+                          : cpu_base::count_rows<Cls, kInclusive>(x, ob, oe, C, acc.data());
+        for (int64_t c = 0; c < C; ++c) local[c] += acc[c];
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      for (int64_t c = 0; c < C; ++c) counts[c] += local[c];
+      *nan_total += nan_local;
+    });
+  } else {
+    // Plane mode: O*C contiguous planes of I elements (NCHW per channel).
+    const int64_t planes = O * C;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / I);
+    at::parallel_for(0, planes, grain, [&](int64_t p0, int64_t p1) {
+      std::vector<int64_t> local(C, 0);
+      int64_t nan_local = 0;
+      for (int64_t pl = p0; pl < p1; ++pl) {
+        const auto* src = x + pl * I;
+        int64_t cnt = 0;
+        for (int64_t ib = 0; ib < I; ib += (1 << 30)) {
+          const int64_t len = std::min<int64_t>(I - ib, 1 << 30);
+          cnt += avx2 ? cpu_avx2::count_plane<Cls, kInclusive>(src + ib, len, &nan_local)
+                      : cpu_base::count_plane<Cls, kInclusive>(src + ib, len, &nan_local);
+        }
+        local[pl % C] += cnt;
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      for (int64_t c = 0; c < C; ++c) counts[c] += local[c];
+      *nan_total += nan_local;
+    });
+  }
+}
+
+template <typename Cls>
+void count_dispatch(const void* x, int64_t O, int64_t C, int64_t I, bool inclusive, int64_t* counts,
+                    int64_t* nan_total) {
+  auto* p = static_cast<const typename Cls::raw*>(x);
+  if (inclusive)
+    count_block<Cls, true>(p, O, C, I, counts, nan_total);
+  else
+    count_block<Cls, false>(p, O, C, I, counts, nan_total);
+}
+
+void count_any(const at::Tensor& xc, int64_t O, int64_t C, int64_t I, bool inclusive, int64_t* counts,
+               int64_t* nan_total) {
+  const void* p = xc.data_ptr();
+  switch (xc.scalar_type()) {
+    case at::kFloat: return count_dispatch<FloatClass<float>>(p, O, C, I, inclusive, counts, nan_total);
+    case at::kDouble: return count_dispatch<FloatClass<double>>(p, O, C, I, inclusive, counts, nan_total);
+    case at::kHalf: return count_dispatch<HalfClass>(p, O, C, I, inclusive, counts, nan_total);
+    case at::kBFloat16: return count_dispatch<BF16Class>(p, O, C, I, inclusive, counts, nan_total);
+    default: TORCH_CHECK(false, "entropy_counts: x must be float32, float16, bfloat16 or float64, got ", xc.scalar_type());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> entropy_counts_cpu(const at::Tensor& x, int64_t channel_dim,
+                                                      bool per_position, bool inclusive) {
+  TORCH_CHECK(x.dim() >= 2, "entropy_counts: x must have at least 2 dimensions, got ", x.sizes());
+  TORCH_CHECK(channel_dim >= 0 && channel_dim < x.dim(), "entropy_counts: channel_dim out of range");
+  auto nan_count = at::zeros({}, x.options().dtype(at::kLong));
+  int64_t* nan_ptr = nan_count.data_ptr<int64_t>();
+  const bool cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (per_position) {
+    auto sizes = x.sizes().vec();
+    std::vector<int64_t> csizes(sizes.begin() + 1, sizes.end());
+    const int64_t N = sizes[0];
+    if (cl) {
+      // Count in memory order (H, W, C), then present as (C, H, W).
+      auto xp = x.permute({0, 2, 3, 1});  // contiguous view
+      auto counts_hwc = at::zeros({sizes[2], sizes[3], sizes[1]}, x.options().dtype(at::kLong));
+      if (x.numel()) count_any(xp, N, x.numel() / N, 1, inclusive, counts_hwc.data_ptr<int64_t>(), nan_ptr);
+      return {counts_hwc.permute({2, 0, 1}).contiguous(), nan_count};
+    }
+    auto xc = x.contiguous();
+    auto counts = at::zeros(csizes, x.options().dtype(at::kLong));
+    if (x.numel()) count_any(xc, N, x.numel() / N, 1, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
+    return {counts, nan_count};
+  }
+  const int64_t C = x.size(channel_dim);
+  auto counts = at::zeros({C}, x.options().dtype(at::kLong));
+  if (x.numel() == 0) return {counts, nan_count};
+  if (cl && channel_dim == 1) {
+    auto xp = x.permute({0, 2, 3, 1});  // (N, H, W, C), contiguous
+    count_any(xp, x.numel() / C, C, 1, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
+    return {counts, nan_count};
+  }
+  auto xc = x.contiguous();
+  int64_t O = 1, I = 1;
+  for (int64_t d = 0; d < channel_dim; ++d) O *= x.size(d);
+  for (int64_t d = channel_dim + 1; d < x.dim(); ++d) I *= x.size(d);
+  count_any(xc, O, C, I, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
+  return {counts, nan_count};
+}
+
+std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cpu(const at::Tensor& counts, int64_t n_samples,
+                                                           double eps) {
+  TORCH_CHECK(counts.scalar_type() == at::kLong, "entropy_from_counts: counts must be int64");
+  TORCH_CHECK(n_samples > 0, "entropy_from_counts: n_samples must be positive");
+  auto c = counts.contiguous();
+  auto h = at::empty(c.sizes(), c.options().dtype(at::kFloat));
+  auto summary = at::zeros({4}, c.options().dtype(at::kDouble));
+  const int64_t n = c.numel();
+  const int64_t* cp = c.data_ptr<int64_t>();
+  float* hp = h.data_ptr<float>();
+  double sum_all = 0, sum_nc = 0;
+  int64_t n_nc = 0, n_on = 0, n_off = 0;
+  const double inv_ln2 = 1.0 / std::log(2.0);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t k = cp[j];
+    double p = double(k) / double(n_samples);
+    if (eps > 0) p = std::min(std::max(p, eps), 1.0 - eps);
+    double hv = 0;
+    if (p > 0) hv -= p * std::log(p);
+    if (p < 1) hv -= (1 - p) * std::log1p(-p);
+    hv *= inv_ln2;
+    hp[j] = float(hv);
+    sum_all += hv;
+    if (k == n_samples) {
+      ++n_on;
+    } else if (k == 0) {
+      ++n_off;
+    } else {
+      sum_nc += hv;
+      ++n_nc;
+    }
+  }
+  double* sp = summary.data_ptr<double>();
+  sp[0] = n ? sum_all / n : 0.0;
+  sp[1] = n_nc ? sum_nc / n_nc : 0.0;
+  sp[2] = double(n_on);
+  sp[3] = double(n_off);
+  return {h, summary};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("entropy_counts", &entropy_counts_cpu);
+  m.impl("entropy_from_counts", &entropy_from_counts_cpu);
+}
+
+}  // namespace pyengine

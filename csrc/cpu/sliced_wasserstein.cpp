@@ -1,0 +1,174 @@
+// CPU kernel: batched random-projection (max-)sliced Wasserstein distance.
+// Projections are one batched GEMM (BLAS); each (pair, direction) row is then sorted with its
+// permutation (LSD radix sort on the float bits for float32), the |sorted difference|^p costs are
+// reduced, and - when a gradient is wanted - d dist / d projection is written for the directions
+// that matter (only the winner for the max), all in one parallel pass over the rows.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "cpu/simd.h"
+
+namespace pyengine {
+namespace {
+
+inline uint32_t float_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Sorts v[0, n) ascending into sorted[], with perm[j] = original index of sorted[j].
+// Scratch vectors are reused across calls by one thread.
+struct RowSorter {
+  std::vector<uint32_t> k0, k1;
+  std::vector<int32_t> i0, i1;
+
+  void sort(const float* v, int64_t n, float* sorted, int32_t* perm) {
+    k0.resize(n), k1.resize(n), i0.resize(n), i1.resize(n);
+    for (int64_t i = 0; i < n; ++i) k0[i] = float_key(v[i]), i0[i] = int32_t(i);
+    uint32_t* ks = k0.data();
+    uint32_t* kd = k1.data();
+    int32_t* is = i0.data();
+    int32_t* id = i1.data();
+    for (int shift = 0; shift < 32; shift += 8) {
+      int64_t hist[256] = {0};
+      for (int64_t i = 0; i < n; ++i) ++hist[(ks[i] >> shift) & 0xFF];
+      if (hist[(ks[0] >> shift) & 0xFF] == n) continue;  // every key shares this digit
+      int64_t sum = 0;
+      for (int b = 0; b < 256; ++b) {
+        const int64_t c = hist[b];
+        hist[b] = sum;
+        sum += c;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = hist[(ks[i] >> shift) & 0xFF]++;
+        kd[pos] = ks[i];
+        id[pos] = is[i];
+      }
+      std::swap(ks, kd);
+      std::swap(is, id);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      perm[j] = is[j];
+      sorted[j] = v[is[j]];
+    }
+  }
+
+  void sort(const double* v, int64_t n, double* sorted, int32_t* perm) {
+    std::iota(perm, perm + n, 0);
+    std::stable_sort(perm, perm + n, [v](int32_t a, int32_t b) { return v[a] < v[b]; });
+    for (int64_t j = 0; j < n; ++j) sorted[j] = v[perm[j]];
+  }
+};
+
+// dS/dsx_j for one sorted pair (before the chain factor).
+template <typename T>
+inline double cost_grad(T a, T b, double p) {
+  const double d = double(a) - double(b);
+  if (d == 0) return 0.0;
+  const double s = d > 0 ? 1.0 : -1.0;
+  if (p == 1.0) return s;
+  if (p == 2.0) return 2.0 * d;
+  return p * std::pow(std::fabs(d), p - 1.0) * s;
+}
+
+template <typename T>
+void sw_cpu(const T* px, const T* py, int64_t B, int64_t K, int64_t n, double p, bool use_max, bool need_grad,
+            T* dist, T* cx, T* cy, int64_t* win) {
+  // px, py: (B, K, n) projections. S: (B, K) costs. perms kept only for the gradient.
+  std::vector<double> S(size_t(B * K));
+  std::vector<int32_t> permx, permy;
+  if (need_grad) permx.resize(size_t(B * K * n)), permy.resize(size_t(B * K * n));
+  const bool avx2 = cpu_has_avx2();
+  at::parallel_for(0, B * K, 1, [&](int64_t r0, int64_t r1) {
+    RowSorter sorter;
+    std::vector<T> sx(n), sy(n);
+    std::vector<int32_t> tpx(n), tpy(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      int32_t* qx = need_grad ? permx.data() + r * n : tpx.data();
+      int32_t* qy = need_grad ? permy.data() + r * n : tpy.data();
+      sorter.sort(px + r * n, n, sx.data(), qx);
+      sorter.sort(py + r * n, n, sy.data(), qy);
+      S[r] = avx2 ? cpu_avx2::sw_cost(sx.data(), sy.data(), n, p) : cpu_base::sw_cost(sx.data(), sy.data(), n, p);
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    const double* s = S.data() + b * K;
+    double red;
+    int64_t arg = 0;
+    if (use_max) {
+      for (int64_t k = 1; k < K; ++k)
+        if (s[k] > s[arg]) arg = k;
+      red = s[arg];
+    } else {
+      red = std::accumulate(s, s + K, 0.0) / double(K);
+    }
+    dist[b] = T(std::pow(red, 1.0 / p));
+    if (!need_grad) continue;
+    // d dist / d S_k (0 where the reduced cost is 0: the derivative of t^(1/p) is unbounded there).
+    const double chain = red > 0 ? std::pow(red, 1.0 / p - 1.0) / p / (use_max ? 1.0 : double(K)) / double(n) : 0.0;
+    if (use_max) win[b] = arg;
+    const int64_t kg = use_max ? 1 : K;
+    const int64_t k_begin = use_max ? arg : 0, k_end = use_max ? arg + 1 : K;
+    at::parallel_for(k_begin, k_end, 1, [&](int64_t ka, int64_t kb) {
+      for (int64_t k = ka; k < kb; ++k) {
+        const int64_t r = b * K + k;
+        const int32_t* qx = permx.data() + r * n;
+        const int32_t* qy = permy.data() + r * n;
+        const T* rx = px + r * n;
+        const T* ry = py + r * n;
+        const int64_t kk = use_max ? 0 : k;
+        T* ox = cx + b * n * kg + kk;
+        T* oy = cy + b * n * kg + kk;
+        for (int64_t j = 0; j < n; ++j) {
+          const double g = chain * cost_grad(rx[qx[j]], ry[qy[j]], p);
+          ox[int64_t(qx[j]) * kg] = T(g);
+          oy[int64_t(qy[j]) * kg] = T(-g);
+        }
+      }
+    });
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& theta, double p, bool use_max, bool need_grad) {
+  TORCH_CHECK(x.dim() == 3 && y.sizes() == x.sizes(), "sliced_wasserstein: x and y must be (B, n, d) of one shape");
+  TORCH_CHECK(theta.dim() == 2 && theta.size(1) == x.size(2), "sliced_wasserstein: theta must be (K, d)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "sliced_wasserstein: x must be float32 or float64");
+  TORCH_CHECK(y.scalar_type() == x.scalar_type() && theta.scalar_type() == x.scalar_type(),
+              "sliced_wasserstein: x, y and theta must share a dtype");
+  TORCH_CHECK(p >= 1.0, "sliced_wasserstein: p must be >= 1");
+  const int64_t B = x.size(0), n = x.size(1), K = theta.size(0);
+  TORCH_CHECK(n > 0 && K > 0, "sliced_wasserstein: needs at least one point and one direction");
+  TORCH_CHECK(n < (int64_t(1) << 31), "sliced_wasserstein: too many points");
+  // (K, d) x (B, d, n) -> (B, K, n): every direction's projections contiguous.
+  auto px = at::matmul(theta, x.transpose(1, 2)).contiguous();
+  auto py = at::matmul(theta, y.transpose(1, 2)).contiguous();
+  auto dist = at::empty({B}, x.options());
+  const int64_t kg = use_max ? 1 : K;
+  at::Tensor cx = need_grad ? at::zeros({B, n, kg}, x.options()) : at::empty({0}, x.options());
+  at::Tensor cy = need_grad ? at::zeros({B, n, kg}, x.options()) : at::empty({0}, x.options());
+  at::Tensor win = (need_grad && use_max) ? at::zeros({B}, x.options().dtype(at::kLong))
+                                          : at::empty({0}, x.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sliced_wasserstein_cpu", [&] {
+    sw_cpu<scalar_t>(px.data_ptr<scalar_t>(), py.data_ptr<scalar_t>(), B, K, n, p, use_max, need_grad,
+                     dist.data_ptr<scalar_t>(), need_grad ? cx.data_ptr<scalar_t>() : nullptr,
+                     need_grad ? cy.data_ptr<scalar_t>() : nullptr,
+                     (need_grad && use_max) ? win.data_ptr<int64_t>() : nullptr);
+  });
+  return {dist, cx, cy, win};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) { m.impl("sliced_wasserstein_fwd", &sliced_wasserstein_fwd_cpu); }
+
+}  // namespace pyengine
