@@ -29,7 +29,8 @@ def entropy_counts_reference(x, channel_dim=1, per_position=False, inclusive=Fal
     if per_position:
         return on.sum(0, dtype=torch.int64)
     c = x.shape[channel_dim]
-    return on.movedim(channel_dim, 0).reshape(c, -1).sum(1, dtype=torch.int64)
+    rest = x.numel() // c if c else 0
+    return on.movedim(channel_dim, 0).reshape(c, rest).sum(1, dtype=torch.int64)
 
 
 def entropy_from_counts_reference(counts, n_samples, eps=0.0):

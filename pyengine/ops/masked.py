@@ -19,6 +19,7 @@ cuDNN/oneDNN convolution computes the masked result.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,7 +75,7 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
     if not _native.native_available(x.device):
         return masked_linear_reference(x, weight, mask, bias)
     lead = x.shape[:-1]
-    y = torch.ops.pyengine.masked_linear(x.reshape(-1, x.shape[-1]), weight, mask, bias)
+    y = torch.ops.pyengine.masked_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, mask, bias)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -150,7 +151,7 @@ def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias=None) -> torch.Ten
     if x.requires_grad or (bias is not None and bias.requires_grad):
         raise RuntimeError("sparse_linear is an inference op and has no autograd; call it under torch.no_grad()")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(math.prod(lead), k)
     if _native.native_available(x.device):
         y = torch.ops.pyengine.sparse_linear(x2, packed.rowptr, packed.colidx, packed.values, k, bias)
     else:

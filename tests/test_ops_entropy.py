@@ -1,0 +1,175 @@
+import math
+
+import pytest
+import torch
+
+from pyengine.ops import (
+    entropy_counts,
+    entropy_counts_reference,
+    entropy_from_counts,
+    entropy_from_counts_reference,
+    samples_per_neuron,
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [
+    ((7, 13, 5, 3), 1),  # odd NCHW
+    ((1, 1, 1, 1), 1),
+    ((16, 64, 8, 8), 1),
+    ((5, 11), 1),  # (N, C) after a Linear
+    ((3, 17, 33), -1),  # (B, T, C)
+    ((2, 9, 70), 2),
+    ((0, 4, 3, 3), 1),  # empty batch
+    ((4, 0, 3, 3), 1),  # no channels
+]
+
+
+def _sample(shape, dtype, device, zeros=True):
+    x = torch.randn(shape, device=device).to(dtype)
+    if zeros and x.numel():
+        x.view(-1)[:: 7] = 0  # exact zeros separate > from >=
+        x.view(-1)[1::11] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cdim", SHAPES)
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_counts_match_reference(device, poison, dtype, shape, cdim, inclusive):
+    x = _sample(shape, dtype, device)
+    got = entropy_counts(x, cdim, inclusive=inclusive)
+    ref = entropy_counts_reference(x, cdim % x.dim(), inclusive=inclusive)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_counts_channels_last_and_non_contiguous(device, poison, dtype, inclusive):
+    x = _sample((6, 10, 7, 5), dtype, device)
+    cl = x.to(memory_format=torch.channels_last)
+    assert torch.equal(entropy_counts(cl, 1, inclusive=inclusive), entropy_counts_reference(x, 1, inclusive=inclusive))
+    nc = _sample((10, 6, 5, 7), dtype, device).transpose(0, 1)  # neither layout
+    assert torch.equal(entropy_counts(nc, 1, inclusive=inclusive), entropy_counts_reference(nc, 1, inclusive=inclusive))
+    sl = _sample((6, 20, 7, 5), dtype, device)[:, ::2]
+    assert torch.equal(entropy_counts(sl, 1), entropy_counts_reference(sl, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "btc"])
+def test_counts_per_position(device, poison, dtype, layout):
+    if layout == "btc":
+        x = _sample((4, 9, 6), dtype, device)
+    else:
+        x = _sample((5, 3, 4, 7), dtype, device)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    got = entropy_counts(x, per_position=True)
+    assert got.shape == x.shape[1:]
+    assert torch.equal(got, entropy_counts_reference(x, per_position=True))
+
+
+def test_counts_hand_computed(device):
+    # channel 0: values 1, -1, 0, 2 -> 2 ON with >, 3 with >=; channel 1: all > 0.
+    x = torch.tensor([[1.0, 3.0], [-1.0, 1.0], [0.0, 2.0], [2.0, 5.0]], device=device)
+    assert entropy_counts(x, 1).tolist() == [2, 4]
+    assert entropy_counts(x, 1, inclusive=True).tolist() == [3, 4]
+
+
+def test_counts_large_plane_and_many_rows(device):
+    x = torch.randn(3, 2, 300, 300, device=device)  # planes of 90000
+    assert torch.equal(entropy_counts(x, 1), entropy_counts_reference(x, 1))
+    r = torch.randn(40000, 3, device=device)
+    assert torch.equal(entropy_counts(r, 1), entropy_counts_reference(r, 1))
+
+
+def test_counts_reject_nan(device):
+    x = torch.randn(4, 3, 2, 2, device=device)
+    x[1, 2, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        entropy_counts(x)
+    # NaN is never ON when the check is turned off
+    got = entropy_counts(x, check_nan=False)
+    assert torch.equal(got, entropy_counts_reference(x))
+
+
+def test_counts_bad_input(device):
+    with pytest.raises(TypeError, match="dtype"):
+        entropy_counts(torch.ones(2, 3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="channel_dim"):
+        entropy_counts(torch.ones(2, 3, device=device), channel_dim=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        entropy_counts(torch.ones(5, device=device))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        entropy_counts([1.0, 2.0])
+
+
+def _h(p):
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+def test_entropy_from_counts(device, poison, eps):
+    n = 10
+    counts = torch.tensor([0, 10, 5, 3, 10, 1], device=device)
+    stats = entropy_from_counts(counts, n, eps)
+    ps = [c / n for c in counts.tolist()]
+    if eps:
+        ps = [min(max(p, eps), 1 - eps) for p in ps]
+    expect = [_h(p) for p in ps]
+    assert torch.allclose(stats.per_neuron.cpu().double(), torch.tensor(expect, dtype=torch.float64), atol=1e-6)
+    assert stats.mean == pytest.approx(sum(expect) / 6, abs=1e-12)
+    assert stats.mean_nonconstant == pytest.approx((expect[2] + expect[3] + expect[5]) / 3, abs=1e-12)
+    assert (stats.n_always_on, stats.n_always_off) == (2, 1)
+    h_ref, s_ref = entropy_from_counts_reference(counts, n, eps)
+    assert torch.allclose(stats.summary, s_ref, atol=1e-12)
+    assert torch.allclose(stats.per_neuron, h_ref, atol=1e-7)
+
+
+def test_entropy_from_counts_all_constant_and_empty(device):
+    s = entropy_from_counts(torch.tensor([0, 4, 4], device=device), 4)
+    assert s.mean == 0.0 and s.mean_nonconstant == 0.0 and (s.n_always_on, s.n_always_off) == (2, 1)
+    e = entropy_from_counts(torch.zeros(0, dtype=torch.int64, device=device), 4)
+    assert e.per_neuron.numel() == 0 and e.mean == 0.0
+
+
+def test_entropy_from_counts_random_vs_reference(device):
+    n = 997
+    counts = torch.randint(0, n + 1, (3, 50), device=device)
+    h, s = entropy_from_counts(counts, n)
+    hr, sr = entropy_from_counts_reference(counts, n)
+    assert torch.allclose(h, hr, atol=1e-6) and torch.allclose(s, sr, atol=1e-10)
+
+
+def test_entropy_from_counts_bad_input(device):
+    with pytest.raises(ValueError, match="n_samples"):
+        entropy_from_counts(torch.tensor([1], device=device), 0)
+    with pytest.raises(ValueError, match=r"counts must lie"):
+        entropy_from_counts(torch.tensor([5], device=device), 4)
+    with pytest.raises(TypeError, match="dtype"):
+        entropy_from_counts(torch.tensor([0.5], device=device), 4)
+
+
+def test_samples_per_neuron():
+    assert samples_per_neuron((8, 16, 4, 4)) == 128
+    assert samples_per_neuron((8, 16, 4, 4), per_position=True) == 8
+    assert samples_per_neuron((2, 5, 7), channel_dim=2) == 10
+
+
+def test_opcheck_and_compile(device):
+    import pyengine
+
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    x = torch.randn(4, 6, 3, 3, device=device)
+    torch.library.opcheck(torch.ops.pyengine.entropy_counts.default, (x, 1, False, False))
+    torch.library.opcheck(torch.ops.pyengine.entropy_counts.default, (x, 1, True, True))
+    counts = entropy_counts(x)
+    torch.library.opcheck(torch.ops.pyengine.entropy_from_counts.default, (counts, 36, 0.0))
+
+    def f(t):
+        c, _ = torch.ops.pyengine.entropy_counts(t, 1, False, False)
+        return c * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), entropy_counts_reference(x) * 2)

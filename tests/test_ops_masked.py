@@ -1,0 +1,221 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyengine
+from pyengine.ops import (
+    apply_masks_,
+    masked_linear,
+    masked_linear_reference,
+    pack_sparse,
+    sparse_linear,
+)
+from pyengine.ops.masked import _pack_reference
+
+from conftest import rel_err
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+SHAPES = [(1, 1, 1), (7, 13, 5), (33, 64, 17), (128, 300, 257), (0, 8, 4), (5, 8, 0), (4, 0, 3)]
+
+
+def _tol(dtype):
+    return {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype)
+
+
+def _check_close(out, ref_lowp, ref64, dtype):
+    """fp32/fp64: tight relative error; half types: no worse than 2x PyTorch's own error."""
+    if ref64.numel() == 0 or ref64.norm() == 0:
+        assert torch.allclose(out.double(), ref64, atol=1e-6)
+        return
+    tol = _tol(dtype)
+    if tol is not None:
+        assert rel_err(out, ref64) < tol
+    else:
+        assert rel_err(out, ref64) <= 2 * rel_err(ref_lowp, ref64) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_masked_linear_forward_backward(device, poison, dtype, m, k, n, with_bias):
+    if device.type == "cpu" and dtype == torch.float16 and m * k * n > 10**6:
+        pytest.skip("slow fp16 GEMM on CPU")
+    g = torch.Generator().manual_seed(m * 7 + k * 3 + n)
+    x64 = torch.randn(m, k, generator=g, dtype=torch.float64)
+    w64 = torch.randn(n, k, generator=g, dtype=torch.float64)
+    b64 = torch.randn(n, generator=g, dtype=torch.float64) if with_bias else None
+    mask = torch.rand(n, k, generator=g) < 0.3
+    dy64 = torch.randn(m, n, generator=g, dtype=torch.float64)
+
+    def run(fn, dt, dev):
+        x = x64.to(dev, dt).requires_grad_(True)
+        w = w64.to(dev, dt).requires_grad_(True)
+        b = b64.to(dev, dt).requires_grad_(True) if with_bias else None
+        y = fn(x, w, mask.to(dev), b)
+        y.backward(dy64.to(dev, dt))
+        return y.detach(), x.grad, w.grad, (b.grad if with_bias else None)
+
+    ours = run(masked_linear, dtype, device)
+    low = run(masked_linear_reference, dtype, device)
+    ref = run(masked_linear_reference, torch.float64, "cpu")
+    for a, lo, r in zip(ours, low, ref):
+        if r is None:
+            continue
+        assert a.dtype == dtype and a.shape == r.shape
+        _check_close(a.cpu(), lo.cpu(), r, dtype)
+    # the weight gradient is exactly zero where pruned
+    assert (ours[2].cpu()[~mask] == 0).all()
+
+
+def test_masked_linear_batched_and_non_contiguous(device):
+    x = torch.randn(3, 5, 20, device=device).transpose(0, 1)  # (5, 3, 20), non-contiguous
+    w = torch.randn(40, 20, device=device).t().contiguous().t()[:, :]  # column-major view
+    w = torch.randn(20, 40, device=device).t()
+    mask = torch.rand(40, 20, device=device) > 0.5
+    y = masked_linear(x, w, mask)
+    assert y.shape == (5, 3, 40)
+    assert rel_err(y, masked_linear_reference(x.double(), w.double(), mask)) < 1e-5
+
+
+def test_masked_linear_float_mask_accepted_nonbinary_rejected(device):
+    x, w = torch.randn(2, 4, device=device), torch.randn(3, 4, device=device)
+    m = (torch.rand(3, 4, device=device) > 0.5).float()
+    assert torch.allclose(masked_linear(x, w, m), F.linear(x, w * m), atol=1e-6)
+    with pytest.raises(ValueError, match="binary"):
+        masked_linear(x, w, m * 0.5)
+
+
+def test_masked_linear_bad_input(device):
+    x, w, m = torch.randn(2, 4, device=device), torch.randn(3, 4, device=device), torch.ones(3, 4, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match="features"):
+        masked_linear(torch.randn(2, 5, device=device), w, m)
+    with pytest.raises(ValueError, match="mask has shape"):
+        masked_linear(x, w, m[:, :2])
+    with pytest.raises(TypeError, match="dtype"):
+        masked_linear(x.double(), w, m)
+    with pytest.raises(TypeError, match="dtype"):
+        masked_linear(x.long(), w.long(), m)
+    with pytest.raises(ValueError, match="bias"):
+        masked_linear(x, w, m, torch.randn(5, device=device))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            masked_linear(x.cpu(), w.cuda(), m.cuda())
+
+
+def test_masked_linear_gradcheck():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(5, 6) > 0.4
+    assert torch.autograd.gradcheck(lambda x, w, b: masked_linear(x, w, m, b), (x, w, b))
+
+
+def test_masked_linear_large_weight_is_tiled(device):
+    # more than one row tile (tiles hold ~2^20 elements): N*K = 1100 * 2048
+    x = torch.randn(3, 2048, device=device, dtype=torch.float64)
+    w = torch.randn(1100, 2048, device=device, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(1100, 2048, device=device) > 0.5
+    y = masked_linear(x, w, m)
+    assert rel_err(y, masked_linear_reference(x, w.detach(), m)) < 1e-12
+    y.sum().backward()
+    ref = (torch.ones(3, 1100, dtype=torch.float64, device=device).T @ x) * m
+    assert rel_err(w.grad, ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,density", [(1, 1, 1, 1.0), (5, 37, 19, 0.1), (33, 256, 130, 0.05), (16, 64, 64, 0.0), (0, 8, 4, 0.5), (17, 40000, 3, 0.01)])
+def test_pack_and_sparse_linear(device, poison, dtype, m, k, n, density):
+    g = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < density)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    wd, xd, bd = w.to(device, dtype), x.to(device, dtype), b.to(device, dtype)
+    packed = pack_sparse(wd)
+    rp, ci, vals = _pack_reference(wd)
+    assert torch.equal(packed.rowptr, rp) and torch.equal(packed.colidx, ci) and torch.equal(packed.values, vals)
+    assert packed.colidx.dtype == (torch.int16 if k < 32768 else torch.int32)
+    assert torch.equal(packed.to_dense(), wd)
+    with torch.no_grad():
+        y = sparse_linear(xd, packed, bd)
+        low = F.linear(xd, wd, bd)
+    assert y.dtype == dtype and y.shape == (m, n)
+    _check_close(y.cpu(), low.cpu(), F.linear(x, w, b), dtype)
+
+
+def test_sparse_linear_errors(device):
+    w = torch.randn(4, 6, device=device)
+    p = pack_sparse(w)
+    with pytest.raises(ValueError, match="features"):
+        sparse_linear(torch.randn(2, 5, device=device), p)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        sparse_linear(torch.randn(2, 6, device=device, requires_grad=True), p)
+    with pytest.raises(TypeError, match="PackedWeight"):
+        sparse_linear(torch.randn(2, 6, device=device), w)
+    with pytest.raises(ValueError, match="bias"):
+        sparse_linear(torch.randn(2, 6, device=device), p, torch.randn(3, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_apply_masks_many_tensors(device, poison, dtype):
+    shapes = [(3, 4), (70000,), (5, 3, 3, 3), (1,), (0, 5)]
+    masks = [torch.rand(s, device=device) > 0.5 for s in shapes]
+    weights = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    grads = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+    moms = [torch.full(s, float("nan"), device=device, dtype=dtype) for s in shapes]  # NaN must become 0
+    expect = [t.clone().masked_fill_(~masks[i % len(shapes)], 0) for i, t in enumerate(weights + grads + moms)]
+    tensors = weights + grads + moms
+    apply_masks_(tensors, masks, [i % len(shapes) for i in range(len(tensors))])
+    for t, e in zip(tensors, expect):
+        assert torch.equal(t, e) or (torch.isnan(t) == torch.isnan(e)).all() and torch.equal(t.nan_to_num(7), e.nan_to_num(7))
+    for i, m in enumerate(masks):
+        for t in (weights[i], grads[i], moms[i]):
+            assert (t[~m] == 0).all()
+
+
+def test_apply_masks_mixed_dtypes_and_errors(device):
+    a = torch.randn(10, device=device)
+    b = torch.randn(10, device=device, dtype=torch.bfloat16)
+    m = torch.arange(10, device=device) % 2 == 0
+    apply_masks_([a, b], [m], [0, 0])
+    assert (a[1::2] == 0).all() and (b[1::2] == 0).all() and (a[0::2] != 0).all()
+    with pytest.raises(TypeError, match="bool"):
+        apply_masks_([a], [m.float()])
+    with pytest.raises(ValueError, match="shape"):
+        apply_masks_([a], [m[:5]])
+    with pytest.raises(IndexError, match="out of range"):
+        apply_masks_([a], [m], [3])
+    with pytest.raises(ValueError, match="mask_index"):
+        apply_masks_([a, b], [m])
+    with pytest.raises(ValueError, match="contiguous"):
+        apply_masks_([torch.randn(4, 4, device=device).t()], [torch.ones(4, 4, dtype=torch.bool, device=device)])
+
+
+def test_opcheck_and_compile(device):
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    x = torch.randn(5, 6, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, device=device, dtype=torch.float64, requires_grad=True)
+    m = torch.rand(4, 6, device=device) > 0.5
+    torch.library.opcheck(torch.ops.pyengine.masked_linear.default, (x, w, m, b))
+    torch.library.opcheck(torch.ops.pyengine.masked_linear.default, (x, w, m, None))
+    p = pack_sparse(w.detach() * m)
+    torch.library.opcheck(torch.ops.pyengine.sparse_linear.default, (x.detach(), p.rowptr, p.colidx, p.values, 6, b.detach()))
+    t = [torch.randn(4, 6, device=device), torch.randn(4, 6, device=device)]
+    torch.library.opcheck(torch.ops.pyengine.apply_masks_.default, (t, [m], [0, 0]))
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(w.detach().clone())
+            self.register_buffer("m", m)
+
+        def forward(self, x):
+            return masked_linear(x, self.w, self.m).relu().sum()
+
+    layer = Layer()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x.detach())
+    out.backward()
+    assert torch.allclose(out, masked_linear_reference(x.detach(), w.detach(), m).relu().sum())
+    assert (layer.w.grad[~m] == 0).all()

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import torch
+
+import pyengine
+from pyengine.ops import random_directions, sliced_wasserstein, sliced_wasserstein_reference
+
+ot = pytest.importorskip("ot")
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("n,d,k", [(1, 1, 1), (17, 5, 7), (64, 33, 50), (301, 12, 3)])
+def test_matches_pot(device, poison, reduce, p, n, d, k):
+    g = torch.Generator().manual_seed(n * 1000 + d)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 0.5
+    theta = random_directions(k, d, generator=g, dtype=torch.float64)
+    fn = ot.sliced.max_sliced_wasserstein_distance if reduce == "max" else ot.sliced.sliced_wasserstein_distance
+    expect = fn(x.numpy(), y.numpy(), n_projections=k, p=p, projections=theta.T.numpy())
+    got = sliced_wasserstein(x.to(device), y.to(device), theta.to(device), p=p, reduce=reduce)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(float(got), float(expect), rtol=1e-10, atol=1e-12)
+    got32 = sliced_wasserstein(x.float().to(device), y.float().to(device), theta.float().to(device), p=p, reduce=reduce)
+    np.testing.assert_allclose(float(got32), float(expect), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_batched_equals_each_pair(device, poison, reduce):
+    b, n, d, k = 5, 40, 9, 11
+    x = torch.randn(b, n, d, device=device)
+    y = torch.randn(b, n, d, device=device) + 0.3
+    theta = random_directions(k, d, device=device)
+    batched = sliced_wasserstein(x, y, theta, reduce=reduce)
+    assert batched.shape == (b,)
+    for i in range(b):
+        single = sliced_wasserstein(x[i], y[i], theta, reduce=reduce)
+        assert torch.allclose(batched[i], single, rtol=1e-6)
+    assert torch.allclose(batched, sliced_wasserstein_reference(x, y, theta, 2.0, reduce), rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("p", [1.5, 2.0])
+def test_gradients_match_reference(device, reduce, p):
+    b, n, d, k = 3, 25, 6, 8
+    x = torch.randn(b, n, d, device=device, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(b, n, d, device=device, dtype=torch.float64, requires_grad=True)
+    theta = random_directions(k, d, device=device, dtype=torch.float64)
+    w = torch.rand(b, device=device, dtype=torch.float64)
+    gx, gy = torch.autograd.grad((sliced_wasserstein(x, y, theta, p=p, reduce=reduce) * w).sum(), [x, y])
+    rx, ry = torch.autograd.grad((sliced_wasserstein_reference(x, y, theta, p, reduce) * w).sum(), [x, y])
+    assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(gy, ry, atol=1e-10)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_gradcheck(reduce):
+    x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
+    theta = random_directions(5, 4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: sliced_wasserstein(a, b, theta, p=2.0, reduce=reduce), (x, y))
+
+
+def test_half_inputs_compute_in_float32(device):
+    x = torch.randn(30, 8, device=device)
+    y = torch.randn(30, 8, device=device)
+    theta = random_directions(6, 8, device=device)
+    out = sliced_wasserstein(x.bfloat16(), y.bfloat16(), theta)
+    ref = sliced_wasserstein_reference(x.bfloat16().float()[None], y.bfloat16().float()[None], theta)[0]
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, rtol=1e-5)
+
+
+def test_identical_sets_give_zero_and_finite_grad(device):
+    x = torch.randn(10, 4, device=device, requires_grad=True)
+    d = sliced_wasserstein(x, x.detach().clone(), n_directions=5)
+    assert float(d) == 0.0
+    d.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_random_directions_seeded_and_unit(device):
+    g1 = torch.Generator(device=device).manual_seed(3)
+    g2 = torch.Generator(device=device).manual_seed(3)
+    a = random_directions(10, 7, generator=g1, device=device)
+    b = random_directions(10, 7, generator=g2, device=device)
+    assert torch.equal(a, b)
+    assert torch.allclose(a.norm(dim=1), torch.ones(10, device=device), atol=1e-6)
+    x = torch.randn(9, 7, device=device)
+    y = torch.randn(9, 7, device=device)
+    s1 = sliced_wasserstein(x, y, generator=torch.Generator(device=device).manual_seed(5))
+    s2 = sliced_wasserstein(x, y, generator=torch.Generator(device=device).manual_seed(5))
+    assert torch.equal(s1, s2)
+
+
+def test_bad_input(device):
+    x = torch.randn(5, 3, device=device)
+    with pytest.raises(ValueError, match="same shape"):
+        sliced_wasserstein(x, torch.randn(6, 3, device=device))
+    with pytest.raises(ValueError, match="p must be"):
+        sliced_wasserstein(x, x, p=0.5)
+    with pytest.raises(ValueError, match="reduce"):
+        sliced_wasserstein(x, x, reduce="sum")
+    with pytest.raises(ValueError, match="dims"):
+        sliced_wasserstein(x, x, torch.randn(4, 2, device=device))
+    with pytest.raises(TypeError, match="dtype"):
+        sliced_wasserstein(x.long(), x.long())
+    with pytest.raises(ValueError, match="no points"):
+        sliced_wasserstein(x[:0], x[:0])
+    with pytest.raises(ValueError, match="flatten"):
+        sliced_wasserstein(torch.randn(2, 3, 4, 5, device=device), torch.randn(2, 3, 4, 5, device=device))
+    if device.type == "cpu" and torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            sliced_wasserstein(x, x.cuda())
+
+
+def test_opcheck_and_compile(device):
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    x = torch.randn(2, 12, 5, device=device, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 12, 5, device=device, dtype=torch.float64, requires_grad=True)
+    theta = random_directions(4, 5, device=device, dtype=torch.float64)
+    for use_max in (True, False):
+        torch.library.opcheck(torch.ops.pyengine.sliced_wasserstein_fwd.default, (x, y, theta, 2.0, use_max, True))
+
+    class Reg(torch.nn.Module):
+        def forward(self, a, b):
+            return sliced_wasserstein(a, b, theta, p=2.0)
+
+    compiled = torch.compile(Reg(), fullgraph=True, backend="aot_eager")
+    out = compiled(x, y)
+    assert torch.allclose(out, sliced_wasserstein_reference(x, y, theta))
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_nan_rejected(device):
+    x = torch.randn(5, 3, device=device)
+    y = x.clone()
+    y[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="y contains NaN"):
+        sliced_wasserstein(x, y)
