@@ -1,0 +1,88 @@
+"""EGP - entropy guided pruning (Liao et al., ICCV 2023 workshops, arXiv 2308.06619).
+
+Unstructured pruning whose per-layer budget favours layers of low entropy x magnitude, so
+whole layers are emptied or linearised (methods.md section 2):
+
+    B   = zeta * (sum of remaining nonzeros over the active layers)
+    I_l = (sum_k H_k m_k) / (H_l m_l)        m_l = mean |w| of layer l's remaining weights
+    R   = softmax(I)  (max-shifted),   a_l = B R_l
+
+A layer whose share exceeds its nonzeros is pruned fully and leaves the active set; the rest of
+the budget is re-shared until stable. Active layers: entropy > 0 and not yet empty.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pyengine.nn.entropy import LayerEntropy
+from pyengine.nn.masks import MaskSet
+
+
+@dataclass
+class EGPConfig:
+    """EGP hyper-parameters with the published defaults (paper section 3)."""
+
+    zeta: float = 0.5  # fraction of the active layers' remaining weights removed per round
+    estimator: str = "egp"  # "egp": mean over non-constant neurons; "easier": mean over all
+    inclusive: bool = False  # ON means z > 0 (EGP); z >= 0 is EASIER's choice
+
+
+def egp_allocate(entropy: dict[str, float], mean_abs: dict[str, float], nonzeros: dict[str, int],
+                 zeta: float) -> dict[str, int]:
+    """Per-layer number of weights to remove this round. All dicts are keyed by layer."""
+    if not 0.0 < zeta <= 1.0:
+        raise ValueError(f"zeta must be in (0, 1], got {zeta}")
+    active = [l for l in nonzeros if entropy.get(l, 0.0) > 0 and nonzeros[l] > 0 and mean_abs.get(l, 0.0) > 0]
+    alloc = {l: 0 for l in nonzeros}
+    budget = zeta * sum(nonzeros[l] for l in active)
+    while active:
+        hm = {l: entropy[l] * mean_abs[l] for l in active}
+        total = sum(hm.values())
+        irr = {l: total / hm[l] for l in active}
+        top = max(irr.values())
+        ex = {l: math.exp(irr[l] - top) for l in active}
+        z = sum(ex.values())
+        share = {l: budget * ex[l] / z for l in active}
+        full = [l for l in active if share[l] >= nonzeros[l]]
+        if not full:
+            for l in active:
+                alloc[l] = int(math.floor(share[l]))
+            break
+        for l in full:
+            alloc[l] = nonzeros[l]
+            budget -= nonzeros[l]
+            active.remove(l)
+        if budget <= 0:
+            break
+    return alloc
+
+
+def egp_prune_step(masks: MaskSet, entropies: dict[str, LayerEntropy], cfg: EGPConfig) -> dict:
+    """One EGP round on ``masks`` given the entropy of every activation.
+
+    Each activation's entropy is attributed to its producer layer's weight (ResNet relu1 ->
+    conv1, ...). Layers without an activation after them (e.g. the classifier) are not pruned
+    by EGP. Returns a record: entropy per layer, allocation, removed and emptied layers.
+    """
+    ent, mabs, nnz = {}, {}, {}
+    for e in entropies.values():
+        if e.producer is None:
+            continue
+        wname = f"{e.producer}.weight"
+        if wname not in masks.masks:
+            continue
+        m = masks.masks[wname]
+        kept = int(m.sum())
+        ent[wname] = e.value(cfg.estimator)
+        nnz[wname] = kept
+        mabs[wname] = float(masks.params[wname].detach().abs()[m].mean()) if kept else 0.0
+    alloc = egp_allocate(ent, mabs, nnz, cfg.zeta)
+    removed = {n: masks.prune(n, a) for n, a in alloc.items() if a > 0}
+    return {
+        "entropy": ent,
+        "allocation": alloc,
+        "removed": removed,
+        "zero_entropy_layers": sorted(n for n, h in ent.items() if h == 0.0),
+        "emptied_layers": masks.empty_layers(),
+    }

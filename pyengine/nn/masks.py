@@ -1,0 +1,189 @@
+"""Exact pruning masks for a whole model.
+
+A :class:`MaskSet` owns one bool mask per prunable weight (Conv/Linear weights; biases and
+normalisation layers are never pruned). After every optimiser step ``maskset.apply(optimizer)``
+zeroes, in one native call, the pruned entries of every weight, its gradient and its optimiser
+buffers (SGD momentum, Adam moments), so pruned weights stay exactly 0 through training.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from pyengine.ops import apply_masks_
+
+_OPT_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum")
+
+
+def prunable_parameters(model: nn.Module, layers: str = "conv+linear") -> list[tuple[str, nn.Parameter]]:
+    """The weights pruning acts on, in registration order.
+
+    layers: "conv+linear" (CNNs: stem and classifier included), "linear" (ViT/Swin) or "conv".
+    """
+    if layers not in ("conv+linear", "linear", "conv"):
+        raise ValueError(f"layers must be 'conv+linear', 'linear' or 'conv', got {layers!r}")
+    kinds: tuple[type, ...] = ()
+    if "conv" in layers:
+        kinds += (nn.modules.conv._ConvNd,)
+    if "linear" in layers:
+        kinds += (nn.Linear,)
+    out = []
+    for mname, m in model.named_modules():
+        if isinstance(m, kinds) and getattr(m, "weight", None) is not None:
+            out.append((f"{mname}.weight" if mname else "weight", m.weight))
+    return out
+
+
+class MaskSet:
+    """One bool mask per prunable weight of ``model``; all True (dense) at the start."""
+
+    def __init__(self, model: nn.Module, layers: str = "conv+linear"):
+        self.model = model
+        self.layers = layers
+        self.params: dict[str, nn.Parameter] = dict(prunable_parameters(model, layers))
+        if not self.params:
+            raise ValueError(f"{type(model).__name__} has no prunable {layers} weights")
+        self.masks: dict[str, torch.Tensor] = {
+            n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
+        }
+
+    # ------------------------------------------------------------------ upkeep
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.params)
+
+    def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero pruned weights, their gradients and optimiser buffers, in one call."""
+        masks = list(self.masks.values())
+        tensors, index = [], []
+        for i, (name, p) in enumerate(self.params.items()):
+            tensors.append(p.data)
+            index.append(i)
+            if p.grad is not None:
+                tensors.append(p.grad)
+                index.append(i)
+            if optimizer is not None:
+                state = optimizer.state.get(p)
+                if state:
+                    for key in _OPT_STATE_KEYS:
+                        buf = state.get(key)
+                        if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
+                            tensors.append(buf)
+                            index.append(i)
+        with torch.no_grad():
+            apply_masks_(tensors, masks, index)
+
+    def to(self, device) -> "MaskSet":
+        self.masks = {n: m.to(device) for n, m in self.masks.items()}
+        return self
+
+    # ------------------------------------------------------------------ statistics
+
+    def layer_stats(self) -> list[dict]:
+        """Per weight: name, numel, nonzeros (kept), sparsity."""
+        rows = []
+        for n, m in self.masks.items():
+            total = m.numel()
+            kept = int(m.sum())
+            rows.append({"name": n, "numel": total, "kept": kept, "sparsity": 1 - kept / total if total else 0.0})
+        return rows
+
+    def kept(self) -> int:
+        return sum(int(m.sum()) for m in self.masks.values())
+
+    def total(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+    def sparsity(self) -> float:
+        return 1.0 - self.kept() / self.total()
+
+    def empty_layers(self) -> list[str]:
+        return [n for n, m in self.masks.items() if not bool(m.any())]
+
+    # ------------------------------------------------------------------ edits
+
+    def prune(self, name: str, count: int) -> int:
+        """Remove the ``count`` smallest-magnitude remaining weights of one layer (exactly
+        ``count``, ties broken by position). Returns how many were removed."""
+        m = self.masks[name]
+        w = self.params[name].detach()
+        remaining = int(m.sum())
+        count = max(0, min(int(count), remaining))
+        if count == 0:
+            return 0
+        flat_idx = m.flatten().nonzero().squeeze(1)
+        scores = w.flatten()[flat_idx].abs().float()
+        order = torch.argsort(scores, stable=True)[:count]
+        m.view(-1)[flat_idx[order]] = False
+        return count
+
+    def prune_global(self, count: int, names: Iterable[str] | None = None) -> dict[str, int]:
+        """Remove the ``count`` smallest-magnitude remaining weights across ``names`` (default:
+        all layers) by one global ranking. Returns removals per layer."""
+        names = list(names) if names is not None else self.names
+        scores, owners = [], []
+        for i, n in enumerate(names):
+            m = self.masks[n].flatten()
+            scores.append(self.params[n].detach().flatten()[m].abs().float().cpu())
+            owners.append(torch.full((scores[-1].numel(),), i, dtype=torch.int32))
+        all_scores = torch.cat(scores)
+        count = max(0, min(int(count), all_scores.numel()))
+        if count == 0:
+            return {n: 0 for n in names}
+        order = torch.argsort(all_scores, stable=True)[:count]
+        per_layer = torch.bincount(torch.cat(owners)[order].long(), minlength=len(names))
+        # Within a layer the global order and the layer's own order agree, so removing the
+        # per-layer count of smallest weights removes exactly the globally selected ones
+        # (up to ties of equal magnitude).
+        return {n: self.prune(n, int(per_layer[i])) for i, n in enumerate(names)}
+
+    # ------------------------------------------------------------------ persistence
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: m.detach().cpu().clone() for n, m in self.masks.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.masks) - set(state)
+        extra = set(state) - set(self.masks)
+        if missing or extra:
+            raise KeyError(f"mask names differ: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for n, m in state.items():
+            if tuple(m.shape) != tuple(self.masks[n].shape):
+                raise ValueError(f"mask {n} has shape {tuple(m.shape)}, expected {tuple(self.masks[n].shape)}")
+            self.masks[n] = m.to(device=self.masks[n].device, dtype=torch.bool).clone()
+
+    def fingerprint(self) -> str:
+        """A digest of every mask: equal on every rank when the masks are identical."""
+        h = hashlib.sha256()
+        for n, m in self.masks.items():
+            h.update(n.encode())
+            h.update(m.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def check_ranks_agree(self) -> None:
+        """Under torch.distributed, raise if any rank's masks differ from rank 0's."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = self.fingerprint()
+        gathered: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        bad = [r for r, f in enumerate(gathered) if f != gathered[0]]
+        if bad:
+            raise RuntimeError(f"pruning masks differ between rank 0 and ranks {bad}")
+
+    def broadcast_(self, src: int = 0) -> None:
+        """Under torch.distributed, copy rank ``src``'s masks to every rank."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for m in self.masks.values():
+            buf = m.to(torch.uint8)
+            dist.broadcast(buf, src)
+            m.copy_(buf.bool())
