@@ -170,14 +170,13 @@ class PruneRun:
         self.train_cfg = with_overrides(base, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, workers=cfg.workers)
         self.bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, noise=cfg.noise, seed=cfg.seed,
                                     val_fraction=cfg.val_fraction, augment=self.train_cfg.augment, download=cfg.download)
-        plain = build_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, noise=cfg.noise, seed=cfg.seed,
-                              val_fraction=cfg.val_fraction, augment=False, download=cfg.download)
         info = self.bundle.info
         self.input_shape = (info.in_channels, info.image_size, info.image_size)
         self.loaders = build_loaders(self.bundle, self.train_cfg.batch_size, self.train_cfg.workers,
                                      distributed=self.dist.enabled, seed=cfg.seed)
         # entropy is measured on the training images without augmentation (EGP: eval mode)
-        self.entropy_loader = build_loaders({"train": plain.train, "test": plain.train}, self.train_cfg.batch_size,
+        plain_train = self.bundle.train.with_transform(self.bundle.test.transform)
+        self.entropy_loader = build_loaders({"train": plain_train, "test": plain_train}, self.train_cfg.batch_size,
                                             self.train_cfg.workers, distributed=self.dist.enabled, seed=cfg.seed).test
         self.arch = {"name": cfg.model, "kwargs": {"num_classes": info.num_classes, "in_channels": info.in_channels,
                                                    "image_size": info.image_size, **cfg.model_opts}}
