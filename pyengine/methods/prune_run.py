@@ -33,6 +33,7 @@ from pyengine.train.loop import PRESETS, EpochHooks, evaluate, make_optimizer, m
 METHODS = ("egp", "imp", "magnitude")
 REWINDS = ("lr", "weights", "reinit", "finetune")
 TRANSFORMERS = ("vit", "swin_t")
+QUICK_IMAGE_SIZE = 16  # the quick preset trains on 16x16 images so a CPU demo takes minutes
 
 
 @dataclass
@@ -57,7 +58,7 @@ class PruneConfig:
     finetune_epochs: int | None = None  # epochs per round with --rewind finetune
     noise: float = 0.0
     val_fraction: float = 0.0
-    image_size: int | None = None
+    image_size: int | None = None  # default: the dataset's own; 16 with the quick preset
     batch_size: int | None = None
     lr: float | None = None
     workers: int | None = None
@@ -168,7 +169,8 @@ class PruneRun:
         seed_everything(cfg.seed)
         base = PRESETS[cfg.preset]
         self.train_cfg = with_overrides(base, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, workers=cfg.workers)
-        self.bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, noise=cfg.noise, seed=cfg.seed,
+        image_size = cfg.image_size or (QUICK_IMAGE_SIZE if cfg.preset == "quick" else None)
+        self.bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=image_size, noise=cfg.noise, seed=cfg.seed,
                                     val_fraction=cfg.val_fraction, augment=self.train_cfg.augment, download=cfg.download)
         info = self.bundle.info
         self.input_shape = (info.in_channels, info.image_size, info.image_size)
