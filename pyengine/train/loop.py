@@ -144,7 +144,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
         seen = correct = 0
         loss_sum = 0.0
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress,
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=1.0)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if device.type == "cuda" and cfg.channels_last and x.dim() == 4:
