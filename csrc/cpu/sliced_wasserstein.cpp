@@ -137,6 +137,34 @@ void sw_cpu(const T* px, const T* py, int64_t B, int64_t K, int64_t n, double p,
   }
 }
 
+// (K, d) x (B, n, d) -> (B, K, n): every direction's projections contiguous. When the
+// reduction dimension d dominates (LaCoOT flattens whole feature maps: d = C*H*W), BLAS keeps
+// such a skinny product on one thread; splitting d across threads (split-K) and summing the
+// partial products uses them all.
+at::Tensor project(const at::Tensor& theta_in, const at::Tensor& x_in) {
+  // below autograd already; detached views let the out= products run on inputs that require grad
+  const at::Tensor theta = theta_in.detach(), x = x_in.detach();
+  const int64_t B = x.size(0), n = x.size(1), d = x.size(2), K = theta.size(0);
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = 4096;
+  if (threads < 2 || d < 4 * chunk || d < 8 * (K + n)) {
+    return at::matmul(theta, x.transpose(1, 2)).contiguous();
+  }
+  const int64_t parts = std::min<int64_t>(threads, d / chunk);
+  auto partial = at::empty({parts, B, K, n}, x.options());
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t d0 = d * p / parts, d1 = d * (p + 1) / parts;
+      auto th = theta.narrow(1, d0, d1 - d0);
+      for (int64_t b = 0; b < B; ++b) {
+        auto out = partial[p][b];
+        at::mm_out(out, th, x[b].narrow(1, d0, d1 - d0).t());
+      }
+    }
+  });
+  return partial.sum(0);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& theta, double p, bool use_max, bool need_grad) {
   TORCH_CHECK(x.dim() == 3 && y.sizes() == x.sizes(), "sliced_wasserstein: x and y must be (B, n, d) of one shape");
@@ -149,9 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
   const int64_t B = x.size(0), n = x.size(1), K = theta.size(0);
   TORCH_CHECK(n > 0 && K > 0, "sliced_wasserstein: needs at least one point and one direction");
   TORCH_CHECK(n < (int64_t(1) << 31), "sliced_wasserstein: too many points");
-  // (K, d) x (B, d, n) -> (B, K, n): every direction's projections contiguous.
-  auto px = at::matmul(theta, x.transpose(1, 2)).contiguous();
-  auto py = at::matmul(theta, y.transpose(1, 2)).contiguous();
+  auto px = project(theta, x);
+  auto py = project(theta, y);
   auto dist = at::empty({B}, x.options());
   const int64_t kg = use_max ? 1 : K;
   at::Tensor cx = need_grad ? at::zeros({B, n, kg}, x.options()) : at::empty({0}, x.options());

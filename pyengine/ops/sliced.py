@@ -137,8 +137,8 @@ if _native.HAS_NATIVE:
             raise RuntimeError("sliced_wasserstein_fwd was called with need_grad=False")
         g = g_dist[:, None, None]
         if ctx.use_max:
-            th = theta[win][:, None, :]  # (B, 1, d)
-            gx, gy = g * cx * th, g * cy * th
+            th = theta[win][:, None, :]  # (B, 1, d): only the winning direction
+            gx, gy = (g * cx) * th, (g * cy) * th  # rank-1 products
         else:
             gx, gy = g * (cx @ theta), g * (cy @ theta)
         return gx, gy, None, None, None, None
