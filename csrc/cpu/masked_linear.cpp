@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/simd.h"
@@ -19,27 +20,32 @@ int64_t tile_rows(int64_t N, int64_t K) {
   return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 20) / std::max<int64_t>(K, 1)));
 }
 
-// dst[r, :] = mask[r, :] ? src[r, :] : 0 for nb rows of length K (all contiguous).
-void mask_rows(const at::Tensor& src, const bool* mask, at::Tensor& dst, int64_t nb, int64_t K) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mask_rows", [&] {
+// d = s * m elementwise over n contiguous entries (d may alias s), as the reference's W * M.
+void mask_mul_any(const at::Tensor& src, const bool* mask, at::Tensor& dst, int64_t n) {
+  const bool avx2 = cpu_has_avx2();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mask_mul", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, nb * K, 1 << 14, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) d[i] = mask[i] ? s[i] : scalar_t(0);
+    at::parallel_for(0, n, 1 << 15, [&](int64_t a, int64_t b) {
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+        if (avx2)
+          cpu_avx2::mask_mul(s + a, mask + a, d + a, b - a);
+        else
+          cpu_base::mask_mul(s + a, mask + a, d + a, b - a);
+      } else {
+        for (int64_t i = a; i < b; ++i) d[i] = s[i] * scalar_t(float(mask[i]));
+      }
     });
   });
 }
 
-// t[i] = 0 where !mask[i], in place.
-void zero_unmasked(at::Tensor& t, const bool* mask) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "zero_unmasked", [&] {
-    scalar_t* d = t.data_ptr<scalar_t>();
-    at::parallel_for(0, t.numel(), 1 << 14, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i)
-        if (!mask[i]) d[i] = scalar_t(0);
-    });
-  });
+// dst[r, :] = src[r, :] * mask[r, :] for nb rows of length K (all contiguous).
+void mask_rows(const at::Tensor& src, const bool* mask, at::Tensor& dst, int64_t nb, int64_t K) {
+  mask_mul_any(src, mask, dst, nb * K);
 }
+
+// t *= mask, in place.
+void zero_unmasked(at::Tensor& t, const bool* mask) { mask_mul_any(t, mask, t, t.numel()); }
 
 void check_masked_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mask) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "masked_linear: x and weight must be 2-D");
