@@ -284,24 +284,27 @@ void apply_masks_cpu(at::TensorList tensors, at::TensorList masks, at::IntArrayR
     for (int64_t b = 0; b < t.numel(); b += kChunk)
       chunks.push_back({static_cast<char*>(t.data_ptr()), m.data_ptr<bool>(), b, std::min(t.numel(), b + kChunk), elt});
   }
+  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t a, int64_t b) {
     for (int64_t c = a; c < b; ++c) {
       const Chunk& ch = chunks[c];
       // Zero bits are +0.0 in every floating format, so the element size is all that matters.
+      const int64_t len = ch.end - ch.begin;
+      const bool* m = ch.mask + ch.begin;
       switch (ch.elt) {
         case 2: {
-          auto* d = reinterpret_cast<uint16_t*>(ch.data);
-          for (int64_t i = ch.begin; i < ch.end; ++i) d[i] = ch.mask[i] ? d[i] : 0;
+          auto* d = reinterpret_cast<uint16_t*>(ch.data) + ch.begin;
+          avx2 ? cpu_avx2::zero_masked_bits(d, m, len) : cpu_base::zero_masked_bits(d, m, len);
           break;
         }
         case 4: {
-          auto* d = reinterpret_cast<uint32_t*>(ch.data);
-          for (int64_t i = ch.begin; i < ch.end; ++i) d[i] = ch.mask[i] ? d[i] : 0;
+          auto* d = reinterpret_cast<uint32_t*>(ch.data) + ch.begin;
+          avx2 ? cpu_avx2::zero_masked_bits(d, m, len) : cpu_base::zero_masked_bits(d, m, len);
           break;
         }
         default: {
-          auto* d = reinterpret_cast<uint64_t*>(ch.data);
-          for (int64_t i = ch.begin; i < ch.end; ++i) d[i] = ch.mask[i] ? d[i] : 0;
+          auto* d = reinterpret_cast<uint64_t*>(ch.data) + ch.begin;
+          avx2 ? cpu_avx2::zero_masked_bits(d, m, len) : cpu_base::zero_masked_bits(d, m, len);
         }
       }
     }
