@@ -103,6 +103,35 @@ def run(device, batch, steps):
     for h in hs:
         h.remove()
     rows.append(("python entropy hooks", t, peak, sum(c.numel() * 8 for c in counts.values())))
+
+    # The added work alone, timed in isolation (step-to-step noise on a shared CPU is larger
+    # than these costs): one fused mask upkeep call, and the counts of one forward's activations.
+    def iso(fn, n=20):
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    m = _model(device)
+    masks = MaskSet(m).to(device)
+    prune_magnitude(masks, 0.9)
+    opt = sgd(m)
+    _time_steps(m, opt, x, y, device, 1)
+    rows.append(("  mask upkeep alone", iso(lambda: masks.apply(opt)), None, 0))
+    acts = []
+    hs = [s.module.register_forward_pre_hook(lambda mod, a: acts.append(a[0].detach())) for s in activation_map(m)]
+    with torch.no_grad():
+        m(x)
+    for h in hs:
+        h.remove()
+    from pyengine.ops import entropy_counts
+
+    rows.append(("  entropy counts alone", iso(lambda: [entropy_counts(a, check_nan=False) for a in acts]), None, 0))
     return rows
 
 
