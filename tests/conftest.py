@@ -17,6 +17,15 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test machines are small and shared: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def poison():
     """Fills every freshly allocated tensor with NaN (ints: their max), so an output element a

@@ -23,14 +23,7 @@ from pyengine.data import (
 from pyengine.data import sources
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The test machines are small and shared: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _isolated_search_path(tmp_path_factory, monkeypatch):

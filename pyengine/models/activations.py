@@ -171,6 +171,19 @@ def _producers_by_fx(model: nn.Module, names: Sequence[str]) -> dict[str, str | 
     return out
 
 
+def _probe(model: nn.Module, example_input: torch.Tensor, handles: list) -> None:
+    """One eval-mode forward without gradients; then the hooks are removed and the mode restored."""
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
 def _producers_by_order(model: nn.Module, names: Sequence[str],
                         example_input: torch.Tensor | None) -> dict[str, str | None]:
     """Fallback: the last weight layer run (or registered) before each activation."""
@@ -182,15 +195,7 @@ def _producers_by_order(model: nn.Module, names: Sequence[str],
             if is_weight_layer(m) or activation_kind(m) is not None:
                 handles.append(m.register_forward_pre_hook(
                     lambda mod, inp, _n=name: order.append(_n)))
-        was_training = model.training
-        try:
-            model.eval()
-            with torch.no_grad():
-                model(example_input)
-        finally:
-            model.train(was_training)
-            for h in handles:
-                h.remove()
+        _probe(model, example_input, handles)
     else:
         order = [n for n, m in modules.items() if is_weight_layer(m) or activation_kind(m)]
     out: dict[str, str | None] = {}
@@ -296,15 +301,7 @@ def find_reused_activations(model: nn.Module, example_input: torch.Tensor) -> di
             def hook(mod, inp, _n=name):
                 calls[_n] = calls.get(_n, 0) + 1
             handles.append(m.register_forward_pre_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _probe(model, example_input, handles)
     return {n: c for n, c in calls.items() if c > 1}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from pyengine.models.init import kaiming_init_
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50"]
 
 
@@ -98,12 +100,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
         del self.in_planes
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init_(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, BasicBlock):

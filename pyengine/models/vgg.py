@@ -12,6 +12,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
+from pyengine.models.init import kaiming_init_
+
 __all__ = ["VGG", "VGG_CONFIGS", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
 
 VGG_CONFIGS: dict[str, list[list[int]]] = {
@@ -47,12 +49,7 @@ class VGG(nn.Module):
             ("drop2", nn.Dropout(dropout)),
             ("fc3", nn.Linear(hidden, num_classes)),
         ]))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.avgpool(self.features(x)).flatten(1)
