@@ -39,7 +39,8 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--zeta", type=float, default=0.5, help="EGP: fraction of the active layers' remaining weights removed per round (default: 0.5)")
     p.add_argument("--estimator", default="egp", choices=["egp", "easier"], help="layer entropy: mean over non-constant neurons (egp) or over all neurons (easier)")
     p.add_argument("--scope", default="global", choices=["global", "layerwise"], help="magnitude ranking for imp/magnitude (default: global)")
-    p.add_argument("--rewind", default="lr", choices=["lr", "weights", "reinit", "finetune"], help="after pruning: lr = learning-rate rewinding (fresh schedule, the papers' choice); weights = back to the initial weights (lottery ticket); reinit = random re-initialisation; finetune = a short schedule (default: lr)")
+    p.add_argument("--rewind", default="lr", choices=["lr", "weights", "reinit", "finetune"], help="after pruning: lr = learning-rate rewinding (keep the weights, fresh full schedule; the papers' choice); weights = back to the weights of --rewind-epoch (lottery ticket); reinit = random re-initialisation; finetune = no rewinding, a short fresh schedule of --finetune-epochs (default: lr)")
+    p.add_argument("--rewind-epoch", type=int, default=0, help="with --rewind weights: restart each round from the weights after this dense epoch (default: 0, the initialisation)")
     p.add_argument("--finetune-epochs", type=int, help="epochs per round with --rewind finetune (default: half the preset's)")
     p.add_argument("--noise", type=float, default=0.0, help="symmetric label noise on the training set (default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="part of the training set held out as validation")
@@ -70,7 +71,7 @@ def cmd_prune(args) -> int:
     cfg = PruneConfig(
         model=args.model, method=args.method, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
         preset=args.preset, epochs=args.epochs, rounds=args.rounds, sparsity=args.sparsity, rate=args.rate,
-        zeta=args.zeta, estimator=args.estimator, scope=args.scope, rewind=args.rewind,
+        zeta=args.zeta, estimator=args.estimator, scope=args.scope, rewind=args.rewind, rewind_epoch=args.rewind_epoch,
         finetune_epochs=args.finetune_epochs, noise=args.noise, val_fraction=args.val_fraction,
         image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
         entropy_batches=args.entropy_batches, out=args.out, seed=args.seed, device=args.device,

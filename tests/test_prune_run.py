@@ -79,3 +79,25 @@ def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "pyengine", "prune", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--method", "--dataset", "--preset", "--rounds", "--sparsity", "--epochs", "--out", "--resume", "--device", "--seed"):
         assert flag in out.stdout
+
+
+def test_weight_rewinding_restarts_from_epoch_k(tmp_path):
+    from pyengine.models import build_model
+
+    cfg = _cfg(tmp_path, method="imp", epochs=2, rewind="weights", rewind_epoch=1)
+    seen = {}
+
+    def grab(rnd, ep):
+        if (rnd, ep) == (0, 1):
+            seen["rewind"] = torch.load(tmp_path / "run" / "rewind.pt", weights_only=True)
+            seen["state"] = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+
+    run_prune(cfg, on_epoch=grab, log=lambda *a: None)
+    assert seen["rewind"]["epoch"] == 1
+    for k, v in seen["state"]["model"].items():  # the weights after dense epoch 1
+        assert torch.equal(seen["rewind"]["init"][k], v), k
+    torch.manual_seed(0)
+    init = build_model("resnet18", num_classes=10, in_channels=1, image_size=8).state_dict()
+    assert not torch.equal(seen["rewind"]["init"]["conv1.weight"], init["conv1.weight"])
+    with pytest.raises(ValueError, match="rewind-epoch"):
+        PruneConfig(rewind_epoch=5, epochs=2).validate()

@@ -54,7 +54,7 @@ class PruneConfig:
     estimator: str = "egp"  # entropy estimator for EGP: egp | easier
     scope: str = "global"  # magnitude / IMP ranking
     rewind: str = "lr"  # lr | weights | reinit | finetune
-    rewind_epoch: int = 0  # weight rewinding target epoch
+    rewind_epoch: int = 0  # --rewind weights: the dense epoch whose weights rounds restart from
     finetune_epochs: int | None = None  # epochs per round with --rewind finetune
     noise: float = 0.0
     val_fraction: float = 0.0
@@ -87,6 +87,8 @@ class PruneConfig:
             raise ValueError(f"--zeta must be in (0, 1], got {self.zeta}")
         if self.rounds is not None and self.rounds < 0:
             raise ValueError(f"--rounds must be >= 0, got {self.rounds}")
+        if self.rewind_epoch < 0 or (self.epochs is not None and self.rewind_epoch > self.epochs):
+            raise ValueError(f"--rewind-epoch must be between 0 and the dense epochs, got {self.rewind_epoch}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.noise < 1:
@@ -280,6 +282,9 @@ class PruneRun:
 
             def epoch_end(ep, rec, rnd=rnd):
                 rec = {"round": rnd, **rec}
+                if rnd == 0 and ep == cfg.rewind_epoch and self.main:
+                    # lottery-ticket rewinding point: the weights after dense epoch k (k = 0: init)
+                    atomic_torch_save({"init": copy.deepcopy(self.model.state_dict()), "epoch": ep}, self.out / "rewind.pt")
                 self._append_record(rec)
                 self._save_state(rnd, ep, rnd > 0, opt, sched, rounds)
                 if self.on_epoch:
