@@ -37,6 +37,8 @@ def run(device, repeats=10, quick=False):
 
         def step(fn):
             def f(x, y, theta):
+                if bwd:  # as a training step does (zero_grad(set_to_none=True))
+                    x.grad = y.grad = None
                 out = fn(x, y, theta)
                 if bwd:
                     out.sum().backward()
