@@ -118,11 +118,11 @@ def resolve_device(name: str) -> str:
 
 
 def _rng_state(loaders) -> dict:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(), "python": random.getstate()[1]}
+    """The random state a resumed epoch must start from: torch's global generator (augmentation,
+    dropout) and the training loader's shuffling generator."""
     gen = getattr(loaders.train, "generator", None)
-    if gen is not None:
-        st["loader"] = gen.get_state()
-    return {"torch": st["torch"], "loader": st.get("loader", torch.empty(0, dtype=torch.uint8))}
+    return {"torch": torch.get_rng_state(),
+            "loader": gen.get_state() if gen is not None else torch.empty(0, dtype=torch.uint8)}
 
 
 def _set_rng_state(st: dict, loaders) -> None:
