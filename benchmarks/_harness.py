@@ -96,3 +96,13 @@ def write_json(path: str, rows: list[Row], device: torch.device, extra: dict | N
         record.update(extra)
     with open(path, "w") as f:
         json.dump(record, f, indent=2)
+
+
+def main(run, title: str, doc: str) -> None:
+    """The command line every op benchmark shares: run on --device, print, optionally --json."""
+    args = parse_args(doc)
+    dev = torch.device(args.device)
+    rows = run(dev, args.repeats, args.quick)
+    print_table(rows, f"{title} on {machine_name(dev)}")
+    if args.json:
+        write_json(args.json, rows, dev)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from _harness import Row, copies_for, parse_args, print_table, time_fn, write_json
+from _harness import Row, copies_for, main, time_fn
 from pyengine.ops import entropy_counts, entropy_counts_reference
 
 GPU_CASES = [  # kernels.md
@@ -39,9 +39,4 @@ def run(device, repeats=10, quick=False):
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__)
-    dev = torch.device(args.device)
-    rows = run(dev, args.repeats, args.quick)
-    print_table(rows, f"entropy counts on {dev}")
-    if args.json:
-        write_json(args.json, rows, dev)
+    main(run, "entropy counts", __doc__)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _harness import Row, parse_args, print_table, time_fn, write_json
+from _harness import Row, main, time_fn
 from pyengine.ops import masked_linear, masked_linear_reference, pack_sparse, sparse_linear
 
 
@@ -71,9 +71,4 @@ def run(device, repeats=10, quick=False):
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__)
-    dev = torch.device(args.device)
-    rows = run(dev, args.repeats, args.quick)
-    print_table(rows, f"masked / sparse linear on {dev}")
-    if args.json:
-        write_json(args.json, rows, dev)
+    main(run, "masked / sparse linear", __doc__)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from _harness import Row, parse_args, print_table, time_fn, write_json
+from _harness import Row, main, time_fn
 from pyengine.ops import random_directions, sliced_wasserstein, sliced_wasserstein_reference
 
 GPU_CASES = [  # kernels.md: (pairs, n, d, K, backward)
@@ -57,9 +57,4 @@ def run(device, repeats=10, quick=False):
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__)
-    dev = torch.device(args.device)
-    rows = run(dev, args.repeats, args.quick)
-    print_table(rows, f"max-sliced Wasserstein on {dev}")
-    if args.json:
-        write_json(args.json, rows, dev)
+    main(run, "max-sliced Wasserstein", __doc__)

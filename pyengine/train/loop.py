@@ -85,6 +85,14 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def _to_device(x, y, device: torch.device, cfg: TrainConfig):
+    """Moves a batch to the device; images go channels-last on CUDA when the config asks."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if device.type == "cuda" and cfg.channels_last and x.dim() == 4:
+        x = x.to(memory_format=torch.channels_last)
+    return x, y
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, cfg: TrainConfig | None = None) -> dict:
     """Top-1 accuracy (%) and mean cross-entropy over a loader (summed over DDP ranks)."""
@@ -94,9 +102,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, cfg: TrainConfig | 
     correct = total = 0
     loss_sum = 0.0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda" and cfg.channels_last and x.dim() == 4:
-            x = x.to(memory_format=torch.channels_last)
+        x, y = _to_device(x, y, device, cfg)
         with _autocast(device, cfg):
             out = model(x)
         loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
@@ -146,9 +152,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress,
                    dynamic_ncols=True, mininterval=1.0)
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.channels_last and x.dim() == 4:
-                x = x.to(memory_format=torch.channels_last)
+            x, y = _to_device(x, y, device, cfg)
             with _autocast(device, cfg):
                 out = model(x)
                 if loss_fn is not None:
