@@ -46,6 +46,15 @@ def print_summary(report: dict, out: Path, log=print) -> None:
     log("\n".join(lines))
 
 
+def _save(fig, path: Path, paths: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+
+
 def write_plots(report: dict, out: Path) -> list[Path]:
     """entropy_per_layer.png (one line per round) and accuracy_vs_sparsity.png."""
     import matplotlib
@@ -67,10 +76,7 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     ax.set_ylabel("entropy (bits)")
     ax.set_title("activation entropy per layer")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "entropy_per_layer.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    _save(fig, out / "entropy_per_layer.png", paths)
 
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot([100 * r["sparsity"] for r in rounds], [r["test_acc"] for r in rounds], marker="o")
@@ -78,8 +84,5 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs sparsity")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out / "accuracy_vs_sparsity.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    _save(fig, out / "accuracy_vs_sparsity.png", paths)
     return paths

@@ -267,17 +267,17 @@ class PruneRun:
         for rnd in range(start_round, n_rounds + 1):
             epochs = self._round_epochs(rnd)
             if rnd > 0 and not pruned:
-                prune_rec = self._prune(rnd, rounds[-1])
+                prune_rec = self._prune(rounds[-1])
                 if prune_rec is None:
                     self.log(f"round {rnd}: nothing left to prune; stopping")
                     break
                 pruned = True
-                tcfg, opt, sched = self._fresh_optim(epochs)
+                _, opt, sched = self._fresh_optim(epochs)
                 start_epoch = 0
                 rounds[-1]["next_prune"] = prune_rec
                 self._save_state(rnd, 0, True, opt, sched, rounds)
             elif opt is None:
-                tcfg, opt, sched = self._fresh_optim(epochs)
+                _, opt, sched = self._fresh_optim(epochs)
             tcfg = with_overrides(self.train_cfg, epochs=epochs)
 
             def epoch_end(ep, rec, rnd=rnd):
@@ -311,7 +311,7 @@ class PruneRun:
         self._save_state(n_rounds + 1, 0, False, None, None, rounds, done=True)
         return self._finish(rounds)
 
-    def _prune(self, rnd: int, last: dict) -> dict | None:
+    def _prune(self, last: dict) -> dict | None:
         cfg = self.cfg
         before = self.masks.kept()
         if cfg.method == "egp":

@@ -41,11 +41,6 @@ def check_same_dtype(**tensors) -> None:
             )
 
 
-def check_no_nan(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and bool(torch.isnan(t).any()):
-        raise ValueError(f"{name} contains NaN")
-
-
 def as_bool_mask(name: str, mask: torch.Tensor, shape) -> torch.Tensor:
     """Accepts a bool mask, or a numeric one that holds only 0 and 1."""
     if not isinstance(mask, torch.Tensor):
