@@ -33,6 +33,11 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "sliced_wasserstein_fwd(Tensor x, Tensor y, Tensor theta, float p, bool use_max, "
       "bool need_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (gx, gy) (B, n, d) from the forward's cx/cy: gx[b] = grad[b] * cx[b] @ theta, where for the
+  // max cx is (B, n, 1) and theta[win[b]] stands in for theta. Unrequested outputs come back empty.
+  m.def(
+      "sliced_wasserstein_bwd(Tensor grad, Tensor cx, Tensor cy, Tensor theta, Tensor win, bool use_max, "
+      "bool need_x, bool need_y) -> (Tensor, Tensor)");
 }
 
 extern "C" {

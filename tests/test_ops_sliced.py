@@ -72,7 +72,7 @@ def test_half_inputs_compute_in_float32(device):
 def test_identical_sets_give_zero_and_finite_grad(device):
     x = torch.randn(10, 4, device=device, requires_grad=True)
     d = sliced_wasserstein(x, x.detach().clone(), n_directions=5)
-    assert float(d) == 0.0
+    assert float(d.detach()) == 0.0
     d.backward()
     assert torch.isfinite(x.grad).all()
 
@@ -138,3 +138,82 @@ def test_nan_rejected(device):
     y[2, 1] = float("nan")
     with pytest.raises(ValueError, match="y contains NaN"):
         sliced_wasserstein(x, y)
+
+
+def _bwd_formula(grad, cx, cy, theta, win, use_max):
+    """float64 d dist / d (x, y) from the forward's per-point coefficients."""
+    g = grad.double()[:, None, None]
+    th = theta.double()[win][:, None, :] if use_max else theta.double()
+    if use_max:
+        return g * cx.double() * th, g * cy.double() * th
+    return g * (cx.double() @ th), g * (cy.double() @ th)
+
+
+needs_native = pytest.mark.skipif(not pyengine.HAS_NATIVE, reason="native extension not built")
+
+
+@needs_native
+@pytest.mark.parametrize("use_max", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("b,n,d,k", [(1, 1, 1, 1), (3, 7, 13, 5), (1, 64, 33000, 3)])
+def test_backward_op_matches_formula(device, poison, use_max, dtype, b, n, d, k):
+    # the last shape is 8 MiB per output: large enough for the huge-page allocation path
+    g = torch.Generator(device=device).manual_seed(3)
+    theta = random_directions(k, d, generator=g, device=device, dtype=dtype)
+    kg = 1 if use_max else k
+    cx = torch.randn(b, n, kg, generator=g, device=device, dtype=dtype)
+    cy = torch.randn(b, n, kg, generator=g, device=device, dtype=dtype)
+    grad = torch.randn(b, generator=g, device=device, dtype=dtype)
+    win = torch.randint(0, k, (b,), generator=g, device=device)
+    rx, ry = _bwd_formula(grad, cx, cy, theta, win, use_max)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for need_x, need_y in [(True, True), (True, False), (False, True)]:
+        gx, gy = torch.ops.pyengine.sliced_wasserstein_bwd(grad, cx, cy, theta, win, use_max, need_x, need_y)
+        for need, out, ref in ((need_x, gx, rx), (need_y, gy, ry)):
+            if need:
+                assert out.shape == ref.shape and out.dtype == dtype
+                assert torch.allclose(out.double(), ref, rtol=tol, atol=tol)
+            else:
+                assert out.numel() == 0
+
+
+@needs_native
+def test_backward_op_opcheck_and_bad_input(device):
+    theta = random_directions(4, 6, device=device, dtype=torch.float64)
+    cx = torch.randn(2, 5, 1, device=device, dtype=torch.float64)
+    grad = torch.ones(2, device=device, dtype=torch.float64)
+    win = torch.tensor([3, 0], device=device)
+    op = torch.ops.pyengine.sliced_wasserstein_bwd.default
+    torch.library.opcheck(op, (grad, cx, cx.clone(), theta, win, True, True, True))
+    torch.library.opcheck(op, (grad, torch.randn(2, 5, 4, device=device, dtype=torch.float64), torch.randn(2, 5, 4, device=device, dtype=torch.float64), theta, win, False, True, False))
+    with pytest.raises(RuntimeError, match="columns"):
+        op(grad, cx, cx, theta, win, False, True, True)
+    with pytest.raises(RuntimeError, match="grad must be"):
+        op(grad[:1], cx, cx, theta, win, True, True, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        op(grad.float(), cx, cx, theta, win, True, True, True)
+    if device.type == "cpu":  # the CUDA path indexes on the device without a host sync
+        with pytest.raises(RuntimeError, match="not a direction"):
+            op(grad, cx, cx, theta, torch.tensor([4, 0]), True, True, True)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_gradient_to_one_input_only(device, reduce):
+    x = torch.randn(2, 9, 6, device=device, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 9, 6, device=device, dtype=torch.float64)
+    theta = random_directions(5, 6, device=device, dtype=torch.float64)
+    sliced_wasserstein(x, y, theta, reduce=reduce).sum().backward()
+    xr = x.detach().clone().requires_grad_(True)
+    sliced_wasserstein_reference(xr, y, theta, 2.0, reduce).sum().backward()
+    assert y.grad is None and torch.allclose(x.grad, xr.grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_create_graph_gives_the_same_gradient(device, reduce):
+    # create_graph=True takes the differentiable formula instead of the fused kernel
+    x = torch.randn(2, 9, 6, device=device, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 9, 6, device=device, dtype=torch.float64, requires_grad=True)
+    theta = random_directions(5, 6, device=device, dtype=torch.float64)
+    a = torch.autograd.grad(sliced_wasserstein(x, y, theta, reduce=reduce).sum(), [x, y])
+    b = torch.autograd.grad(sliced_wasserstein(x, y, theta, reduce=reduce).sum(), [x, y], create_graph=True)
+    assert all(torch.allclose(u, v, atol=1e-12) for u, v in zip(a, b))

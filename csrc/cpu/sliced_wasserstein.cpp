@@ -13,6 +13,7 @@
 #include <numeric>
 #include <vector>
 
+#include "cpu/alloc.h"
 #include "cpu/simd.h"
 
 namespace pyengine {
@@ -194,8 +195,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
   return {dist, cx, cy, win};
 }
 
+// Gradients to the point sets: gx[b] = g[b] * cx[b] @ theta (the mean), which for the max - cx
+// holding only the winning direction's column - is the rank-1 product g[b] * cx[b] (x) theta[win[b]].
+// The (B, n, d) outputs are the only large memory the step touches; they go to huge pages (alloc.h)
+// and the rank-1 case writes both in one parallel pass over the rows.
+std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& grad, const at::Tensor& cx,
+                                                              const at::Tensor& cy, const at::Tensor& theta_in,
+                                                              const at::Tensor& win, bool use_max, bool need_x,
+                                                              bool need_y) {
+  TORCH_CHECK(theta_in.dim() == 2, "sliced_wasserstein_bwd: theta must be (K, d), got ", theta_in.sizes());
+  TORCH_CHECK(cx.dim() == 3 && cy.sizes() == cx.sizes(), "sliced_wasserstein_bwd: cx and cy must be (B, n, k) of one shape");
+  const int64_t B = cx.size(0), n = cx.size(1), K = theta_in.size(0), d = theta_in.size(1);
+  TORCH_CHECK(cx.size(2) == (use_max ? 1 : K), "sliced_wasserstein_bwd: cx has ", cx.size(2), " columns, expected ",
+              use_max ? 1 : K);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "sliced_wasserstein_bwd: grad must be (B,) with B = ", B);
+  TORCH_CHECK(!use_max || (win.dim() == 1 && win.size(0) == B && win.scalar_type() == at::kLong),
+              "sliced_wasserstein_bwd: win must be int64 (B,) for the max");
+  TORCH_CHECK(theta_in.scalar_type() == at::kFloat || theta_in.scalar_type() == at::kDouble,
+              "sliced_wasserstein_bwd: theta must be float32 or float64");
+  TORCH_CHECK(cx.scalar_type() == theta_in.scalar_type() && cy.scalar_type() == theta_in.scalar_type() &&
+                  grad.scalar_type() == theta_in.scalar_type(),
+              "sliced_wasserstein_bwd: grad, cx, cy and theta must share a dtype");
+  const auto opts = theta_in.options();
+  at::Tensor gx = need_x ? empty_large_cpu({B, n, d}, opts) : at::empty({0}, opts);
+  at::Tensor gy = need_y ? empty_large_cpu({B, n, d}, opts) : at::empty({0}, opts);
+  if (B * n * d == 0 || !(need_x || need_y)) return {gx, gy};
+  const at::Tensor theta = theta_in.contiguous();
+  // per-row scales (B, n, k): tiny next to the outputs
+  const at::Tensor sx = (cx * grad.view({B, 1, 1})).contiguous();
+  const at::Tensor sy = (cy * grad.view({B, 1, 1})).contiguous();
+  if (!use_max) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (need_x) {
+        at::Tensor o = gx[b];
+        at::mm_out(o, sx[b], theta);
+      }
+      if (need_y) {
+        at::Tensor o = gy[b];
+        at::mm_out(o, sy[b], theta);
+      }
+    }
+    return {gx, gy};
+  }
+  const at::Tensor w = win.contiguous();
+  const int64_t* wp = w.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(wp[b] >= 0 && wp[b] < K, "sliced_wasserstein_bwd: win[", b, "] = ", wp[b], " is not a direction");
+  AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "sliced_wasserstein_bwd_cpu", [&] {
+    const scalar_t* th = theta.data_ptr<scalar_t>();
+    const scalar_t* ax = sx.data_ptr<scalar_t>();
+    const scalar_t* ay = sy.data_ptr<scalar_t>();
+    scalar_t* ox = need_x ? gx.data_ptr<scalar_t>() : nullptr;
+    scalar_t* oy = need_y ? gy.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B * n, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* t = th + wp[r / n] * d;
+        const scalar_t a = ax[r], c = ay[r];
+        scalar_t* __restrict__ u = ox ? ox + r * d : nullptr;
+        scalar_t* __restrict__ v = oy ? oy + r * d : nullptr;
+        if (u && v) {
+          for (int64_t j = 0; j < d; ++j) {
+            u[j] = a * t[j];
+            v[j] = c * t[j];
+          }
+        } else if (u) {
+          for (int64_t j = 0; j < d; ++j) u[j] = a * t[j];
+        } else {
+          for (int64_t j = 0; j < d; ++j) v[j] = c * t[j];
+        }
+      }
+    });
+  });
+  return {gx, gy};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyengine, CPU, m) { m.impl("sliced_wasserstein_fwd", &sliced_wasserstein_fwd_cpu); }
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("sliced_wasserstein_fwd", &sliced_wasserstein_fwd_cpu);
+  m.impl("sliced_wasserstein_bwd", &sliced_wasserstein_bwd_cpu);
+}
 
 }  // namespace pyengine

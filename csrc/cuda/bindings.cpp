@@ -591,6 +591,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
   return {dist, cx, cy, win};
 }
 
+// Gradients to the point sets from the forward's cx/cy (see module.cpp). On the GPU these are a
+// rank-1 product (the max) or a batched GEMM (the mean): cuBLAS and one elementwise pass, written
+// straight into the outputs.
+std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cuda(const at::Tensor& grad, const at::Tensor& cx,
+                                                               const at::Tensor& cy, const at::Tensor& theta,
+                                                               const at::Tensor& win, bool use_max, bool need_x,
+                                                               bool need_y) {
+  TORCH_CHECK(theta.dim() == 2, "pyengine.sliced_wasserstein_bwd: theta must be (K, d), got ", theta.sizes());
+  TORCH_CHECK(cx.dim() == 3 && cy.sizes() == cx.sizes(),
+              "pyengine.sliced_wasserstein_bwd: cx and cy must be (B, n, k) of one shape");
+  const int64_t B = cx.size(0), n = cx.size(1), K = theta.size(0), d = theta.size(1);
+  TORCH_CHECK(cx.size(2) == (use_max ? 1 : K), "pyengine.sliced_wasserstein_bwd: cx has ", cx.size(2),
+              " columns, expected ", use_max ? 1 : K);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "pyengine.sliced_wasserstein_bwd: grad must be (B,) with B = ", B);
+  TORCH_CHECK(!use_max || (win.dim() == 1 && win.size(0) == B && win.scalar_type() == at::kLong),
+              "pyengine.sliced_wasserstein_bwd: win must be int64 (B,) for the max");
+  float_dtype(theta, "theta");
+  check_same_dtype(cx, "cx", theta);
+  check_same_dtype(cy, "cy", theta);
+  check_same_dtype(grad, "grad", theta);
+  check_cuda(theta, "theta", theta);
+  check_cuda(cx, "cx", theta);
+  check_cuda(cy, "cy", theta);
+  check_cuda(grad, "grad", theta);
+  if (use_max) check_cuda(win, "win", theta);
+  c10::cuda::CUDAGuard guard(theta.device());
+  const auto opts = theta.options();
+  const at::Tensor g = grad.view({B, 1, 1});
+  // (B, k, d): the winning direction per pair, or every direction shared across pairs
+  const at::Tensor dirs = use_max ? theta.index_select(0, win).unsqueeze(1) : theta.unsqueeze(0).expand({B, K, d});
+  auto one = [&](const at::Tensor& c, bool need) {
+    if (!need) return at::empty({0}, opts);
+    at::Tensor out = at::empty({B, n, d}, opts);
+    if (B * n * d == 0) return out;
+    if (use_max) return at::mul_out(out, c * g, dirs);
+    return at::bmm_out(out, c * g, dirs);
+  };
+  return {one(cx, need_x), one(cy, need_y)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
@@ -602,4 +642,5 @@ TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
   m.impl("entropy_counts", &entropy_counts_cuda);
   m.impl("entropy_from_counts", &entropy_from_counts_cuda);
   m.impl("sliced_wasserstein_fwd", &sliced_wasserstein_fwd_cuda);
+  m.impl("sliced_wasserstein_bwd", &sliced_wasserstein_bwd_cuda);
 }

@@ -124,6 +124,12 @@ if _native.HAS_NATIVE:
             x.new_empty((b,) if (need_grad and use_max) else (0,), dtype=torch.int64),
         )
 
+    @torch.library.register_fake("pyengine::sliced_wasserstein_bwd")
+    def _sw_bwd_fake(grad, cx, cy, theta, win, use_max, need_x, need_y):
+        b, n, _ = cx.shape
+        shape = (b, n, theta.shape[1])
+        return cx.new_empty(shape if need_x else (0,)), cx.new_empty(shape if need_y else (0,))
+
     def _sw_setup(ctx, inputs, output):
         x, y, theta, p, use_max, need_grad = inputs
         _, cx, cy, win = output
@@ -135,6 +141,13 @@ if _native.HAS_NATIVE:
         theta, cx, cy, win = ctx.saved_tensors
         if not ctx.need_grad:
             raise RuntimeError("sliced_wasserstein_fwd was called with need_grad=False")
+        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not torch.is_grad_enabled():  # the usual case: one native pass, no graph kept
+            gx, gy = torch.ops.pyengine.sliced_wasserstein_bwd(
+                g_dist.to(cx.dtype), cx, cy, theta, win, ctx.use_max, need_x, need_y
+            )
+            return (gx if need_x else None), (gy if need_y else None), None, None, None, None
+        # create_graph=True: the same formula in differentiable torch ops
         g = g_dist[:, None, None]
         if ctx.use_max:
             th = theta[win][:, None, :]  # (B, 1, d): only the winning direction
