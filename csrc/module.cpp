@@ -42,15 +42,31 @@ TORCH_LIBRARY(pyengine, m) {
 
 extern "C" {
 int pyengine_cuda_compiled();
+void pyengine_cpu_pool_stats(int64_t* stats);
+int64_t pyengine_cpu_pool_release();
 }
 
 static PyObject* cuda_compiled(PyObject*, PyObject*) {
   return PyBool_FromLong(pyengine_cuda_compiled());
 }
 
+static PyObject* cpu_pool_stats(PyObject*, PyObject*) {
+  int64_t s[5];
+  pyengine_cpu_pool_stats(s);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "idle_bytes", (long long)s[0], "idle_blocks", (long long)s[1],
+                       "live_bytes", (long long)s[2], "hits", (long long)s[3], "misses", (long long)s[4]);
+}
+
+static PyObject* cpu_pool_release(PyObject*, PyObject*) {
+  return PyLong_FromLongLong((long long)pyengine_cpu_pool_release());
+}
+
 static PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS,
      "True when this build contains the CUDA kernels."},
+    {"cpu_pool_stats", cpu_pool_stats, METH_NOARGS,
+     "The CPU output pool: idle_bytes, idle_blocks, live_bytes, hits, misses."},
+    {"cpu_pool_release", cpu_pool_release, METH_NOARGS, "Frees the CPU output pool's idle blocks; returns bytes."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

@@ -56,3 +56,21 @@ def native_available(device: torch.device) -> bool:
             f"{BUILD_HINT}.",
         )
     return False
+
+
+def cpu_cache_info() -> dict:
+    """State of the pool that recycles large CPU outputs of the backward kernels.
+
+    Keys: idle_bytes and idle_blocks (memory kept for reuse), live_bytes (pooled outputs still
+    alive), hits and misses (requests served from the pool or freshly allocated). All zero
+    without the native extension. Capped by the environment variable PYENGINE_CPU_POOL_MB
+    (default 512; 0 turns the pool off).
+    """
+    if _C is None:
+        return {"idle_bytes": 0, "idle_blocks": 0, "live_bytes": 0, "hits": 0, "misses": 0}
+    return dict(_C.cpu_pool_stats())
+
+
+def empty_cpu_cache() -> int:
+    """Frees the idle blocks of that pool (like ``torch.cuda.empty_cache``); returns the bytes freed."""
+    return int(_C.cpu_pool_release()) if _C is not None else 0

@@ -41,7 +41,7 @@ def poison():
 
 
 def rel_err(out, ref):
-    out = out.double()
-    ref = ref.double()
+    out = out.detach().double()
+    ref = ref.detach().double()
     denom = ref.norm()
     return float((out - ref).norm() / denom) if denom > 0 else float((out - ref).norm())

@@ -9,7 +9,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/alloc.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/simd.h"
 
 namespace pyengine {
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "masked_linear_backward: grad_out has shape ",
               dy.sizes(), ", expected (", M, ", ", N, ")");
   at::Tensor dx = need_x ? at::zeros({M, K}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dw = need_w ? empty_large_cpu({N, K}, w.options()) : at::empty({0}, w.options());
+  at::Tensor dw = need_w ? pooled_empty_cpu({N, K}, w.options()) : at::empty({0}, w.options());
   at::Tensor db = need_b ? dy.sum(0) : at::empty({0}, w.options());
   const bool* mp = mask.data_ptr<bool>();
   if ((need_x || need_w) && N > 0 && K > 0) {

@@ -13,7 +13,7 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/alloc.h"
+#include "cpu/buffer_pool.h"
 #include "cpu/simd.h"
 
 namespace pyengine {
@@ -197,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
 
 // Gradients to the point sets: gx[b] = g[b] * cx[b] @ theta (the mean), which for the max - cx
 // holding only the winning direction's column - is the rank-1 product g[b] * cx[b] (x) theta[win[b]].
-// The (B, n, d) outputs are the only large memory the step touches; they go to huge pages (alloc.h)
-// and the rank-1 case writes both in one parallel pass over the rows.
+// The (B, n, d) outputs are the only large memory the step touches; they come from the reuse pool
+// (buffer_pool.h) and the rank-1 case writes both in one parallel pass over the rows.
 std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& grad, const at::Tensor& cx,
                                                               const at::Tensor& cy, const at::Tensor& theta_in,
                                                               const at::Tensor& win, bool use_max, bool need_x,
@@ -217,8 +217,8 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& 
                   grad.scalar_type() == theta_in.scalar_type(),
               "sliced_wasserstein_bwd: grad, cx, cy and theta must share a dtype");
   const auto opts = theta_in.options();
-  at::Tensor gx = need_x ? empty_large_cpu({B, n, d}, opts) : at::empty({0}, opts);
-  at::Tensor gy = need_y ? empty_large_cpu({B, n, d}, opts) : at::empty({0}, opts);
+  at::Tensor gx = need_x ? pooled_empty_cpu({B, n, d}, opts) : at::empty({0}, opts);
+  at::Tensor gy = need_y ? pooled_empty_cpu({B, n, d}, opts) : at::empty({0}, opts);
   if (B * n * d == 0 || !(need_x || need_y)) return {gx, gy};
   const at::Tensor theta = theta_in.contiguous();
   // per-row scales (B, n, k): tiny next to the outputs

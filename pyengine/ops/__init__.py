@@ -1,4 +1,5 @@
 """The Python face of pyengine's native kernels, each beside its pure-PyTorch reference."""
+from pyengine._native import cpu_cache_info, empty_cpu_cache
 from pyengine.ops.entropy import (
     EntropyStats,
     entropy_counts,
@@ -21,6 +22,8 @@ __all__ = [
     "EntropyStats",
     "PackedWeight",
     "apply_masks_",
+    "cpu_cache_info",
+    "empty_cpu_cache",
     "entropy_counts",
     "entropy_counts_reference",
     "entropy_from_counts",
