@@ -75,3 +75,6 @@ def test_pool_size_from_environment():
     assert off.stdout.split()[-1] == "0"  # pool off: plain allocations, never counted
     bad = _run("lots", code)
     assert bad.returncode != 0 and "PYENGINE_CPU_POOL_MB" in bad.stderr
+    # the stats and release entry points never raise (nor crash) on a bad value
+    info = _run("lots", "import pyengine.ops as o; print(o.cpu_cache_info()['misses'], o.empty_cpu_cache())")
+    assert info.returncode == 0 and info.stdout.split() == ["0", "0"], info.stderr

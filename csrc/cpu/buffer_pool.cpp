@@ -7,6 +7,7 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 namespace pyengine {
@@ -15,22 +16,27 @@ namespace {
 constexpr size_t kMinBytes = size_t(4) << 20;
 constexpr size_t kAlign = 4096;
 
-size_t limit_from_env() {
-  const char* v = std::getenv("PYENGINE_CPU_POOL_MB");
-  if (!v || !*v) return size_t(512) << 20;
-  char* end = nullptr;
-  const long long mb = std::strtoll(v, &end, 10);
-  TORCH_CHECK(end && *end == '\0' && mb >= 0, "PYENGINE_CPU_POOL_MB must be a whole number of MiB >= 0, got '", v, "'");
-  return size_t(mb) << 20;
-}
-
 struct Pool {
   std::mutex mu;
   std::multimap<size_t, void*> idle;        // byte size -> free block
   std::unordered_map<void*, size_t> live;   // block handed out -> byte size
   size_t idle_bytes = 0, live_bytes = 0;
   int64_t hits = 0, misses = 0;
-  const size_t limit = limit_from_env();
+  size_t limit = size_t(512) << 20;
+  std::string env_error;  // raised by the first pooled allocation, never from the C entry points
+
+  Pool() {
+    const char* v = std::getenv("PYENGINE_CPU_POOL_MB");
+    if (!v || !*v) return;
+    char* end = nullptr;
+    const long long mb = std::strtoll(v, &end, 10);
+    if (end && *end == '\0' && mb >= 0 && mb < (1LL << 40)) {
+      limit = size_t(mb) << 20;
+    } else {
+      limit = 0;
+      env_error = std::string("PYENGINE_CPU_POOL_MB must be a whole number of MiB >= 0, got '") + v + "'";
+    }
+  }
 };
 
 // Never destroyed: tensors may outlive static destruction at interpreter exit.
@@ -62,6 +68,7 @@ void give_back(void* block) {
 
 at::Tensor pooled_empty_cpu(at::IntArrayRef sizes, const at::TensorOptions& options) {
   Pool& P = pool();
+  TORCH_CHECK(P.env_error.empty(), P.env_error);
   const int64_t numel = c10::multiply_integers(sizes);
   const size_t bytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (bytes < kMinBytes || P.limit == 0) return at::empty(sizes, options);
