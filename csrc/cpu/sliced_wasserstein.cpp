@@ -224,16 +224,14 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& 
   // per-row scales (B, n, k): tiny next to the outputs
   const at::Tensor sx = (cx * grad.view({B, 1, 1})).contiguous();
   const at::Tensor sy = (cy * grad.view({B, 1, 1})).contiguous();
-  if (!use_max) {
-    for (int64_t b = 0; b < B; ++b) {
-      if (need_x) {
-        at::Tensor o = gx[b];
-        at::mm_out(o, sx[b], theta);
-      }
-      if (need_y) {
-        at::Tensor o = gy[b];
-        at::mm_out(o, sy[b], theta);
-      }
+  if (!use_max) {  // every pair shares theta: one (B n, K) x (K, d) GEMM per output
+    if (need_x) {
+      at::Tensor o = gx.view({B * n, d});
+      at::mm_out(o, sx.view({B * n, K}), theta);
+    }
+    if (need_y) {
+      at::Tensor o = gy.view({B * n, d});
+      at::mm_out(o, sy.view({B * n, K}), theta);
     }
     return {gx, gy};
   }

@@ -592,7 +592,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
 }
 
 // Gradients to the point sets from the forward's cx/cy (see module.cpp). On the GPU these are a
-// rank-1 product (the max) or a batched GEMM (the mean): cuBLAS and one elementwise pass, written
+// rank-1 product (the max) or one GEMM (the mean): an elementwise pass or cuBLAS, written
 // straight into the outputs.
 std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cuda(const at::Tensor& grad, const at::Tensor& cx,
                                                                const at::Tensor& cy, const at::Tensor& theta,
@@ -619,14 +619,16 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cuda(const at::Tensor&
   c10::cuda::CUDAGuard guard(theta.device());
   const auto opts = theta.options();
   const at::Tensor g = grad.view({B, 1, 1});
-  // (B, k, d): the winning direction per pair, or every direction shared across pairs
-  const at::Tensor dirs = use_max ? theta.index_select(0, win).unsqueeze(1) : theta.unsqueeze(0).expand({B, K, d});
+  const at::Tensor winner = use_max ? theta.index_select(0, win).unsqueeze(1) : at::Tensor();  // (B, 1, d)
   auto one = [&](const at::Tensor& c, bool need) {
     if (!need) return at::empty({0}, opts);
     at::Tensor out = at::empty({B, n, d}, opts);
     if (B * n * d == 0) return out;
-    if (use_max) return at::mul_out(out, c * g, dirs);
-    return at::bmm_out(out, c * g, dirs);
+    if (use_max) return at::mul_out(out, c * g, winner);
+    // every pair shares theta: one (B n, K) x (K, d) GEMM
+    at::Tensor flat = out.view({B * n, d});
+    at::mm_out(flat, (c * g).reshape({B * n, K}), theta);
+    return out;
   };
   return {one(cx, need_x), one(cy, need_y)};
 }

@@ -143,9 +143,7 @@ if _native.HAS_NATIVE:
             raise RuntimeError("sliced_wasserstein_fwd was called with need_grad=False")
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not torch.is_grad_enabled():  # the usual case: one native pass, no graph kept
-            gx, gy = torch.ops.pyengine.sliced_wasserstein_bwd(
-                g_dist.to(cx.dtype), cx, cy, theta, win, ctx.use_max, need_x, need_y
-            )
+            gx, gy = torch.ops.pyengine.sliced_wasserstein_bwd(g_dist, cx, cy, theta, win, ctx.use_max, need_x, need_y)
             return (gx if need_x else None), (gy if need_y else None), None, None, None, None
         # create_graph=True: the same formula in differentiable torch ops
         g = g_dist[:, None, None]
