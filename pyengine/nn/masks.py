@@ -40,10 +40,20 @@ def prunable_parameters(model: nn.Module, layers: str = "conv+linear") -> list[t
 class MaskSet:
     """One bool mask per prunable weight of ``model``; all True (dense) at the start."""
 
-    def __init__(self, model: nn.Module, layers: str = "conv+linear"):
+    def __init__(self, model: nn.Module, layers: str | Iterable[str] = "conv+linear"):
+        """layers: "conv+linear", "linear" or "conv" (every such weight), or an explicit list of
+        weight names (``"layer1.0.conv1.weight"``, ...)."""
         self.model = model
-        self.layers = layers
-        self.params: dict[str, nn.Parameter] = dict(prunable_parameters(model, layers))
+        if isinstance(layers, str):
+            self.layers: str | list[str] = layers
+            self.params: dict[str, nn.Parameter] = dict(prunable_parameters(model, layers))
+        else:
+            self.layers = list(layers)
+            named = dict(model.named_parameters())
+            missing = [n for n in self.layers if n not in named]
+            if missing:
+                raise KeyError(f"{type(model).__name__} has no parameter(s) {missing}")
+            self.params = {n: named[n] for n in self.layers}
         if not self.params:
             raise ValueError(f"{type(model).__name__} has no prunable {layers} weights")
         self.masks: dict[str, torch.Tensor] = {
