@@ -484,3 +484,36 @@ def test_constant_goes_into_a_bias_only_where_that_is_exact():
     assert not hasattr(folded, "body")
     assert isinstance(folded.get_submodule("folded_bias"), nn.Module)  # not conv's bias
     assert rel(folded(x), net(x)) < 1e-12
+
+
+def test_fold_network_reports_refusals_and_merges_what_is_exact():
+    torch.manual_seed(0)
+    model = build_model("resnet50", 10, width=4).to(D).eval()
+    random_bn(model, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    edits = [Edit("linearise", "layer1.0.relu1"), Edit("linearise", "layer1.0.relu2")]
+    edited, history = apply_edits(model, edits)
+    folded, applied, refused = fold_network(edited, x)
+    assert rel(folded(x), edited(x)) < 1e-10
+    # 3x3 (pad 1) then 1x1: exact, one 3x3 conv under conv2's path; conv3 is gone
+    merged = [e for e in applied if e.kind == "fold_linear"]
+    assert [(e.target, e.args["into"]) for e in merged] == [("layer1.0.conv3", "layer1.0.conv2")]
+    assert not hasattr(folded.layer1.get_submodule("0"), "conv3")
+    assert folded.get_submodule("layer1.0.conv2").out_channels == 16
+    # 1x1 (with the folded BN's bias) then 3x3 with zero padding: refused, and said why
+    (r,) = [r for r in refused if r["target"] == "layer1.0.conv2"]
+    assert r["into"] == "layer1.0.conv1" and "borders" in r["reason"]
+    assert isinstance(folded.get_submodule("layer1.0.conv1"), nn.Conv2d)
+
+
+def test_fold_network_mac_limit():
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 10, width_mult=0.25).to(D).eval()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    edited, _ = apply_edits(model, [Edit("linearise", "blocks.1.dw.act")])
+    free, applied, _ = fold_network(edited, x)
+    assert any(e.kind == "fold_linear" for e in applied)  # depthwise∘pointwise -> dense 3x3
+    limited, applied, refused = fold_network(edited, x, max_mac_ratio=1.0)
+    assert not any(e.kind == "fold_linear" for e in applied)
+    assert any("MACs" in r["reason"] for r in refused)
+    assert rel(limited(x), edited(x)) < 1e-10 and rel(free(x), edited(x)) < 1e-10
