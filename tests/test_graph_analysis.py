@@ -155,3 +155,19 @@ def test_graph_imports_nothing_above_it():
                 if n.startswith(_FORBIDDEN):
                     bad.append(f"{path.name}: {n}")
     assert bad == []
+
+
+def test_trace_keeps_training_dependent_modules_whole():
+    # ViT attention applies dropout only when training (a Python branch on self.training):
+    # tracing through it would freeze one mode into the graph
+    torch.manual_seed(0)
+    vit = build_model("vit", 10, image_size=8, attn_dropout=0.5, **TINY_VIT)
+    gm = trace(vit)
+    assert "blocks.0.attn" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm.eval()(x), vit.eval()(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # dropout is live again in train mode
+    # with no dropout the attention is traced through as before
+    plain = trace(build_model("vit", 10, image_size=8, **TINY_VIT))
+    assert "blocks.0.attn.qkv" in {n.target for n in plain.graph.nodes if n.op == "call_module"}

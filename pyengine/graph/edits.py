@@ -454,7 +454,7 @@ def _propagate_constants(gm: torch.fx.GraphModule, edit: Edit, seeds: list[torch
                 else:
                     module, leaf = AddConstant(shape), "folded_constant"
                     notes.append(key)
-                module = module.to(dtype=dtype, device=device)
+                module = module.to(dtype=dtype, device=device).train(gm.training)
                 tensor = module.bias if isinstance(module, AddBias) else module.value
                 if not structure_only:
                     tensor.data = value.to(dtype=dtype, device=device)
@@ -646,8 +646,8 @@ def _edit_fold_linear(gm, edit, example_input, structure_only, masks):
                           f"{edit.target}")
     _, first = _the_node(gm, src.target, "layer")
     merged = compose_layers(first, module, src.target, edit.target, structure_only)
-    for p_new, p_old in ((merged.weight, first.weight),):
-        p_new.requires_grad_(p_old.requires_grad)
+    merged.weight.requires_grad_(first.weight.requires_grad)
+    merged.train(first.training)
     if masks is not None:
         m = compose_masks(first, module, masks.get(f"{src.target}.weight"),
                           masks.get(f"{edit.target}.weight"))

@@ -188,11 +188,10 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     masks = {k[len(_MASK_PREFIX):]: v.bool() for k, v in tensors.items()
              if k.startswith(_MASK_PREFIX)}
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        base = base.to(dtypes.pop())
-        if example is not None:
-            example = example.to(next(iter({v.dtype for v in state.values()
-                                            if v.is_floating_point()})))
+    if len(dtypes) == 1:  # rebuild in the exported precision, so loading casts nothing
+        dtype = dtypes.pop()
+        base = base.to(dtype)
+        example = example.to(dtype) if example is not None else None
     model = replay(base, history, example)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -123,7 +123,8 @@ def fold_network(model: nn.Module, example_input: Tensor, *, max_mac_ratio: floa
     # 5. chains of linear maps
     tried: set[tuple[str, str]] = set()
     while True:
-        _shape_prop(gm, example_input)
+        if max_mac_ratio is not None:  # MACs need the output shapes of the current graph
+            _shape_prop(gm, example_input)
         pair = None
         for node in gm.graph.nodes:
             src = node.args[0] if node.op == "call_module" and node.args else None

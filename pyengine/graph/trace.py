@@ -15,6 +15,8 @@ own ``forward`` fails (found by tracing the children of a failing module recursi
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx
 from torch import nn
@@ -109,17 +111,47 @@ def _find_culprit(model: nn.Module, prefix: str = "") -> tuple[str, Exception] |
     return None
 
 
+def _code(model: nn.Module, leaves: set[str], training: bool) -> str:
+    model.train(training)
+    graph = _trace_graph(model, leaves)
+    return torch.fx.GraphModule(model, graph).code
+
+
+def _mode_dependent(model: nn.Module, leaves: set[str], prefix: str = "") -> set[str]:
+    """The innermost submodules whose traced code differs between train and eval mode (a
+    Python ``if self.training`` would otherwise be frozen into the graph)."""
+    found: set[str] = set()
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        inner = {p[len(path) + 1:] for p in leaves if p.startswith(path + ".")}
+        if path in leaves or LeafTracer(leaves).is_leaf_module(child, path):
+            continue
+        try:
+            differs = _code(child, inner, True) != _code(child, inner, False)
+        except Exception:  # noqa: BLE001 - a child that only traces inside its parent
+            continue
+        if differs:
+            deeper = _mode_dependent(child, inner, path)
+            found |= deeper or {path}
+    return found
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule with the model's module paths (see module docstring).
 
-    The result shares parameters and buffers with ``model``. Raises :class:`TraceError` naming
-    the offending submodule when torch.fx cannot trace the model (data-dependent control flow,
-    calls torch.fx cannot proxy, ...).
+    The result shares parameters and buffers with ``model``; modules never called in forward
+    are not part of it. Submodules whose forward branches on ``self.training`` (e.g. attention
+    dropout applied only in training) are kept whole, so that ``.train()``/``.eval()`` keep
+    their meaning; where the model's own forward does so, the graph follows train mode and a
+    warning says so. Raises :class:`TraceError` naming the offending submodule when torch.fx
+    cannot trace the model (data-dependent control flow, calls torch.fx cannot proxy, ...).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     leaves: set[str] = set()
+    was_training = model.training
     try:
+        model.train(True)
         graph = _trace_graph(model, leaves)
         for _ in range(8):  # opaque modules can nest; a few passes reach the fixed point
             owners = _opaque_owners(model, graph) - leaves
@@ -127,6 +159,14 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
                 break
             leaves |= owners
             graph = _trace_graph(model, leaves)
+        if _code(model, leaves, True) != _code(model, leaves, False):
+            extra = _mode_dependent(model, leaves)
+            leaves |= extra
+            if _code(model, leaves, True) != _code(model, leaves, False):
+                warnings.warn(f"{type(model).__name__}.forward branches on self.training; the "
+                              "traced graph follows train mode", RuntimeWarning, stacklevel=2)
+        model.train(True)
+        graph = _trace_graph(model, leaves)
     except Exception as exc:  # noqa: BLE001 - re-raised with the offending module named
         culprit = _find_culprit(model)
         if culprit is None:
@@ -140,5 +180,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
             "Structural edits need a torch.fx-traceable model (no data-dependent Python control "
             "flow in forward); rewrite that module's forward or make it a leaf.",
             module_path=path) from exc
+    finally:
+        model.train(was_training)
     gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    gm.train(was_training)
     return gm
