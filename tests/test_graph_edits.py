@@ -517,3 +517,18 @@ def test_fold_network_mac_limit():
     assert not any(e.kind == "fold_linear" for e in applied)
     assert any("MACs" in r["reason"] for r in refused)
     assert rel(limited(x), edited(x)) < 1e-10 and rel(free(x), edited(x)) < 1e-10
+
+
+def test_replay_creates_tensors_on_the_base_models_device():
+    # a CUDA base must get CUDA biases/gates/merged layers; the meta device shows the same
+    # without a GPU (a tensor made on the CPU by mistake stands out)
+    model = _resnet()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    edited, hist = apply_edits(model, [Edit("linearise", "layer1.0.relu1"),
+                                       Edit("linearise", "layer4.1.relu2"),
+                                       Edit("constant", "layer2.0.relu1", {"on": [1, 2]})])
+    _, applied, _ = fold_network(edited, x)
+    history = [e for e in list(hist) + list(applied) if e.kind != "remove_branch"]
+    base = build_model("resnet18", 10, width=8).to(D).to("meta")
+    again = replay(base, history)
+    assert {t.device.type for t in again.state_dict().values()} == {"meta"}

@@ -126,7 +126,7 @@ def _bn_affine(bn: nn.modules.batchnorm._BatchNorm, name: str) -> tuple[Tensor, 
 
 
 def _set_bias(layer: nn.Module, value: Tensor) -> None:
-    value = value.to(layer.weight.dtype)
+    value = value.to(dtype=layer.weight.dtype, device=layer.weight.device)
     if layer.bias is None:
         layer.bias = nn.Parameter(value.clone(), requires_grad=layer.weight.requires_grad)
     else:
