@@ -532,3 +532,36 @@ def test_replay_creates_tensors_on_the_base_models_device():
     base = build_model("resnet18", 10, width=8).to(D).to("meta")
     again = replay(base, history)
     assert {t.device.type for t in again.state_dict().values()} == {"meta"}
+
+
+class _UserNet(nn.Module):
+    """A user's own model: nothing pyengine-specific in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.act2 = nn.ReLU()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_user_model_in_a_few_lines():
+    from pyengine.graph import activation_map, network_stats
+
+    torch.manual_seed(0)
+    net = _UserNet().eval()
+    random_bn(net, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 16, 16)
+    assert [s.producer for s in activation_map(net)] == ["conv1", "conv2"]
+    edited = apply_edit(net, Edit("linearise", "act1"))
+    folded, applied, refused = fold_network(edited, x)
+    assert refused == []
+    assert [e.describe() for e in applied] == ["fold bn1 into conv1", "fold conv2 into conv1"]
+    assert network_stats(folded, x)["conv_layers"] == 1
+    assert (folded(x) - edited(x)).abs().max() < 1e-5

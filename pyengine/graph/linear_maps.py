@@ -281,19 +281,26 @@ def _conv_plan(a: _Conv, b: _Conv, a_name: str, b_name: str) -> dict:
             "steps": steps, "groups": groups, "padding_mode": padding_mode}
 
 
-def _compose_conv_dense(wa: Tensor, wb: Tensor, plan: dict) -> Tensor:
-    """Dense (O, I, *K) kernel of b∘a from dense kernels wa (M, I, *ka), wb (O, M, *kb)."""
-    out = wa.new_zeros((wb.shape[0], wa.shape[1], *plan["kernel"]))
+def _compose_conv_dense(wa: Tensor, ga: int, wb: Tensor, plan: dict) -> Tensor:
+    """Dense (O, I, *K) kernel of b∘a from a's grouped kernel wa (M, I/ga, *ka) and b's dense
+    kernel wb (O, M, *kb). a's groups are kept in the product (a depthwise a costs O*M*k^2 per
+    tap, not O*M*I*k^2)."""
+    mid, in_per = wa.shape[0], wa.shape[1]
+    out_c = wb.shape[0]
     ka = wa.shape[2:]
+    wa_g = wa.reshape(ga, mid // ga, in_per, *ka)
+    out = wa.new_zeros((out_c, ga, in_per, *plan["kernel"]))
     for u in itertools.product(*[range(k) for k in wb.shape[2:]]):
-        contrib = torch.einsum("om,mi...->oi...", wb[(slice(None), slice(None), *u)], wa)
-        index = [slice(None), slice(None)]
+        wb_u = wb[(slice(None), slice(None), *u)].reshape(out_c, ga, mid // ga)
+        contrib = torch.einsum("ogm,gmi...->ogi...", wb_u, wa_g)
+        index = [slice(None), slice(None), slice(None)]
         for d, ud in enumerate(u):
             step_a, step_b = plan["steps"][d]
             start = ud * step_b
             index.append(slice(start, start + step_a * (ka[d] - 1) + 1, step_a))
         out[tuple(index)] += contrib
-    return out
+    # (O, ga, I/ga, *K) -> dense (O, I, *K): group g holds input channels g*I/ga ...
+    return out.reshape(out_c, ga * in_per, *plan["kernel"])
 
 
 def compose_layers(a: nn.Module, b: nn.Module, a_name: str = "a", b_name: str = "b",
@@ -337,9 +344,8 @@ def compose_layers(a: nn.Module, b: nn.Module, a_name: str = "a", b_name: str = 
                     plan["padding_mode"], a.weight)
     if structure_only:
         return new
-    wa = dense_conv_weight(a.weight.detach().double(), a.groups)
     wb = dense_conv_weight(b.weight.detach().double(), b.groups)
-    dense = _compose_conv_dense(wa, wb, plan)
+    dense = _compose_conv_dense(a.weight.detach().double(), a.groups, wb, plan)
     new.weight.data = grouped_conv_weight(dense, plan["groups"]).to(a.weight.dtype)
     if has_bias:
         bias = b.bias.detach().double() if b.bias is not None else wb.new_zeros(b.out_channels)
@@ -361,8 +367,7 @@ def compose_masks(a: nn.Module, b: nn.Module, mask_a: Tensor | None, mask_b: Ten
     if isinstance(a, nn.Linear):
         return (mb @ ma) > 0
     plan = _conv_plan(a, b, "a", "b")
-    dense = _compose_conv_dense(dense_conv_weight(ma, a.groups), dense_conv_weight(mb, b.groups),
-                                plan)
+    dense = _compose_conv_dense(ma, a.groups, dense_conv_weight(mb, b.groups), plan)
     return grouped_conv_weight(dense, plan["groups"]) > 0
 
 

@@ -9,7 +9,6 @@ per-module-type rule for GraphModules or user models, and this package sits belo
 """
 from __future__ import annotations
 
-import statistics
 
 import torch
 import torch.fx
