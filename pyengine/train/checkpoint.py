@@ -146,36 +146,36 @@ def load_weights(model: torch.nn.Module, path: str | Path, reset_head: bool = Fa
 
 
 def save_model_export(folder: str | Path, model: torch.nn.Module, masks: dict[str, torch.Tensor] | None,
-                      description: dict) -> None:
+                      description: dict, *, history=None, example_input: torch.Tensor | None = None,
+                      formats=("safetensors",), image_size: int | None = None, mean=None,
+                      std=None) -> dict:
     """Writes model.safetensors (weights, and masks as uint8 under 'mask::<name>') and
-    model.json (how to rebuild the architecture, plus anything in ``description``)."""
-    from safetensors.torch import save_file
+    model.json (how to rebuild the base architecture, the edit history that turns it into
+    ``model``, the preprocessing, plus anything in ``description``); with
+    ``formats=("safetensors", "onnx")`` also model.onnx. See
+    :func:`pyengine.graph.export_model`; returns {format: path}."""
+    from pyengine.graph import export_model
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    for name, m in (masks or {}).items():
-        tensors[f"mask::{name}"] = m.detach().cpu().to(torch.uint8).contiguous()
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
-    atomic_write_text(folder / "model.json", json.dumps(description, indent=2))
+    return export_model(model, folder, description, history, example_input, formats,
+                        masks=masks, image_size=image_size, mean=mean, std=std)
+
+
+def _build_base(arch: dict) -> torch.nn.Module:
+    from pyengine.models import build_model
+
+    kwargs = arch.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"architecture kwargs must be a dict, got {type(kwargs).__name__}")
+    return build_model(arch["name"], **kwargs)
 
 
 def load_model_export(folder: str | Path, device="cpu"):
-    """Rebuilds a model saved by :func:`save_model_export`: (model, masks, description)."""
-    from safetensors.torch import load_file
+    """Rebuilds a model saved by :func:`save_model_export`: (model, masks, description).
 
-    from pyengine.models import build_model, linearise
+    The base architecture is built by name, the edit history is replayed on it (so a folded
+    network comes back folded) and the weights are loaded from safetensors; mismatched keys or
+    shapes and masks of the wrong shape raise ValueError naming them. Nothing is executed
+    from the files."""
+    from pyengine.graph import load_export
 
-    folder = Path(folder)
-    desc = json.loads((folder / "model.json").read_text())
-    arch = desc["architecture"]
-    model = build_model(arch["name"], **arch.get("kwargs", {}))
-    if arch.get("linearised"):
-        linearise(model, arch["linearised"])
-    tensors = load_file(str(folder / "model.safetensors"), device=str(device))
-    masks = {k[len("mask::"):]: v.bool() for k, v in tensors.items() if k.startswith("mask::")}
-    state = {k: v for k, v in tensors.items() if not k.startswith("mask::")}
-    model.load_state_dict(state)
-    return model.to(device), masks, desc
+    return load_export(folder, _build_base, device)
