@@ -165,28 +165,27 @@ def cmd_prune(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from pyengine.graph import export_model, load_model_export
+    import torch
+
+    from pyengine.graph import export_model
+    from pyengine.train.checkpoint import load_model_export
 
     src = Path(args.run_dir)
     folder = src / "final" if (src / "final" / "model.json").exists() else src
     if not (folder / "model.json").exists():
         raise FileNotFoundError(f"{args.run_dir} holds no exported network (no final/model.json); finish the run first")
     model, masks, desc = load_model_export(folder)
+    if "input_shape" not in desc:
+        raise ValueError(f"{folder}/model.json records no input shape: re-export it from its run")
     formats = ("safetensors", "onnx") if args.format == "all" else (args.format,)
     out = Path(args.out) if args.out else folder
     pre = desc.get("preprocessing") or {}
-    side = pre.get("image_size")
-    ch = pre.get("in_channels")
-    if not side or not ch:
-        raise ValueError(f"{folder}/model.json has no preprocessing (image size, channels): re-run or re-export it")
-    import torch
-
-    example = torch.zeros(1, ch, side, side)
-    history = desc.get("edits", desc.get("history", []))
-    written = export_model(model, out, description={k: v for k, v in desc.items() if k not in ("edits", "history", "preprocessing")},
-                           history=history, example_input=example, masks=masks, preprocessing=pre, formats=formats)
-    for w in written or []:
-        print(w)
+    example = torch.zeros(1, *desc["input_shape"])
+    keep = {k: v for k, v in desc.items() if k not in ("edits", "preprocessing", "input_shape", "format_version", "onnx")}
+    written = export_model(model.float().eval(), out, keep, desc.get("edits", []), example, formats, masks=masks,
+                           image_size=pre.get("image_size"), mean=pre.get("mean"), std=pre.get("std"))
+    for kind, path in written.items():
+        print(f"{kind:<12} {path}")
     return 0
 
 

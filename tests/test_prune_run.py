@@ -26,7 +26,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_cli_tiny_end_to_end(tmp_path, capsys):
-    from pyengine.graph import load_model_export
+    from pyengine.train.checkpoint import load_model_export
 
     out = tmp_path / "cli"
     rc = main(["prune", "--model", "resnet18", *TINY, "--out", str(out)])

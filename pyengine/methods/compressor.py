@@ -49,6 +49,8 @@ class Compressor(RunContext):
         trace(model)  # raises a TraceError that names the untraceable submodule
         self.model = model
         self.train_model = model
+        # an export names the user's class; load it with pyengine.graph.load_export(folder, build)
+        self.arch_name = f"user:{type(model).__module__}.{type(model).__qualname__}"
         self.example_input = example_input
         self.device = example_input.device
         self.log = log
@@ -112,9 +114,7 @@ class Compressor(RunContext):
         """Replace collapsed activations (all neurons constant in the last measurement) by identity
         or their constant, then apply every exact fold. Returns the new model (also ``self.model``);
         ``self.fold_record`` says what was applied and refused."""
-        from pyengine.graph import fold_network
-
-        from pyengine.methods.runner import collapse_edits  # noqa: I001
+        from pyengine.methods.runner import collapse_edits
 
         summary = summary or self._last or (self.rounds[-1] if self.rounds else {})
         applied = []
@@ -124,21 +124,20 @@ class Compressor(RunContext):
                 applied += self.edit([e])
             except (ValueError, NotImplementedError) as exc:
                 refused.append({"target": e.target, "reason": str(exc)})
-        self.model.eval()
-        model, history, refused_folds = fold_network(self.model, self.example_input)
-        self.model = self.train_model = model
-        self.edits.extend(h.to_json() for h in history)
-        self.refresh_sites()
-        self._rebuild_masks(self.masks.state_dict())
-        self.fold_record = {"collapse_edits": applied, "folds": [h.to_json() for h in history],
-                            "refused": refused + [dict(r) for r in refused_folds]}
+        self.fold_record = self._fold_exact(applied, refused)
         return self.model
 
     def export(self, folder: str | Path, formats=("safetensors", "onnx"), description: dict | None = None,
                preprocessing: dict | None = None) -> list[str]:
-        """Writes the current network (weights, masks, edit history; ONNX if asked)."""
+        """Writes the current network (weights, masks, edit history; ONNX if asked). Load it back
+        with ``pyengine.graph.load_export(folder, lambda arch: YourModel())``: your base model plus
+        the recorded edits."""
         from pyengine.graph import export_model
 
-        return export_model(self.model, folder, description=description or {"method": self.method.name},
-                            history=self.edits, example_input=self.example_input, masks=self.masks.state_dict(),
-                            preprocessing=preprocessing or {}, formats=formats)
+        desc = {"architecture": {"name": self.arch_name, "kwargs": {}}, "method": self.method.name,
+                **(description or {})}
+        pre = preprocessing or {}
+        written = export_model(self.model, folder, desc, self.edits, self.example_input.cpu(), formats,
+                               masks=self.masks.state_dict(), image_size=pre.get("image_size"), mean=pre.get("mean"),
+                               std=pre.get("std"))
+        return [str(p) for p in written.values()]

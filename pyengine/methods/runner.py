@@ -224,6 +224,12 @@ _IDENTITY_WHEN_ON = ("relu", "leaky_relu", "prelu")
 _ZERO_WHEN_OFF = ("relu", "relu6")
 
 
+def Edit_describe(d: dict) -> str:
+    from pyengine.graph import Edit
+
+    return Edit.from_dict(d).describe()
+
+
 def collapse_edits(sites, summary: dict) -> tuple[list, list[dict]]:
     """The edits a round's collapse allows, exact on the measured data: an activation whose every
     neuron was constant becomes the identity (all always ON: ReLU, LeakyReLU, PReLU), its constant 0
@@ -329,7 +335,7 @@ class RunContext:
 
     # ---- structure ---------------------------------------------------------------------
     def refresh_sites(self) -> None:
-        from pyengine.models import activation_map
+        from pyengine.graph import activation_map
 
         self.sites = activation_map(self.model, example_input=self.example_input)
 
@@ -347,24 +353,42 @@ class RunContext:
         """Apply structural edits (pyengine.graph Edit records) to the model, record them in the
         history, and rebuild the activation map, the masks and the DDP wrapper. Returns the
         applied records."""
-        from pyengine.graph import Edit, apply_edit, remap_masks
+        from pyengine.graph import Edit, apply_edit, map_masks
 
         if not edits:
             return []
         applied = []
         old_masks = self.masks.state_dict() if self.masks is not None else {}
         for e in edits:
-            e = e if isinstance(e, Edit) else Edit.from_json(e)
+            e = e if isinstance(e, Edit) else Edit.from_dict(e)
             before = self.model
-            self.model = apply_edit(before, e, self.example_input)
-            old_masks = remap_masks(before, self.model, e, old_masks)
-            applied.append(e.to_json())
+            self.model = apply_edit(before, e, self.example_input)  # completes e.args
+            old_masks = map_masks(old_masks, before, [e], self.example_input)
+            applied.append(e.to_dict())
         self.edits.extend(applied)
         self.model.to(self.device)
         self.refresh_sites()
         self._rebuild_masks(old_masks)
         self._wrap()
         return applied
+
+    def _fold_exact(self, applied: list[dict], refused_edits: list[dict]) -> dict:
+        """Every exact fold the network allows (BN, linear chains, constant branches, dead code);
+        masks follow the folds."""
+        from pyengine.graph import fold_network, map_masks
+
+        before = self.model
+        before.eval()
+        model, history, refused = fold_network(before, self.example_input)
+        masks = map_masks(self.masks.state_dict(), before, history, self.example_input) if self.masks is not None else None
+        self.model = model.to(self.device)
+        folds = [h.to_dict() for h in history]
+        self.edits.extend(folds)
+        self.refresh_sites()
+        self._rebuild_masks(masks)
+        self._wrap()
+        return {"collapse_edits": applied, "folds": folds, "refused": refused_edits + [dict(r) for r in refused],
+                "described": [Edit_describe(e) for e in applied + folds]}
 
     def _rebuild_masks(self, state: dict | None = None) -> None:
         prunable = self._prunable if isinstance(self._prunable, str) else \
@@ -758,7 +782,7 @@ class Run(RunContext):
         if self.method_cls.latency_each_round:
             from pyengine.graph import measure_latency
 
-            batch = torch.zeros(32, *self.input_shape, device=self.device)
+            batch = torch.randn(32, *self.input_shape, device=self.device)
             summary["latency_ms_batch32"] = measure_latency(self.model, batch, self.device)
         summary.update(self.method.summary_extra(summary))
         return summary
@@ -778,8 +802,6 @@ class Run(RunContext):
 
     def _fold(self, summary: dict) -> dict:
         """Applies the collapse edits and every exact fold; returns a record for the report."""
-        from pyengine.graph import fold_network
-
         edits, refused_edits = collapse_edits(self.sites, summary)
         applied = []
         for e in edits:
@@ -787,23 +809,17 @@ class Run(RunContext):
                 applied += self.edit([e])
             except (ValueError, NotImplementedError) as exc:
                 refused_edits.append({"target": e.target, "reason": str(exc)})
-        before = list(self.edits)
-        model, history, refused = fold_network(self.model, self.example_input)
-        self.model = model.to(self.device)
-        self.edits.extend(h.to_json() if hasattr(h, "to_json") else h for h in history)
-        self.refresh_sites()
-        self._rebuild_masks(self.masks.state_dict() if self.masks is not None else None)
-        self._wrap()
-        return {"collapse_edits": applied, "folds": self.edits[len(before):],
-                "refused": refused_edits + [dict(r) for r in refused]}
+        return self._fold_exact(applied, refused_edits)
 
     def _stats(self, model: nn.Module) -> dict:
         from pyengine.graph import measure_latency, network_stats
-        from pyengine.models import count_params
+        from pyengine.models import count_params  # noqa: I001
 
+        model.eval()
         st = dict(network_stats(model, self.example_input))
+        st["layers"] = st.get("conv_layers", 0) + st.get("linear_layers", 0)
         st["params_nonzero"] = count_params(model, nonzero=True)
-        batch = torch.zeros(32, *self.input_shape, device=self.device)
+        batch = torch.randn(32, *self.input_shape, device=self.device)
         st["latency_ms_batch32"] = {self.device.type: measure_latency(model, batch, self.device)}
         if self.device.type == "cuda":
             cpu_model = copy.deepcopy(model).cpu()
@@ -854,14 +870,14 @@ class Run(RunContext):
 
             atomic_write_text(self.out / "report.json", json.dumps(report, indent=2, default=str))
             info = self.bundle.info
-            export_model(self.model, self.out / "final",
-                         description={"architecture": self.arch, "method": self.cfg.method,
-                                      "sparsity": result["sparsity"], "test_acc": result["test_acc"]},
-                         history=self.edits, example_input=self.example_input.cpu(),
-                         masks=self.masks.state_dict(),
-                         preprocessing={"image_size": info.image_size, "in_channels": info.in_channels,
-                                        "mean": list(info.mean), "std": list(info.std)},
-                         formats=("safetensors",))
+            export_model(self.model.cpu(), self.out / "final",
+                         {"architecture": self.arch, "method": self.cfg.method, "sparsity": result["sparsity"],
+                          "test_acc": result["test_acc"],
+                          "folded_test_acc": networks.get("folded", {}).get("test_acc")},
+                         self.edits, self.example_input.cpu(), ("safetensors",),
+                         masks=self.masks.state_dict(), image_size=info.image_size, mean=list(info.mean),
+                         std=list(info.std))
+            self.model.to(self.device)
             write_plots(report, self.out)
             print_summary(report, self.out, log=self.log)
         return report

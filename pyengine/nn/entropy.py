@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pyengine.models.activations import activation_map
+from pyengine.graph import activation_map
 from pyengine.ops import entropy_counts, entropy_from_counts, samples_per_neuron
 
 
