@@ -35,6 +35,44 @@ def network_table(networks: dict) -> list[str]:
     return lines
 
 
+def _acc(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def depth_tables(report: dict) -> list[str]:
+    """The depth methods' tables: per iteration (EASIER, NEPENTHE: activations removed and the folded
+    network's depth, parameters, MACs, latency) and per block removed (LaCoOT)."""
+    lines: list[str] = []
+    rounds = report["rounds"]
+    if any("activations_total" in r for r in rounds):
+        lines += ["", "per iteration (depth, params, MACs and latency of the round's network once folded)",
+                  f"{'iter':>4} {'val acc %':>9} {'test acc %':>10} {'act. removed':>12} {'depth':>5} {'params':>9} "
+                  f"{'MACs':>9} {'ms/32':>8}"]
+        for r in rounds:
+            mark = " <- result" if r["round"] == report.get("selected_round") else ""
+            rem = f"{r.get('activations_removed', 0)}/{r.get('activations_total', '?')}"
+            lat = r.get("folded_latency_ms_batch32")
+            lines.append(f"{r['round']:>4} {_acc(r.get('val_acc')):>9} {_acc(r.get('test_acc')):>10} {rem:>12} "
+                         f"{r.get('folded_depth', '-'):>5} {_fmt_int(r.get('folded_params', 0)):>9} "
+                         f"{_fmt_int(r.get('folded_macs', 0)):>9} {_fmt_ms(lat):>8}{mark}")
+    mr = report.get("method_result")
+    if isinstance(mr, dict) and mr.get("table"):
+        dist = mr.get("distances") or {}
+        lines += ["", f"blocks removed without fine-tuning, closest to the identity first (distance on "
+                  f"{mr.get('scored_on', 'val')})",
+                  f"{'removed':>7} {'block':<16} {'distance':>9} {'val acc %':>9} {'test acc %':>10} {'depth':>5} "
+                  f"{'params':>9} {'MACs':>9} {'ms/32':>8}"]
+        for row in mr["table"]:
+            k = row["blocks_removed"]
+            mark = " <- result" if k == mr.get("blocks_removed") else ""
+            d = dist.get(row["removed"]) if row["removed"] else None
+            lines.append(f"{k:>3}/{mr.get('blocks_total', '?'):<3} {str(row['removed'] or '-')[:16]:<16} "
+                         f"{('-' if d is None else f'{d:.4g}'):>9} {_acc(row.get('val_acc')):>9} "
+                         f"{_acc(row.get('test_acc')):>10} {row['depth']:>5} {_fmt_int(row['params']):>9} "
+                         f"{_fmt_int(row['macs']):>9} {_fmt_ms(row.get('latency_ms_batch32')):>8}{mark}")
+    return lines
+
+
 def print_summary(report: dict, out: Path, log=print) -> None:
     rounds = report["rounds"]
     cfg = report["config"]
@@ -56,6 +94,7 @@ def print_summary(report: dict, out: Path, log=print) -> None:
             on = "-" if row["always_on"] is None else str(row["always_on"])
             off = "-" if row["always_off"] is None else str(row["always_off"])
             lines.append(f"{row['layer'][:34]:<34} {row['sparsity']:>9.2%} {ent:>8} {on:>5} {off:>5}")
+    lines += depth_tables(report)
     lines += ["", *network_table(report["networks"]), ""]
     lines.append(f"accuracy     dense {report['dense_acc']:.2f}%  ->  result {report['final_acc']:.2f}% "
                  f"(sparsity {report['final_sparsity']:.2%} of the pruned layers, "
@@ -116,4 +155,58 @@ def write_plots(report: dict, out: Path) -> list[Path]:
     ax.set_title("accuracy vs sparsity")
     ax.grid(alpha=0.3)
     _save(fig, out / "accuracy_vs_sparsity.png", paths)
+    paths += write_depth_plots(report, out)
+    return paths
+
+
+def write_depth_plots(report: dict, out: Path) -> list[Path]:
+    """depth_per_iteration.png (EASIER, NEPENTHE) and accuracy_vs_macs.png (LaCoOT's removals)."""
+    import matplotlib.pyplot as plt
+
+    paths: list[Path] = []
+    rounds = [r for r in report["rounds"] if "activations_total" in r]
+    if rounds:
+        it = [r["round"] for r in rounds]
+        fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+        ax = axes[0][0]
+        for key, label in (("val_acc", "validation"), ("test_acc", "test")):
+            ys = [r.get(key) for r in rounds]
+            if any(y is not None for y in ys):
+                ax.plot(it, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+        sel = report.get("selected_round")
+        if sel in it:
+            ax.axvline(sel, color="grey", ls="--", lw=1, label="result")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+        panels = [(axes[0][1], "activations_removed", "activations removed"),
+                  (axes[1][0], "folded_macs", "MACs per sample (folded)"),
+                  (axes[1][1], "folded_latency_ms_batch32", "ms per batch of 32 (folded)")]
+        for ax, key, label in panels:
+            ax.plot(it, [r.get(key, float("nan")) for r in rounds], marker="o")
+            ax.set_ylabel(label)
+        axes[0][1].axhline(rounds[0].get("activations_total", 0), color="grey", ls=":", lw=1)
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in axes.flat:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("iteration")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"{report['config']['model']} / {report['method']}: per iteration")
+        _save(fig, out / "depth_per_iteration.png", paths)
+    mr = report.get("method_result")
+    if isinstance(mr, dict) and mr.get("table"):
+        rows = mr["table"]
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for key, label in (("val_acc", "validation"), ("test_acc", "test")):
+            if all(r.get(key) is not None for r in rows):
+                ax.plot([r["macs"] for r in rows], [r[key] for r in rows], marker="o", label=label)
+        for r in rows:
+            ax.annotate(str(r["blocks_removed"]), (r["macs"], r.get("test_acc") or r.get("val_acc") or 0),
+                        fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("MACs per sample")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("accuracy vs MACs (label: blocks removed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        _save(fig, out / "accuracy_vs_macs.png", paths)
     return paths

@@ -37,6 +37,12 @@ Kinds (the graph is evaluated in eval mode: BatchNorm with running statistics, n
   layers are dropped.
 - ``remove_identity``: drops an Identity / Dropout / StochasticDepth module (eval semantics).
 - ``drop_dead``: removes every node and module that no longer reaches the output.
+- ``replace_block``: the block ``target`` (a module path: a residual block, a unit of layers)
+  is replaced by the identity: every use of the block's output now reads the block's input,
+  and the block's layers are dropped (LaCoOT's removal of a block whose input and output are
+  close: a ResNet BasicBlock with an identity shortcut becomes exactly that shortcut). The block
+  must have one input and one output of the same shape; ``args["removed"]`` lists the modules
+  that went with it.
 
 ``remove_branch`` needs ``example_input`` (the constants are computed on it).
 """
@@ -71,7 +77,7 @@ __all__ = ["EDIT_KINDS", "Edit", "EditHistory", "apply_edit", "apply_edits", "re
            "map_masks", "as_graph_module", "FoldRefused"]
 
 EDIT_KINDS = ("linearise", "constant", "fold_bn", "fold_linear", "remove_branch",
-              "remove_identity", "drop_dead")
+              "remove_identity", "drop_dead", "replace_block")
 
 # Activations whose output is the constant 0 for every input <= 0 (methods.md section 0: OFF).
 _ZERO_WHEN_OFF = {"relu", "relu6"}
@@ -134,6 +140,9 @@ class Edit:
                     f"(constant from: {', '.join(seeds)}; {len(removed)} module(s) removed)")
         if self.kind == "remove_identity":
             return f"remove {self.target} (identity in eval mode)"
+        if self.kind == "replace_block":
+            return (f"replace block {self.target} by the identity "
+                    f"({len(a.get('removed', []))} module(s) removed)")
         return f"drop dead code ({len(a.get('removed', []))} module(s))"
 
 
@@ -727,6 +736,43 @@ def _edit_drop_dead(gm, edit, example_input, structure_only, masks):
     gm.graph.eliminate_dead_code()
 
 
+def _in_block(node: torch.fx.Node, prefix: str) -> bool:
+    """Whether ``node`` is computed inside the module ``prefix`` (by its module stack, or for a
+    call_module node by its path)."""
+    if node.op == "call_module" and _under(node.target, prefix):
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(v[0] == prefix for v in stack.values())
+
+
+def _edit_replace_block(gm, edit, example_input, structure_only, masks):
+    if not edit.target:
+        raise ValueError("replace_block needs a block's module path as target, got ''")
+    _get_module(gm, edit.target, "block")
+    inside = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output", "get_attr")
+              and _in_block(n, edit.target)]
+    if not inside:
+        raise KeyError(f"block {edit.target!r} is not called in the traced network")
+    members = set(inside)
+    inputs = list(dict.fromkeys(a for n in inside for a in n.all_input_nodes
+                                if a not in members and a.op != "get_attr"))
+    outputs = [n for n in inside if any(u not in members for u in n.users)]
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise FoldRefused(f"block {edit.target!r} has {len(inputs)} input(s) and {len(outputs)} "
+                          "output(s) in the traced network; only a block of one input and one "
+                          "output can become the identity")
+    src, out = inputs[0], outputs[0]
+    if example_input is not None:
+        _shape_prop(gm, example_input)
+        a, b = _out_shape(src), _out_shape(out)
+        if a is not None and b is not None and a != b:
+            raise FoldRefused(f"block {edit.target!r} maps {list(a[1:])} to {list(b[1:])}: a block "
+                              "whose output shape differs from its input's cannot become the "
+                              "identity")
+    out.replace_all_uses_with(src)
+    gm.graph.eliminate_dead_code()
+
+
 _EDITS = {
     "linearise": _edit_linearise,
     "constant": _edit_constant,
@@ -735,6 +781,7 @@ _EDITS = {
     "remove_branch": _edit_remove_branch,
     "remove_identity": _edit_remove_identity,
     "drop_dead": _edit_drop_dead,
+    "replace_block": _edit_replace_block,
 }
 
 
@@ -745,7 +792,7 @@ def _apply(gm: torch.fx.GraphModule, edit: Edit, example_input: Tensor | None,
     before = _layer_names(gm)
     _EDITS[edit.kind](gm, edit, example_input, structure_only, masks)
     _finish(gm, masks)
-    if edit.kind in ("remove_branch", "drop_dead"):
+    if edit.kind in ("remove_branch", "drop_dead", "replace_block"):
         edit.args["removed"] = sorted(before - _layer_names(gm))
     return gm
 

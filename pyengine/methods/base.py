@@ -143,6 +143,11 @@ class Method:
         nothing left to do (the run then stops)."""
         return None
 
+    def rounds_for(self, preset: str) -> int | None:
+        """Rounds after dense training when --rounds is not given, when they depend on the model
+        or the method's options (EASIER: one per activation); None: ``default_rounds``."""
+        return None
+
     def should_stop(self, rounds: list[dict]) -> str | None:
         """A reason to stop after the latest round, or None to go on."""
         return None
@@ -154,7 +159,8 @@ class Method:
     def finish(self, result: dict) -> dict | None:
         """After the last round, before folding and the report: a last act on the selected
         network (e.g. LaCoOT ranks blocks and removes them without fine-tuning). Return a JSON
-        record for the report (``report["method_result"]``) or None."""
+        record for the report (``report["method_result"]``) or None. When the record holds
+        ``test_acc``, that is the accuracy of the network finish() left (the result's)."""
         return None
 
     def summary_extra(self, summary: dict) -> dict:
@@ -186,6 +192,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 def _load_builtin() -> None:
     # importing the packages registers their methods
+    import pyengine.methods.depth  # noqa: F401
     import pyengine.methods.prune  # noqa: F401
 
 

@@ -523,6 +523,9 @@ class Run(RunContext):
     def n_rounds(self) -> int:
         if self.cfg.rounds is not None:
             return self.cfg.rounds
+        own = self.method.rounds_for(self.cfg.preset)
+        if own is not None:
+            return own
         d = self.method_cls.default_rounds
         return d.get(self.cfg.preset, d.get("*", 1))
 
@@ -842,8 +845,11 @@ class Run(RunContext):
             networks["folded"] = self._stats(self.model)
             folded_test = self.evaluate("test")
             networks["folded"]["test_acc"] = folded_test["acc"]
+        final_acc = result["test_acc"]
+        if isinstance(method_result, dict) and method_result.get("test_acc") is not None:
+            final_acc = method_result["test_acc"]  # finish() changed the network (LaCoOT's removals)
         networks["dense"]["test_acc"] = self.rounds[0]["test_acc"]
-        networks["pruned"]["test_acc"] = result["test_acc"]
+        networks["pruned"]["test_acc"] = final_acc
         report = {
             "config": self.cfg.to_json(),
             "method": self.cfg.method,
@@ -853,7 +859,7 @@ class Run(RunContext):
             "world_size": self.dist.world_size,
             "wall_seconds": self._wall(),
             "dense_acc": self.rounds[0]["test_acc"],
-            "final_acc": result["test_acc"],
+            "final_acc": final_acc,
             "selected_round": result["round"],
             "final_sparsity": result["sparsity"],
             "final_sparsity_all_layers": result["sparsity_all_layers"],
@@ -872,7 +878,7 @@ class Run(RunContext):
             info = self.bundle.info
             export_model(self.model.cpu(), self.out / "final",
                          {"architecture": self.arch, "method": self.cfg.method, "sparsity": result["sparsity"],
-                          "test_acc": result["test_acc"],
+                          "test_acc": final_acc,
                           "folded_test_acc": networks.get("folded", {}).get("test_acc")},
                          self.edits, self.example_input.cpu(), ("safetensors",),
                          masks=self.masks.state_dict(), image_size=info.image_size, mean=list(info.mean),
