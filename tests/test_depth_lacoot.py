@@ -1,0 +1,226 @@
+"""LaCoOT: the regulariser against POT, the monitored pairs per architecture, the replace_block edit,
+block ranking and removal, the user's-loop path (Compressor), and a run through the CLI with resume
+and ONNX export."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from _depth_helpers import Stop, fast_latency, onnx_matches, quiet, stop_at, tiny_cfg  # noqa: F401
+from pyengine.graph import Edit, apply_edit, map_masks, replay
+from pyengine.methods import run
+from pyengine.methods.depth.lacoot import ARCH_DEFAULTS, find_block_pairs, lacoot_regulariser
+from pyengine.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_regulariser_equals_pot_for_the_same_directions():
+    ot = pytest.importorskip("ot")
+    g = torch.Generator().manual_seed(0)
+    # four pairs shaped like a ResNet's stages (batch 6), float64
+    shapes = [(6, 4, 8, 8), (6, 8, 4, 4), (6, 16, 2, 2), (6, 32, 1, 1)]
+    xs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+    ys = [(x.detach() * 0.7 + 0.3 * torch.randn(s, generator=g, dtype=torch.float64)).requires_grad_() for x, s in
+          zip(xs, shapes)]
+    dirs = []
+    for x in xs:
+        t = torch.randn(50, x[0].numel(), generator=g, dtype=torch.float64)
+        dirs.append(t / t.norm(dim=1, keepdim=True))
+    mean, per = lacoot_regulariser(list(zip(xs, ys)), directions=dirs)
+    ref_per = torch.stack([ot.sliced.max_sliced_wasserstein_distance(x.flatten(1), y.flatten(1), projections=t.T)
+                           for x, y, t in zip(xs, ys, dirs)])
+    torch.testing.assert_close(per, ref_per, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mean, ref_per.mean(), rtol=1e-12, atol=1e-12)
+    # the gradient into both point sets as well
+    gx = torch.autograd.grad(mean, xs + ys)
+    gr = torch.autograd.grad(ref_per.mean(), xs + ys)
+    for a, b in zip(gx, gr):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # random directions: K unit vectors from the generator, reproducible from its seed
+    a = lacoot_regulariser(list(zip(xs, ys)), n_directions=50, generator=torch.Generator().manual_seed(3))[1]
+    b = lacoot_regulariser(list(zip(xs, ys)), n_directions=50, generator=torch.Generator().manual_seed(3))[1]
+    c = lacoot_regulariser(list(zip(xs, ys)), n_directions=50, generator=torch.Generator().manual_seed(4))[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="pair 0"):
+        lacoot_regulariser([(xs[0], xs[1])])
+
+
+def test_monitored_pairs_per_architecture():
+    arch, pairs = find_block_pairs(build_model("resnet18", num_classes=10, width=8))
+    assert arch == "resnet" and [p.block for p in pairs] == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert all(p.src == p.dst == p.block for p in pairs)
+    _, pairs = find_block_pairs(build_model("resnet34", num_classes=10, width=8))
+    assert len(pairs) == 2 + 3 + 5 + 2
+    # MobileNetV2 (CIFAR strides): the depthwise unit of every stride-1 expanding block, as the
+    # authors' 13 (features.2, 3, 5, 6, 8-13, 15-17 = our blocks.1, 2, 4, 5, 7-12, 14-16)
+    arch, pairs = find_block_pairs(build_model("mobilenet_v2", num_classes=10, width_mult=0.25))
+    assert arch == "mobilenet_v2"
+    assert [p.block for p in pairs] == [f"blocks.{i}.dw" for i in (1, 2, 4, 5, 7, 8, 9, 10, 11, 12, 14, 15, 16)]
+    # Swin-T: each of the 12 blocks, its input against its MLP branch's output
+    arch, pairs = find_block_pairs(build_model("swin_t", num_classes=10, image_size=32, embed_dim=8,
+                                               num_heads=(1, 1, 1, 1)))
+    assert arch == "swin" and len(pairs) == 12
+    assert pairs[0].block == pairs[0].src == "features.1.0" and pairs[0].dst == "features.1.0.mlp"
+    arch, pairs = find_block_pairs(build_model("vit", num_classes=10, dim=16, depth=3, heads=2, mlp_dim=16))
+    assert arch == "vit" and [p.dst for p in pairs] == ["blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp"]
+    assert ARCH_DEFAULTS["resnet"]["lam"] == 5.0 and ARCH_DEFAULTS["mobilenet_v2"]["lam"] == 9.0
+    assert ARCH_DEFAULTS["swin"]["lam"] == 0.1
+    with pytest.raises(ValueError, match="--monitor-blocks"):
+        find_block_pairs(build_model("vgg11_bn", num_classes=10))
+    with pytest.raises(KeyError, match="nope"):
+        find_block_pairs(build_model("vgg11_bn", num_classes=10), ["features.conv1_1", "nope"])
+
+
+def test_replace_block_is_the_block_replaced_by_identity():
+    torch.manual_seed(0)
+    for name, kw, blocks in [("resnet18", dict(width=8), ["layer1.1", "layer3.1"]),
+                             ("mobilenet_v2", dict(width_mult=0.25), ["blocks.2.dw"]),
+                             ("vit", dict(dim=16, depth=2, heads=2, mlp_dim=16), ["blocks.1"])]:
+        model = build_model(name, num_classes=10, in_channels=1, image_size=8, **kw).double().eval()
+        x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+        ref = copy.deepcopy(model)
+        for b in blocks:
+            parent, _, leaf = b.rpartition(".")
+            setattr(ref.get_submodule(parent), leaf, nn.Identity())
+        net, history = model, []
+        for b in blocks:
+            e = Edit("replace_block", b)
+            net = apply_edit(net, e, x[:1])
+            history.append(e.to_dict())
+        assert torch.equal(net(x), ref(x)), name
+        assert not any(n.startswith(blocks[-1] + ".") for n, _ in net.named_parameters())
+        assert f"{blocks[-1]}" in history[-1]["args"]["removed"][0]
+        # replay rebuilds the same structure from the base model and the records
+        again = replay(build_model(name, num_classes=10, in_channels=1, image_size=8, **kw).double(), history, x[:1])
+        again.load_state_dict(net.state_dict())
+        assert torch.equal(again.eval()(x), net(x))
+        # masks of the removed layers go, the others stay
+        masks = {n: torch.rand_like(p) > 0.5 for n, p in model.named_parameters() if p.dim() > 1}
+        mapped = map_masks(masks, model, history, x[:1])
+        assert set(mapped) == {n for n, p in net.named_parameters() if p.dim() > 1}
+        assert all(torch.equal(mapped[k], masks[k]) for k in mapped)
+    model = build_model("resnet18", num_classes=10, in_channels=1, width=8)
+    with pytest.raises(ValueError, match="output shape"):
+        apply_edit(model, Edit("replace_block", "layer2.0"), torch.zeros(1, 1, 8, 8))  # a stride-2 block
+    with pytest.raises(KeyError, match="layer9"):
+        apply_edit(model, Edit("replace_block", "layer9"), torch.zeros(1, 1, 8, 8))
+    assert "identity" in Edit("replace_block", "layer1.1").describe()
+
+
+def _batches(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
+
+
+def test_ranking_and_removal_in_a_users_loop(fast_latency):
+    """A block whose residual branch outputs 0 is the identity: its distance is 0, it is ranked first,
+    and removing it (and only it, with --remove-blocks 1) leaves the network's outputs unchanged."""
+    from pyengine import Compressor
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, in_channels=1, width=8)
+    with torch.no_grad():  # layer3.1's body now adds 0 to its input, which is >= 0 (a ReLU output)
+        model.layer3[1].bn2.weight.zero_()
+        model.layer3[1].bn2.bias.zero_()
+    comp = Compressor(model, "lacoot", example_input=torch.zeros(1, 1, 8, 8), options={"remove_blocks": 1}, **quiet)
+    data = _batches()
+    # the user's loop: the method's step callback adds lambda * mean distance to the loss
+    opt = torch.optim.SGD(comp.model.parameters(), lr=0.01)
+    cbs = comp.step_callbacks()
+    for cb in cbs:
+        cb.on_train_start(comp.model)
+        cb.on_epoch_start(0, 1)
+    model.train()
+    for step, (x, y) in enumerate(data[:2]):
+        for cb in cbs:
+            cb.on_batch_start(step, x, y)
+        out = comp.model(x)
+        extra = cbs[0].extra_loss(out, y, x)
+        assert extra.requires_grad and float(extra.detach()) > 0
+        opt.zero_grad()
+        (nn.functional.cross_entropy(out, y) + extra).backward()
+        assert model.layer1[1].conv1.weight.grad is not None
+        for cb in cbs:
+            cb.after_step(comp.model, opt)
+    for cb in cbs:
+        cb.on_train_end(comp.model)
+    with torch.no_grad():  # keep the block exactly the identity after the steps
+        model.layer3[1].bn2.weight.zero_()
+        model.layer3[1].bn2.bias.zero_()
+    assert comp.method.lam == 5.0  # the published ResNet value
+    scores = comp.method.score(data)
+    assert scores["layer3.1"] == 0.0 and all(v > 0 for k, v in scores.items() if k != "layer3.1")
+    x = torch.randn(4, 1, 8, 8)
+    before = comp.model.eval()(x)
+    rec = comp.step()
+    assert rec["ranking"][0] == "layer3.1" and rec["removed"] == ["layer3.1"] and rec["blocks_removed"] == 1
+    assert [r["blocks_removed"] for r in rec["table"]] == [0, 1, 2, 3, 4]
+    macs = [r["macs"] for r in rec["table"]]
+    assert all(a > b for a, b in zip(macs, macs[1:])) and rec["table"][1]["val_acc"] == rec["table"][0]["val_acc"]
+    assert [e["kind"] for e in comp.edits] == ["replace_block"]
+    assert not any(n.startswith("layer3.1.") for n, _ in comp.model.named_parameters())
+    torch.testing.assert_close(comp.model.eval()(x), before, rtol=0, atol=1e-6)
+    # the tolerance rule: 0 points allows exactly the removals that keep the scoring accuracy
+    comp2 = Compressor(copy.deepcopy(model), "lacoot", example_input=torch.zeros(1, 1, 8, 8),
+                       options={"tolerance": 0.0}, **quiet)
+    comp2.method.score(data)
+    rec2 = comp2.step()
+    accs = [r["val_acc"] for r in rec2["table"]]
+    k = rec2["blocks_removed"]
+    assert all(a >= accs[0] for a in accs[:k + 1]) and (k == 4 or accs[k + 1] < accs[0])
+
+
+def test_lacoot_cli_run_resume_and_onnx_export(tmp_path, monkeypatch, capsys, fast_latency):
+    from pyengine.cli import main
+    from pyengine.methods import runner
+    from pyengine.train.checkpoint import load_model_export
+
+    # the CLI with a width-8 ResNet-18 (model options are API-only)
+    monkeypatch.setitem(runner.PRESET_MODEL_OPTS, "quick", {"resnet18": {"width": 8}})
+    argv = ["prune", "--method", "lacoot", "--image-size", "8", "--epochs", "2", "--batch-size", "128",
+            "--directions", "20", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    assert "blocks removed without fine-tuning" in text and "<- result" in text
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    mr = a["method_result"]
+    assert mr["lambda"] == 5.0 and mr["directions"] == 20 and mr["val_reduce"] == "mean" and mr["scored_on"] == "val"
+    assert sorted(mr["ranking"]) == ["layer1.1", "layer2.1", "layer3.1", "layer4.1"]
+    assert [mr["distances"][b] for b in mr["ranking"]] == sorted(mr["distances"].values())
+    assert a["networks"]["pruned"]["test_acc"] == mr["test_acc"] == a["final_acc"]
+    assert a["networks"]["folded"]["depth"] == a["networks"]["dense"]["depth"] - 2 * mr["blocks_removed"]
+    assert (tmp_path / "a" / "accuracy_vs_macs.png").stat().st_size > 1000
+    assert set(a["rounds"][0]["train_distances"]) == set(mr["ranking"])
+    # killed after the first epoch and resumed: the same directions, the same network, the same removals
+    from pyengine.cli import config_from_args
+    from pyengine.cli import build_parser
+
+    cfg = config_from_args(build_parser().parse_args([*argv, "--out", str(tmp_path / "b")]))
+    with pytest.raises(Stop):
+        run(cfg, on_epoch=stop_at((0, 1)), **quiet)
+    assert main(["prune", "--resume", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert b["method_result"]["distances"] == mr["distances"] and b["final_acc"] == a["final_acc"]
+    assert b["rounds"][0]["train_distances"] == a["rounds"][0]["train_distances"]
+    assert b["edits"] == a["edits"]
+    sa = torch.load(tmp_path / "a" / "state.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "b" / "state.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # pyengine export: the folded, block-removed network in onnxruntime
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "a"), "--format", "onnx"]) == 0
+    model, _, desc = load_model_export(tmp_path / "a" / "final")
+    assert any(e["kind"] == "replace_block" for e in desc["edits"]) == (mr["blocks_removed"] > 0)
+    assert onnx_matches(tmp_path / "a" / "final", model, (5, 1, 8, 8))
+    # bad input: clear errors naming the flag
+    for bad, needle in ((["--lambda", "-1"], "--lambda"), (["--directions", "0"], "--directions"),
+                        (["--monitor-blocks", "layer1.1,nope"], "nope"), (["--val-reduce", "median"], "median")):
+        try:
+            rc = main([*argv, *bad, "--out", str(tmp_path / "bad")])
+        except SystemExit as exc:  # argparse's own choice check
+            rc = exc.code
+        assert rc == 2, bad
+        assert needle in capsys.readouterr().err
