@@ -51,7 +51,7 @@ class _Variant:
             from pyengine import Compressor
 
             comp = Compressor(self.model, "lacoot", example_input=torch.zeros(1, 3, 32, 32, device=device),
-                              options={"lam": lam, "directions": k}, log=lambda *a: None)
+                              options={"lambda_reg": lam, "directions": k}, log=lambda *a: None)
             self.cb = comp.step_callbacks()[0]
             self.cb.on_train_start(self.model)
             self.cb.on_epoch_start(0, 1)

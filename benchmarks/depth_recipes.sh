@@ -71,9 +71,9 @@ run_one() {
     nepenthe-mobilenet) prune "$1" --model mobilenet_v2 --method nepenthe --preset paper --tolerance "$TOLERANCE" ;;
     nepenthe-swin)     need_swin; prune "$1" --model swin_t --method nepenthe --preset swin "${SWIN[@]}" \
                          --tolerance "$TOLERANCE" ;;
-    lacoot-resnet18)   prune "$1" --model resnet18 --method lacoot --preset paper --lambda 5 ;;
-    lacoot-mobilenet)  prune "$1" --model mobilenet_v2 --method lacoot --preset paper --lambda 9 ;;
-    lacoot-swin)       need_swin; prune "$1" --model swin_t --method lacoot --preset swin "${SWIN[@]}" --lambda 0.1 ;;
+    lacoot-resnet18)   prune "$1" --model resnet18 --method lacoot --preset paper --lambda-reg 5 ;;
+    lacoot-mobilenet)  prune "$1" --model mobilenet_v2 --method lacoot --preset paper --lambda-reg 9 ;;
+    lacoot-swin)       need_swin; prune "$1" --model swin_t --method lacoot --preset swin "${SWIN[@]}" --lambda-reg 0.1 ;;
     *) echo "unknown recipe $1" >&2; return 2 ;;
   esac
 }

@@ -116,3 +116,29 @@ def test_easier_run_resume_equals_uninterrupted_and_exports(tmp_path, fast_laten
     assert onnx_matches(tmp_path / "a" / "final", model, (4, 1, 8, 8))
     rep = json.loads((tmp_path / "a" / "report.json").read_text())
     assert rep["selected_round"] in (0, 1)
+
+
+def test_depth_flags_reach_the_options(capsys):
+    from pyengine.cli import build_parser, config_from_args, main
+    from pyengine.methods import RunConfig
+
+    def cfg(*argv):
+        return config_from_args(build_parser().parse_args(["prune", *argv]))
+
+    c = cfg("--method", "easier", "--iterations", "4", "--tolerance", "0.5", "--fold-each-round", "false")
+    assert (c.options.iterations, c.options.tolerance, c.options.fold_each_round) == (4, 0.5, False)
+    c = cfg("--method", "nepenthe", "--zeta", "0.3", "--entropy-when", "train", "--sparsity", "0.8")
+    assert (c.options.zeta, c.options.entropy_when, c.options.sparsity, c.options.estimator) == (0.3, "train", 0.8,
+                                                                                                 "easier")
+    c = cfg("--method", "lacoot", "--lambda-reg", "2.5", "--monitor-blocks", "layer1.1,layer2.1", "--remove-blocks", "1")
+    assert (c.options.lambda_reg, c.options.monitor_blocks, c.options.remove_blocks) == (2.5, ["layer1.1", "layer2.1"], 1)
+    # the validation split the methods need is on by default (10%, as the authors hold out)
+    from pyengine.methods.base import get_method
+
+    assert all(get_method(m).default_val_fraction == 0.1 for m in ("easier", "nepenthe", "lacoot"))
+    assert RunConfig(method="easier").out_dir() != RunConfig(method="easier", options={"tolerance": 3.0}).out_dir()
+    for argv, needle in ((["--method", "easier", "--tolerance", "-1"], "--tolerance"),
+                         (["--method", "easier", "--iterations", "0"], "--iterations"),
+                         (["--method", "easier", "--lambda-reg", "1"], "--lambda-reg")):
+        assert main(["prune", *argv, "--no-progress"]) == 2
+        assert needle in capsys.readouterr().err

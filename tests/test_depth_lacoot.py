@@ -66,8 +66,8 @@ def test_monitored_pairs_per_architecture():
     assert pairs[0].block == pairs[0].src == "features.1.0" and pairs[0].dst == "features.1.0.mlp"
     arch, pairs = find_block_pairs(build_model("vit", num_classes=10, dim=16, depth=3, heads=2, mlp_dim=16))
     assert arch == "vit" and [p.dst for p in pairs] == ["blocks.0.mlp", "blocks.1.mlp", "blocks.2.mlp"]
-    assert ARCH_DEFAULTS["resnet"]["lam"] == 5.0 and ARCH_DEFAULTS["mobilenet_v2"]["lam"] == 9.0
-    assert ARCH_DEFAULTS["swin"]["lam"] == 0.1
+    assert ARCH_DEFAULTS["resnet"]["lambda_reg"] == 5.0 and ARCH_DEFAULTS["mobilenet_v2"]["lambda_reg"] == 9.0
+    assert ARCH_DEFAULTS["swin"]["lambda_reg"] == 0.1
     with pytest.raises(ValueError, match="--monitor-blocks"):
         find_block_pairs(build_model("vgg11_bn", num_classes=10))
     with pytest.raises(KeyError, match="nope"):
@@ -216,7 +216,7 @@ def test_lacoot_cli_run_resume_and_onnx_export(tmp_path, monkeypatch, capsys, fa
     assert any(e["kind"] == "replace_block" for e in desc["edits"]) == (mr["blocks_removed"] > 0)
     assert onnx_matches(tmp_path / "a" / "final", model, (5, 1, 8, 8))
     # bad input: clear errors naming the flag
-    for bad, needle in ((["--lambda", "-1"], "--lambda"), (["--directions", "0"], "--directions"),
+    for bad, needle in ((["--lambda-reg", "-1"], "--lambda-reg"), (["--directions", "0"], "--directions"),
                         (["--monitor-blocks", "layer1.1,nope"], "nope"), (["--val-reduce", "median"], "median")):
         try:
             rc = main([*argv, *bad, "--out", str(tmp_path / "bad")])

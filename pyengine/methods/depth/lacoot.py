@@ -48,19 +48,19 @@ __all__ = ["LaCoOT", "LaCoOTOptions", "BlockPair", "ARCH_DEFAULTS", "find_block_
 # Published per-architecture settings (CIFAR-10). val_reduce: how validation distances are computed
 # (the authors' ResNet validation uses POT's sliced_wasserstein_distance, the others the max).
 ARCH_DEFAULTS = {
-    "resnet": {"lam": 5.0, "val_reduce": "mean"},
-    "mobilenet_v2": {"lam": 9.0, "val_reduce": "max"},
-    "swin": {"lam": 0.1, "val_reduce": "max"},
-    "vit": {"lam": 0.1, "val_reduce": "max"},  # ours: no published value, Swin-T's
-    "custom": {"lam": 1.0, "val_reduce": "max"},  # the authors' script default
+    "resnet": {"lambda_reg": 5.0, "val_reduce": "mean"},
+    "mobilenet_v2": {"lambda_reg": 9.0, "val_reduce": "max"},
+    "swin": {"lambda_reg": 0.1, "val_reduce": "max"},
+    "vit": {"lambda_reg": 0.1, "val_reduce": "max"},  # ours: no published value, Swin-T's
+    "custom": {"lambda_reg": 1.0, "val_reduce": "max"},  # the authors' script default
 }
 
 
 @dataclass
 class LaCoOTOptions(DepthTolerance):
-    lam: float | None = option(None, "LaCoOT: weight of the sliced-Wasserstein term (default per architecture, as "
-                               "published: ResNet 5, MobileNetV2 9, Swin-T and ViT 0.1, other models 1)",
-                               low=0.0, flag="--lambda")
+    lambda_reg: float | None = option(None, "LaCoOT: weight lambda of the sliced-Wasserstein term (default per "
+                                      "architecture, as published: ResNet 5, MobileNetV2 9, Swin-T and ViT 0.1, "
+                                      "other models 1)", low=0.0)
     directions: int = option(50, "LaCoOT: random directions per distance, drawn afresh every step", low=1)
     val_reduce: str | None = option(None, "LaCoOT: validation distance used to rank blocks: mean (sliced W, the "
                                     "authors' ResNet choice) or max (max-sliced W, their MobileNetV2/Swin choice); "
@@ -308,7 +308,7 @@ class LaCoOT(Method):
         super().__init__(options, run)
         self.arch, self.pairs = find_block_pairs(run.model, options.monitor_blocks)
         d = ARCH_DEFAULTS[self.arch]
-        self.lam = options.lam if options.lam is not None else d["lam"]
+        self.lam = options.lambda_reg if options.lambda_reg is not None else d["lambda_reg"]
         self.val_reduce = options.val_reduce or d["val_reduce"]
         cfg = getattr(run, "cfg", None)
         self.seed = cfg.seed if cfg is not None else 0
