@@ -191,6 +191,11 @@ def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torc
     return -(target_probs * F.log_softmax(logits, dim=1)).sum(1).mean()
 
 
+def _full_precision(t: torch.Tensor) -> torch.Tensor:
+    # autocast logits come out in bf16; losses are computed in float32 (float64 models stay so)
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def ofa_train_step(supernet: OFAMobileNetV3, batch, teacher: nn.Module | None, phase_cfg: Phase,
                    step_seed: int) -> dict:
     """One progressive-shrinking step without the optimiser update: draw a resolution and
@@ -210,12 +215,12 @@ def ofa_train_step(supernet: OFAMobileNetV3, batch, teacher: nn.Module | None, p
     if teacher is not None and phase_cfg.distill and phase_cfg.kd_ratio > 0:
         teacher.train()  # as OFA's progressive_shrinking.train_one_epoch
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            soft = F.softmax(teacher(x).float(), dim=1)
+            soft = F.softmax(_full_precision(teacher(x)), dim=1)
     losses, correct, subnets = [], 0.0, []
     for _ in range(phase_cfg.subnets_per_step):
         subnets.append(supernet.sample(rng, phase_cfg.kernel_sizes, phase_cfg.expand_ratios, phase_cfg.depths))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            out = supernet(x).float()
+            out = _full_precision(supernet(x))
         loss = F.cross_entropy(out, y, label_smoothing=phase_cfg.label_smoothing)
         if soft is not None:
             loss = loss + phase_cfg.kd_ratio * soft_cross_entropy(out, soft)
