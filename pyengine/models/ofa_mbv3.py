@@ -134,14 +134,14 @@ ARCH_PRESETS: dict[str, MBV3Arch] = {"ofa": OFA_ARCH, "moofa": MOOFA_ARCH}
 def _scale_width(w: int, mult: float, divisor: int) -> int:
     if mult == 1.0:
         return w
-    if w < divisor:  # MOOFA's 3-channel stem: rounding up to the divisor would grow it
-        return max(1, int(round(w * mult)))
+    if w <= divisor:  # MOOFA's 3-channel stem and 8-channel first block: already minimal
+        return w
     return make_divisible(w * mult, divisor)
 
 
 def scale_arch(arch: MBV3Arch, width_mult: float = 1.0, divisor: int | None = None) -> MBV3Arch:
     """Every width times ``width_mult``, rounded to a multiple of ``divisor`` (default the
-    arch's); widths below the divisor are rounded to the nearest integer instead."""
+    arch's); widths not above the divisor (MOOFA's 3-channel stem) are kept as they are."""
     if width_mult <= 0:
         raise ValueError(f"width_mult must be > 0, got {width_mult}")
     d = arch.divisor if divisor is None else int(divisor)

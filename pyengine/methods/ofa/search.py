@@ -208,12 +208,13 @@ def within(costs: Mapping[str, float], budgets: Mapping[str, float | None]) -> b
 
 def collect_accuracy_data(space: Space, measure: Callable[[dict], float], efficiency: Efficiency, n: int,
                           path: str | Path | None = None, *, seed: int = 0, memory_bins: int = 0,
-                          memory_range: tuple[float, float] | None = None, max_tries: int = 200_000,
+                          memory_range: tuple[float, float] | None = None, max_tries: int | None = None,
                           progress: bool = False, log=None) -> list[dict]:
     """``n`` records {"subnet", "acc", "peak_memory", "macs"}: random subnets from ``space``
     measured with ``measure(subnet) -> accuracy``. With ``memory_bins`` > 0, the peak-memory
     range (default: smallest to largest subnet) is cut into equal bins that each receive
-    n / bins subnets (MOOFA's balanced dataset). With ``path`` every record is appended as a JSON
+    n / bins subnets (MOOFA's balanced dataset); after ``max_tries`` draws (default 50 n + 1000)
+    it stops with what it has. With ``path`` every record is appended as a JSON
     line, and records already there are reused (resume)."""
     from tqdm.auto import tqdm
 
@@ -233,6 +234,7 @@ def collect_accuracy_data(space: Space, measure: Callable[[dict], float], effici
         per_bin = math.ceil(n / memory_bins)
     # The draws are replayed from the start on a resume; subnets already measured (in ``path``)
     # are reused, so the records equal an uninterrupted collection's.
+    max_tries = max_tries or 50 * n + 1000
     records: list[dict] = []
     counts: dict[int, int] = {}
     seen: set[str] = set()
