@@ -179,3 +179,15 @@ def test_sampling_is_a_function_of_the_rng_state():
     assert a[0] == a[1]
     assert set(a[0]["ks"]) <= {3, 5} and set(a[0]["e"]) == {4} and set(a[0]["d"]) <= {2, 3}
     assert net.active_subnet == a[1]
+
+
+def test_same_conv_on_inputs_smaller_than_the_kernel_is_exact():
+    from pyengine.nn.elastic import same_conv2d
+
+    torch.manual_seed(5)
+    for h, w in ((1, 1), (2, 3), (3, 3), (4, 2), (9, 9)):
+        for k in (3, 5, 7):
+            for s in (1, 2):
+                x = torch.randn(2, 4, h, w, dtype=torch.float64)
+                wt = torch.randn(4, 1, k, k, dtype=torch.float64)
+                torch.testing.assert_close(same_conv2d(x, wt, None, s, 4), F.conv2d(x, wt, None, s, k // 2, 1, 4))

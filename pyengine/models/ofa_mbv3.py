@@ -34,6 +34,7 @@ from pyengine.nn.elastic import (
     ElasticSE,
     importance_order,
     make_divisible,
+    same_conv2d,
 )
 
 __all__ = [
@@ -284,6 +285,17 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(self.expand(self.act(self.reduce(x.mean((2, 3), keepdim=True)))))
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise k x k convolution with "same" padding that skips the taps which only meet
+    padding on inputs smaller than the kernel (exact; see ``same_conv2d``)."""
+
+    def __init__(self, channels: int, kernel: int, stride: int) -> None:
+        super().__init__(channels, channels, kernel, stride, kernel // 2, groups=channels, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return same_conv2d(x, self.weight, self.bias, self.stride[0], self.groups)
+
+
 class ConvBNAct(nn.Sequential):
     """conv -> BN [-> activation]; children ``conv``, ``bn``, ``act``."""
 
@@ -307,7 +319,7 @@ class MBConvBlock(nn.Module):
 
         if spec["expand"]:
             self.expand = ConvBNAct(nn.Conv2d(cin, mid, 1, bias=False), bn(mid), spec["act"])
-        self.dw = ConvBNAct(nn.Conv2d(mid, mid, k, s, k // 2, groups=mid, bias=False), bn(mid), spec["act"])
+        self.dw = ConvBNAct(DepthwiseConv2d(mid, k, s), bn(mid), spec["act"])
         if spec["se_mid"]:
             self.dw.se = SqueezeExcite(mid, spec["se_mid"])
         self.project = ConvBNAct(nn.Conv2d(mid, cout, 1, bias=False), bn(cout), None)

@@ -32,6 +32,7 @@ __all__ = [
     "ElasticLinear",
     "centre_crop",
     "importance_order",
+    "same_conv2d",
 ]
 
 
@@ -50,6 +51,18 @@ def centre_crop(weight: Tensor, size: int) -> Tensor:
     k = weight.shape[-1]
     start = (k - size) // 2
     return weight[..., start:start + size, start:start + size]
+
+
+def same_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, groups: int = 1) -> Tensor:
+    """Convolution with "same" padding k // 2 (odd k). When the input is smaller than the kernel's
+    reach, the outer taps only ever meet padding zeros: they are cropped away (same result, and
+    oneDNN's depthwise kernels are very slow on 1x1 inputs with 7x7 kernels)."""
+    k = weight.shape[-1]
+    reach = max(x.shape[-2], x.shape[-1]) - 1
+    pad = k // 2
+    if pad > reach:
+        weight, pad = centre_crop(weight, 2 * reach + 1), reach
+    return F.conv2d(x, weight, bias, stride, pad, 1, groups)
 
 
 class ElasticConv2d(nn.Module):
@@ -75,7 +88,7 @@ class ElasticConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.active_weight(self.active_out_channels, x.shape[1])
-        return F.conv2d(x, w, None, self.stride, self.kernel_size // 2)
+        return same_conv2d(x, w, None, self.stride)
 
     def extra_repr(self) -> str:
         return f"{self.max_in_channels}, {self.max_out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
@@ -125,7 +138,7 @@ class ElasticDepthwiseConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         c = x.shape[1]
         w = self.active_weight(c, self.active_kernel_size)
-        return F.conv2d(x, w, None, self.stride, self.active_kernel_size // 2, 1, c)
+        return same_conv2d(x, w, None, self.stride, c)
 
     def extra_repr(self) -> str:
         return f"{self.max_channels}, kernel_sizes={list(self.kernel_sizes)}, stride={self.stride}"
