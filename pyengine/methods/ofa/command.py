@@ -70,7 +70,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="folder searched first for the dataset's files")
     t.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
     t.add_argument("--preset", default="quick", choices=sorted(RECIPES),
-                   help="quick: a CPU demo (few epochs, 20..32 px); ofa-imagenet / moofa-imagenet: the published "
+                   help="quick: a CPU demo (few epochs, 32..56 px); ofa-imagenet / moofa-imagenet: the published "
                    "schedules (180 + 120 + 25 + 120 + 25 + 120 epochs, 128..224 px) (default: quick)")
     t.add_argument("--width-mult", type=float, default=1.0, help="every width times this (default: 1)")
     t.add_argument("--divisor", type=int, help="channel counts rounded to multiples of this (default: 8)")
@@ -107,6 +107,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--memory-bins", type=int, default=0, help="balance those subnets over this many peak-memory bins "
                    "(MOOFA's predictor data; default: 0, uniform sampling)")
     s.add_argument("--predictor-epochs", type=int, default=50, help="predictor training epochs (default: 50)")
+    s.add_argument("--predictor-lr", type=float, default=1e-3, help="predictor Adam learning rate (default: 1e-3; "
+                   "MOOFA's script: 3e-2)")
     s.add_argument("--population", type=int, default=100, help="evolution population (default: 100)")
     s.add_argument("--generations", type=int, default=500, help="evolution generations (default: 500)")
     s.add_argument("--out", help="output folder (default: <first run>/search)")
@@ -184,7 +186,8 @@ def _search(args) -> int:
 
     cfg = SearchConfig(runs=tuple(args.run), budgets=args.budgets, macs_budget=args.macs_budget,
                        latency_budget_ms=args.latency_budget_ms, samples=args.samples, memory_bins=args.memory_bins,
-                       predictor_epochs=args.predictor_epochs, population=args.population, generations=args.generations,
+                       predictor_epochs=args.predictor_epochs, predictor_lr=args.predictor_lr,
+                       population=args.population, generations=args.generations,
                        out=args.out, seed=args.seed, device=args.device, progress=not args.no_progress)
     run_search(cfg)
     return 0

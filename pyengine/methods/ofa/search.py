@@ -7,7 +7,8 @@
 2. ``AccuracyPredictor``: an MLP (3 hidden layers of 400, ReLU) on the one-hot encoding of
    resolution, and kernel size and expand ratio of every active block slot (OFA's
    ``MobileNetArchEncoder`` / ``AccuracyPredictor``), trained with MSE on centred accuracies,
-   Adam, ReduceLROnPlateau, an 80/20 split (MOOFA's ``train_moofa_predictor.py``).
+   Adam, ReduceLROnPlateau, an 80/20 split (MOOFA's ``train_moofa_predictor.py``; learning rate
+   1e-3 instead of their 3e-2, see ``train_predictor``).
 3. ``evolution_search``: OFA's ``EvolutionFinder`` - a population of valid subnets, the best
    quarter kept as parents, half the children by mutation (each block with probability 0.1,
    the resolution with 0.5), half by crossover - maximising predicted accuracy under a
@@ -84,11 +85,15 @@ class AccuracyPredictor(nn.Module):
         return self.layers(x).squeeze(-1) + self.base_acc
 
 
-def train_predictor(features: torch.Tensor, accs: torch.Tensor, *, epochs: int = 50, lr: float = 3e-2,
+def train_predictor(features: torch.Tensor, accs: torch.Tensor, *, epochs: int = 50, lr: float = 1e-3,
                     batch_size: int = 32, hidden: int = 400, n_layers: int = 3, val_fraction: float = 0.2,
                     seed: int = 0) -> tuple[AccuracyPredictor, dict]:
     """Fits the predictor; returns it (base_acc = mean accuracy) and validation metrics
-    {"val_rmse", "val_corr", "train_rmse", "n_train", "n_val"} on the held-out fraction."""
+    {"val_rmse", "val_corr", "train_rmse", "n_train", "n_val"} on the held-out fraction.
+
+    The learning rate is 1e-3 (ours): MOOFA's script uses Adam at 3e-2, which on a few hundred
+    subnets collapsed the MLP to a constant (dead ReLUs) in our runs; pass ``lr=3e-2`` for theirs.
+    """
     if features.shape[0] != accs.shape[0] or features.shape[0] < 4:
         raise ValueError(f"need at least 4 (feature, accuracy) pairs of equal count, got {features.shape[0]} and {accs.shape[0]}")
     g = torch.Generator().manual_seed(seed)
@@ -399,7 +404,7 @@ class SearchConfig:
     samples: int = 2000  # subnets measured to train the predictor (OFA / MOOFA: ~2000)
     memory_bins: int = 0  # > 0: MOOFA's memory-balanced predictor data
     predictor_epochs: int = 50
-    predictor_lr: float = 3e-2
+    predictor_lr: float = 1e-3  # MOOFA's script: 3e-2 (see train_predictor)
     population: int = 100
     generations: int = 500
     out: str | None = None
@@ -456,7 +461,7 @@ class RunContext:
 
 def run_search(cfg: SearchConfig, log=print) -> dict:
     from pyengine.methods.ofa.report import format_search_table, write_search_report
-    from pyengine.methods.prune_run import resolve_device, seed_everything
+    from pyengine.methods.ofa.train import resolve_device, seed_everything
 
     cfg.validate()
     device = torch.device(resolve_device(cfg.device))
@@ -520,7 +525,7 @@ def extract_subnet(run: str | Path, subnet: Mapping[str, Any], out: str | Path, 
     measured CUDA peak when a GPU is present)."""
     from pyengine.methods.ofa.memory import measure_cuda_peak, peak_memory_of_layout
     from pyengine.methods.ofa.train import recalibrate_bn, Resized
-    from pyengine.methods.prune_run import resolve_device
+    from pyengine.methods.ofa.train import resolve_device
     from pyengine.train.checkpoint import save_model_export
     from pyengine.train.loop import evaluate as eval_loader
 

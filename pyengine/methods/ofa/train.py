@@ -48,11 +48,11 @@ __all__ = [
     "Phase", "OFARecipe", "RECIPES", "OFATrainConfig", "OFATrainer", "ofa_train_step", "step_seed",
     "average_gradients", "recalibrate_bn", "evaluate_subnet", "build_phases", "load_supernet",
     "export_supernet", "resize_batch", "Resized", "QUICK_RESOLUTIONS", "build_data", "config_from_dict",
-    "run_train",
+    "run_train", "resolve_device", "seed_everything",
 ]
 
 PHASE_KINDS = ("full", "kernel", "depth", "expand")
-QUICK_RESOLUTIONS = (20, 24, 28, 32)  # OFA's 128..224 scaled to small images (digits are 8x8 upsampled)
+QUICK_RESOLUTIONS = (32, 40, 48, 56)  # OFA's 128, 160, 192, 224 divided by 4 (digits: 8x8 upsampled)
 
 
 # ---------------------------------------------------------------------------------- phases
@@ -110,9 +110,9 @@ RECIPES: dict[str, OFARecipe] = {
     "moofa-imagenet": OFARecipe({"full": (180, 3e-2, 0), "kernel": (120, 3e-3, 5), "depth-1": (25, 2.5e-4, 0),
                                  "depth-2": (120, 7.5e-4, 5), "expand-1": (25, 2.5e-4, 0), "expand-2": (120, 2.5e-4, 5)}),
     # a CPU demo on small images: minutes, not days
-    "quick": OFARecipe({"full": (6, 0.1, 0), "kernel": (2, 0.03, 0), "depth-1": (1, 0.02, 0), "depth-2": (2, 0.03, 0),
+    "quick": OFARecipe({"full": (5, 0.1, 0), "kernel": (1, 0.03, 0), "depth-1": (1, 0.02, 0), "depth-2": (1, 0.03, 0),
                         "expand-1": (1, 0.02, 0), "expand-2": (2, 0.03, 0)},
-                       batch_size=64, calib_images=500, augment=False),
+                       batch_size=64, calib_images=300, augment=False),
 }
 
 
@@ -204,7 +204,7 @@ def ofa_train_step(supernet: OFAMobileNetV3, batch, teacher: nn.Module | None, p
     caller zeroes them before and steps the optimiser after, averaging over processes first).
 
     Returns {"loss": mean loss over the subnets, "correct": mean correct count, "n": batch size,
-    "resolution": r, "subnets": [the subnets drawn]}.
+    "resolution": r, "subnets": [the subnets drawn], "logits": the last subnet's (detached)}.
     """
     x, y = batch
     rng = random.Random(step_seed)
@@ -230,7 +230,8 @@ def ofa_train_step(supernet: OFAMobileNetV3, batch, teacher: nn.Module | None, p
         losses.append(float(loss.detach()))
         correct += float((out.detach().argmax(1) == y).sum())
     k = len(losses)
-    return {"loss": sum(losses) / k, "correct": correct / k, "n": int(y.numel()), "resolution": r, "subnets": subnets}
+    return {"loss": sum(losses) / k, "correct": correct / k, "n": int(y.numel()), "resolution": r, "subnets": subnets,
+            "logits": out.detach()}
 
 
 def average_gradients(model: nn.Module) -> None:
@@ -355,7 +356,7 @@ class OFATrainConfig:
     space: str = "ofa"  # ofa | moofa
     width_mult: float = 1.0
     divisor: int | None = None  # channel rounding (default 8)
-    resolutions: tuple[int, ...] | None = None  # default: 128..224 (ImageNet recipes), 20..32 (quick)
+    resolutions: tuple[int, ...] | None = None  # default: 128..224 (ImageNet recipes), 32..56 (quick)
     continuous_resolution: bool = True
     dataset: str = "digits"
     data_dir: str | None = None
@@ -420,14 +421,46 @@ def build_data(cfg: OFATrainConfig, distributed: bool = False):
     n_cal = min(len(plain), cfg.calib_images or recipe.calib_images)
     idx = torch.randperm(len(plain), generator=torch.Generator().manual_seed(cfg.seed + 7))[:n_cal].tolist()
     calib = torch.utils.data.DataLoader(torch.utils.data.Subset(plain, idx), batch_size=min(cfg.eval_batch_size, 200),
-                                        shuffle=False)
-    return bundle, loaders, calib
+                                        shuffle=False, num_workers=cfg.workers)
+    return bundle, loaders, CachedBatches(calib)
+
+
+class CachedBatches:
+    """The batches of a loader, read once and kept in memory: BN recalibration reads the same
+    few thousand images before every subnet evaluation (OFA caches them likewise)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.batches = loader, None
+
+    def __iter__(self):
+        if self.batches is None:
+            self.batches = [(x, y) for x, y in self.loader]
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def config_from_dict(d: Mapping[str, Any]) -> OFATrainConfig:
     known = OFATrainConfig.__dataclass_fields__
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
     return OFATrainConfig(**kw)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA device is available")
+    return name
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _rng_state(loader) -> dict:
@@ -484,8 +517,6 @@ class OFATrainer:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        from pyengine.methods.prune_run import resolve_device, seed_everything
-
         cfg = self.cfg
         self.dist, self.device = init_distributed(resolve_device(cfg.device))
         self.main = self.dist.is_main
