@@ -507,6 +507,13 @@ def run_search(cfg: SearchConfig, log=print) -> dict:
             row = {"space": name, "run": str(run), "budget": int(budget), "subnet": best["subnet"],
                    "predicted_acc": best["predicted_acc"], "test_acc": test_acc,
                    **{k: best[k] for k in ("peak_memory", "macs", "latency_ms") if k in best}}
+            # a yardstick for predictor + evolution: the best subnet among those measured for the
+            # predictor that fits the budgets (ours, not part of OFA / MOOFA)
+            fits = [r for r in records if within(r, budgets)]
+            if fits:
+                top = max(fits, key=lambda r: r["acc"])
+                row["best_sampled"] = {"subnet": top["subnet"], "holdout_acc": top["acc"], "peak_memory": top["peak_memory"],
+                                       "macs": top["macs"], "test_acc": ctx.accuracy(top["subnet"], "test")}
             results.append(row)
             log(f"[{name}] budget {budget:,}: peak {row['peak_memory']:,}, predicted {row['predicted_acc']:.2f}%, "
                 f"test {test_acc:.2f}%")

@@ -100,6 +100,7 @@ class OFARecipe:
     kd_ratio: float = 1.0
     calib_images: int = 2000  # BN recalibration subset (OFA: 2000 training images)
     augment: bool = True
+    lr_per_process: bool = True  # multiply the rates by the number of processes (OFA's init_lr)
 
 
 RECIPES: dict[str, OFARecipe] = {
@@ -110,9 +111,9 @@ RECIPES: dict[str, OFARecipe] = {
     "moofa-imagenet": OFARecipe({"full": (180, 3e-2, 0), "kernel": (120, 3e-3, 5), "depth-1": (25, 2.5e-4, 0),
                                  "depth-2": (120, 7.5e-4, 5), "expand-1": (25, 2.5e-4, 0), "expand-2": (120, 2.5e-4, 5)}),
     # a CPU demo on small images: minutes, not days
-    "quick": OFARecipe({"full": (5, 0.1, 0), "kernel": (1, 0.03, 0), "depth-1": (1, 0.02, 0), "depth-2": (1, 0.03, 0),
-                        "expand-1": (1, 0.02, 0), "expand-2": (2, 0.03, 0)},
-                       batch_size=64, calib_images=300, augment=False),
+    "quick": OFARecipe({"full": (5, 0.1, 0), "kernel": (1, 0.015, 0), "depth-1": (1, 0.01, 0), "depth-2": (1, 0.015, 0),
+                        "expand-1": (1, 0.01, 0), "expand-2": (2, 0.015, 0)},
+                       batch_size=64, calib_images=300, augment=False, lr_per_process=False),
 }
 
 
@@ -530,7 +531,7 @@ class OFATrainer:
         self.eval_loader = self.loaders.val if self.loaders.val is not None else self.loaders.test
         self.supernet = OFAMobileNetV3(self.space.arch, info.num_classes, info.in_channels).to(self.device)
         broadcast_parameters(self.supernet)
-        lr_scale = cfg.lr_scale * (self.dist.world_size if cfg.preset != "quick" else 1)
+        lr_scale = cfg.lr_scale * (self.dist.world_size if self.recipe.lr_per_process else 1)
         self.phases = build_phases(self.space, self.recipe, epochs=cfg.epochs, lr_scale=lr_scale, names=cfg.phases,
                                    resolutions=training_resolutions(res, cfg.continuous_resolution), amp=cfg.amp)
         self.teacher: MobileNetV3Subnet | None = None
