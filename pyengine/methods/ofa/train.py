@@ -111,8 +111,8 @@ RECIPES: dict[str, OFARecipe] = {
     "moofa-imagenet": OFARecipe({"full": (180, 3e-2, 0), "kernel": (120, 3e-3, 5), "depth-1": (25, 2.5e-4, 0),
                                  "depth-2": (120, 7.5e-4, 5), "expand-1": (25, 2.5e-4, 0), "expand-2": (120, 2.5e-4, 5)}),
     # a CPU demo on small images: minutes, not days
-    "quick": OFARecipe({"full": (5, 0.1, 0), "kernel": (1, 0.015, 0), "depth-1": (1, 0.01, 0), "depth-2": (1, 0.015, 0),
-                        "expand-1": (1, 0.01, 0), "expand-2": (2, 0.015, 0)},
+    "quick": OFARecipe({"full": (5, 0.1, 0), "kernel": (1, 0.03, 0), "depth-1": (1, 0.02, 0), "depth-2": (1, 0.03, 0),
+                        "expand-1": (1, 0.02, 0), "expand-2": (2, 0.03, 0)},
                        batch_size=64, calib_images=300, augment=False, lr_per_process=False),
 }
 
