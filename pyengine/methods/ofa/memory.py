@@ -21,7 +21,6 @@ caching allocator really held during a forward.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 

@@ -22,12 +22,11 @@ The per-step logic is :func:`ofa_train_step`; :class:`OFATrainer` is the loop ar
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,7 +37,7 @@ from torch import nn
 
 from pyengine.models.ofa_mbv3 import MobileNetV3Subnet, OFAMobileNetV3, ofa_mbv3, subnet_layout
 from pyengine.train.checkpoint import atomic_torch_save, atomic_write_text, load_state, save_model_export
-from pyengine.train.dist import DistInfo, barrier, init_distributed
+from pyengine.train.dist import all_reduce_sum, barrier, init_distributed
 from pyengine.train.loop import evaluate
 
 from pyengine.methods.ofa.memory import peak_memory_of_layout, subnet_macs
@@ -673,8 +672,6 @@ class OFATrainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", r=s["resolution"])
                 bar.close()
-                from pyengine.train.dist import all_reduce_sum
-
                 loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
                 evals = self._evaluate(self.phase_subnets(phase), self.eval_loader) if cfg.eval_every_epoch else []
                 rec = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
