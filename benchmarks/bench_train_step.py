@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.utils.prune as tprune
 
 from _harness import machine_name, parse_args
-from pyengine.methods.magnitude import prune_magnitude
+from pyengine.methods.prune.magnitude import prune_magnitude
 from pyengine.models import activation_map, build_model
 from pyengine.nn.entropy import EntropyCollector
 from pyengine.nn.masks import MaskSet

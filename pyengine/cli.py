@@ -1,83 +1,191 @@
-"""Command line: argument parsing and wiring only; every command calls into pyengine.methods."""
+"""Command line: argument parsing and wiring only; every command calls into pyengine.methods.
+
+The flags of `pyengine prune` are generated from the declarations of RunConfig and of each
+registered method's Options dataclass (pyengine.methods.options), so the CLI, the saved
+config.json and the Python API cannot drift apart.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
-
-from pyengine.train.loop import PRESETS
 
 PRUNE_EPILOG = """
 examples:
   pyengine prune --model resnet18                       # EGP on the offline digits data, quick preset
   pyengine prune --model resnet18 --method imp --rounds 5 --rate 0.2
   pyengine prune --model vgg16_bn --method magnitude --sparsity 0.9
-  pyengine prune --model resnet18 --dataset cifar10 --download --preset paper --device cuda --rounds 8
+  pyengine prune --model resnet18 --dataset cifar10 --download --preset paper --device cuda
   torchrun --nproc_per_node 4 -m pyengine prune --model resnet18 --dataset cifar10 --preset paper
-  pyengine prune --model resnet18 --out runs/r18 --resume  # continue a killed run
+  pyengine prune --model resnet18 --resume               # continue a killed run (same options)
+  pyengine export runs/resnet18-egp-digits --format all  # safetensors + ONNX of the folded network
 """
 
 
+def _method_option_fields():
+    """{option name: ((field, type), [methods that take it])} over every registered method; an option
+    declared by several methods (e.g. --sparsity) must be declared alike and becomes one flag."""
+    from pyengine.methods.base import get_method, list_methods
+    from pyengine.methods.options import cli_fields
+
+    seen: dict[str, tuple[tuple, list[str]]] = {}
+    for name in list_methods():
+        for f, tp in cli_fields(get_method(name).Options):
+            if f.name in seen:
+                (f0, tp0), users = seen[f.name]
+                same = tp0 == tp and all(f0.metadata.get(k) == f.metadata.get(k) for k in ("choices", "low", "high"))
+                if not same:
+                    raise RuntimeError(f"option {f.name!r} is declared differently by methods {users} and {name}")
+                users.append(name)
+            else:
+                seen[f.name] = ((f, tp), [name])
+    return seen
+
+
 def _prune_parser(sub) -> argparse.ArgumentParser:
+    from pyengine.methods import options as opts
+    from pyengine.methods.base import get_method, list_methods
+    from pyengine.methods.runner import RunConfig
+
+    methods = list_methods()
+    lines = [f"  {m:<10} {get_method(m).summary}" for m in methods]
     p = sub.add_parser(
         "prune",
-        help="train, prune (EGP / IMP / magnitude) and report",
-        description="Train a model, prune it round by round with EGP (entropy guided), IMP or one-shot "
-        "magnitude pruning, and report accuracy, sparsity, per-layer entropy and collapsed layers.",
+        help="train, then prune / linearise / remove depth with a method, fold and report",
+        description="Train a model, compress it round by round with a method, fold what collapsed into a "
+        "shallower network, and report accuracy, sparsity, entropy, depth, MACs and latency.\n\nmethods:\n"
+        + "\n".join(lines),
         epilog=PRUNE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="resnet18", help="resnet18 (CIFAR stem), vgg16_bn, mobilenet_v2, vit, swin_t, or tv:<torchvision name> (default: resnet18)")
-    p.add_argument("--method", default="egp", choices=["egp", "imp", "magnitude"], help="egp: entropy-guided budgets; imp: iterative magnitude pruning; magnitude: one shot to --sparsity, then fine-tune (default: egp)")
-    p.add_argument("--dataset", default="digits", help="digits (offline, bundled with scikit-learn), fashion-mnist, cifar10, cifar100, tiny-imagenet, imagefolder:PATH (default: digits)")
-    p.add_argument("--data-dir", help="folder searched first for the dataset's files")
-    p.add_argument("--download", action="store_true", help="allow downloading a dataset that is not found")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="training recipe: quick (a CPU demo: 3 epochs per round, 16x16 images), paper (160 epochs, SGD 0.1, steps 80/120, wd 1e-4), swin, vit (default: quick)")
-    p.add_argument("--epochs", type=int, help="training epochs per round (default: the preset's)")
-    p.add_argument("--rounds", type=int, help="pruning rounds after dense training (default: egp 3, imp 5, magnitude 1)")
-    p.add_argument("--sparsity", type=float, help="target sparsity in [0, 1): magnitude prunes to it in one shot; egp and imp stop once they reach it")
-    p.add_argument("--rate", type=float, default=0.2, help="IMP: fraction of the remaining weights removed per round (default: 0.2)")
-    p.add_argument("--zeta", type=float, default=0.5, help="EGP: fraction of the active layers' remaining weights removed per round (default: 0.5)")
-    p.add_argument("--estimator", default="egp", choices=["egp", "easier"], help="layer entropy: mean over non-constant neurons (egp) or over all neurons (easier)")
-    p.add_argument("--scope", default="global", choices=["global", "layerwise"], help="magnitude ranking for imp/magnitude (default: global)")
-    p.add_argument("--rewind", default="lr", choices=["lr", "weights", "reinit", "finetune"], help="after pruning: lr = learning-rate rewinding (keep the weights, fresh full schedule; the papers' choice); weights = back to the weights of --rewind-epoch (lottery ticket); reinit = random re-initialisation; finetune = no rewinding, a short fresh schedule of --finetune-epochs (default: lr)")
-    p.add_argument("--rewind-epoch", type=int, default=0, help="with --rewind weights: restart each round from the weights after this dense epoch (default: 0, the initialisation)")
-    p.add_argument("--finetune-epochs", type=int, help="epochs per round with --rewind finetune (default: half the preset's)")
-    p.add_argument("--noise", type=float, default=0.0, help="symmetric label noise on the training set (default: 0)")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="part of the training set held out as validation")
-    p.add_argument("--image-size", type=int, help="resize images to this side (default: the dataset's; 16 with --preset quick)")
-    p.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
-    p.add_argument("--workers", type=int, help="data-loader worker processes (default: the preset's)")
-    p.add_argument("--entropy-batches", type=int, help="batches used to measure entropy (default: the whole training set)")
-    p.add_argument("--out", help="run folder (default: runs/<model>-<method>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data split, noise, initialisation and order (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    opts.add_to_parser(p, RunConfig, prefix="run_")
+    for a in p._actions:  # the method's choices come from the registry
+        if a.dest == "run_method":
+            a.choices = methods
+    g = p.add_argument_group("method options (each flag says which methods take it)")
+    for _name, (item, users) in sorted(_method_option_fields().items()):
+        opts.add_fields(g, [item], prefix="m_", users=f" [{', '.join(users)}]")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pyengine", description="pyengine: compress neural networks - make them sparse and shallower.")
+    ap = argparse.ArgumentParser(prog="pyengine", description="pyengine: compress neural networks - make them "
+                                 "sparse and shallower.")
     sub = ap.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
-    sub.add_parser("info", help="show the build (native kernels, CUDA) and the available models and datasets")
+    e = sub.add_parser("export", help="write a run's final (folded) network as safetensors and/or ONNX",
+                       description="Export the final network of a finished run: model.safetensors + model.json "
+                       "(architecture, edit history, preprocessing) and/or model.onnx.")
+    e.add_argument("run_dir", help="a run folder (holding final/) or an export folder")
+    e.add_argument("--format", default="all", choices=["safetensors", "onnx", "all"], help="what to write (default: all)")
+    e.add_argument("--out", help="folder to write into (default: RUN_DIR/final)")
+    sub.add_parser("info", help="show the build (native kernels, CUDA) and the available models, datasets and methods")
+    for register in _extra_commands():
+        register(sub)
     return ap
 
 
-def cmd_prune(args) -> int:
-    from pyengine.methods.prune_run import PruneConfig, run_prune
+def _extra_commands():
+    """Commands contributed by method packages (each module has register(subparsers))."""
+    out = []
+    import importlib
 
-    cfg = PruneConfig(
-        model=args.model, method=args.method, dataset=args.dataset, data_dir=args.data_dir, download=args.download,
-        preset=args.preset, epochs=args.epochs, rounds=args.rounds, sparsity=args.sparsity, rate=args.rate,
-        zeta=args.zeta, estimator=args.estimator, scope=args.scope, rewind=args.rewind, rewind_epoch=args.rewind_epoch,
-        finetune_epochs=args.finetune_epochs, noise=args.noise, val_fraction=args.val_fraction,
-        image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
-        entropy_batches=args.entropy_batches, out=args.out, seed=args.seed, device=args.device,
-        resume=args.resume, progress=not args.no_progress,
-    )
-    run_prune(cfg)
+    for mod in ("pyengine.methods.ofa.command", "pyengine.methods.sdd.command"):
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name and mod.startswith(exc.name):
+                continue
+            raise
+        out.append(m.register)
+    return out
+
+
+def config_from_args(args) -> "object":
+    """A RunConfig (with the method's options) from parsed `prune` flags. With --resume, options not
+    given on the command line come from the saved run."""
+    from pyengine.methods import options as opts
+    from pyengine.methods.base import get_method
+    from pyengine.methods.options import OptionError
+    from pyengine.methods.runner import RunConfig
+
+    base = None
+    method_base = None
+    if args.run_resume:
+        probe = opts.from_namespace(RunConfig, args, prefix="run_")
+        saved = _saved_config(probe)
+        if saved is not None:
+            given_run = {f.name: getattr(args, "run_" + f.name) for f in dataclasses.fields(RunConfig)
+                         if getattr(args, "run_" + f.name, None) is not None}
+            method_base = saved.pop("options", None)
+            saved.update(given_run)
+            base = saved
+    if base is not None:
+        cfg = RunConfig.from_json(base)
+    else:
+        cfg = opts.from_namespace(RunConfig, args, prefix="run_")
+    mcls = get_method(cfg.method).Options
+    own = {f.name for f in dataclasses.fields(mcls)}
+    given = {k[2:]: v for k, v in vars(args).items() if k.startswith("m_") and v is not None}
+    foreign = sorted(k for k in given if k not in own)
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise OptionError(f"{flags} {'is not an option' if len(foreign) == 1 else 'are not options'} of --method "
+                          f"{cfg.method} (see `pyengine prune --help`)")
+    values = dict(method_base or {})
+    values.update(given)
+    cfg.options = opts.from_json(mcls, values) if values else mcls()
+    return cfg
+
+
+def _saved_config(probe) -> dict | None:
+    from pyengine.methods.runner import RunConfig
+
+    path = probe.out_dir() / "config.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    data["resume"] = True
+    data["out"] = str(probe.out_dir())
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in data.items() if k in known}
+
+
+def cmd_prune(args) -> int:
+    from pyengine.methods.runner import run
+
+    run(config_from_args(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from pyengine.graph import export_model
+    from pyengine.train.checkpoint import load_model_export
+
+    src = Path(args.run_dir)
+    folder = src / "final" if (src / "final" / "model.json").exists() else src
+    if not (folder / "model.json").exists():
+        raise FileNotFoundError(f"{args.run_dir} holds no exported network (no final/model.json); finish the run first")
+    model, masks, desc = load_model_export(folder)
+    if "input_shape" not in desc:
+        raise ValueError(f"{folder}/model.json records no input shape: re-export it from its run")
+    formats = ("safetensors", "onnx") if args.format == "all" else (args.format,)
+    out = Path(args.out) if args.out else folder
+    pre = desc.get("preprocessing") or {}
+    example = torch.zeros(1, *desc["input_shape"])
+    keep = {k: v for k, v in desc.items() if k not in ("edits", "preprocessing", "input_shape", "format_version", "onnx")}
+    written = export_model(model.float().eval(), out, keep, desc.get("edits", []), example, formats, masks=masks,
+                           image_size=pre.get("image_size"), mean=pre.get("mean"), std=pre.get("std"))
+    for kind, path in written.items():
+        print(f"{kind:<12} {path}")
     return 0
 
 
@@ -86,26 +194,46 @@ def cmd_info(args) -> int:
 
     import pyengine
     from pyengine.data import list_datasets
+    from pyengine.methods.base import get_method, list_methods
     from pyengine.models import list_models
 
     print(f"pyengine {pyengine.__version__}, torch {torch.__version__}")
-    print(f"native kernels: {'yes' if pyengine.HAS_NATIVE else 'no (pure-PyTorch fallback)'}; CUDA kernels: {'yes' if pyengine.CUDA_COMPILED else 'no'}; CUDA device: {torch.cuda.is_available()}")
+    print(f"native kernels: {'yes' if pyengine.HAS_NATIVE else 'no (pure-PyTorch fallback)'}; CUDA kernels: "
+          f"{'yes' if pyengine.CUDA_COMPILED else 'no'}; CUDA device: {torch.cuda.is_available()}")
     print(f"models: {', '.join(list_models())}, tv:<torchvision name>")
     print(f"datasets: {', '.join(list_datasets())}")
+    print("methods:")
+    for m in list_methods():
+        print(f"  {m:<10} {get_method(m).summary}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from pyengine.methods.options import OptionError
+    from pyengine.train.checkpoint import RunStateError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "prune":
             return cmd_prune(args)
-        return cmd_info(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "info":
+            return cmd_info(args)
+        return args.func(args)
     except KeyboardInterrupt:
         print("\ninterrupted; continue with the same command and --resume", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as exc:
+    except FloatingPointError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
+        return 3
+    except (OptionError, RunStateError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError,
+            ModuleNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.filename:
+            msg = f"{exc.strerror or exc}: {exc.filename}"
+        print(f"pyengine: error: {msg}", file=sys.stderr)
         return 2
 
 

@@ -12,6 +12,29 @@ def _fmt_int(n) -> str:
     return f"{n:.0f}"
 
 
+def _fmt_ms(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def network_table(networks: dict) -> list[str]:
+    """Depth, layers, parameters, MACs, latency and accuracy of the dense, pruned and folded networks."""
+    devs = sorted({d for n in networks.values() for d in (n.get("latency_ms_batch32") or {})})
+    head = f"{'network':<8} {'depth':>5} {'layers':>6} {'params':>9} {'nonzero':>9} {'MACs':>9}"
+    head += "".join(f" {('ms/32 ' + d):>11}" for d in devs) + f" {'test acc %':>10}"
+    lines = [head]
+    for name in ("dense", "pruned", "folded"):
+        n = networks.get(name)
+        if n is None:
+            continue
+        lat = n.get("latency_ms_batch32") or {}
+        acc = n.get("test_acc")
+        lines.append(f"{name:<8} {n.get('depth', '-'):>5} {n.get('layers', '-'):>6} {_fmt_int(n.get('params', 0)):>9} "
+                     f"{_fmt_int(n.get('params_nonzero', 0)):>9} {_fmt_int(n.get('macs', 0)):>9}"
+                     + "".join(f" {_fmt_ms(lat.get(d)):>11}" for d in devs)
+                     + f" {('-' if acc is None else f'{acc:.2f}'):>10}")
+    return lines
+
+
 def print_summary(report: dict, out: Path, log=print) -> None:
     rounds = report["rounds"]
     cfg = report["config"]
@@ -19,27 +42,35 @@ def print_summary(report: dict, out: Path, log=print) -> None:
         "",
         f"pyengine prune: {cfg['model']} / {cfg['method']} on {cfg['dataset']} ({report['device']})",
         "",
-        f"{'round':>5} {'test acc %':>10} {'sparsity':>9} {'zero-H layers':>13} {'emptied':>7}",
+        f"{'round':>5} {'test acc %':>10} {'sparsity':>9} {'all layers':>10} {'zero-H act.':>11} {'emptied':>7}",
     ]
     for r in rounds:
-        lines.append(f"{r['round']:>5} {r['test_acc']:>10.2f} {r['sparsity']:>9.2%} {len(r['zero_entropy']):>13} {len(r['emptied']):>7}")
-    last = rounds[-1]
-    lines += ["", f"{'layer':<34} {'sparsity':>9} {'entropy':>8} {'on':>5} {'off':>5}"]
-    for row in last["layers"]:
-        ent = "-" if row["entropy"] is None else f"{row['entropy']:.3f}"
-        on = "-" if row["always_on"] is None else str(row["always_on"])
-        off = "-" if row["always_off"] is None else str(row["always_off"])
-        lines.append(f"{row['layer'][:34]:<34} {row['sparsity']:>9.2%} {ent:>8} {on:>5} {off:>5}")
-    p, f = report["params"], report["flops"]
-    lines += [
-        "",
-        f"accuracy     dense {report['dense_acc']:.2f}%  ->  pruned {report['final_acc']:.2f}%",
-        f"parameters   dense {_fmt_int(p['dense'])}  ->  nonzero {_fmt_int(p['effective'])}",
-        f"MACs/sample  dense {_fmt_int(f['dense'])}  ->  effective {_fmt_int(f['effective'])}",
-        f"latency      {report['latency_ms_batch32']:.2f} ms per batch of 32 ({report['latency_note']})",
-        f"collapsed    zero-entropy activations: {', '.join(report['zero_entropy_layers']) or 'none'}",
-        f"             emptied layers: {', '.join(report['emptied_layers']) or 'none'}",
-    ]
+        mark = " <- result" if r["round"] == report.get("selected_round") and len(rounds) > 1 and r is not rounds[-1] else ""
+        lines.append(f"{r['round']:>5} {r['test_acc']:>10.2f} {r['sparsity']:>9.2%} {r.get('sparsity_all_layers', 0):>10.2%} "
+                     f"{len(r['zero_entropy']):>11} {len(r['emptied']):>7}{mark}")
+    last = next((r for r in rounds if r["round"] == report.get("selected_round")), rounds[-1])
+    if any(row["entropy"] is not None for row in last["layers"]):
+        lines += ["", f"{'layer':<34} {'sparsity':>9} {'entropy':>8} {'on':>5} {'off':>5}"]
+        for row in last["layers"]:
+            ent = "-" if row["entropy"] is None else f"{row['entropy']:.3f}"
+            on = "-" if row["always_on"] is None else str(row["always_on"])
+            off = "-" if row["always_off"] is None else str(row["always_off"])
+            lines.append(f"{row['layer'][:34]:<34} {row['sparsity']:>9.2%} {ent:>8} {on:>5} {off:>5}")
+    lines += ["", *network_table(report["networks"]), ""]
+    lines.append(f"accuracy     dense {report['dense_acc']:.2f}%  ->  result {report['final_acc']:.2f}% "
+                 f"(sparsity {report['final_sparsity']:.2%} of the pruned layers, "
+                 f"{report.get('final_sparsity_all_layers', 0):.2%} of all weights)")
+    lines.append(f"collapsed    zero-entropy activations: {', '.join(report['zero_entropy_layers']) or 'none'}")
+    lines.append(f"             emptied layers: {', '.join(report['emptied_layers']) or 'none'}")
+    fold = report.get("fold")
+    if fold is not None:
+        lines.append(f"folding      {len(fold['collapse_edits'])} collapse edit(s), {len(fold['folds'])} exact fold(s)")
+        for e in fold["collapse_edits"] + fold["folds"]:
+            lines.append(f"               {e.get('kind')} {e.get('target')}")
+        for r in fold["refused"]:
+            lines.append(f"             refused: {r.get('target')}: {r.get('reason')}")
+    elif report["config"].get("no_fold"):
+        lines.append("folding      off (--no-fold): the network keeps its dense shape")
     if report.get("wall_seconds"):
         lines.append(f"wall time    {report['wall_seconds']:.0f} s")
     lines += [f"written      {out}/report.json, {out}/metrics.jsonl, {out}/*.png, {out}/final/", ""]

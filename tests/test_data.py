@@ -345,6 +345,14 @@ def test_image_folder(tmp_path):
     assert b.train[0][0].shape == (3, 16, 16)
     with pytest.raises(DatasetNotFoundError):
         build_dataset(f"imagefolder:{tmp_path / 'nothing'}")
+    # a corrupt image is found up front, named, and skipped (not after a full epoch)
+    (tmp_path / "imgs" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        b2 = build_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16, test_fraction=0.4)
+    assert len(b2.train) + len(b2.test) == 10
+    for ds in (b2.train, b2.test):
+        for i in range(len(ds)):
+            ds[i]
 
 
 # --------------------------------------------------------------------------- loaders

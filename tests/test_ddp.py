@@ -19,11 +19,11 @@ def _worker(rank, world, port, out, result_dir):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pyengine.methods.prune_run import PruneRun, PruneConfig
+    from pyengine.methods import Run, RunConfig
 
-    cfg = PruneConfig(model="resnet18", dataset="digits", image_size=8, epochs=1, rounds=1, batch_size=64,
-                      method="egp", out=out, progress=False, entropy_batches=2, device="cpu")
-    run = PruneRun(cfg, log=lambda *a: None)
+    cfg = RunConfig(model="resnet18", dataset="digits", image_size=8, epochs=1, rounds=1, batch_size=64,
+                    method="egp", out=out, no_progress=True, entropy_batches=2, device="cpu")
+    run = Run(cfg, log=lambda *a: None)
     report = run.run()
     params = torch.cat([p.detach().flatten() for p in run.model.parameters()])
     counts = {k: v.tolist() for k, v in sorted(run.masks.masks.items())[:1]}

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pyengine.methods.egp import EGPConfig, egp_allocate, egp_prune_step
+from pyengine.methods.prune.egp import EGPConfig, egp_allocate, egp_prune_step
 from pyengine.nn.entropy import LayerEntropy
 from pyengine.nn.masks import MaskSet
 

@@ -46,3 +46,66 @@ def test_collector_inclusive_and_per_position():
     assert c2.counts["1"].tolist() == [10, 10, 0, 10]
     res = c.results()["1"]
     assert res.mean == 0.0 and res.n_always_on == 1 and res.n_always_off == 3
+
+
+def test_swin_mlp_neuron_is_the_hidden_unit():
+    """torchvision Swin's MLP runs on (B, H, W, C): a neuron is one of the C hidden units (the
+    producer is a Linear layer), not a spatial row."""
+    torch.manual_seed(0)
+    model = build_model("swin_t", num_classes=4, in_channels=3, image_size=16, embed_dim=16, depths=(1, 1),
+                        num_heads=(2, 2), window_size=2, patch_size=2).eval()
+    x = torch.randn(3, 3, 16, 16)
+    seen = {}
+    gelus = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.GELU)]
+    handles = [m.register_forward_pre_hook(lambda mod, a, name=n: seen.__setitem__(name, a[0].detach().clone()))
+               for n, m in gelus]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    with EntropyCollector(model) as col:
+        with torch.no_grad():
+            model(x)
+    for name, z in seen.items():
+        assert z.dim() == 4
+        hidden = z.shape[-1]
+        assert col.counts[name].shape == (hidden,)
+        ref = (z > 0).reshape(-1, hidden).sum(0)
+        assert torch.equal(col.counts[name].cpu(), ref)
+        assert col.samples[name] == z.numel() // hidden
+
+
+def test_measuring_in_train_mode_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, in_channels=1, image_size=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [(torch.randn(4, 1, 8, 8) * 3 + 1, torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    res = measure_entropy(model, data, torch.device("cpu"), train_mode=True)
+    assert len(res) == 17
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training  # the mode is restored too
+
+
+def test_inclusive_reaches_the_measurement_of_a_run(tmp_path):
+    """EGP's --inclusive (ON means z >= 0) changes what the run measures."""
+    from pyengine.methods import RunConfig
+    from pyengine.methods.base import EntropySpec
+    from pyengine.methods.runner import Run
+
+    r = Run(RunConfig(image_size=8, epochs=1, rounds=0, batch_size=64, out=str(tmp_path / "a"),
+                      options={"inclusive": True}), log=lambda *a: None)
+    r._setup()
+    assert r.method.entropy_spec() == EntropySpec(estimator="egp", inclusive=True, when="pass")
+    # a ReLU fed by an all-zero layer: every neuron is OFF under z > 0 and ON under z >= 0
+    with torch.no_grad():
+        r.model.layer4[1].conv1.weight.zero_()
+        r.model.layer4[1].bn1.weight.zero_()
+        r.model.layer4[1].bn1.bias.zero_()
+    batches = [(torch.randn(4, 1, 8, 8), None)]
+    on_gt, _ = r.measure(EntropySpec(inclusive=False), batches)
+    on_ge, c_ge = r.measure(EntropySpec(inclusive=True), batches)
+    name = "layer4.1.relu1"
+    assert on_gt[name].n_always_off == on_gt[name].n_neurons
+    assert on_ge[name].n_always_on == on_ge[name].n_neurons
+    assert len(c_ge[name]["on"]) == on_ge[name].n_neurons

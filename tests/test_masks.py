@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pyengine.methods.magnitude import fraction_for_target, prune_magnitude
+from pyengine.methods.prune.magnitude import fraction_for_target, prune_magnitude
 from pyengine.nn.masks import MaskSet, prunable_parameters
 
 

@@ -490,6 +490,30 @@ def _tiny_missing(places, target, reason) -> DatasetNotFoundError:
 # ImageFolder
 # --------------------------------------------------------------------------------------------
 
+def _drop_unreadable(paths: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
+    """Checks every image file up front (header and structure, PIL's verify) so that a corrupt file
+    is reported now, with its name, rather than after an epoch; such files are skipped with one
+    warning."""
+    import warnings
+
+    from PIL import Image
+
+    keep_p, keep_y, bad = [], [], []
+    for p, y in zip(paths, labels):
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
+            bad.append(f"{p} ({type(exc).__name__})")
+            continue
+        keep_p.append(p)
+        keep_y.append(y)
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable image(s): {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
+                      RuntimeWarning, stacklevel=3)
+    return keep_p, keep_y
+
+
 def load_image_folder(path: str | Path, image_size: int | None = None,
                       test_fraction: float = 0.2, channels: int = 3,
                       in_memory: bool = False) -> RawData:
@@ -528,6 +552,11 @@ def load_image_folder(path: str | Path, image_size: int | None = None,
         tr_y = [full.samples[i][1] for i in keep]
         te_paths = [full.samples[i][0] for i in held]
         te_y = [full.samples[i][1] for i in held]
+    tr_paths, tr_y = _drop_unreadable(tr_paths, tr_y)
+    te_paths, te_y = _drop_unreadable(te_paths, te_y)
+    if not tr_paths or not te_paths:
+        raise DatasetCorruptError(f"imagefolder:{path}", [str(path)], hints,
+                                  reason="no readable image left in the train or test split")
     size = image_size or 32
     train, test = FileSource(tr_paths, channels), FileSource(te_paths, channels)
     if in_memory:

@@ -1,5 +1,11 @@
-"""Published methods composed from the layers below (ops, nn, models, train)."""
-from pyengine.methods.egp import EGPConfig, egp_allocate, egp_prune_step
-from pyengine.methods.magnitude import prune_magnitude
+"""Published methods behind one interface (pyengine.methods.base), found by name, driven by one
+generic runner (pyengine.methods.runner)::
 
-__all__ = ["EGPConfig", "egp_allocate", "egp_prune_step", "prune_magnitude"]
+    from pyengine.methods import RunConfig, run
+    report = run(RunConfig(model="resnet18", method="egp", options={"zeta": 0.5}))
+"""
+from pyengine.methods.base import EntropySpec, Method, StepCallback, get_method, list_methods, register
+from pyengine.methods.runner import Run, RunConfig, RunContext, run
+
+__all__ = ["EntropySpec", "Method", "Run", "RunConfig", "RunContext", "StepCallback", "get_method", "list_methods",
+           "register", "run"]

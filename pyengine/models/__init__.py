@@ -17,7 +17,7 @@ from typing import Callable
 
 from torch import nn
 
-from pyengine.models.activations import (
+from pyengine.graph.activations import (
     ActivationSite,
     activation_kind,
     activation_map,

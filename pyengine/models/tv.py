@@ -23,7 +23,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from pyengine.models.activations import (
+from pyengine.graph.activations import (
     find_functional_activations,
     find_reused_activations,
     make_activations_distinct,

@@ -1,8 +1,13 @@
 """Entropy of activation states, collected with hooks on every activation's input.
 
-The hook counts, per neuron, the samples whose pre-activation is ON with the native fused
-op (exact int64 counts accumulated over the whole loader, all-reduced under DDP), then turns
-the counts into per-layer entropy (methods.md section 0).
+The hook counts, per neuron, the samples whose pre-activation is ON with the native fused op
+(exact int64 counts kept on the device and accumulated over the whole loader, all-reduced under
+DDP), then turns the counts into per-layer entropy (methods.md section 0).
+
+A neuron is a channel for a convolution's output and a hidden unit for a linear layer's output:
+the neuron dimension is taken from the activation's producer layer, so torchvision Swin's MLP
+GELU on (B, H, W, C) is counted along C, not along H. With ``per_position`` a neuron is a channel
+x position (DSD2).
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pyengine.models import activation_map
+from pyengine.graph import activation_map
 from pyengine.ops import entropy_counts, entropy_from_counts, samples_per_neuron
 
 
@@ -30,8 +35,20 @@ class LayerEntropy:
         return self.mean_nonconstant if estimator == "egp" else self.mean
 
 
-def _channel_dim(x: torch.Tensor) -> int:
-    return -1 if x.dim() == 3 else 1  # (B, T, C) tokens; (N, C, ...) otherwise
+def neuron_dim_of(model: nn.Module, producer: str | None, ndim: int) -> int:
+    """The neuron dimension of an activation input with ``ndim`` dimensions: dimension 1 after a
+    convolution, the last one after a linear layer (tokens: (B, T, C), Swin: (B, H, W, C)).
+    Without a producer: dimension 1, or the last one for a 3-D (B, T, C) tensor."""
+    if producer:
+        try:
+            m = model.get_submodule(producer)
+        except AttributeError:
+            m = None
+        if isinstance(m, nn.Linear):
+            return ndim - 1
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return 1
+    return ndim - 1 if ndim == 3 else 1
 
 
 class EntropyCollector:
@@ -39,12 +56,13 @@ class EntropyCollector:
 
     inclusive: count ``z >= 0`` as ON (EASIER) instead of ``z > 0`` (EGP).
     per_position: neuron = channel x position (DSD2) instead of channel.
+    Counts stay on the device: no host synchronisation per activation or per batch.
     """
 
     def __init__(self, model: nn.Module, names: list[str] | None = None, *, inclusive: bool = False,
-                 per_position: bool = False):
+                 per_position: bool = False, sites=None):
         self.model = model
-        sites = activation_map(model)
+        sites = sites if sites is not None else activation_map(model)
         if names is not None:
             wanted = set(names)
             sites = [s for s in sites if s.name in wanted]
@@ -53,12 +71,17 @@ class EntropyCollector:
         self.per_position = per_position
         self.counts: dict[str, torch.Tensor] = {}
         self.samples: dict[str, int] = {}
+        self._dims: dict[str, int] = {}
         self._handles = []
 
-    def _hook(self, name):
+    def _hook(self, site):
+        name = site.name
+
         def hook(module, args):
             z = args[0]
-            cdim = _channel_dim(z)
+            cdim = self._dims.get(name)
+            if cdim is None:
+                cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
             c = entropy_counts(z, cdim, self.per_position, self.inclusive, check_nan=False)
             if name in self.counts:
                 self.counts[name] += c
@@ -70,7 +93,7 @@ class EntropyCollector:
 
     def __enter__(self):
         for s in self.sites:
-            self._handles.append(s.module.register_forward_pre_hook(self._hook(s.name)))
+            self._handles.append(s.module.register_forward_pre_hook(self._hook(s)))
         return self
 
     def __exit__(self, *exc):
@@ -94,12 +117,22 @@ class EntropyCollector:
             dist.all_reduce(n)
             self.samples[name] = int(n)
 
+    def state_dict(self) -> dict:
+        """Counts and sample numbers, to carry a collection across a checkpoint."""
+        return {"counts": {k: v.detach().cpu() for k, v in self.counts.items()}, "samples": dict(self.samples)}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        self.counts = {k: v.to(device) if device is not None else v.clone() for k, v in state["counts"].items()}
+        self.samples = {k: int(v) for k, v in state["samples"].items()}
+
     def results(self, eps: float = 0.0) -> dict[str, LayerEntropy]:
         out = {}
         for s in self.sites:
             if s.name not in self.counts:
                 continue
             counts = self.counts[s.name]
+            if counts.is_floating_point():
+                raise TypeError("entropy counts must be integers")
             st = entropy_from_counts(counts, self.samples[s.name], eps)
             out[s.name] = LayerEntropy(
                 s.name, s.producer, st.mean, st.mean_nonconstant, counts.numel(), st.n_always_on,
@@ -108,22 +141,52 @@ class EntropyCollector:
         return out
 
 
+class FrozenNormStats:
+    """Restores every normalisation layer's running statistics on exit, so a measurement in train
+    mode (batch statistics) leaves the model exactly as it was."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = []
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                self.saved.append((m, {k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None}))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for m, bufs in self.saved:
+                for k, v in bufs.items():
+                    getattr(m, k).copy_(v)
+
+
 @torch.no_grad()
-def measure_entropy(model: nn.Module, loader, device, *, inclusive: bool = False, per_position: bool = False,
-                    train_mode: bool = False, names: list[str] | None = None, max_batches: int | None = None,
-                    progress=None) -> dict[str, LayerEntropy]:
-    """Per-activation entropy over a loader (eval mode by default, as EGP does)."""
+def collect_counts(model: nn.Module, loader, device, *, inclusive: bool = False, per_position: bool = False,
+                   train_mode: bool = False, names: list[str] | None = None, max_batches: int | None = None,
+                   progress=None, sites=None) -> EntropyCollector:
+    """Runs ``loader`` through ``model`` and returns the collector holding every activation's ON
+    counts (all-reduced under DDP). In train mode BatchNorm uses batch statistics, but its running
+    statistics are restored afterwards: measuring entropy never changes the model."""
     was_training = model.training
     model.train(train_mode)
-    col = EntropyCollector(model, names, inclusive=inclusive, per_position=per_position)
-    with col:
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x = batch[0].to(device, non_blocking=True)
-            model(x)
-            if progress is not None:
-                progress.update(1)
+    col = EntropyCollector(model, names, inclusive=inclusive, per_position=per_position, sites=sites)
+    try:
+        with FrozenNormStats(model), col:
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                model(x.to(device, non_blocking=True))
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        model.train(was_training)
     col.all_reduce()
-    model.train(was_training)
-    return col.results()
+    return col
+
+
+def measure_entropy(model: nn.Module, loader, device, **kw) -> dict[str, LayerEntropy]:
+    """Per-activation entropy over a loader (eval mode by default, as EGP does); keyword
+    arguments as :func:`collect_counts`."""
+    return collect_counts(model, loader, device, **kw).results()

@@ -45,7 +45,7 @@ PRESETS: dict[str, TrainConfig] = {
     # ViT of the sparse double descent study: AdamW 1e-4, wd 0.03, cosine, 200 epochs
     "vit": TrainConfig(epochs=200, optimizer="adamw", lr=1e-4, weight_decay=0.03, schedule="cosine"),
     # A CPU demo that finishes in minutes: few epochs, cosine decay (and 16x16 images, see
-    # PruneConfig.image_size); ResNet-18 reaches ~94% on digits after the 3 dense epochs
+    # RunConfig.image_size); ResNet-18 reaches ~94% on digits after the 3 dense epochs
     "quick": TrainConfig(epochs=3, batch_size=32, lr=0.01, weight_decay=5e-4, schedule="cosine", workers=0),
 }
 
@@ -99,17 +99,18 @@ def evaluate(model: nn.Module, loader, device: torch.device, cfg: TrainConfig | 
     cfg = cfg or TrainConfig(amp=False)
     was = model.training
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    total = 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
     for x, y in loader:
         x, y = _to_device(x, y, device, cfg)
         with _autocast(device, cfg):
             out = model(x)
-        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
         total += y.numel()
     model.train(was)
-    loss_sum, correct, total = all_reduce_sum([loss_sum, float(correct), float(total)], device)
+    loss_sum, correct, total = all_reduce_sum([float(loss_sum), float(correct), float(total)], device)
     return {"acc": 100.0 * correct / max(1, total), "loss": loss_sum / max(1, total), "n": int(total)}
 
 
@@ -118,71 +119,156 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class EpochHooks:
-    """Optional callbacks of :func:`train_epochs`."""
+    """Optional per-epoch callbacks of :func:`train_epochs` (per-step ones are StepCallbacks)."""
 
     on_epoch_end: Callable[[int, dict], None] | None = None
-    extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     before_epoch: Callable[[int], None] | None = None
     tags: dict = field(default_factory=dict)
 
 
+class _ProgressLine:
+    """A tqdm bar on a terminal; in a log that is not a terminal, nothing per batch (the caller
+    prints one line per epoch)."""
+
+    def __init__(self, loader, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+        self.iterable = self.bar if self.bar is not None else loader
+
+    def show(self, **kw) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(**kw, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+#: None: check the loss every step on the CPU, once per epoch on a GPU; True/False forces either way
+DEFER_NONFINITE_CHECK: bool | None = None
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """``None`` means: bars only when stderr is a terminal."""
+    import sys
+
+    if progress is None:
+        return sys.stderr.isatty()
+    return bool(progress)
+
+
 def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfig, optimizer, scheduler, *,
-                 start_epoch: int = 0, masks=None, hooks: EpochHooks | None = None, progress: bool = True,
-                 desc: str = "train", loss_fn: LossFn | None = None) -> list[dict]:
+                 start_epoch: int = 0, masks=None, hooks: EpochHooks | None = None, progress: bool | None = None,
+                 desc: str = "train", loss_fn: LossFn | None = None, callbacks=(), log=None) -> list[dict]:
     """Trains from ``start_epoch`` to ``cfg.epochs``; masks are re-applied after every step.
 
-    loss_fn(logits, targets, inputs) replaces cross-entropy (e.g. distillation).
+    loss_fn(logits, targets, inputs) replaces cross-entropy (e.g. distillation); ``callbacks``
+    are StepCallback objects (pyengine.methods.base) called at batch start, for the loss, after
+    backward and after the optimiser step. Running metrics stay on the device and are read once
+    per epoch; a non-finite loss raises FloatingPointError naming the epoch and step where it
+    first happened (checked every step on the CPU, once per epoch on a GPU, where a per-step check
+    would cost a host sync). ``log`` gets one line per epoch when no progress bar is shown.
     Returns one metrics dict per epoch run; ``hooks.on_epoch_end`` is where checkpoints go.
     """
-    from tqdm.auto import tqdm
-
     hooks = hooks or EpochHooks()
+    callbacks = list(callbacks)
+    show_bar = progress_enabled(progress)
     history = []
+    steps_per_epoch = len(loader)
+    sync_each_step = device.type != "cuda" if DEFER_NONFINITE_CHECK is None else not DEFER_NONFINITE_CHECK
     if masks is not None:
         masks.apply(optimizer)
-    for epoch in range(start_epoch, cfg.epochs):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        if hooks.before_epoch:
-            hooks.before_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        seen = correct = 0
-        loss_sum = 0.0
-        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress,
-                   dynamic_ncols=True, mininterval=1.0)
-        for x, y in bar:
-            x, y = _to_device(x, y, device, cfg)
-            with _autocast(device, cfg):
-                out = model(x)
-                if loss_fn is not None:
-                    loss = loss_fn(out.float(), y, x)
+    for cb in callbacks:
+        cb.on_train_start(model)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            if hooks.before_epoch:
+                hooks.before_epoch(epoch)
+            for cb in callbacks:
+                cb.on_epoch_start(epoch, cfg.epochs)
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+            seen = 0
+            bar = _ProgressLine(loader, f"{desc} epoch {epoch + 1}/{cfg.epochs}", show_bar)
+            refresh = max(1, steps_per_epoch // 20)
+            for step, (x, y) in enumerate(bar.iterable):
+                x, y = _to_device(x, y, device, cfg)
+                for cb in callbacks:
+                    cb.on_batch_start(step, x, y)
+                done = None
+                for cb in callbacks:
+                    done = cb.forward_backward(model, x, y)
+                    if done is not None:
+                        break
+                if done is None:
+                    optimizer.zero_grad(set_to_none=True)
+                    with _autocast(device, cfg):
+                        out = model(x)
+                        loss = None
+                        for cb in callbacks:
+                            loss = cb.loss(out.float(), y, x)
+                            if loss is not None:
+                                break
+                        if loss is None:
+                            loss = loss_fn(out.float(), y, x) if loss_fn is not None else \
+                                F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+                        for cb in callbacks:
+                            extra = cb.extra_loss(out.float(), y, x)
+                            if extra is not None:
+                                loss = loss + extra
+                    loss.backward()
+                    loss = loss.detach()
                 else:
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
-                if hooks.extra_loss is not None:
-                    loss = loss + hooks.extra_loss(model, x, y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss)} at epoch {epoch + 1}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if masks is not None:
-                # one fused call: pruned weights, their gradients and optimiser buffers -> 0, so
-                # neither momentum nor weight decay can revive a pruned weight next step
-                masks.apply(optimizer)
-            scheduler.step()
-            n = y.numel()
-            seen += n
-            loss_sum += float(loss.detach()) * n
-            correct += int((out.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-        bar.close()
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, float(correct), float(seen)], device)
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_acc": 100 * correct / max(1, seen),
-               "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0, **hooks.tags}
-        history.append(rec)
-        if hooks.on_epoch_end:
-            hooks.on_epoch_end(epoch + 1, rec)
+                    loss, out = done
+                    loss = loss.detach()
+                bad = ~torch.isfinite(loss)
+                if sync_each_step:
+                    if bool(bad):
+                        raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
+                                                 f"of {steps_per_epoch}; lower the learning rate (--lr)")
+                else:
+                    first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+                for cb in callbacks:
+                    cb.after_backward(model)
+                optimizer.step()
+                if masks is not None:
+                    # one fused call: pruned weights, their gradients and optimiser buffers -> 0, so
+                    # neither momentum nor weight decay can revive a pruned weight next step
+                    masks.apply(optimizer)
+                for cb in callbacks:
+                    cb.after_step(model, optimizer)
+                scheduler.step()
+                n = y.numel()
+                seen += n
+                loss_sum += loss.double() * n
+                correct += (out.detach().argmax(1) == y).sum()
+                if bar.bar is not None and (step % refresh == 0 or step == steps_per_epoch - 1):
+                    bar.show(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{100 * int(correct) / seen:.1f}",
+                             lr=f"{scheduler.get_last_lr()[0]:.3g}")
+            bar.close()
+            if not sync_each_step and int(first_bad) >= 0:
+                raise FloatingPointError(f"the loss became non-finite at epoch {epoch + 1}, step {int(first_bad) + 1} "
+                                         f"of {steps_per_epoch}; lower the learning rate (--lr)")
+            loss_v, correct_v, seen_v = all_reduce_sum([float(loss_sum), float(correct), float(seen)], device)
+            rec = {"epoch": epoch + 1, "train_loss": loss_v / max(1, seen_v), "train_acc": 100 * correct_v / max(1, seen_v),
+                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0, **hooks.tags}
+            history.append(rec)
+            if log is not None and not show_bar:
+                log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.2f}%  "
+                    f"lr {rec['lr']:.3g}  {rec['seconds']:.1f} s")
+            if hooks.on_epoch_end:
+                hooks.on_epoch_end(epoch + 1, rec)
+    finally:
+        for cb in callbacks:
+            cb.on_train_end(model)
     return history
 
 

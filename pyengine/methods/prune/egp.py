@@ -13,19 +13,24 @@ the budget is re-shared until stable. Active layers: entropy > 0 and not yet emp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from pyengine.methods.base import EntropySpec, Method, register
+from pyengine.methods.options import option
+from pyengine.methods.prune.magnitude import PruneTarget
 from pyengine.nn.entropy import LayerEntropy
 from pyengine.nn.masks import MaskSet
 
 
 @dataclass
-class EGPConfig:
+class EGPConfig(PruneTarget):
     """EGP hyper-parameters with the published defaults (paper section 3)."""
 
-    zeta: float = 0.5  # fraction of the active layers' remaining weights removed per round
-    estimator: str = "egp"  # "egp": mean over non-constant neurons; "easier": mean over all
-    inclusive: bool = False  # ON means z > 0 (EGP); z >= 0 is EASIER's choice
+    zeta: float = option(0.5, "EGP: fraction of the active layers' remaining weights removed per round",
+                         low=0.0, high=1.0, low_open=True)
+    estimator: str = option("egp", "layer entropy: mean over non-constant neurons (egp, the paper) or over "
+                            "all neurons (easier, NEPENTHE's estimator)", choices=("egp", "easier"))
+    inclusive: bool = option(False, "count z >= 0 as ON (EASIER's rule) instead of z > 0 (EGP's)")
 
 
 def egp_allocate(entropy: dict[str, float], mean_abs: dict[str, float], nonzeros: dict[str, int],
@@ -86,3 +91,41 @@ def egp_prune_step(masks: MaskSet, entropies: dict[str, LayerEntropy], cfg: EGPC
         "zero_entropy_layers": sorted(n for n, h in ent.items() if h == 0.0),
         "emptied_layers": masks.empty_layers(),
     }
+
+
+def producer_weights(sites, masks: MaskSet) -> list[str]:
+    """The weights EGP prunes: each activation's producer layer (ResNet relu1 -> conv1, ...)."""
+    out = []
+    for s in sites:
+        w = f"{s.producer}.weight" if s.producer else None
+        if w is not None and w in masks.params and w not in out:
+            out.append(w)
+    return out
+
+
+@register
+class EGP(Method):
+    """Entropy guided pruning: per-layer budgets from entropy x magnitude (arXiv 2308.06619)."""
+
+    name = "egp"
+    summary = "entropy-guided unstructured pruning that empties whole layers (EGP, ICCV-W 2023)"
+    Options = EGPConfig
+    default_rounds = {"paper": 9, "*": 3}
+
+    def prunable(self, model):
+        # EGP only ever prunes layers that feed an activation; sparsity is stated over them
+        return self.run.producer_weights()
+
+    def entropy_spec(self) -> EntropySpec:
+        return EntropySpec(estimator=self.opt.estimator, inclusive=self.opt.inclusive, when="pass")
+
+    def act(self, summary):
+        ent = {d["name"]: LayerEntropy(**d) for d in summary["entropy_sites"]}
+        rec = egp_prune_step(self.run.masks, ent, self.opt)
+        removed = sum(rec["removed"].values())
+        if removed == 0:
+            return None
+        return {"removed_total": removed, "allocation": rec["allocation"], "emptied": rec["emptied_layers"]}
+
+    def should_stop(self, rounds):
+        return self.opt.reached(self.run.masks)

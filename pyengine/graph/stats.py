@@ -1,0 +1,121 @@
+"""Size, depth, MACs and latency of a network, dense or folded.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` rather than the forward
+hooks of ``pyengine.models.flops``: it sees every matmul/convolution the network really runs at
+the ATen level (merged kernels at their merged size, layers applied functionally such as the
+weights torchvision's Swin attention passes to a function, the attention matmuls), it needs no
+per-module-type rule for GraphModules or user models, and this package sits below
+``pyengine.models`` (which it must not import).
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from pyengine.graph.trace import is_weight_layer, trace
+
+__all__ = ["network_stats", "measure_latency", "count_macs", "network_depth"]
+
+
+def count_macs(model: nn.Module, example_input: Tensor) -> int:
+    """Multiply-accumulates per sample of one eval-mode forward on ``example_input``
+    (every matmul, convolution and attention product; FlopCounterMode's FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        model.train(was)
+    batch = example_input.shape[0] if example_input.dim() > 0 else 1
+    return int(counter.get_total_flops()) // 2 // max(batch, 1)
+
+
+def _weight_layers_inside(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if is_weight_layer(m))
+
+
+def network_depth(model: nn.Module) -> int:
+    """Weight layers (Conv/Linear) on the longest input -> output path of the traced graph.
+
+    A module kept whole by the tracer (e.g. torchvision's Swin attention) counts its weight
+    layers as applied one after the other. Functional convolutions/linears count one each.
+    """
+    import torch.nn.functional as F
+
+    gm = model if isinstance(model, torch.fx.GraphModule) else trace(model)
+    functional = {F.linear, F.conv1d, F.conv2d, F.conv3d}
+    depth: dict[torch.fx.Node, int] = {}
+    best = 0
+    for node in gm.graph.nodes:
+        here = 0
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            here = 1 if is_weight_layer(m) else _weight_layers_inside(m)
+        elif node.op == "call_function" and node.target in functional:
+            here = 1
+        d = here + max((depth[i] for i in node.all_input_nodes), default=0)
+        depth[node] = d
+        best = max(best, d)
+    return best
+
+
+def network_stats(model: nn.Module, example_input: Tensor) -> dict:
+    """Depth, layer counts, parameters and MACs of ``model``:
+
+    ``{"depth", "conv_layers", "linear_layers", "params", "nonzero_params", "macs"}`` where
+    depth is :func:`network_depth`, params count each shared tensor once, and macs is
+    :func:`count_macs` (per sample).
+    """
+    convs = sum(1 for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd))
+    linears = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    params = list({id(p): p for p in model.parameters()}.values())
+    return {
+        "depth": network_depth(model),
+        "conv_layers": convs,
+        "linear_layers": linears,
+        "params": sum(p.numel() for p in params),
+        "nonzero_params": sum(int(torch.count_nonzero(p.detach())) for p in params),
+        "macs": count_macs(model, example_input),
+    }
+
+
+def measure_latency(model: nn.Module, example_input: Tensor, device: str | torch.device | None = None,
+                    *, warmup: int = 3, min_run_time: float = 0.5) -> float:
+    """Median time in milliseconds of one eval-mode, no-grad forward on ``example_input``.
+
+    ``warmup`` calls run first (allocator, cuDNN autotuning, lazy init); then
+    ``torch.utils.benchmark.Timer.blocked_autorange`` times blocks of calls for at least
+    ``min_run_time`` seconds, synchronising the accelerator around each block, with the current
+    intra-op thread count. ``device`` (default: the model's) receives a copy of the input; the
+    model must already be on it.
+    """
+    from torch.utils.benchmark import Timer
+
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    x = example_input.to(device)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(max(0, int(warmup))):
+                model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            def forward():
+                with torch.no_grad():
+                    model(x)
+
+            timer = Timer(stmt="forward()", globals={"forward": forward},
+                          num_threads=torch.get_num_threads())
+            measurement = timer.blocked_autorange(min_run_time=min_run_time)
+    finally:
+        model.train(was)
+    return float(measurement.median) * 1e3

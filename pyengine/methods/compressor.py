@@ -1,0 +1,143 @@
+"""Any method on your own model, in your own training loop (the Torch-Pruning style of use).
+
+    import pyengine
+    comp = pyengine.Compressor(model, "egp", example_input=torch.randn(1, 3, 32, 32), options={"zeta": 0.5})
+    for rnd in range(3):
+        train(comp.model, optimizer)          # your loop: call comp.apply_masks(optimizer) after each step
+        comp.measure(train_loader)            # the statistic the method needs (entropy per activation)
+        print(comp.step())                    # prune and/or edit, as the method decides
+        optimizer = make_optimizer(comp.model)  # a structural edit may have replaced modules
+    folded = comp.fold()                      # identity / constant activations, exact folds
+    comp.export("out/", formats=("safetensors", "onnx"))
+
+Any torch.fx-traceable nn.Module works; a module that cannot be traced gets an error naming it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pyengine.methods import options as opts
+from pyengine.methods.base import get_method
+from pyengine.methods.runner import RunContext
+
+__all__ = ["Compressor"]
+
+
+class Compressor(RunContext):
+    """A method bound to a user's model; the user owns data and training.
+
+    Args:
+        model: any torch.fx-traceable module (its activations must be modules, e.g. nn.ReLU).
+        method: a registered method name ("egp", "imp", "magnitude", ...).
+        example_input: one input batch (shape and device) used to trace the model.
+        options: the method's options (its Options dataclass, or a dict).
+        prunable: "conv+linear" / "linear" / a list of weight names (default: the method's choice).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "egp", *, example_input: torch.Tensor, options=None,
+                 prunable=None, log=print):
+        super().__init__()
+        from pyengine.graph import trace
+
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(example_input, torch.Tensor):
+            raise TypeError("example_input must be a tensor (one input batch)")
+        trace(model)  # raises a TraceError that names the untraceable submodule
+        self.model = model
+        self.train_model = model
+        # an export names the user's class; load it with pyengine.graph.load_export(folder, build)
+        self.arch_name = f"user:{type(model).__module__}.{type(model).__qualname__}"
+        self.example_input = example_input
+        self.device = example_input.device
+        self.log = log
+        cls = get_method(method)
+        o = cls.Options() if options is None else (opts.from_json(cls.Options, options) if isinstance(options, dict) else options)
+        opts.validate(o)
+        self.refresh_sites()
+        self.method = cls(o, self)
+        self._prunable = prunable or self.method.prunable(model) or "conv+linear"
+        self._rebuild_masks()
+        self._last: dict | None = None
+        self._round = 0
+
+    # ---- the user's loop -------------------------------------------------------------
+    def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero pruned weights, their gradients and optimiser buffers (call after each step)."""
+        self.masks.apply(optimizer)
+
+    def step_callbacks(self):
+        """The method's per-step hooks (loss terms, several forwards); see StepCallback."""
+        return self.method.step_callbacks()
+
+    def measure(self, loader=None, *, max_batches: int | None = None, spec=None, val_acc: float | None = None,
+                test_acc: float | None = None) -> dict:
+        """Measures the statistic the method needs over ``loader`` (input batches, or (x, y)
+        pairs) and returns the round summary that :meth:`step` acts on."""
+        spec = spec or self.method.entropy_spec()
+        ent, constant = ({}, {})
+        if spec is not None:
+            if loader is None:
+                raise ValueError(f"method {self.method.name} needs a loader to measure entropy")
+            ent, constant = RunContext.measure(self, spec, loader, max_batches=max_batches)
+        estimator = spec.estimator if spec is not None else "egp"
+        from dataclasses import asdict
+
+        self._last = {
+            "round": self._round, "test_acc": test_acc, "val_acc": val_acc,
+            "sparsity": self.masks.sparsity(), "emptied": self.masks.empty_layers(),
+            "zero_entropy": sorted(e.name for e in ent.values() if e.value(estimator) == 0.0),
+            "entropy_sites": [asdict(e) for e in ent.values()], "constant_neurons": constant,
+        }
+        return self._last
+
+    def step(self, summary: dict | None = None) -> dict | None:
+        """One round of the method on the last measurement: prune and/or edit. Returns what was
+        done (None: nothing left to do)."""
+        summary = summary or self._last
+        if summary is None:
+            if self.method.entropy_spec() is not None:
+                raise RuntimeError(f"call measure(loader) before step(): {self.method.name} needs entropy")
+            summary = self.measure()
+        self.rounds.append(summary)
+        rec = self.method.act(summary)
+        self.masks.apply()
+        self._round += 1
+        self._last = None
+        return rec
+
+    # ---- the result ------------------------------------------------------------------
+    def fold(self, summary: dict | None = None) -> nn.Module:
+        """Replace collapsed activations (all neurons constant in the last measurement) by identity
+        or their constant, then apply every exact fold. Returns the new model (also ``self.model``);
+        ``self.fold_record`` says what was applied and refused."""
+        from pyengine.methods.runner import collapse_edits
+
+        summary = summary or self._last or (self.rounds[-1] if self.rounds else {})
+        applied = []
+        edits, refused = collapse_edits(self.sites, summary)
+        for e in edits:
+            try:
+                applied += self.edit([e])
+            except (ValueError, NotImplementedError) as exc:
+                refused.append({"target": e.target, "reason": str(exc)})
+        self.fold_record = self._fold_exact(applied, refused)
+        return self.model
+
+    def export(self, folder: str | Path, formats=("safetensors", "onnx"), description: dict | None = None,
+               preprocessing: dict | None = None) -> list[str]:
+        """Writes the current network (weights, masks, edit history; ONNX if asked). Load it back
+        with ``pyengine.graph.load_export(folder, lambda arch: YourModel())``: your base model plus
+        the recorded edits."""
+        from pyengine.graph import export_model
+
+        desc = {"architecture": {"name": self.arch_name, "kwargs": {}}, "method": self.method.name,
+                **(description or {})}
+        pre = preprocessing or {}
+        written = export_model(self.model, folder, desc, self.edits, self.example_input.cpu(), formats,
+                               masks=self.masks.state_dict(), image_size=pre.get("image_size"), mean=pre.get("mean"),
+                               std=pre.get("std"))
+        return [str(p) for p in written.values()]

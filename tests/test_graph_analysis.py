@@ -1,0 +1,173 @@
+"""pyengine.graph analysis: tracing with module paths, producer map, neuron dimension, layering."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import pyengine.graph as graph
+import pyengine.models as models
+from pyengine.graph import TraceError, activation_map, neuron_dim, trace
+from pyengine.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY_VIT = dict(dim=16, depth=2, heads=2, mlp_dim=24)
+TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, patch_size=2)
+
+
+def test_models_reexport_the_moved_names():
+    # the move to pyengine.graph keeps every old import path working
+    import pyengine.models.activations as old
+
+    for name in ("activation_map", "find_producers", "linearise", "ActivationSite",
+                 "activation_kind", "is_weight_layer", "make_activations_distinct"):
+        assert getattr(models, name) is getattr(graph, name)
+        assert getattr(old, name) is getattr(graph, name)
+
+
+@pytest.mark.parametrize("name,opts,size", [
+    ("resnet18", {"width": 8}, 8), ("mobilenet_v2", {"width_mult": 0.25}, 8),
+    ("vit", TINY_VIT, 8), ("swin_t", TINY_SWIN, 8)])
+def test_trace_keeps_module_paths_and_outputs(name, opts, size):
+    model = build_model(name, 10, image_size=size, **opts).eval()
+    gm = trace(model).eval()
+    assert list(gm.state_dict()) and set(gm.state_dict()) == set(model.state_dict())
+    x = torch.randn(2, 3, size, size)
+    assert torch.equal(gm(x), model(x))
+    # weight layers stay Conv/Linear modules under their own paths
+    for path, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert type(gm.get_submodule(path)) is type(m)
+
+
+def test_trace_keeps_swin_attention_whole():
+    # torchvision's attention passes qkv.weight to a function: tracing through it would turn
+    # the Linear into a bare parameter and freeze self.training into the code
+    model = build_model("swin_t", 10, image_size=8, **TINY_SWIN)
+    gm = trace(model)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert "features.1.0.attn" in targets
+    assert isinstance(gm.get_submodule("features.1.0.attn.qkv"), nn.Linear)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            y = y * 2
+        return y
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ok = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.block = nn.Sequential(nn.Identity(), _Branchy())
+
+    def forward(self, x):
+        return self.block(self.ok(x))
+
+
+def test_untraceable_module_is_named():
+    with pytest.raises(TraceError, match=r"'block\.1' \(_Branchy\)") as info:
+        trace(_Outer())
+    assert info.value.module_path == "block.1"
+
+
+def test_untraceable_root_is_named():
+    with pytest.raises(TraceError, match="_Branchy"):
+        trace(_Branchy())
+
+
+def test_neuron_dim_from_the_producer():
+    r = build_model("resnet18", 10, width=8)
+    assert neuron_dim(r, "layer1.0.relu1") == 1
+    v = build_model("vgg16_bn", 10, width_mult=0.125)
+    assert neuron_dim(v, "features.relu1_1") == 1
+    assert neuron_dim(v, "classifier.relu1") == -1
+    vit = build_model("vit", 10, image_size=8, **TINY_VIT)
+    assert neuron_dim(vit, activation_map(vit)[0]) == -1
+    with pytest.raises(ValueError, match="not an activation"):
+        neuron_dim(r, "layer1.0.conv1")
+    with pytest.raises(KeyError):
+        neuron_dim(r, "layer9.relu")
+
+
+def test_neuron_dim_of_swin_is_the_hidden_unit_not_a_spatial_row():
+    model = build_model("swin_t", 10, image_size=8, **TINY_SWIN).eval()
+    site = activation_map(model)[0]
+    seen = {}
+    handle = site.module.register_forward_pre_hook(lambda m, i: seen.setdefault("x", i[0]))
+    model(torch.randn(2, 3, 8, 8))
+    handle.remove()
+    x = seen["x"]
+    hidden = model.get_submodule(site.producer).out_features
+    assert x.dim() == 4  # (B, H, W, C): dimension 1 is a spatial row
+    d = neuron_dim(model, site)
+    assert d == -1 and x.shape[d] == hidden and x.shape[1] != hidden
+
+
+class _Joined(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.act = nn.ReLU()      # fed by a concatenation: no producer, but feeds a conv
+        self.b = nn.Conv2d(7, 2, 1)
+        self.last = nn.ReLU()     # fed by the conv b... through nothing else
+        self.lone = nn.ReLU()     # neither producer nor consumer
+
+    def forward(self, x):
+        y = self.b(self.act(torch.cat([self.a(x), x], 1)))
+        return self.lone(torch.cat([self.last(y), y], 1))
+
+
+def test_neuron_dim_without_producer():
+    m = _Joined()
+    assert neuron_dim(m, "act") == 1  # from the conv it feeds
+    assert neuron_dim(m, "last") == 1
+    with pytest.raises(ValueError, match="neither a producer nor a consumer"):
+        neuron_dim(m, "lone")
+
+
+_FORBIDDEN = ("pyengine.models", "pyengine.nn", "pyengine.methods", "pyengine.train",
+              "pyengine.report", "pyengine.cli", "pyengine.data")
+
+
+def test_graph_imports_nothing_above_it():
+    root = Path(graph.__file__).parent
+    bad = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for n in names:
+                if n.startswith(_FORBIDDEN):
+                    bad.append(f"{path.name}: {n}")
+    assert bad == []
+
+
+def test_trace_keeps_training_dependent_modules_whole():
+    # ViT attention applies dropout only when training (a Python branch on self.training):
+    # tracing through it would freeze one mode into the graph
+    torch.manual_seed(0)
+    vit = build_model("vit", 10, image_size=8, attn_dropout=0.5, **TINY_VIT)
+    gm = trace(vit)
+    assert "blocks.0.attn" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(gm.eval()(x), vit.eval()(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # dropout is live again in train mode
+    # with no dropout the attention is traced through as before
+    plain = trace(build_model("vit", 10, image_size=8, **TINY_VIT))
+    assert "blocks.0.attn.qkv" in {n.target for n in plain.graph.nodes if n.op == "call_module"}

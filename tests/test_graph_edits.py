@@ -1,0 +1,567 @@
+"""pyengine.graph edits: records, each edit kind against a plain-PyTorch reference (float64),
+the exact conv/linear algebra, refusals, and mask mapping."""
+from __future__ import annotations
+
+import copy
+import json
+import random
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from pyengine.graph import (
+    AddConstant,
+    ChannelGate,
+    ConstantZero,
+    Edit,
+    EditHistory,
+    FoldRefused,
+    apply_edit,
+    apply_edits,
+    compose_layers,
+    fold_network,
+    map_masks,
+    replay,
+)
+from pyengine.graph.linear_maps import compose_masks
+from pyengine.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+D = torch.float64
+
+
+def rel(out, ref):
+    out, ref = out.detach(), ref.detach()
+    return float((out - ref).abs().max() / ref.abs().max())
+
+
+def random_bn(model, gen):
+    """Non-trivial eval statistics, so that a wrong BN fold shows."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1, generator=gen)
+            m.running_var.uniform_(0.5, 2, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.uniform_(-0.5, 0.5, generator=gen)
+
+
+def set_module(model, path, new):
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+class Zero(nn.Module):  # reference for a "constant" ReLU
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+class Gate(nn.Module):  # reference for a per-channel gate, written independently of ChannelGate
+    def __init__(self, on, channels, dim):
+        super().__init__()
+        self.g = torch.zeros(channels, dtype=D)
+        self.g[on] = 1
+        self.dim = dim
+
+    def forward(self, x):
+        return x.movedim(self.dim, -1).mul(self.g).movedim(-1, self.dim)
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+
+def test_edit_history_json_round_trip():
+    h = EditHistory([Edit("linearise", "a.relu"), Edit("constant", "b", {"on": [0, 2]}),
+                     Edit("fold_linear", "c", {"into": "d"})])
+    back = EditHistory.from_json(h.to_json())
+    assert back == h and isinstance(back, EditHistory)
+    assert json.loads(h.to_json())[1] == {"kind": "constant", "target": "b", "args": {"on": [0, 2]}}
+    assert "fold c into d" in back.describe()
+
+
+def test_edit_record_validation():
+    with pytest.raises(ValueError, match="kind"):
+        Edit("prune", "x")
+    with pytest.raises(TypeError, match="JSON"):
+        Edit("constant", "x", {"on": torch.tensor([1])})
+    with pytest.raises(TypeError):
+        EditHistory([("linearise", "x")])
+    with pytest.raises(ValueError, match="kind"):
+        Edit.from_dict({"target": "x"})
+
+
+# --------------------------------------------------------------------------------------------
+# Single edits
+# --------------------------------------------------------------------------------------------
+
+def _resnet(seed=0, width=8):
+    torch.manual_seed(seed)
+    m = build_model("resnet18", 10, width=width).to(D).eval()
+    random_bn(m, torch.Generator().manual_seed(seed))
+    return m
+
+
+def test_linearise_and_constant_match_reference_and_keep_keys():
+    model = _resnet()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    ref = copy.deepcopy(model)
+    set_module(ref, "layer1.0.relu1", nn.Identity())
+    set_module(ref, "layer2.1.relu1", Zero())
+    set_module(ref, "layer3.0.relu1", Gate([0, 3, 5], 32, 1))
+    edited, hist = apply_edits(model, [Edit("linearise", "layer1.0.relu1"),
+                                       Edit("constant", "layer2.1.relu1"),
+                                       Edit("constant", "layer3.0.relu1", {"on": [5, 0, 3]})])
+    assert torch.equal(edited(x), ref(x))
+    assert set(edited.state_dict()) == set(model.state_dict()) | {"layer3.0.relu1.gate"}
+    assert isinstance(edited.get_submodule("layer2.1.relu1"), ConstantZero)
+    assert isinstance(edited.get_submodule("layer3.0.relu1"), ChannelGate)
+    assert hist[2].args == {"on": [0, 3, 5], "dim": 1, "channels": 32}  # completed in place
+    assert not torch.equal(model(x), ref(x))  # the input model is left as it was
+
+
+def test_edit_errors_name_the_problem():
+    model = _resnet()
+    with pytest.raises(KeyError, match="layer9"):
+        apply_edit(model, Edit("linearise", "layer9.relu"))
+    with pytest.raises(ValueError, match="not an activation"):
+        apply_edit(model, Edit("linearise", "layer1.0.conv1"))
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        apply_edit(model, Edit("constant", "layer2.0.relu1", {"on": [16]}))
+    vit = build_model("vit", 10, image_size=8, dim=16, depth=1, heads=2, mlp_dim=24)
+    with pytest.raises(ValueError, match="GELU.*depends on the input"):
+        apply_edit(vit, Edit("constant", "blocks.0.mlp.act"))
+    with pytest.raises(ValueError, match="nonzero weights"):
+        apply_edit(model, Edit("remove_branch", "layer1", {"zero_layers": ["layer1.0.conv1"]}),
+                   torch.randn(1, 3, 8, 8, dtype=D))
+    with pytest.raises(ValueError, match="no Conv/Linear layer under 'layer1'"):
+        apply_edit(model, Edit("remove_branch", "layer1"), torch.randn(1, 3, 8, 8, dtype=D))
+    model.layer1[0].conv1.weight.data.zero_()
+    with pytest.raises(ValueError, match="needs example_input"):
+        apply_edit(model, Edit("remove_branch", "layer1"))
+
+
+def test_fold_bn_backward_and_forward():
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(1)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(144, 5), nn.BatchNorm1d(5)).to(D).eval()
+    random_bn(net, gen)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    ref = net(x)
+    out = apply_edit(net, Edit("fold_bn", "2"), x)
+    assert out.get_submodule("1").bias is not None and not hasattr(out, "2")
+    assert rel(out(x), ref) < 1e-12
+    out = apply_edit(out, Edit("fold_bn", "6"), x)  # Linear then BatchNorm1d
+    assert not hasattr(out, "6") and rel(out(x), ref) < 1e-12
+    # the leading BN has no layer before it: it folds forward into the unpadded conv
+    e = Edit("fold_bn", "0")
+    out = apply_edit(out, e, x)
+    assert e.args == {"into": "1", "direction": "forward"}
+    assert rel(out(x), ref) < 1e-12
+    # a BN before a padded conv would lose its shift at the borders: refused
+    padded = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)).to(D).eval()
+    with pytest.raises(FoldRefused, match="borders"):
+        apply_edit(padded, Edit("fold_bn", "0"), x)
+    no_stats = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(FoldRefused, match="batch statistics"):
+        apply_edit(no_stats, Edit("fold_bn", "1"), x.float())
+
+
+# --------------------------------------------------------------------------------------------
+# The algebra of merged layers
+# --------------------------------------------------------------------------------------------
+
+def test_compose_convs_exact_or_refused_for_border_reasons():
+    """A grid of random conv pairs (kernels, strides, paddings, dilations, groups, biases): a
+    merged conv equals the two convs on inputs of several sizes, and a refusal happens only
+    where the second conv zero-pads (the border case)."""
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    merged = refused = 0
+    for _ in range(150):
+        ka, kb, sa, sb = rng.choice([1, 3]), rng.choice([1, 2, 3]), rng.choice([1, 2]), rng.choice([1, 2])
+        pa, pb, da, db = rng.choice([0, 1]), rng.choice([0, 0, 1]), rng.choice([1, 2]), rng.choice([1, 2])
+        ga, gb = rng.choice([1, 2, 4]), rng.choice([1, 4])
+        a = nn.Conv2d(4, 4, ka, sa, pa, da, ga, rng.random() < 0.5).to(D)
+        b = nn.Conv2d(4, 4, kb, sb, pb, db, gb, rng.random() < 0.5).to(D)
+        try:
+            m = compose_layers(a, b)
+        except FoldRefused as exc:
+            refused += 1
+            assert pb > 0 and "borders" in exc.reason
+            continue
+        merged += 1
+        for h, w in ((7, 8), (9, 12), (16, 13)):
+            x = torch.randn(2, 4, h, w, dtype=D)
+            try:
+                ref = b(a(x))
+            except RuntimeError:  # input too small for the pair itself
+                continue
+            assert m(x).shape == ref.shape
+            assert rel(m(x), ref) < 1e-12
+    assert merged > 50 and refused > 10
+
+
+def test_compose_known_cases():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 9, dtype=D)
+    # depthwise 3x3 then pointwise: exact, becomes one dense 3x3 conv
+    dw = nn.Conv2d(6, 6, 3, 2, 1, groups=6).to(D)
+    pw = nn.Conv2d(6, 5, 1).to(D)
+    m = compose_layers(dw, pw)
+    assert (m.kernel_size, m.stride, m.padding, m.groups) == ((3, 3), (2, 2), (1, 1), 1)
+    assert rel(m(x), pw(dw(x))) < 1e-12
+    # depthwise then depthwise stays depthwise (the second unpadded)
+    dw2 = nn.Conv2d(6, 6, 3, groups=6).to(D)
+    m = compose_layers(dw, dw2)
+    assert m.groups == 6 and m.kernel_size == (7, 7)  # 2 + 2*2 + 1 (first stride 2)
+    assert rel(m(x), dw2(dw(x))) < 1e-12
+    # a bias-free strided pointwise conv before a padded 3x3: the merged conv is dilated
+    p = nn.Conv2d(6, 4, 1, 2, bias=False).to(D)
+    c = nn.Conv2d(4, 3, 3, 1, 1).to(D)
+    m = compose_layers(p, c)
+    assert (m.kernel_size, m.dilation, m.stride, m.padding) == ((3, 3), (2, 2), (2, 2), (2, 2))
+    assert rel(m(x), c(p(x))) < 1e-12
+    # the same with a bias: the bias would be missing in the padding -> refused
+    with pytest.raises(FoldRefused, match="bias"):
+        compose_layers(nn.Conv2d(6, 4, 1), c)
+    with pytest.raises(FoldRefused, match="borders"):
+        compose_layers(nn.Conv2d(6, 4, 3, padding=1), c)
+    fc1, fc2 = nn.Linear(6, 7).to(D), nn.Linear(7, 3).to(D)
+    t = torch.randn(2, 5, 6, dtype=D)
+    assert rel(compose_layers(fc1, fc2)(t), fc2(fc1(t))) < 1e-12
+
+
+def test_compose_masks_is_the_structural_product():
+    a, b = nn.Linear(5, 4), nn.Linear(4, 3)
+    ma = torch.rand(4, 5) > 0.5
+    mb = torch.rand(3, 4) > 0.5
+    expect = (mb.double() @ ma.double()) > 0
+    assert torch.equal(compose_masks(a, b, ma, mb), expect)
+    assert compose_masks(a, b, None, None) is None
+    # conv: a connection exists iff some path of kept weights joins input i and output o
+    ca, cb = nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(2, 3, 3)
+    ma = torch.tensor([[True, False], [False, False]]).view(2, 2, 1, 1)
+    mb = torch.zeros(3, 2, 3, 3, dtype=torch.bool)
+    mb[1, 0, 2, 0] = True
+    got = compose_masks(ca, cb, ma, mb)
+    assert got.shape == (3, 2, 3, 3) and got.sum() == 1 and bool(got[1, 0, 2, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Constant branches
+# --------------------------------------------------------------------------------------------
+
+def _egp_resnet(seed=0):
+    model = _resnet(seed)
+    for b in (0, 1):
+        for c in ("conv1", "conv2"):
+            model.layer3[b].get_submodule(c).weight.data.zero_()
+    return model
+
+
+def test_default_egp_run_layer3_blocks_leave_the_network():
+    """The default EGP run empties conv1 and conv2 of both layer3 blocks."""
+    model = _egp_resnet()
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    folded, applied, refused = fold_network(model, x)
+    names = {n for n, _ in folded.named_modules()}
+    for b in ("layer3.0", "layer3.1"):
+        assert not {f"{b}.{c}" for c in ("conv1", "bn1", "relu1", "conv2", "bn2")} & names
+    convs = sum(isinstance(m, nn.Conv2d) for m in folded.modules())
+    assert convs == sum(isinstance(m, nn.Conv2d) for m in model.modules()) - 4 == 16
+    assert rel(folded(x), model(x)) < 1e-10
+    # the body's per-channel constant went into the shortcut's bias (layer3.0) and into a
+    # bias after the identity shortcut (layer3.1)
+    assert folded.get_submodule("layer3.0.shortcut.0").bias is not None
+    assert isinstance(folded.get_submodule("layer3.1.folded_bias"), nn.Module)
+    kinds = [e.kind for e in applied]
+    assert kinds.count("remove_branch") == 1 and "fold_bn" in kinds
+    assert {r["reason"] for r in refused} == set()  # no linearised activation: nothing to merge
+    # replay from a fresh base gives an identical network
+    base = build_model("resnet18", 10, width=8).to(D)
+    again = replay(base, EditHistory.from_json(applied.to_json()), x)
+    again.load_state_dict(folded.state_dict())
+    again.eval()
+    assert torch.equal(again(x), folded(x))
+
+
+def test_constant_varying_over_positions_is_kept_at_its_resolution():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu1 = nn.ReLU()
+            self.conv2 = nn.Conv2d(4, 3, 3, padding=1)  # zero padding of a constant map
+            self.relu2 = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu2(self.conv2(self.relu1(self.conv1(x))) + x)
+
+    torch.manual_seed(0)
+    net = Net().to(D).eval()
+    net.conv1.weight.data.zero_()
+    x = torch.randn(2, 3, 6, 6, dtype=D)
+    with pytest.warns(RuntimeWarning, match="only accepts inputs of that resolution"):
+        folded, applied, _ = fold_network(net, x)
+    const = [m for m in folded.modules() if isinstance(m, AddConstant)]
+    assert len(const) == 1 and const[0].value.shape == (1, 3, 6, 6)
+    assert applied[0].args["resolution_dependent"]
+    assert rel(folded(x), net(x)) < 1e-10
+    assert not hasattr(folded, "conv2")
+
+
+def test_drop_dead_removes_unused_layers():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(4, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, x):
+            self.unused(x)
+            return self.used(x)
+
+    e = Edit("drop_dead", "")
+    out = apply_edit(Net(), e)
+    assert not hasattr(out, "unused") and e.args["removed"] == ["unused"]
+    assert set(out.state_dict()) == {"used.weight", "used.bias"}
+
+
+# --------------------------------------------------------------------------------------------
+# Random sets of edits on the built-in models
+# --------------------------------------------------------------------------------------------
+
+TINY_SWIN = dict(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, patch_size=2)
+
+
+def _in_residual_body(model, path):
+    """A layer or activation inside a residual branch: emptying it (or making it constant)
+    leaves the network's output input-dependent, unlike a layer of a plain chain."""
+    if path.startswith("layer"):  # ResNet: the block body, not the shortcut / last ReLU
+        block = model.get_submodule(".".join(path.split(".")[:2]))
+        last = "relu3" if hasattr(block, "relu3") else "relu2"
+        return "shortcut" not in path and not path.endswith(last)
+    if path.startswith("blocks.") and hasattr(model, "stem"):  # MobileNetV2 residual blocks
+        return model.blocks[int(path.split(".")[1])].use_residual
+    return ".mlp" in path  # ViT / Swin MLPs
+
+
+CASES = [
+    # name, options, image size, layers emptied, probability of linearising a site
+    ("resnet18", {"width": 8}, 8, 2, 0.35),
+    ("resnet50", {"width": 4}, 8, 2, 0.35),
+    ("vgg16_bn", {"width_mult": 0.0625, "hidden": 16}, 32, 0, 0.35),
+    ("mobilenet_v2", {"width_mult": 0.25, "last_channel": 32}, 8, 2, 0.35),
+    ("vit", {"dim": 16, "depth": 3, "heads": 2, "mlp_dim": 24}, 8, 1, 0.6),
+    ("swin_t", dict(TINY_SWIN, depths=(2, 1)), 8, 1, 0.6),
+]
+
+
+def _random_case(name, opts, size, n_empty, p_lin, seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    base = build_model(name, 10, image_size=size, **opts).to(D).eval()
+    random_bn(base, gen)
+    layers = [n for n, m in base.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    masks = {}
+    for n in layers:  # unstructured masks, half of the weights
+        w = base.get_submodule(n).weight
+        masks[f"{n}.weight"] = torch.rand(w.shape, generator=gen) > 0.5
+        w.data *= masks[f"{n}.weight"]
+    body = [n for n in layers if _in_residual_body(base, n)]
+    for n in rng.sample(body, min(n_empty, len(body))):
+        base.get_submodule(n).weight.data.zero_()
+        masks[f"{n}.weight"][:] = False
+    ref = copy.deepcopy(base)
+    edits = []
+    from pyengine.graph import activation_map, neuron_dim
+
+    for site in activation_map(base):
+        r = rng.random()
+        if r < p_lin:
+            edits.append(Edit("linearise", site.name))
+            set_module(ref, site.name, nn.Identity())
+        elif site.kind in ("relu", "relu6") and r < p_lin + 0.1 and \
+                _in_residual_body(base, site.name):
+            edits.append(Edit("constant", site.name))
+            set_module(ref, site.name, Zero())
+        elif site.kind in ("relu", "relu6") and r < p_lin + 0.3:
+            channels = base.get_submodule(site.producer).weight.shape[0]
+            on = sorted(rng.sample(range(channels), rng.randrange(1, channels + 1)))
+            edits.append(Edit("constant", site.name, {"on": on}))
+            set_module(ref, site.name, Gate(on, channels, neuron_dim(base, site)))
+    return base, ref, edits, masks
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name,opts,size,n_empty,p_lin", CASES, ids=[c[0] for c in CASES])
+def test_random_edits_fold_exactly_and_replay(name, opts, size, n_empty, p_lin, seed):
+    base, ref, edits, masks = _random_case(name, opts, size, n_empty, p_lin, seed)
+    x = torch.randn(2, 3, size, size, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constants at a fixed resolution
+        edited, history = apply_edits(base, edits, x)
+        expect = ref(x)
+        assert rel(edited(x), expect) < 1e-12
+        folded, applied, refused = fold_network(edited, x)
+    assert rel(folded(x), expect) < 1e-10
+    # every refusal is a pair that is still there, with its reason
+    modules = dict(folded.named_modules())
+    for r in refused:
+        assert r["reason"] and r["target"] in modules
+    # fewer or equal layers, never more
+    n_layers = lambda m: sum(isinstance(k, (nn.Conv2d, nn.Linear)) for k in m.modules())  # noqa: E731
+    assert n_layers(folded) <= n_layers(base)
+    if any(e.kind == "linearise" for e in edits) and name in ("vit", "swin_t"):
+        assert n_layers(folded) < n_layers(base)  # an MLP's two Linears became one
+    # replay from a freshly built base + state dict = the same network, bit for bit
+    full = EditHistory(list(history) + list(applied))
+    fresh = build_model(name, 10, image_size=size, **opts).to(D)
+    again = replay(fresh, EditHistory.from_json(full.to_json()), x)
+    assert {k: v.shape for k, v in again.state_dict().items()} == \
+        {k: v.shape for k, v in folded.state_dict().items()}
+    again.load_state_dict(folded.state_dict())
+    again.eval()
+    assert torch.equal(again(x), folded(x))
+    # masks carried across the edits: every removed weight of the folded network is zero
+    mapped = map_masks(masks, base, full, x)
+    params = dict(folded.named_parameters())
+    assert set(mapped) <= set(params)
+    for k, m in mapped.items():
+        assert m.shape == params[k].shape
+        assert not bool(params[k].detach()[~m].any()), k
+    # layers no fold touched keep their masks unchanged
+    touched = {e.target for e in applied if e.kind == "fold_linear"} | \
+        {e.args["into"] for e in applied if e.kind == "fold_linear"}
+    for k in set(masks) & set(mapped):
+        if k.rsplit(".", 1)[0] not in touched:
+            assert torch.equal(mapped[k], masks[k]), k
+
+
+def test_map_masks_follows_merges_and_removals():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3), nn.ReLU(),
+                        nn.Linear(3, 2)).to(D)
+    masks = {f"{i}.weight": torch.rand(net[i].weight.shape) > 0.4 for i in (0, 2, 4)}
+    x = torch.randn(2, 5, dtype=D)
+    edited = apply_edit(net, Edit("linearise", "1"))
+    _, applied, _ = fold_network(edited, x)
+    full = [Edit("linearise", "1")] + list(applied)
+    mapped = map_masks(masks, net, full, x)
+    assert set(mapped) == {"0.weight", "4.weight"}
+    assert torch.equal(mapped["0.weight"],
+                       (masks["2.weight"].double() @ masks["0.weight"].double()) > 0)
+    assert torch.equal(mapped["4.weight"], masks["4.weight"])
+    with pytest.raises(ValueError, match="mask '0.weight' has shape"):
+        map_masks({"0.weight": torch.ones(3, 3, dtype=torch.bool)}, net, full, x)
+    with pytest.raises(KeyError, match="nope"):
+        map_masks({"nope": torch.ones(1)}, net, full, x)
+
+
+def test_constant_goes_into_a_bias_only_where_that_is_exact():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)       # its output is used twice
+            self.body = nn.Conv2d(3, 4, 1)       # emptied: outputs its bias
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.relu(y + self.bn(self.body(x))) + y
+
+    torch.manual_seed(0)
+    net = Net().to(D).eval()
+    random_bn(net, torch.Generator().manual_seed(0))
+    net.body.weight.data.zero_()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    folded, applied, _ = fold_network(net, x)
+    assert not hasattr(folded, "body")
+    assert isinstance(folded.get_submodule("folded_bias"), nn.Module)  # not conv's bias
+    assert rel(folded(x), net(x)) < 1e-12
+
+
+def test_fold_network_reports_refusals_and_merges_what_is_exact():
+    torch.manual_seed(0)
+    model = build_model("resnet50", 10, width=4).to(D).eval()
+    random_bn(model, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    edits = [Edit("linearise", "layer1.0.relu1"), Edit("linearise", "layer1.0.relu2")]
+    edited, history = apply_edits(model, edits)
+    folded, applied, refused = fold_network(edited, x)
+    assert rel(folded(x), edited(x)) < 1e-10
+    # 3x3 (pad 1) then 1x1: exact, one 3x3 conv under conv2's path; conv3 is gone
+    merged = [e for e in applied if e.kind == "fold_linear"]
+    assert [(e.target, e.args["into"]) for e in merged] == [("layer1.0.conv3", "layer1.0.conv2")]
+    assert not hasattr(folded.layer1.get_submodule("0"), "conv3")
+    assert folded.get_submodule("layer1.0.conv2").out_channels == 16
+    # 1x1 (with the folded BN's bias) then 3x3 with zero padding: refused, and said why
+    (r,) = [r for r in refused if r["target"] == "layer1.0.conv2"]
+    assert r["into"] == "layer1.0.conv1" and "borders" in r["reason"]
+    assert isinstance(folded.get_submodule("layer1.0.conv1"), nn.Conv2d)
+
+
+def test_fold_network_mac_limit():
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 10, width_mult=0.25).to(D).eval()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    edited, _ = apply_edits(model, [Edit("linearise", "blocks.1.dw.act")])
+    free, applied, _ = fold_network(edited, x)
+    assert any(e.kind == "fold_linear" for e in applied)  # depthwise∘pointwise -> dense 3x3
+    limited, applied, refused = fold_network(edited, x, max_mac_ratio=1.0)
+    assert not any(e.kind == "fold_linear" for e in applied)
+    assert any("MACs" in r["reason"] for r in refused)
+    assert rel(limited(x), edited(x)) < 1e-10 and rel(free(x), edited(x)) < 1e-10
+
+
+def test_replay_creates_tensors_on_the_base_models_device():
+    # a CUDA base must get CUDA biases/gates/merged layers; the meta device shows the same
+    # without a GPU (a tensor made on the CPU by mistake stands out)
+    model = _resnet()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    edited, hist = apply_edits(model, [Edit("linearise", "layer1.0.relu1"),
+                                       Edit("linearise", "layer4.1.relu2"),
+                                       Edit("constant", "layer2.0.relu1", {"on": [1, 2]})])
+    _, applied, _ = fold_network(edited, x)
+    history = [e for e in list(hist) + list(applied) if e.kind != "remove_branch"]
+    base = build_model("resnet18", 10, width=8).to(D).to("meta")
+    again = replay(base, history)
+    assert {t.device.type for t in again.state_dict().values()} == {"meta"}
+
+
+class _UserNet(nn.Module):
+    """A user's own model: nothing pyengine-specific in it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.act2 = nn.ReLU()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_user_model_in_a_few_lines():
+    from pyengine.graph import activation_map, network_stats
+
+    torch.manual_seed(0)
+    net = _UserNet().eval()
+    random_bn(net, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 16, 16)
+    assert [s.producer for s in activation_map(net)] == ["conv1", "conv2"]
+    edited = apply_edit(net, Edit("linearise", "act1"))
+    folded, applied, refused = fold_network(edited, x)
+    assert refused == []
+    assert [e.describe() for e in applied] == ["fold bn1 into conv1", "fold conv2 into conv1"]
+    assert network_stats(folded, x)["conv_layers"] == 1
+    assert (folded(x) - edited(x)).abs().max() < 1e-5
