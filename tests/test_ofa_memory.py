@@ -122,3 +122,8 @@ def test_memory_command(capsys):
     assert "--resolution" in capsys.readouterr().err
     assert ofa_main(["ofa", "memory", "--space", "ofa", "--resolution", "64", "--arch", "{bad"]) == 2
     assert "--arch" in capsys.readouterr().err
+    # reachable through the top-level CLI (`pyengine ofa ...`)
+    from pyengine.cli import main as cli_main
+
+    assert cli_main(["ofa", "memory", "--space", "moofa", "--resolution", "224", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_elements"] == 696_192
