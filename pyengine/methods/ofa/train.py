@@ -37,9 +37,10 @@ from torch import nn
 
 from pyengine.models.ofa_mbv3 import MobileNetV3Subnet, OFAMobileNetV3, ofa_mbv3, subnet_layout
 from pyengine.train.checkpoint import atomic_torch_save, atomic_write_text, load_state, save_model_export
-from pyengine.train.dist import all_reduce_sum, barrier, init_distributed
-from pyengine.train.loop import evaluate
+from pyengine.train.dist import barrier, init_distributed
+from pyengine.train.loop import EpochHooks, TrainConfig, evaluate, train_epochs
 
+from pyengine.methods.base import StepCallback
 from pyengine.methods.ofa.memory import peak_memory_of_layout, subnet_macs
 from pyengine.methods.ofa.spaces import Space, get_space
 
@@ -506,6 +507,30 @@ def phase_lr_lambda(phase: Phase, steps_per_epoch: int) -> Callable[[int], float
     return factor
 
 
+class _ShrinkingStep(StepCallback):
+    """Progressive shrinking as a step of the shared training loop: ``ofa_train_step`` runs one
+    forward and backward per sampled subnet (gradients accumulate), then gradients are averaged
+    over the processes before the optimiser step."""
+
+    def __init__(self, trainer: "OFATrainer", phase: Phase, phase_index: int):
+        self.trainer, self.phase, self.pi = trainer, phase, phase_index
+        self.epoch = self.step = 0
+
+    def on_epoch_start(self, epoch, total_epochs):
+        self.epoch = epoch
+
+    def on_batch_start(self, step, x, y):
+        self.step = step
+
+    def forward_backward(self, model, x, y):
+        s = ofa_train_step(model, (x, y), self.trainer.teacher, self.phase,
+                           step_seed(self.trainer.cfg.seed, self.pi, self.epoch, self.step))
+        return torch.tensor(s["loss"], dtype=torch.float64), s["logits"]
+
+    def after_backward(self, model):
+        average_gradients(model)
+
+
 class OFATrainer:
     """One OFA / MOOFA training run in its output folder; ``run()`` does or resumes it."""
 
@@ -595,8 +620,6 @@ class OFATrainer:
     # ------------------------------------------------------------------ the job
 
     def run(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         self.setup()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -648,46 +671,32 @@ class OFATrainer:
             if self.main:
                 self.log(f"[{phase.name}] {phase.total_epochs - first_epoch} epoch(s), {phase.subnets_per_step} subnet(s) "
                          f"per step, k {list(phase.kernel_sizes)} e {list(phase.expand_ratios)} d {list(phase.depths)}")
-            for epoch in range(first_epoch, phase.total_epochs):
-                global_epoch = pi * 10_000 + epoch
-                self.loaders.set_epoch(global_epoch)
-                self.supernet.train()
-                t0 = time.perf_counter()
-                seen = correct = 0.0
-                loss_sum = 0.0
-                bar = tqdm(total=steps, desc=f"{phase.name} epoch {epoch + 1}/{phase.total_epochs}", leave=False,
-                           disable=not (cfg.progress and self.main), dynamic_ncols=True, mininterval=1.0)
-                for i, (x, y) in enumerate(self.loaders.train):
-                    if i >= steps:
-                        break
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    opt.zero_grad(set_to_none=True)
-                    s = ofa_train_step(self.supernet, (x, y), self.teacher, phase, step_seed(cfg.seed, pi, epoch, i))
-                    average_gradients(self.supernet)
-                    opt.step()
-                    sched.step()
-                    seen += s["n"]
-                    correct += s["correct"]
-                    loss_sum += s["loss"] * s["n"]
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", r=s["resolution"])
-                bar.close()
-                loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.device)
+            step_cb = _ShrinkingStep(self, phase, pi)
+            tcfg = TrainConfig(epochs=phase.total_epochs, amp=False, channels_last=False, workers=0, augment=False)
+
+            def before_epoch(epoch, pi=pi):
+                self.loaders.set_epoch(pi * 10_000 + epoch)
+
+            def epoch_end(ep, rec, pi=pi, phase=phase, opt=opt, sched=sched):
                 evals = self._evaluate(self.phase_subnets(phase), self.eval_loader) if cfg.eval_every_epoch else []
-                rec = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
-                       "train_acc": 100 * correct / max(1, seen), "lr": sched.get_last_lr()[0],
-                       "seconds": time.perf_counter() - t0,
+                rec = {"phase": phase.name, **{k: rec[k] for k in ("epoch", "train_loss", "train_acc", "lr", "seconds")},
                        "eval": [{"d": e["subnet"]["d"][0], "k": e["subnet"]["ks"][0], "e": e["subnet"]["e"][0],
                                  "r": e["subnet"]["r"], "acc": e["acc"]} for e in evals]}
                 history.append(rec)
                 self._record(rec)
                 if self.main:
                     accs = ", ".join(f"k{e['k']} e{e['e']} d{e['d']} r{e['r']}: {e['acc']:.2f}%" for e in rec["eval"])
-                    self.log(f"[{phase.name}] epoch {epoch + 1}/{phase.total_epochs}  loss {rec['train_loss']:.3f}  "
+                    self.log(f"[{phase.name}] epoch {ep}/{phase.total_epochs}  loss {rec['train_loss']:.3f}  "
                              f"train acc {rec['train_acc']:.1f}%  val {accs}  ({rec['seconds']:.1f}s)")
-                self._save(pi, epoch + 1, opt, sched, history)
+                self._save(pi, ep, opt, sched, history)
                 if self.on_epoch:
-                    self.on_epoch(phase.name, epoch + 1)
+                    self.on_epoch(phase.name, ep)
+
+            # several forwards per step (one per sampled subnet) through the loop's StepCallback
+            train_epochs(self.supernet, self.loaders.train, self.device, tcfg, opt, sched, start_epoch=first_epoch,
+                         hooks=EpochHooks(before_epoch=before_epoch, on_epoch_end=epoch_end), callbacks=[step_cb],
+                         progress=(None if cfg.progress else False) if self.main else False, desc=phase.name,
+                         max_steps=steps)
             if phase.name == "full":
                 self.teacher = self.supernet.extract(self.space.max_subnet())
             self._save(pi + 1, 0, None, None, history)
