@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             ModuleNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.filename:
-            msg = f"{exc.strerror or exc}: {exc.filename}"
+            msg = f"{exc.filename}: {exc.strerror or exc}"
         print(f"pyengine: error: {msg}", file=sys.stderr)
         return 2
 

@@ -582,8 +582,10 @@ class Run(RunContext):
     # ------------------------------------------------------------------ the job
 
     def run(self) -> dict:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the run folder {self.out}: {exc.strerror or exc}") from None
         lock = _RunLock(self.out)
         if int(os.environ.get("RANK", "0")) == 0:
             lock.acquire()
