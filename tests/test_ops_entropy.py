@@ -104,8 +104,11 @@ def test_counts_bad_input(device):
         entropy_counts([1.0, 2.0])
 
 
-def _h(p):
-    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+def _h(p, eps=0.0):
+    """The authors' formula: eps inside the logarithms only; a constant neuron has exactly 0."""
+    if p in (0.0, 1.0):
+        return 0.0
+    return -(p * math.log2(p + eps) + (1 - p) * math.log2(1 - p + eps))
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
@@ -113,10 +116,7 @@ def test_entropy_from_counts(device, poison, eps):
     n = 10
     counts = torch.tensor([0, 10, 5, 3, 10, 1], device=device)
     stats = entropy_from_counts(counts, n, eps)
-    ps = [c / n for c in counts.tolist()]
-    if eps:
-        ps = [min(max(p, eps), 1 - eps) for p in ps]
-    expect = [_h(p) for p in ps]
+    expect = [_h(c / n, eps) for c in counts.tolist()]
     assert torch.allclose(stats.per_neuron.cpu().double(), torch.tensor(expect, dtype=torch.float64), atol=1e-6)
     assert stats.mean == pytest.approx(sum(expect) / 6, abs=1e-12)
     assert stats.mean_nonconstant == pytest.approx((expect[2] + expect[3] + expect[5]) / 3, abs=1e-12)
@@ -124,6 +124,17 @@ def test_entropy_from_counts(device, poison, eps):
     h_ref, s_ref = entropy_from_counts_reference(counts, n, eps)
     assert torch.allclose(stats.summary, s_ref, atol=1e-12)
     assert torch.allclose(stats.per_neuron, h_ref, atol=1e-7)
+
+
+def test_entropy_eps_inside_the_logs_only(device):
+    # constant neurons are exactly 0 even with eps (a clamp of p would give ~1.8e-4 bits); a p = 0.5
+    # neuron gives -log2(0.5 + eps), computed by hand
+    eps = 1e-5
+    stats = entropy_from_counts(torch.tensor([0, 8, 4], device=device), 8, eps)
+    h = stats.per_neuron.cpu()
+    assert h[0].item() == 0.0 and h[1].item() == 0.0
+    assert h[2].item() == pytest.approx(-math.log2(0.5 + eps), abs=1e-7)
+    assert h[2].item() < 1.0
 
 
 def test_entropy_from_counts_all_constant_and_empty(device):
