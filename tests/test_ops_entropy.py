@@ -184,3 +184,62 @@ def test_opcheck_and_compile(device):
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), entropy_counts_reference(x) * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "btc", "per_position", "per_position_cl", "strided"])
+def test_counts_add_and_relu_count(device, poison, dtype, layout):
+    from pyengine.ops import entropy_counts_add_, relu_count
+
+    x = _sample((6, 10, 7, 5), dtype, device)
+    cd, pp = 1, False
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "btc":
+        x, cd = _sample((4, 9, 24), dtype, device), 2
+    elif layout == "per_position":
+        pp = True
+    elif layout == "per_position_cl":
+        x, pp = x.to(memory_format=torch.channels_last), True
+    elif layout == "strided":
+        x = _sample((6, 20, 7, 5), dtype, device)[:, ::2]
+    x[(0,) * x.dim()] = float("nan")  # one NaN: never ON, counted apart
+    ref = entropy_counts_reference(x, cd, pp)
+    shape = x.shape[1:] if pp else (x.shape[cd],)
+    counts = torch.full(shape, 3, dtype=torch.int64, device=device)  # accumulates onto what is there
+    nan = torch.zeros((), dtype=torch.int64, device=device)
+    entropy_counts_add_(counts, x, cd, pp, nan_count=nan)
+    entropy_counts_add_(counts, x, cd, pp, nan_count=nan)
+    assert torch.equal(counts, 3 + 2 * ref) and int(nan) == 2
+    counts.zero_()
+    y = relu_count(x, counts, nan, cd, pp)
+    assert torch.equal(counts, ref) and int(nan) == 3
+    expect = torch.relu(x)
+    assert y.shape == x.shape and torch.equal(y.nan_to_num(9.0), expect.nan_to_num(9.0))
+
+
+def test_relu_count_gradient(device):
+    from pyengine.ops import relu_count
+
+    x = torch.randn(4, 6, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    counts = torch.zeros(6, dtype=torch.int64, device=device)
+    y = relu_count(x, counts)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xr = x.detach().clone().requires_grad_(True)
+    (rx,) = torch.autograd.grad(torch.relu(xr), xr, g)
+    assert torch.equal(gx, rx) and torch.equal(counts, entropy_counts_reference(x.detach(), 1))
+    assert torch.autograd.gradcheck(lambda t: relu_count(t, torch.zeros(6, dtype=torch.int64, device=device)),
+                                    (x[:1, :, :1, :2].detach().clone().requires_grad_(True),))
+
+
+def test_counts_add_opcheck(device):
+    import pyengine
+
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    x = torch.randn(4, 6, 3, 3, device=device)
+    c = torch.zeros(6, dtype=torch.int64, device=device)
+    n = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_.default, (c, n, x, 1, False, False))
+    torch.library.opcheck(torch.ops.pyengine.relu_count.default, (x, c, n, 1, False, True))

@@ -81,9 +81,8 @@ __global__ void __launch_bounds__(kWarpRowThreads)
 // ============================================================================ sparse linear
 // Row r's stored entries [s, e), checked on the device: rowptr[0] = 0, rowptr non-decreasing and
 // at most nnz. A bad pointer is reported (lane 0 of the row's warp) and clamped into [0, nnz].
-__device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, int64_t row, int64_t nnz,
-                                           DeviceErrorRecord* rec, bool reporter, int64_t& s, int64_t& e) {
-  const int64_t s0 = rowptr[row], e0 = rowptr[row + 1];
+__device__ __forceinline__ void clamp_row(int64_t s0, int64_t e0, int64_t row, int64_t nnz, DeviceErrorRecord* rec,
+                                          bool reporter, int64_t& s, int64_t& e) {
   if (reporter) {
     if (row == 0 && s0 != 0) report_device_error(rec, kOpSparseLinear, kDevErrRowptrStart, 0, s0, 0);
     if (e0 < s0) report_device_error(rec, kOpSparseLinear, kDevErrRowptrOrder, row, e0, s0);
@@ -91,6 +90,10 @@ __device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, i
   }
   s = s0 < 0 ? 0 : (s0 > nnz ? nnz : s0);
   e = e0 < s ? s : (e0 > nnz ? nnz : e0);
+}
+__device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, int64_t row, int64_t nnz,
+                                           DeviceErrorRecord* rec, bool reporter, int64_t& s, int64_t& e) {
+  clamp_row(rowptr[row], rowptr[row + 1], row, nnz, rec, reporter, s, e);
 }
 
 // A column index usable for a row of x with k entries; a bad one is reported (never read).
@@ -120,19 +123,35 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   using XP = Pack<T, MT>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   XP* xs = reinterpret_cast<XP*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kSkinnyWarps;
+  int64_t row = static_cast<int64_t>(blockIdx.x) * kSkinnyWarps + (threadIdx.x >> 5);
+  // the first row's pointers are requested before x is staged, so the two latencies overlap
+  int64_t s0 = 0, e0 = 0;
+  if (row < n) {
+    s0 = rowptr[row];
+    e0 = rowptr[row + 1];
+  }
   if constexpr (SMEM) {
-    for (int64_t c = threadIdx.x; c < k; c += kSkinnyThreads) {
-      XP v;
+    // kStage columns per thread per batch, every load of a batch in flight before any store
+    constexpr int kStage = MT <= 4 ? 8 : 4;
+    for (int64_t c0 = threadIdx.x; c0 < k; c0 += static_cast<int64_t>(kSkinnyThreads) * kStage) {
+      XP v[kStage];
 #pragma unroll
-      for (int m = 0; m < MT; ++m) v.v[m] = (m < mv) ? x[m * ldx + c] : Num<T>::from_acc(A(0));
-      xs[c] = v;
+      for (int u = 0; u < kStage; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u) * kSkinnyThreads;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) v[u].v[m] = (m < mv && c < k) ? x[m * ldx + c] : Num<T>::from_acc(A(0));
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u) * kSkinnyThreads;
+        if (c < k) xs[c] = v[u];
+      }
     }
     __syncthreads();
   }
-  const int lane = threadIdx.x & 31;
-  const int64_t wstride = static_cast<int64_t>(gridDim.x) * kSkinnyWarps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kSkinnyWarps + (threadIdx.x >> 5);
-       row < n; row += wstride) {
+  for (bool first = true; row < n; row += wstride, first = false) {
     A acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = A(0);
@@ -142,8 +161,12 @@ __global__ void __launch_bounds__(kSkinnyThreads)
 #pragma unroll
       for (int m = 0; m < MT; ++m) acc[m] += wv * Num<T>::to_acc(xv.v[m]);
     };
+    if (!first) {
+      s0 = rowptr[row];
+      e0 = rowptr[row + 1];
+    }
     int64_t s, e;
-    row_bounds(rowptr, row, nnz, rec, lane == 0, s, e);
+    clamp_row(s0, e0, row, nnz, rec, lane == 0, s, e);
     if (vec_loads) {
       // groups of 8 entries at indices 8g .. 8g+7 are 16-byte aligned in colidx and values
       using CP = Pack<IdxT, 8>;
