@@ -391,7 +391,8 @@ def case_sliced(timer, args):
             return f
 
         ref = step(lambda a, c, t: ops.sliced_wasserstein_reference(a, c, t, 2.0, "max"))
-        ours = step(lambda a, c, t: ops.sliced_wasserstein(a, c, t))
+        # no NaN check: it reads the result back (a host sync), which the reference does not do
+        ours = step(lambda a, c, t: ops.sliced_wasserstein(a, c, t, check_nan=False))
         t_ref = timer.time(ref, reps=15)
         t_ours = timer.time(ours, reps=15) if ok else "FAIL"
         note = "" if ok else "check failed: not timed"
@@ -511,7 +512,7 @@ def case_train(timer, args):
             return 0.1 * r
         return steps_time(make_step(m, extra)), hs
 
-    t_ours, _ = with_reg(lambda a, o, gen: ops.sliced_wasserstein(a, o, n_directions=50, generator=gen))
+    t_ours, _ = with_reg(lambda a, o, gen: ops.sliced_wasserstein(a, o, n_directions=50, generator=gen, check_nan=False))
     t_refr, _ = with_reg(lambda a, o, gen: ops.sliced_wasserstein_reference(
         a[None], o[None], ops.random_directions(50, a.shape[1], generator=gen, device=DEV))[0])
     row("MSW regulariser (stage-1 blocks, K=50) in ResNet-18 step b128 (x plain step)", t_refr / t_plain,

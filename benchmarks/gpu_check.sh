@@ -68,19 +68,52 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   exit $status
 fi
 
-step "bad-input cases on CPU and CUDA, crash-isolated" 90 "$OUT/crash.log" \
-  $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
+export PYENGINE_SEGV_TRACE=1  # a crash prints its native backtrace (offsets into _C, for addr2line)
+cp pyengine/_C*.so "$OUT/" 2>/dev/null || true
 
-step "CUDA op tests" 120 "$OUT/pytest.log" \
-  $PY -m pytest -q -p no:cacheprovider --maxfail=15 tests/test_ops_entropy.py tests/test_ops_masked.py \
-  tests/test_ops_sliced.py tests/test_buffer_pool.py -k cuda
+# every bad-input case on CUDA, each crash restarting the child at the next case (the same loop
+# as tests/test_crash_isolation.py, streamed straight into the log so a time limit loses nothing)
+crash_loop() {
+  local start=0 n crashes=0
+  n=$($PY tests/bad_input_cases.py --device ${CRASH_DEVICE:-cuda} --list | $PY -c "import json,sys; print(json.load(sys.stdin)['n'])")
+  while [[ $start -lt $n ]]; do
+    $PY tests/bad_input_cases.py --device ${CRASH_DEVICE:-cuda} --start $start >"$OUT/crash_part.log" 2>&1
+    cat "$OUT/crash_part.log"
+    grep -q '"finished"' "$OUT/crash_part.log" && break
+    crashes=$((crashes + 1))
+    last=$(grep -o '"start": [0-9]*' "$OUT/crash_part.log" | tail -n 1 | grep -o '[0-9]*$')
+    [[ -z "$last" ]] && { echo "child died before any case"; return 1; }
+    echo "CRASH at case $last"
+    start=$((last + 1))
+  done
+  rm -f "$OUT/crash_part.log"
+  local bad
+  bad=$(grep -c '"ok": false' "$OUT/crash.log" || true)
+  echo "cases with a wrong or missing error: $bad; crashes: $crashes"
+  [[ $crashes -eq 0 && $bad -eq 0 ]]
+}
+export -f crash_loop
+export PY OUT
+step "bad-input cases on CUDA, crash-isolated" ${CRASH_LIMIT:-60} "$OUT/crash.log" bash -c crash_loop
+grep -E '"ok": false|CRASH|\[pyengine\]|_C\.cpython' "$OUT/crash.log" | head -n 40 || true
+
+# the CUDA op tests in pytest-xdist workers: a crashing test takes one worker down, not the run
+step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$OUT/pytest.log" \
+  $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py \
+  tests/test_ops_sliced.py tests/test_buffer_pool.py tests/test_crash_isolation.py -k "cuda or crash"
+grep -E "FAILED|crashed|node down|\[pyengine\]|_C\.cpython" "$OUT/pytest.log" | head -n 40 || true
 
 # memcheck: no caching allocator, so an access past a tensor is past its own allocation
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-step "compute-sanitizer memcheck (every op, valid and bad inputs)" 100 "$OUT/sanitizer.log" \
+step "compute-sanitizer memcheck (every op, valid and bad inputs)" ${SAN_LIMIT:-100} "$OUT/sanitizer.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 --print-limit 30 \
   $PY tests/bad_input_cases.py --device cuda --good
-grep -E "ERROR SUMMARY|Invalid|out of bounds" "$OUT/sanitizer.log" | head -n 20 || true
+grep -E "ERROR SUMMARY|Invalid|out of bounds|good|\[pyengine\]|_C\.cpython" "$OUT/sanitizer.log" | head -n 20 || true
+
+if [[ "${SKIP_BENCH:-0}" == "1" ]]; then
+  printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
+  exit $status
+fi
 
 left=$(( 400 - $(elapsed) ))
 [[ $left -lt 60 ]] && left=60

@@ -3,7 +3,13 @@
 // the CUDA glue in csrc/<family>/*_glue.cpp (families: masked, entropy, sliced).
 // The semantics of each op are documented next to its pure-PyTorch reference in pyengine/ops/.
 #include <Python.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
 #include <torch/library.h>
+
+#include <cstdio>
+#include <cstdlib>
 
 TORCH_LIBRARY(pyengine, m) {
   // ---- masked / sparse linear (pyengine/ops/masked.py) ----
@@ -114,4 +120,28 @@ static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                         "pyengine native operators (registered in torch.ops.pyengine)",
                                         -1, methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+// PYENGINE_SEGV_TRACE=1: on a segmentation fault, print the native backtrace (offsets into this
+// library, for addr2line) before handing the signal to the previous handler (faulthandler).
+static struct sigaction g_prev_segv;
+static void segv_trace(int sig, siginfo_t* info, void*) {
+  char buf[128];
+  const int n = snprintf(buf, sizeof(buf), "\n[pyengine] signal %d at address %p; native backtrace:\n", sig,
+                         info ? info->si_addr : nullptr);
+  if (n > 0) (void)!write(2, buf, static_cast<size_t>(n));
+  void* frames[64];
+  const int k = backtrace(frames, 64);
+  backtrace_symbols_fd(frames, k, 2);
+  sigaction(SIGSEGV, &g_prev_segv, nullptr);  // returning re-raises the fault into the previous handler
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  const char* v = std::getenv("PYENGINE_SEGV_TRACE");
+  if (v && *v == '1') {
+    struct sigaction sa = {};
+    sa.sa_sigaction = segv_trace;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_prev_segv);
+  }
+  return PyModule_Create(&module_def);
+}

@@ -294,3 +294,13 @@ def test_masked_weight_cache_follows_weight_and_mask_changes(device):
     del w
     assert torch.allclose(masked_linear(x, w2, m), masked_linear_reference(x, w2, m), atol=1e-5)
     assert masked_cache_info()["entries"] >= 1 and masked_cache_clear() > 0
+
+
+def test_apply_masks_more_tensors_than_one_launch_takes(device):
+    # the CUDA kernel takes 96 tensors per launch (a kernel parameter under 4 KB): 250 need three
+    shapes = [(i % 5 + 1, 37 + i) for i in range(250)]
+    ts = [torch.randn(s, device=device) for s in shapes]
+    ms = [torch.rand(s, device=device) > 0.5 for s in shapes]
+    expect = [t.masked_fill(~m, 0) for t, m in zip(ts, ms)]
+    apply_masks_(ts, ms)
+    assert all(torch.equal(t, e) for t, e in zip(ts, expect))

@@ -49,6 +49,7 @@ void raise_pending_device_error(int device);
 inline void cuda_entry(const OpChecks& op, const at::Tensor& t, const char* arg) {
   op.defined(t, arg);
   if (!t.is_cuda()) op.value_error(arg, " must be a CUDA tensor here, got one on ", t.device());
+  (void)cudaGetLastError();  // a stale error of an earlier runtime call must not fail this op's launches
   raise_pending_device_error(t.get_device());
 }
 

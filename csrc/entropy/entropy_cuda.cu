@@ -15,6 +15,7 @@
 // neuron (one warp-wide sum when the warp's columns are one neuron, else shared atomics) and adds
 // them to the int64 output with one atomic per neuron.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "common/device.cuh"
@@ -161,10 +162,15 @@ cudaError_t launch_rows(const T* x, T* y, int64_t rows, int64_t row_len, int64_t
   const int rows_par = kCountThreads / tile_w;
   const int64_t ntiles = ceil_div(cvec, tile_w);
   const int64_t total_work = ntiles * rows;  // (tile, row) pairs
-  int occ = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kCountThreads, 0);
-  if (err != cudaSuccess) return err;
-  if (occ < 1) occ = 1;
+  // blocks per multiprocessor, asked once per kernel (a training step calls this per activation)
+  static std::atomic<int> occ_cache{0};
+  int occ = occ_cache.load(std::memory_order_relaxed);
+  if (occ <= 0) {
+    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kCountThreads, 0);
+    if (err != cudaSuccess) return err;
+    if (occ < 1) occ = 1;
+    occ_cache.store(occ, std::memory_order_relaxed);
+  }
   // every block resident at once, each with at least kUnroll rows per thread
   const int64_t resident = static_cast<int64_t>(sm_count(current_device())) * occ;
   const int64_t useful = std::max<int64_t>(1, total_work / (static_cast<int64_t>(kUnroll) * rows_par));

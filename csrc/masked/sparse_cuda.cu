@@ -4,6 +4,7 @@
 // the device (common/device_error.h): a bad one is reported and skipped, never followed.
 // No torch headers here: see sparse_kernels.h.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include <cub/device/device_scan.cuh>
@@ -255,10 +256,14 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
     transpose_x_kernel<T, MT><<<static_cast<unsigned>(tgrid), 256, 0, stream>>>(x, k, static_cast<int>(m), k, xt);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    int occ = 0;
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kSkinnyThreads, 0);
-    if (err != cudaSuccess) return err;
-    if (occ < 1) occ = 1;
+    static std::atomic<int> occ_cache{0};  // asked once per kernel
+    int occ = occ_cache.load(std::memory_order_relaxed);
+    if (occ <= 0) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kSkinnyThreads, 0);
+      if (err != cudaSuccess) return err;
+      if (occ < 1) occ = 1;
+      occ_cache.store(occ, std::memory_order_relaxed);
+    }
     const int64_t grid = std::min<int64_t>(ceil_div(n, kSkinnyWarps), static_cast<int64_t>(sm_count(dev)) * occ);
     kernel<<<static_cast<unsigned>(grid), kSkinnyThreads, 0, stream>>>(
         x, k, static_cast<int>(m), k, xt, vec_loads, rowptr, colidx, values, nnz, bias, out, ldo, n, rec);
@@ -266,14 +271,26 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
   }
   auto kernel = sparse_skinny_kernel<T, IdxT, MT, true>;
   const size_t smem = static_cast<size_t>(k) * sizeof(Pack<T, MT>);
-  if (smem > 48 * 1024) {
+  // the opt-in shared memory limit only ever grows; the occupancy is kept for the last size asked
+  // (per device: the attribute belongs to the kernel in each device's context)
+  static std::atomic<int64_t> smem_set[64];
+  std::atomic<int64_t>* slot = (dev >= 0 && dev < 64) ? &smem_set[dev] : nullptr;
+  if (smem > 48 * 1024 && (slot == nullptr || static_cast<int64_t>(smem) > slot->load(std::memory_order_relaxed))) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
+    if (slot != nullptr) slot->store(static_cast<int64_t>(smem), std::memory_order_relaxed);
   }
+  static std::atomic<int64_t> occ_for_smem{-1};  // (smem << 16) | occupancy
+  const int64_t packed = occ_for_smem.load(std::memory_order_relaxed);
   int occ = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kSkinnyThreads, smem);
-  if (err != cudaSuccess) return err;
-  if (occ < 1) occ = 1;
+  if (packed >= 0 && (packed >> 16) == static_cast<int64_t>(smem)) {
+    occ = static_cast<int>(packed & 0xffff);
+  } else {
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kSkinnyThreads, smem);
+    if (err != cudaSuccess) return err;
+    if (occ < 1) occ = 1;
+    occ_for_smem.store((static_cast<int64_t>(smem) << 16) | occ, std::memory_order_relaxed);
+  }
   const int64_t want = ceil_div(n, kSkinnyWarps);
   const int64_t grid = std::min<int64_t>(want, static_cast<int64_t>(sm_count(dev)) * occ);
   for (int64_t m0 = 0; m0 < m; m0 += MT) {
