@@ -50,6 +50,9 @@ if [[ "${DRY_RUN:-0}" != "1" ]]; then
 fi
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 nproc
+# the toolchain that builds the extension (a C++ exception crashed processes on the device in
+# 2026-11 while it raised cleanly here: recorded for comparison)
+{ g++ --version | head -n 1; ld --version | head -n 1; ldd --version | head -n 1; uname -r; } 2>/dev/null || true
 
 if [[ "${SKIP_BUILD:-0}" != "1" && "${DRY_RUN:-0}" != "1" ]]; then
   t=$(date +%s)
@@ -70,6 +73,15 @@ fi
 
 export PYENGINE_SEGV_TRACE=1  # a crash prints its native backtrace (offsets into _C, for addr2line)
 cp pyengine/_C*.so "$OUT/" 2>/dev/null || true
+readelf -lW pyengine/_C*.so 2>/dev/null | grep -E "GNU_EH_FRAME|GNU_PROPERTY" || true
+# does a C++ exception from the extension reach Python on the CPU path? (one case, in a child)
+timeout 60 $PY -X faulthandler -c "
+import torch, pyengine
+try:
+    torch.ops.pyengine.entropy_counts(torch.ones(3, dtype=torch.int32).view(1, 3), 1, False, False)
+except TypeError as e:
+    print('C++ exception -> Python TypeError: ok')
+" 2>&1 | tail -n 25
 
 # every bad-input case on CUDA, each crash restarting the child at the next case (the same loop
 # as tests/test_crash_isolation.py, streamed straight into the log so a time limit loses nothing)
@@ -96,6 +108,13 @@ export -f crash_loop
 export PY OUT
 step "bad-input cases on CUDA, crash-isolated" ${CRASH_LIMIT:-60} "$OUT/crash.log" bash -c crash_loop
 grep -E '"ok": false|CRASH|\[pyengine\]|_C\.cpython' "$OUT/crash.log" | head -n 40 || true
+# the native backtrace of the first crash, from a debugger (cuda-gdb also debugs host code)
+first=$(grep -o 'CRASH at case [0-9]*' "$OUT/crash.log" | head -n 1 | grep -o '[0-9]*$')
+if [[ -n "$first" ]] && command -v cuda-gdb >/dev/null; then
+  echo "== cuda-gdb backtrace of case $first"
+  timeout 90 cuda-gdb -q -batch -ex run -ex "bt 25" --args $PY tests/bad_input_cases.py --device cuda --start "$first" \
+    2>&1 | grep -E "^#|signal|SIG" | head -n 40 | tee -a "$OUT/crash.log"
+fi
 
 # the CUDA op tests in pytest-xdist workers: a crashing test takes one worker down, not the run
 step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$OUT/pytest.log" \
