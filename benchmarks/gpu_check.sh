@@ -86,40 +86,44 @@ except TypeError as e:
 # every bad-input case on CUDA, each crash restarting the child at the next case (the same loop
 # as tests/test_crash_isolation.py, streamed straight into the log so a time limit loses nothing)
 crash_loop() {
-  local start=0 n crashes=0
-  n=$($PY tests/bad_input_cases.py --device ${CRASH_DEVICE:-cuda} --list | $PY -c "import json,sys; print(json.load(sys.stdin)['n'])")
-  while [[ $start -lt $n ]]; do
-    $PY tests/bad_input_cases.py --device ${CRASH_DEVICE:-cuda} --start $start >"$OUT/crash_part.log" 2>&1
-    cat "$OUT/crash_part.log"
-    grep -q '"finished"' "$OUT/crash_part.log" && break
-    crashes=$((crashes + 1))
-    last=$(grep -o '"start": [0-9]*' "$OUT/crash_part.log" | tail -n 1 | grep -o '[0-9]*$')
-    [[ -z "$last" ]] && { echo "child died before any case"; return 1; }
-    echo "CRASH at case $last"
-    start=$((last + 1))
+  local dev start n crashes=0 last bad
+  for dev in ${CRASH_DEVICES:-cpu cuda}; do
+    start=0
+    n=$($PY tests/bad_input_cases.py --device $dev --list | $PY -c "import json,sys; print(json.load(sys.stdin)['n'])")
+    echo "== $dev: $n cases"
+    while [[ $start -lt $n ]]; do
+      $PY tests/bad_input_cases.py --device $dev --start $start >"$OUT/crash_part.log" 2>&1
+      cat "$OUT/crash_part.log"
+      grep -q '"finished"' "$OUT/crash_part.log" && break
+      crashes=$((crashes + 1))
+      last=$(grep -o '"start": [0-9]*' "$OUT/crash_part.log" | tail -n 1 | grep -o '[0-9]*$')
+      [[ -z "$last" ]] && { echo "child died before any case"; break; }
+      echo "CRASH at case $last ($dev)"
+      start=$((last + 1))
+    done
   done
   rm -f "$OUT/crash_part.log"
-  local bad
   bad=$(grep -c '"ok": false' "$OUT/crash.log" || true)
   echo "cases with a wrong or missing error: $bad; crashes: $crashes"
   [[ $crashes -eq 0 && $bad -eq 0 ]]
 }
 export -f crash_loop
 export PY OUT
-step "bad-input cases on CUDA, crash-isolated" ${CRASH_LIMIT:-60} "$OUT/crash.log" bash -c crash_loop
+step "bad-input cases on CPU and CUDA, crash-isolated" ${CRASH_LIMIT:-60} "$OUT/crash.log" bash -c crash_loop
 grep -E '"ok": false|CRASH|\[pyengine\]|_C\.cpython' "$OUT/crash.log" | head -n 40 || true
 # the native backtrace of the first crash, from a debugger (cuda-gdb also debugs host code)
-first=$(grep -o 'CRASH at case [0-9]*' "$OUT/crash.log" | head -n 1 | grep -o '[0-9]*$')
+first=$(grep -o 'CRASH at case [0-9]* ([a-z]*)' "$OUT/crash.log" | head -n 1)
 if [[ -n "$first" ]] && command -v cuda-gdb >/dev/null; then
-  echo "== cuda-gdb backtrace of case $first"
-  timeout 90 cuda-gdb -q -batch -ex run -ex "bt 25" --args $PY tests/bad_input_cases.py --device cuda --start "$first" \
+  fcase=$(echo "$first" | grep -o 'case [0-9]*' | grep -o '[0-9]*'); fdev=$(echo "$first" | grep -o '(.*)' | tr -d '()')
+  echo "== cuda-gdb backtrace of case $fcase on $fdev"
+  timeout 90 cuda-gdb -q -batch -ex run -ex "bt 25" --args $PY tests/bad_input_cases.py --device "$fdev" --start "$fcase" \
     2>&1 | grep -E "^#|signal|SIG" | head -n 40 | tee -a "$OUT/crash.log"
 fi
 
 # the CUDA op tests in pytest-xdist workers: a crashing test takes one worker down, not the run
 step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$OUT/pytest.log" \
   $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py \
-  tests/test_ops_sliced.py tests/test_buffer_pool.py tests/test_crash_isolation.py -k "cuda or crash"
+  tests/test_ops_sliced.py tests/test_buffer_pool.py -k cuda
 grep -E "FAILED|crashed|node down|\[pyengine\]|_C\.cpython" "$OUT/pytest.log" | head -n 40 || true
 
 # memcheck: no caching allocator, so an access past a tensor is past its own allocation

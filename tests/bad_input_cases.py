@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -257,9 +259,13 @@ def main() -> int:
         print(json.dumps({"good": "ok"}), flush=True)
     import re
 
+    # PYENGINE_CRASH_AT=N makes case N kill this process (checks that the isolation reports it)
+    crash_at = int(os.environ.get("PYENGINE_CRASH_AT", "-1"))
     for i in range(args.start, len(all_cases)):
         name, fn, exc, pattern = all_cases[i]
         print(json.dumps({"start": i, "name": name}), flush=True)
+        if i == crash_at:
+            os.kill(os.getpid(), signal.SIGSEGV)
         rec = {"done": i, "name": name, "ok": False}
         try:
             fn()
