@@ -9,8 +9,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <atomic>
-
 #include "common/buffer_pool.h"
 #include "masked/masked_args.h"
 
@@ -167,11 +165,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cpu(const at::Tensor&
 
 constexpr int kMB = 16;  // input rows per block: 16 accumulators of T per output row
 
-// out (N, M) = W x^T with W in CSR; T is float or double. Returns the smallest position of a
-// column index outside [0, K) (those are skipped), or -1.
+// out (N, M) = W x^T with W in CSR (indices checked by the caller); T is float or double.
 template <typename T, typename I>
-int64_t spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, const T* bias, int64_t M, int64_t K,
-                 int64_t N, T* outT) {
+void spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, const T* bias, int64_t M, int64_t K,
+              int64_t N, T* outT) {
   const int64_t nblocks = (M + kMB - 1) / kMB;
   std::vector<T> packed(size_t(nblocks) * K * kMB);
   // Pack x (M, K) into blocks xb[b][k][t] = x[b*MB + t, k] (zero padded).
@@ -187,7 +184,6 @@ int64_t spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, cons
   });
   const int64_t avg = std::max<int64_t>(1, rp[N] / std::max<int64_t>(N, 1));
   const int64_t grain = std::max<int64_t>(1, 4096 / avg);
-  std::atomic<int64_t> first_bad{-1};
   // Output is (N, M) row-major with blocks of kMB columns; rows n of block b are written at
   // outT[n * M + b * kMB].
   at::parallel_for(0, nblocks * N, grain, [&](int64_t a, int64_t e) {
@@ -198,16 +194,29 @@ int64_t spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, cons
       const T* xb = packed.data() + b * K * kMB;
       const int64_t m0 = b * kMB;
       const int mb = int(std::min<int64_t>(kMB, M - m0));
-      const int64_t bad = PYENGINE_SIMD(spmm_rows<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M, mb, K));
-      if (bad >= 0) {
-        int64_t cur = first_bad.load();
-        while ((cur < 0 || bad < cur) && !first_bad.compare_exchange_weak(cur, bad)) {
-        }
-      }
+      if (mb == kMB)
+        PYENGINE_SIMD(spmm_rows<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M));
+      else
+        PYENGINE_SIMD(spmm_rows_tail<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M, mb));
       a += n1 - n0;
     }
   });
-  return first_bad.load();
+}
+
+// The column indices of a CSR matrix with K columns lie in [0, K): one vectorised min/max pass;
+// only when it fails is the first bad position looked for, for the message.
+void check_colidx_cpu(const OpChecks& op, const at::Tensor& col, int64_t K) {
+  const int64_t nnz = col.numel();
+  if (nnz == 0) return;
+  int64_t lo = 0, hi = 0;
+  if (col.scalar_type() == at::kShort)
+    PYENGINE_SIMD(index_range(col.data_ptr<int16_t>(), nnz, &lo, &hi));
+  else
+    PYENGINE_SIMD(index_range(col.data_ptr<int32_t>(), nnz, &lo, &hi));
+  if (lo >= 0 && hi < K) return;
+  int64_t v = 0;
+  const int64_t pos = first_out_of_range(col, K, &v);
+  op.value_error("colidx holds ", v, " at position ", pos, ", but in_features is ", K);
 }
 
 at::Tensor sparse_linear_cpu(const at::Tensor& x_, const at::Tensor& rowptr_, const at::Tensor& col_,
@@ -216,7 +225,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_, const at::Tensor& rowptr_, co
   const int64_t N = check_sparse_linear_args(op, x_, rowptr_, col_, val_, in_features, bias_);
   const int64_t M = x_.size(0), K = in_features;
   auto rowptr = rowptr_.contiguous();
-  check_rowptr_cpu(op, rowptr, val_.numel());  // O(N); the column indices are checked in the kernel
+  check_rowptr_cpu(op, rowptr, val_.numel());  // O(N); the column indices below, in one pass
   const auto dtype = x_.scalar_type();
   // Half types compute in float32.
   const auto work = (dtype == at::kDouble) ? at::kDouble : at::kFloat;
@@ -225,26 +234,18 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_, const at::Tensor& rowptr_, co
   auto col = col_.contiguous();
   at::Tensor bias;
   if (bias_.has_value() && bias_->defined()) bias = bias_->to(work).contiguous();
+  check_colidx_cpu(op, col, K);  // before any read of x through them
   auto outT = at::empty({N, M}, x.options());
-  int64_t bad = -1;
   if (M > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES(work, "sparse_linear", [&] {
       const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
       if (col.scalar_type() == at::kShort)
-        bad = spmm_cpu<scalar_t, int16_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int16_t>(), val.data_ptr<scalar_t>(),
-                                          x.data_ptr<scalar_t>(), bp, M, K, N, outT.data_ptr<scalar_t>());
+        spmm_cpu<scalar_t, int16_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int16_t>(), val.data_ptr<scalar_t>(),
+                                    x.data_ptr<scalar_t>(), bp, M, K, N, outT.data_ptr<scalar_t>());
       else
-        bad = spmm_cpu<scalar_t, int32_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<scalar_t>(),
-                                          x.data_ptr<scalar_t>(), bp, M, K, N, outT.data_ptr<scalar_t>());
+        spmm_cpu<scalar_t, int32_t>(rowptr.data_ptr<int32_t>(), col.data_ptr<int32_t>(), val.data_ptr<scalar_t>(),
+                                    x.data_ptr<scalar_t>(), bp, M, K, N, outT.data_ptr<scalar_t>());
     });
-  } else if (val_.numel() > 0) {
-    int64_t v = 0;
-    bad = first_out_of_range(col, K, &v);  // nothing computed: check the indices anyway
-  }
-  if (bad >= 0) {
-    const int64_t v = col.scalar_type() == at::kShort ? int64_t(col.data_ptr<int16_t>()[bad])
-                                                       : int64_t(col.data_ptr<int32_t>()[bad]);
-    op.value_error("colidx holds ", v, " at position ", bad, ", but in_features is ", K);
   }
   auto out = outT.t().contiguous();
   return dtype == work ? out : out.to(dtype);
