@@ -17,6 +17,7 @@ so the pairs have d = 64*16*16, 128*8*8, 256*4*4 and 512*2*2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -57,8 +58,6 @@ class _Variant:
             self.cb.on_epoch_start(0, 1)
             self.pairs = comp.method.pairs
         elif name == "POT":
-            import ot  # noqa: F401
-
             from pyengine.methods.depth.lacoot import find_block_pairs
 
             _, self.pairs = find_block_pairs(self.model)
@@ -92,11 +91,9 @@ def run(device, batch, steps, repeats, maxpool, lam=5.0, k=50):
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     names = ["plain", "pyengine"]
-    try:
-        import ot  # noqa: F401
-
+    if importlib.util.find_spec("ot") is not None:
         names.append("POT")
-    except ImportError:
+    else:
         print("POT is not installed (pip install pot): its column is skipped")
     variants = [_Variant(n, device, maxpool, lam, k) for n in names]
     for v in variants:  # warm-up (allocator, lazy init, first-call costs)
@@ -114,7 +111,8 @@ def run(device, batch, steps, repeats, maxpool, lam=5.0, k=50):
     med = {n: statistics.median(t) for n, t in times.items()}
     alone = _term_alone(variants[1], x, device, k, names, repeats)
     rows = [{"variant": n, "ms_per_step": med[n], "ratio_to_plain": med[n] / med["plain"],
-             "term_alone_ms": alone.get(n), "ratio_from_term_alone": 1 + alone[n] / med["plain"] if n in alone else None,
+             "term_alone_ms": alone.get(n),
+             "ratio_from_term_alone": 1 + alone[n] / med["plain"] if n in alone else None,
              "all_ms": times[n]} for n in names]
     d = [p.block for p in variants[1].pairs]
     return rows, d

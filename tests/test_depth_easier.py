@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from _depth_helpers import Stop, fast_latency, onnx_matches, quiet, stop_at, tiny_cfg  # noqa: F401
+from _depth_helpers import Stop, onnx_matches, quiet, stop_at, tiny_cfg
+from _depth_helpers import fast_latency  # noqa: F401 (a fixture, used by name)
 from pyengine.methods import run
 from pyengine.methods.depth.common import last_within_tolerance, tolerance_stop
 from pyengine.methods.depth.easier import easier_choice
@@ -87,7 +88,8 @@ def test_easier_in_a_users_loop_acts_on_hand_made_entropies(tmp_path):
     assert onnx_matches(tmp_path / "exp", folded, (3, 1, 8, 8))
 
 
-def test_easier_run_resume_equals_uninterrupted_and_exports(tmp_path, fast_latency):
+@pytest.mark.usefixtures("fast_latency")
+def test_easier_run_resume_equals_uninterrupted_and_exports(tmp_path):
     from pyengine.cli import main
     from pyengine.train.checkpoint import load_model_export
 
@@ -130,8 +132,10 @@ def test_depth_flags_reach_the_options(capsys):
     c = cfg("--method", "nepenthe", "--zeta", "0.3", "--entropy-when", "train", "--sparsity", "0.8")
     assert (c.options.zeta, c.options.entropy_when, c.options.sparsity, c.options.estimator) == (0.3, "train", 0.8,
                                                                                                  "easier")
-    c = cfg("--method", "lacoot", "--lambda-reg", "2.5", "--monitor-blocks", "layer1.1,layer2.1", "--remove-blocks", "1")
-    assert (c.options.lambda_reg, c.options.monitor_blocks, c.options.remove_blocks) == (2.5, ["layer1.1", "layer2.1"], 1)
+    c = cfg("--method", "lacoot", "--lambda-reg", "2.5", "--monitor-blocks", "layer1.1,layer2.1",
+            "--remove-blocks", "1")
+    assert (c.options.lambda_reg, c.options.monitor_blocks, c.options.remove_blocks) == \
+        (2.5, ["layer1.1", "layer2.1"], 1)
     # the validation split the methods need is on by default (10%, as the authors hold out)
     from pyengine.methods.base import get_method
 

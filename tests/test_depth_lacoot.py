@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from _depth_helpers import Stop, fast_latency, onnx_matches, quiet, stop_at, tiny_cfg  # noqa: F401
+from _depth_helpers import Stop, onnx_matches, quiet, stop_at
+from _depth_helpers import fast_latency  # noqa: F401 (a fixture, used by name)
 from pyengine.graph import Edit, apply_edit, map_masks, replay
 from pyengine.methods import run
 from pyengine.methods.depth.lacoot import ARCH_DEFAULTS, find_block_pairs, lacoot_regulariser
@@ -115,7 +116,8 @@ def _batches(n=3, seed=0):
     return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
 
 
-def test_ranking_and_removal_in_a_users_loop(fast_latency):
+@pytest.mark.usefixtures("fast_latency")
+def test_ranking_and_removal_in_a_users_loop():
     """A block whose residual branch outputs 0 is the identity: its distance is 0, it is ranked first,
     and removing it (and only it, with --remove-blocks 1) leaves the network's outputs unchanged."""
     from pyengine import Compressor
@@ -173,7 +175,8 @@ def test_ranking_and_removal_in_a_users_loop(fast_latency):
     assert all(a >= accs[0] for a in accs[:k + 1]) and (k == 4 or accs[k + 1] < accs[0])
 
 
-def test_lacoot_cli_run_resume_and_onnx_export(tmp_path, monkeypatch, capsys, fast_latency):
+@pytest.mark.usefixtures("fast_latency")
+def test_lacoot_cli_run_resume_and_onnx_export(tmp_path, monkeypatch, capsys):
     from pyengine.cli import main
     from pyengine.methods import runner
     from pyengine.train.checkpoint import load_model_export

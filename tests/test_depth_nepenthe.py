@@ -6,7 +6,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from _depth_helpers import Stop, fast_latency, onnx_matches, quiet, stop_at, tiny_cfg  # noqa: F401
+from _depth_helpers import Stop, onnx_matches, quiet, stop_at, tiny_cfg
+from _depth_helpers import fast_latency  # noqa: F401 (a fixture, used by name)
 from pyengine.methods import run
 from pyengine.nn.entropy import LayerEntropy
 from pyengine.ops import entropy_from_counts
@@ -134,7 +135,8 @@ def test_collapsed_activations_are_replaced_and_fold_exactly(tmp_path):
     assert onnx_matches(tmp_path / "exp", folded, (3, 1, 8, 8))
 
 
-def test_nepenthe_run_stops_at_target_resumes_and_exports(tmp_path, fast_latency):
+@pytest.mark.usefixtures("fast_latency")
+def test_nepenthe_run_stops_at_target_resumes_and_exports(tmp_path):
     from pyengine.cli import main
     from pyengine.train.checkpoint import load_model_export
 
