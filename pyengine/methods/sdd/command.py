@@ -52,6 +52,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         if a.dest == "run_model":
             a.help = "resnet18 (CIFAR stem; --width-grid sets its width), vgglike (DSD2; --depth), vit, swin_t, " \
                      "resnet34/50, vgg16_bn, mobilenet_v2, tv:<name> (default: resnet18)"
+        if a.dest == "run_rounds":
+            a.help = "pruning rounds after dense training (default: 34 under --preset paper/vit/swin, 5 under quick)"
+        if a.dest == "run_batch_size":
+            a.help = "batch size per process (default: the preset's; 512 under --preset vit, as published)"
         if a.dest == "run_out":
             a.help = "sweep folder (default: runs/sdd-<model>-<dataset>-<hash of the options>)"
         if a.dest == "run_resume":
@@ -63,7 +67,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         if a.dest == "m_kd_teacher":
             a.help = ("distil from a frozen teacher (DSD2): 'dense' = each configuration's own dense network, or a "
                       "pyengine export / run folder (any architecture), or a .safetensors / .pt state dict")
-    g.add_argument("--depth", dest="x_depth", type=int, default=None,
+    g.add_argument("--depth", dest="x_depth", type=int, default=None, metavar="DELTA",
                    help="vgglike: number of conv blocks (DSD2's delta, default 5)")
     s = p.add_argument_group("grid")
     opts.add_to_parser(s, SweepOptions, prefix="s_")

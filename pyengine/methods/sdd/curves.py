@@ -95,7 +95,7 @@ def write_curve(rows: list[dict], folder: str | Path, name: str, meta: dict | No
     cols = list(CURVE_COLUMNS) + list(dict.fromkeys(k for r in rows for k in r if k.startswith("H:")))
     lines = [",".join(cols)]
     for r in rows:
-        lines.append(",".join("" if r.get(c) is None else (f"{r[c]:.10g}" if isinstance(r[c], float) else str(r[c]))
+        lines.append(",".join("" if r.get(c) is None else repr(r[c])
                               for c in cols))
     csv_path, json_path = folder / f"{name}.csv", folder / f"{name}.json"
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
