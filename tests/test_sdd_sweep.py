@@ -2,7 +2,6 @@
 bookkeeping, the dense network reused exactly, a killed sweep resumed to the same curves, worker
 claims, and the command line."""
 import json
-import os
 
 import pytest
 import torch

@@ -331,10 +331,7 @@ class Sweep:
         if st == "done":
             return
         cfg = dataclasses.replace(cfg, resume=st == "partial")
-        hook = None
-        if self.on_epoch is not None:
-            def hook(rnd, ep, _n=name):
-                self.on_epoch(_n, rnd, ep)
+        hook = None if self.on_epoch is None else (lambda rnd, ep, _n=name: self.on_epoch(_n, rnd, ep))
         self.log(f"[{name}] {'resuming' if st == 'partial' else 'starting'} ({cfg.out})")
         Run(cfg, on_epoch=hook, log=lambda s, _n=name: self.log(f"[{_n}] {s}")).run()
 
@@ -365,6 +362,9 @@ class Sweep:
         return done
 
     def run(self) -> dict:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise OptionError("a sweep spreads its runs itself, one process per device: start it without torchrun "
+                              "and pass --devices 0,1,... (each run then trains on one GPU)")
         self.out.mkdir(parents=True, exist_ok=True)
         lock = _FileLock(self.out / ".sweep.lock")
         if not lock.try_acquire():
