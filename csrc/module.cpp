@@ -1,8 +1,15 @@
 // pyengine._C: the one place where every operator schema is declared.
-// Implementations register per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cpp.
+// Implementations register per dispatch key: the CPU kernels in csrc/<family>/<family>_cpu.cpp,
+// the CUDA glue in csrc/<family>/*_glue.cpp (families: masked, entropy, sliced).
 // The semantics of each op are documented next to its pure-PyTorch reference in pyengine/ops/.
 #include <Python.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
 #include <torch/library.h>
+
+#include <cstdio>
+#include <cstdlib>
 
 TORCH_LIBRARY(pyengine, m) {
   // ---- masked / sparse linear (pyengine/ops/masked.py) ----
@@ -25,6 +32,15 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "entropy_counts(Tensor x, int channel_dim, bool per_position, bool inclusive) "
       "-> (Tensor, Tensor)");
+  // counts += ON counts of x, nan_count += NaNs of x, in place: no allocation, no host sync (the
+  // accumulation a training-time collector needs).
+  m.def(
+      "entropy_counts_add_(Tensor(a!) counts, Tensor(b!) nan_count, Tensor x, int channel_dim, "
+      "bool per_position, bool inclusive) -> ()");
+  // relu(x), with the ON counts of x added into counts / nan_count in the same pass over x.
+  m.def(
+      "relu_count(Tensor x, Tensor(a!) counts, Tensor(b!) nan_count, int channel_dim, bool per_position, "
+      "bool inclusive) -> Tensor");
   // (per-neuron entropy float32, summary float64 [mean_all, mean_nonconstant, n_on, n_off]).
   m.def("entropy_from_counts(Tensor counts, int n_samples, float eps) -> (Tensor, Tensor)");
 
@@ -44,6 +60,9 @@ extern "C" {
 int pyengine_cuda_compiled();
 void pyengine_cpu_pool_stats(int64_t* stats);
 int64_t pyengine_cpu_pool_release();
+int pyengine_take_device_error(int device, int sync, char* buf, int len);
+void pyengine_masked_cache_info(int64_t* out);
+int64_t pyengine_masked_cache_clear();
 }
 
 static PyObject* cuda_compiled(PyObject*, PyObject*) {
@@ -61,16 +80,68 @@ static PyObject* cpu_pool_release(PyObject*, PyObject*) {
   return PyLong_FromLongLong((long long)pyengine_cpu_pool_release());
 }
 
+// take_device_error(device, sync) -> str: the message of an index error a CUDA kernel recorded
+// on `device` ("" if none), clearing it; with sync, after synchronising the device.
+static PyObject* take_device_error(PyObject*, PyObject* args) {
+  int device = 0, sync = 0;
+  if (!PyArg_ParseTuple(args, "ip", &device, &sync)) return nullptr;
+  char buf[1024];
+  int n;
+  Py_BEGIN_ALLOW_THREADS
+  n = pyengine_take_device_error(device, sync, buf, static_cast<int>(sizeof(buf)));
+  Py_END_ALLOW_THREADS
+  return PyUnicode_FromStringAndSize(buf, n);
+}
+
+static PyObject* masked_cache_info(PyObject*, PyObject*) {
+  int64_t s[5];
+  pyengine_masked_cache_info(s);
+  return Py_BuildValue("{s:L,s:L,s:L,s:L,s:L}", "entries", (long long)s[0], "bytes", (long long)s[1], "hits",
+                       (long long)s[2], "misses", (long long)s[3], "limit_bytes", (long long)s[4]);
+}
+
+static PyObject* masked_cache_clear(PyObject*, PyObject*) {
+  return PyLong_FromLongLong((long long)pyengine_masked_cache_clear());
+}
+
 static PyMethodDef methods[] = {
     {"cuda_compiled", cuda_compiled, METH_NOARGS,
      "True when this build contains the CUDA kernels."},
     {"cpu_pool_stats", cpu_pool_stats, METH_NOARGS,
      "The CPU output pool: idle_bytes, idle_blocks, live_bytes, hits, misses."},
     {"cpu_pool_release", cpu_pool_release, METH_NOARGS, "Frees the CPU output pool's idle blocks; returns bytes."},
+    {"take_device_error", take_device_error, METH_VARARGS,
+     "take_device_error(device, sync): a pending CUDA index error's message ('' if none), cleared."},
+    {"masked_cache_info", masked_cache_info, METH_NOARGS, "The CUDA masked-weight cache: entries, bytes, hits, misses."},
+    {"masked_cache_clear", masked_cache_clear, METH_NOARGS, "Empties the CUDA masked-weight cache; returns bytes."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",
                                         "pyengine native operators (registered in torch.ops.pyengine)",
                                         -1, methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
+// PYENGINE_SEGV_TRACE=1: on a segmentation fault, print the native backtrace (offsets into this
+// library, for addr2line) before handing the signal to the previous handler (faulthandler).
+static struct sigaction g_prev_segv;
+static void segv_trace(int sig, siginfo_t* info, void*) {
+  char buf[128];
+  const int n = snprintf(buf, sizeof(buf), "\n[pyengine] signal %d at address %p; native backtrace:\n", sig,
+                         info ? info->si_addr : nullptr);
+  if (n > 0) (void)!write(2, buf, static_cast<size_t>(n));
+  void* frames[64];
+  const int k = backtrace(frames, 64);
+  backtrace_symbols_fd(frames, k, 2);
+  sigaction(SIGSEGV, &g_prev_segv, nullptr);  // returning re-raises the fault into the previous handler
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  const char* v = std::getenv("PYENGINE_SEGV_TRACE");
+  if (v && *v == '1') {
+    struct sigaction sa = {};
+    sa.sa_sigaction = segv_trace;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_prev_segv);
+  }
+  return PyModule_Create(&module_def);
+}

@@ -58,6 +58,45 @@ def native_available(device: torch.device) -> bool:
     return False
 
 
+def _device_index(device) -> int:
+    if device is None:
+        return torch.cuda.current_device()
+    d = torch.device(device)
+    if d.type != "cuda":
+        raise ValueError(f"device must be a CUDA device, got {d}")
+    return d.index if d.index is not None else torch.cuda.current_device()
+
+
+def check_device_errors(device=None) -> None:
+    """Raises the index error a CUDA kernel found since the last check (ValueError), if any.
+
+    pyengine's CUDA kernels check the indices they read from user data (the column indices and row
+    pointers of a packed weight, the winning directions of sliced Wasserstein) on the device,
+    without a host sync: a bad entry is skipped, never followed, and recorded. The record is
+    raised by the next pyengine CUDA call, or here - after synchronising ``device`` (default: the
+    current CUDA device). Without CUDA kernels or a GPU this does nothing.
+    """
+    if not CUDA_COMPILED or not torch.cuda.is_available():
+        return
+    msg = _C.take_device_error(_device_index(device), True)
+    if msg:
+        raise ValueError(msg)
+
+
+def masked_cache_info() -> dict:
+    """State of the CUDA masked-weight cache of masked_linear: entries, bytes, hits, misses and
+    limit_bytes (environment variable PYENGINE_MASKED_CACHE_MB, default 1024; 0 turns it off).
+    All zero without CUDA kernels."""
+    if _C is None:
+        return {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "limit_bytes": 0}
+    return dict(_C.masked_cache_info())
+
+
+def masked_cache_clear() -> int:
+    """Drops every cached masked weight (W * M) of masked_linear on CUDA; returns the bytes freed."""
+    return int(_C.masked_cache_clear()) if _C is not None else 0
+
+
 def cpu_cache_info() -> dict:
     """State of the pool that recycles large CPU outputs of the backward kernels.
 

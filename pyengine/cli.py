@@ -228,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
         return 3
-    except (OptionError, RunStateError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError) as exc:
+    except (OptionError, RunStateError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError,
+            ModuleNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.filename:
-            msg = f"{exc.strerror or exc}: {exc.filename}"
+            msg = f"{exc.filename}: {exc.strerror or exc}"
         print(f"pyengine: error: {msg}", file=sys.stderr)
         return 2
 

@@ -104,8 +104,11 @@ def test_counts_bad_input(device):
         entropy_counts([1.0, 2.0])
 
 
-def _h(p):
-    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+def _h(p, eps=0.0):
+    """The authors' formula: eps inside the logarithms only; a constant neuron has exactly 0."""
+    if p in (0.0, 1.0):
+        return 0.0
+    return -(p * math.log2(p + eps) + (1 - p) * math.log2(1 - p + eps))
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-5])
@@ -113,10 +116,7 @@ def test_entropy_from_counts(device, poison, eps):
     n = 10
     counts = torch.tensor([0, 10, 5, 3, 10, 1], device=device)
     stats = entropy_from_counts(counts, n, eps)
-    ps = [c / n for c in counts.tolist()]
-    if eps:
-        ps = [min(max(p, eps), 1 - eps) for p in ps]
-    expect = [_h(p) for p in ps]
+    expect = [_h(c / n, eps) for c in counts.tolist()]
     assert torch.allclose(stats.per_neuron.cpu().double(), torch.tensor(expect, dtype=torch.float64), atol=1e-6)
     assert stats.mean == pytest.approx(sum(expect) / 6, abs=1e-12)
     assert stats.mean_nonconstant == pytest.approx((expect[2] + expect[3] + expect[5]) / 3, abs=1e-12)
@@ -124,6 +124,17 @@ def test_entropy_from_counts(device, poison, eps):
     h_ref, s_ref = entropy_from_counts_reference(counts, n, eps)
     assert torch.allclose(stats.summary, s_ref, atol=1e-12)
     assert torch.allclose(stats.per_neuron, h_ref, atol=1e-7)
+
+
+def test_entropy_eps_inside_the_logs_only(device):
+    # constant neurons are exactly 0 even with eps (a clamp of p would give ~1.8e-4 bits); a p = 0.5
+    # neuron gives -log2(0.5 + eps), computed by hand
+    eps = 1e-5
+    stats = entropy_from_counts(torch.tensor([0, 8, 4], device=device), 8, eps)
+    h = stats.per_neuron.cpu()
+    assert h[0].item() == 0.0 and h[1].item() == 0.0
+    assert h[2].item() == pytest.approx(-math.log2(0.5 + eps), abs=1e-7)
+    assert h[2].item() < 1.0
 
 
 def test_entropy_from_counts_all_constant_and_empty(device):
@@ -173,3 +184,62 @@ def test_opcheck_and_compile(device):
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), entropy_counts_reference(x) * 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "btc", "per_position", "per_position_cl", "strided"])
+def test_counts_add_and_relu_count(device, poison, dtype, layout):
+    from pyengine.ops import entropy_counts_add_, relu_count
+
+    x = _sample((6, 10, 7, 5), dtype, device)
+    cd, pp = 1, False
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "btc":
+        x, cd = _sample((4, 9, 24), dtype, device), 2
+    elif layout == "per_position":
+        pp = True
+    elif layout == "per_position_cl":
+        x, pp = x.to(memory_format=torch.channels_last), True
+    elif layout == "strided":
+        x = _sample((6, 20, 7, 5), dtype, device)[:, ::2]
+    x[(0,) * x.dim()] = float("nan")  # one NaN: never ON, counted apart
+    ref = entropy_counts_reference(x, cd, pp)
+    shape = x.shape[1:] if pp else (x.shape[cd],)
+    counts = torch.full(shape, 3, dtype=torch.int64, device=device)  # accumulates onto what is there
+    nan = torch.zeros((), dtype=torch.int64, device=device)
+    entropy_counts_add_(counts, x, cd, pp, nan_count=nan)
+    entropy_counts_add_(counts, x, cd, pp, nan_count=nan)
+    assert torch.equal(counts, 3 + 2 * ref) and int(nan) == 2
+    counts.zero_()
+    y = relu_count(x, counts, nan, cd, pp)
+    assert torch.equal(counts, ref) and int(nan) == 3
+    expect = torch.relu(x)
+    assert y.shape == x.shape and torch.equal(y.nan_to_num(9.0), expect.nan_to_num(9.0))
+
+
+def test_relu_count_gradient(device):
+    from pyengine.ops import relu_count
+
+    x = torch.randn(4, 6, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    counts = torch.zeros(6, dtype=torch.int64, device=device)
+    y = relu_count(x, counts)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xr = x.detach().clone().requires_grad_(True)
+    (rx,) = torch.autograd.grad(torch.relu(xr), xr, g)
+    assert torch.equal(gx, rx) and torch.equal(counts, entropy_counts_reference(x.detach(), 1))
+    assert torch.autograd.gradcheck(lambda t: relu_count(t, torch.zeros(6, dtype=torch.int64, device=device)),
+                                    (x[:1, :, :1, :2].detach().clone().requires_grad_(True),))
+
+
+def test_counts_add_opcheck(device):
+    import pyengine
+
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    x = torch.randn(4, 6, 3, 3, device=device)
+    c = torch.zeros(6, dtype=torch.int64, device=device)
+    n = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_.default, (c, n, x, 1, False, False))
+    torch.library.opcheck(torch.ops.pyengine.relu_count.default, (x, c, n, 1, False, True))

@@ -219,3 +219,88 @@ def test_opcheck_and_compile(device):
     out.backward()
     assert torch.allclose(out, masked_linear_reference(x.detach(), w.detach(), m).relu().sum())
     assert (layer.w.grad[~m] == 0).all()
+
+
+def test_packed_weight_is_validated_at_construction(device):
+    from pyengine.ops import PackedWeight
+
+    w = torch.randn(6, 50, device=device) * (torch.rand(6, 50, device=device) < 0.3)
+    w[2] = 0  # an empty row
+    p = pack_sparse(w)
+    PackedWeight(p.rowptr, p.colidx, p.values, (6, 50))  # a valid one passes
+    n = p.nnz
+    swapped = p.colidx.clone()
+    r = int((p.rowptr[1:] - p.rowptr[:-1]).argmax())  # a row with >= 2 entries
+    a = int(p.rowptr[r])
+    swapped[a], swapped[a + 1] = p.colidx[a + 1], p.colidx[a]
+    with pytest.raises(ValueError, match="ascend within each row"):
+        PackedWeight(p.rowptr, swapped, p.values, (6, 50))
+    with pytest.raises(ValueError, match="colidx holds 50 at position"):
+        bad = p.colidx.clone()
+        bad[n - 1] = 50
+        PackedWeight(p.rowptr, bad, p.values, (6, 50))
+    with pytest.raises(ValueError, match="rowptr ends at"):
+        PackedWeight(p.rowptr, p.colidx[:-1], p.values[:-1], (6, 50))
+    with pytest.raises(TypeError, match="rowptr has dtype"):
+        PackedWeight(p.rowptr.long(), p.colidx, p.values, (6, 50))
+    with pytest.raises(ValueError, match="out_features = 5"):
+        PackedWeight(p.rowptr, p.colidx, p.values, (5, 50))
+
+
+def test_sparse_linear_bad_index_never_followed(device):
+    # raw op with a column index past K: a clear error (on CUDA at the next sync point), no crash
+    p = pack_sparse(torch.randn(8, 64, device=device) * (torch.rand(8, 64, device=device) < 0.5))
+    col = p.colidx.clone()
+    col[1] = 1000
+    with pytest.raises(ValueError, match=r"colidx holds 1000 at position 1, but in_features is 64"):
+        torch.ops.pyengine.sparse_linear(torch.randn(3, 64, device=device), p.rowptr, col, p.values, 64, None)
+        pyengine.ops.check_device_errors(device) if device.type == "cuda" else None
+    torch.ops.pyengine.sparse_linear(torch.randn(3, 64, device=device), p.rowptr, p.colidx, p.values, 64, None)
+
+
+@pytest.mark.parametrize("mode", ["smem", "global"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_sparse_linear_skinny_modes(device, poison, monkeypatch, mode, m):
+    if device.type != "cuda":
+        pytest.skip("the x-staging modes are CUDA kernels")
+    monkeypatch.setenv("PYENGINE_SPARSE_SKINNY", mode)
+    for dtype, k in ((torch.bfloat16, 4096), (torch.float32, 20000), (torch.float16, 40000)):
+        w = (torch.randn(300, k, device=device) * (torch.rand(300, k, device=device) < 0.05)).to(dtype)
+        x = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(300, device=device).to(dtype)
+        with torch.no_grad():
+            y = sparse_linear(x, pack_sparse(w), b)
+        _check_close(y.cpu(), F.linear(x, w, b).cpu(), F.linear(x.double(), w.double(), b.double()).cpu(), dtype)
+
+
+def test_masked_weight_cache_follows_weight_and_mask_changes(device):
+    if device.type != "cuda":
+        pytest.skip("the masked-weight cache is the CUDA path's")
+    from pyengine.ops import masked_cache_clear, masked_cache_info
+
+    masked_cache_clear()
+    x = torch.randn(5, 32, device=device)
+    w = torch.randn(7, 32, device=device)
+    m = torch.rand(7, 32, device=device) > 0.5
+    y0 = masked_linear(x, w, m)
+    h0 = masked_cache_info()["hits"]
+    assert torch.allclose(masked_linear(x, w, m), y0) and masked_cache_info()["hits"] == h0 + 1
+    with torch.no_grad():
+        w.mul_(2)  # an optimiser-style in-place update bumps w's version: the cache must not serve
+    assert torch.allclose(masked_linear(x, w, m), 2 * y0, atol=1e-5)
+    m.logical_not_()  # a new mask in place
+    assert torch.allclose(masked_linear(x, w, m), masked_linear_reference(x, w, m), atol=1e-5)
+    w2 = torch.randn(7, 32, device=device)  # another weight (possibly at a recycled address)
+    del w
+    assert torch.allclose(masked_linear(x, w2, m), masked_linear_reference(x, w2, m), atol=1e-5)
+    assert masked_cache_info()["entries"] >= 1 and masked_cache_clear() > 0
+
+
+def test_apply_masks_more_tensors_than_one_launch_takes(device):
+    # the CUDA kernel takes 96 tensors per launch (a kernel parameter under 4 KB): 250 need three
+    shapes = [(i % 5 + 1, 37 + i) for i in range(250)]
+    ts = [torch.randn(s, device=device) for s in shapes]
+    ms = [torch.rand(s, device=device) > 0.5 for s in shapes]
+    expect = [t.masked_fill(~m, 0) for t, m in zip(ts, ms)]
+    apply_masks_(ts, ms)
+    assert all(torch.equal(t, e) for t, e in zip(ts, expect))

@@ -186,15 +186,53 @@ def test_backward_op_opcheck_and_bad_input(device):
     op = torch.ops.pyengine.sliced_wasserstein_bwd.default
     torch.library.opcheck(op, (grad, cx, cx.clone(), theta, win, True, True, True))
     torch.library.opcheck(op, (grad, torch.randn(2, 5, 4, device=device, dtype=torch.float64), torch.randn(2, 5, 4, device=device, dtype=torch.float64), theta, win, False, True, False))
-    with pytest.raises(RuntimeError, match="columns"):
+    with pytest.raises(ValueError, match="columns per point, but the mean over 4 directions needs 4"):
         op(grad, cx, cx, theta, win, False, True, True)
-    with pytest.raises(RuntimeError, match="grad must be"):
+    with pytest.raises(ValueError, match="grad has 1 entries"):
         op(grad[:1], cx, cx, theta, win, True, True, True)
-    with pytest.raises(RuntimeError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype"):
         op(grad.float(), cx, cx, theta, win, True, True, True)
-    if device.type == "cpu":  # the CUDA path indexes on the device without a host sync
-        with pytest.raises(RuntimeError, match="not a direction"):
-            op(grad, cx, cx, theta, torch.tensor([4, 0]), True, True, True)
+    with pytest.raises(ValueError, match=r"win\[0\] = 4 is not a direction"):
+        op(grad, cx, cx, theta, torch.tensor([4, 0], device=device), True, True, True)
+        pyengine.ops.check_device_errors(device)  # CUDA checks win on the device: raised at this sync
+
+
+@needs_native
+def test_max_propagates_nan_from_any_direction(device):
+    # a NaN cost in any direction (here only direction 2's) makes the max NaN, as torch.max does
+    x = torch.randn(2, 9, 5, device=device, dtype=torch.float64)
+    y = torch.randn(2, 9, 5, device=device, dtype=torch.float64)
+    theta = random_directions(4, 5, device=device, dtype=torch.float64)
+    theta[2, 3] = float("nan")
+    ref = sliced_wasserstein_reference(x, y, theta, 2.0, "max")
+    assert torch.isnan(ref).all()
+    for need_grad in (False, True):
+        dist = torch.ops.pyengine.sliced_wasserstein_fwd(x, y, theta, 2.0, True, need_grad)[0]
+        assert torch.isnan(dist).all()
+    with pytest.raises(ValueError, match="directions contains NaN"):
+        sliced_wasserstein(x, y, theta)
+
+
+def test_p_inf_and_huge_direction_counts_are_refused(device):
+    x = torch.randn(5, 3, device=device)
+    with pytest.raises(ValueError, match="p = inf"):
+        sliced_wasserstein(x, x + 1, p=float("inf"))
+    with pytest.raises(ValueError, match="working memory"):
+        sliced_wasserstein(x, x + 1, n_directions=10**7)
+
+
+def test_generators_on_the_data_device_are_accepted(device):
+    x = torch.randn(9, 7, device=device)
+    y = torch.randn(9, 7, device=device)
+    names = ["cpu"] if device.type == "cpu" else ["cuda", f"cuda:{torch.cuda.current_device()}"]
+    outs = [sliced_wasserstein(x, y, generator=torch.Generator(device=nm).manual_seed(5)) for nm in names]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    for nm in names:
+        a = random_directions(4, 7, generator=torch.Generator(device=nm).manual_seed(1), device=device)
+        assert a.device == x.device
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="generator is on cpu"):
+            sliced_wasserstein(x, y, generator=torch.Generator())
 
 
 @pytest.mark.parametrize("reduce", ["max", "mean"])

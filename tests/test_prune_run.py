@@ -296,3 +296,62 @@ def test_weights_start_from_a_local_file(tmp_path):
     r = Run(_cfg(tmp_path, weights=str(tmp_path / "w.pt"), rounds=0, out=str(tmp_path / "wr")), **quiet)
     r._setup()
     assert torch.equal(r.model.conv1.weight.cpu(), src.conv1.weight)
+
+
+def test_resume_after_an_edit_equals_uninterrupted(tmp_path):
+    """A method that changes the structure during the run (linearises one activation per round):
+    a run killed after the edit is rebuilt from the base architecture plus the edit history."""
+    from dataclasses import dataclass
+
+    from pyengine.graph import Edit
+    from pyengine.methods.base import METHODS, Method, register
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    class LineariseFirst(Method):
+        name = "test-linearise-first"
+        Options = NoOptions
+        uses_rewind = False
+        default_rounds = {"*": 2}
+
+        def act(self, summary):
+            name = self.run.sites[0].name
+            return {"edits": self.run.edit([Edit("linearise", name)])}
+
+    register(LineariseFirst)
+    try:
+        kw = dict(method="test-linearise-first", epochs=2, rounds=2, no_fold=True)
+        full = run(_cfg(tmp_path, out=str(tmp_path / "a"), **kw), **quiet)
+
+        class Stop(Exception):
+            pass
+
+        def stop_at(rnd, ep):
+            if (rnd, ep) == (2, 1):
+                raise Stop
+
+        with pytest.raises(Stop):
+            run(_cfg(tmp_path, out=str(tmp_path / "b"), **kw), on_epoch=stop_at, **quiet)
+        resumed = run(_cfg(tmp_path, out=str(tmp_path / "b"), resume=True, **kw), **quiet)
+        assert [e["target"] for e in resumed["edits"]] == ["relu", "layer1.0.relu1"]
+        assert resumed["rounds"][-1]["activations"] == 15
+        a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
+        b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
+        assert a["model"].keys() == b["model"].keys()
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        assert resumed["final_acc"] == full["final_acc"]
+    finally:
+        METHODS.pop("test-linearise-first", None)
+
+
+def test_paper_preset_uses_the_published_defaults(tmp_path):
+    r = Run(RunConfig(preset="paper", out=str(tmp_path / "p"), image_size=8, epochs=1, device="cpu"), **quiet)
+    r._setup()
+    assert r.n_rounds() == 9  # EGP, ResNet-18 / CIFAR-10 (issue 7, methods.md section 2)
+    assert isinstance(r.model.maxpool, torch.nn.MaxPool2d)  # the authors' CIFAR ResNet-18 keeps it
+    q = Run(RunConfig(out=str(tmp_path / "q"), image_size=8, epochs=1), **quiet)
+    q._setup()
+    assert q.n_rounds() == 3 and isinstance(q.model.maxpool, torch.nn.Identity)

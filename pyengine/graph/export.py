@@ -64,6 +64,12 @@ def _check_masks(model: nn.Module, masks: dict[str, Tensor] | None) -> None:
 def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
                 opset: int | None = None) -> Path:
     """Write ``model`` (eval mode, float32 copy) as ONNX with a dynamic batch dimension."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModuleNotFoundError(f"ONNX export needs {' and '.join(missing)}: pip install 'pyengine[export]' "
+                                  "(onnx, onnxscript, and onnxruntime to run the file)")
     path = Path(path)
     net = copy.deepcopy(model).float().eval()
     x = example_input.detach().float()

@@ -393,7 +393,8 @@ class RunContext:
     def _rebuild_masks(self, state: dict | None = None) -> None:
         prunable = self._prunable if isinstance(self._prunable, str) else \
             [n for n in self._prunable if n in dict(self.model.named_parameters())]
-        self.masks = MaskSet(self.model, prunable).to(self.device)
+        # after folding, a network may have no prunable layer left (e.g. everything was constant)
+        self.masks = MaskSet(self.model, prunable, allow_empty=bool(self.edits)).to(self.device)
         if state:
             keep = {k: v for k, v in state.items() if k in self.masks.masks}
             for k, v in keep.items():
@@ -581,8 +582,10 @@ class Run(RunContext):
     # ------------------------------------------------------------------ the job
 
     def run(self) -> dict:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the run folder {self.out}: {exc.strerror or exc}") from None
         lock = _RunLock(self.out)
         if int(os.environ.get("RANK", "0")) == 0:
             lock.acquire()

@@ -31,6 +31,7 @@ from pyengine.graph.activations import (
 )
 from pyengine.models.flops import count_effective_flops, count_flops, count_params
 from pyengine.models.mobilenet import MobileNetV2, mobilenet_v2
+from pyengine.models.ofa_mbv3 import MobileNetV3Subnet, OFAMobileNetV3, ofa_mbv3
 from pyengine.models.resnet import ResNet, resnet18, resnet34, resnet50
 from pyengine.models.tv import swin_t, tv_model
 from pyengine.models.vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
@@ -42,7 +43,8 @@ __all__ = [
     "register_activation", "find_producers", "find_reused_activations",
     "find_functional_activations", "is_weight_layer", "linearise", "make_activations_distinct",
     "count_params", "count_flops", "count_effective_flops",
-    "ResNet", "VGG", "VGGLike", "MobileNetV2", "VisionTransformer",
+    "ResNet", "VGG", "MobileNetV2", "VisionTransformer", "OFAMobileNetV3", "MobileNetV3Subnet",
+    "VGGLike",
 ]
 
 # name -> (builder, class or function whose signature lists the accepted options,
@@ -58,6 +60,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], Callable, int, bool]] = {
     "mobilenet_v2": (mobilenet_v2, MobileNetV2.__init__, 1, False),
     "vit": (vit, VisionTransformer.__init__, 1, True),
     "swin_t": (swin_t, swin_t, 1, True),
+    "ofa_mbv3": (ofa_mbv3, ofa_mbv3, 1, False),
     "vgglike": (vgglike, VGGLike.__init__, 2, True),  # DSD2; checks image_size >= 2**depth itself
 }
 

@@ -40,7 +40,7 @@ def prunable_parameters(model: nn.Module, layers: str = "conv+linear") -> list[t
 class MaskSet:
     """One bool mask per prunable weight of ``model``; all True (dense) at the start."""
 
-    def __init__(self, model: nn.Module, layers: str | Iterable[str] = "conv+linear"):
+    def __init__(self, model: nn.Module, layers: str | Iterable[str] = "conv+linear", allow_empty: bool = False):
         """layers: "conv+linear", "linear" or "conv" (every such weight), or an explicit list of
         weight names (``"layer1.0.conv1.weight"``, ...)."""
         self.model = model
@@ -54,7 +54,7 @@ class MaskSet:
             if missing:
                 raise KeyError(f"{type(model).__name__} has no parameter(s) {missing}")
             self.params = {n: named[n] for n in self.layers}
-        if not self.params:
+        if not self.params and not allow_empty:
             raise ValueError(f"{type(model).__name__} has no prunable {layers} weights")
         self.masks: dict[str, torch.Tensor] = {
             n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
@@ -109,7 +109,8 @@ class MaskSet:
         return sum(m.numel() for m in self.masks.values())
 
     def sparsity(self) -> float:
-        return 1.0 - self.kept() / self.total()
+        total = self.total()
+        return 1.0 - self.kept() / total if total else 0.0
 
     def empty_layers(self) -> list[str]:
         return [n for n, m in self.masks.items() if not bool(m.any())]

@@ -1,11 +1,19 @@
 """The Python face of pyengine's native kernels, each beside its pure-PyTorch reference."""
-from pyengine._native import cpu_cache_info, empty_cpu_cache
+from pyengine._native import (
+    check_device_errors,
+    cpu_cache_info,
+    empty_cpu_cache,
+    masked_cache_clear,
+    masked_cache_info,
+)
 from pyengine.ops.entropy import (
     EntropyStats,
     entropy_counts,
+    entropy_counts_add_,
     entropy_counts_reference,
     entropy_from_counts,
     entropy_from_counts_reference,
+    relu_count,
     samples_per_neuron,
 )
 from pyengine.ops.masked import (
@@ -16,24 +24,35 @@ from pyengine.ops.masked import (
     pack_sparse,
     sparse_linear,
 )
-from pyengine.ops.sliced import random_directions, sliced_wasserstein, sliced_wasserstein_reference
+from pyengine.ops.sliced import (
+    random_directions,
+    sliced_wasserstein,
+    sliced_wasserstein_reference,
+    sliced_work_bytes,
+)
 
 __all__ = [
     "EntropyStats",
     "PackedWeight",
     "apply_masks_",
+    "check_device_errors",
     "cpu_cache_info",
     "empty_cpu_cache",
     "entropy_counts",
+    "entropy_counts_add_",
     "entropy_counts_reference",
     "entropy_from_counts",
     "entropy_from_counts_reference",
+    "masked_cache_clear",
+    "masked_cache_info",
     "masked_linear",
     "masked_linear_reference",
     "pack_sparse",
     "random_directions",
+    "relu_count",
     "samples_per_neuron",
     "sliced_wasserstein",
     "sliced_wasserstein_reference",
+    "sliced_work_bytes",
     "sparse_linear",
 ]

@@ -18,6 +18,19 @@ def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim=None, min_ndim=None)
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
 
 
+def same_device(a, b) -> bool:
+    """Whether two devices are the same, with "cuda" meaning the current CUDA device."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index == b.index:
+        return True
+    if a.type == "cuda":
+        cur = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
+    return a.type == "cpu"
+
+
 def check_same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     if not items:

@@ -7,13 +7,21 @@
   batch is a sample). Works for NCHW, channels-last and (B, T, C) tensors in fp32/fp16/bf16/fp64
   in one pass, into exact int64 counts. NaN is never ON; the native op also counts NaNs so the
   wrapper can refuse them without a second pass.
-* ``entropy_from_counts(counts, n_samples, eps)`` gives per-neuron binary entropy in bits,
-  H(p) = -p log2 p - (1-p) log2 (1-p) with p = count / n_samples (0 log 0 = 0; with eps > 0, p is
-  clamped to [eps, 1-eps] as the authors' code does), and a float64 summary
+* ``entropy_counts_add_(counts, x, ..., nan_count=None)`` adds the same counts into existing int64
+  accumulators in place: one kernel, no allocation, no host sync - what a collector running during
+  training needs (keep the counts and a NaN count on the device; check the NaN count once per
+  epoch).
+* ``relu_count(x, counts, ...)`` returns ``relu(x)`` and adds x's ON counts into ``counts`` in
+  the same pass over x (differentiable in x like ``torch.relu``).
+* ``entropy_from_counts(counts, n_samples, eps)`` gives per-neuron binary entropy in bits with eps
+  inside the logarithms only, H = -(p log2(p + eps) + (1-p) log2(1-p + eps)) with p = count /
+  n_samples (the authors' formula; eps is never a clamp of p), exactly 0 for a constant neuron
+  (count 0 or n_samples), and a float64 summary
   ``[mean over all neurons, mean over non-constant neurons (0 if none), #always ON, #always OFF]``.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,12 +44,11 @@ def entropy_counts_reference(x, channel_dim=1, per_position=False, inclusive=Fal
 def entropy_from_counts_reference(counts, n_samples, eps=0.0):
     c = counts.to(torch.float64)
     p = c / n_samples
-    if eps > 0:
-        p = p.clamp(eps, 1 - eps)
-    h = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p)) / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    h = -(torch.special.xlogy(p, p + eps) + torch.special.xlogy(1 - p, 1 - p + eps)) / math.log(2.0)
     on = counts == n_samples
     off = counts == 0
     nonconst = ~(on | off)
+    h = torch.where(nonconst, h, torch.zeros_like(h))  # a constant neuron has exactly zero entropy
     mean_all = h.mean() if h.numel() else h.new_zeros(())
     mean_nc = h[nonconst].mean() if bool(nonconst.any()) else h.new_zeros(())
     summary = torch.stack(
@@ -86,6 +93,77 @@ def entropy_counts(
     return entropy_counts_reference(x, channel_dim, per_position, inclusive)
 
 
+def _counts_shape(x, channel_dim, per_position):
+    return tuple(x.shape[1:]) if per_position else (x.shape[channel_dim],)
+
+
+def entropy_counts_add_(
+    counts: torch.Tensor,
+    x: torch.Tensor,
+    channel_dim: int = 1,
+    per_position: bool = False,
+    inclusive: bool = False,
+    nan_count: torch.Tensor | None = None,
+) -> None:
+    """``counts += entropy_counts(x, ...)`` in place, and ``nan_count += #NaN in x`` when given.
+
+    counts: contiguous int64 of the counts' shape on x's device; nan_count: a one-element int64
+    tensor there. One kernel launch, no allocation and no host synchronisation, so a hook can call
+    it on every activation of a training step; read nan_count (one sync) once per epoch.
+    """
+    if not isinstance(x, torch.Tensor) or not isinstance(counts, torch.Tensor):
+        raise TypeError("counts and x must be torch.Tensors")
+    if nan_count is None:
+        nan_count = torch.zeros((), dtype=torch.int64, device=x.device)
+    if _native.native_available(x.device):
+        torch.ops.pyengine.entropy_counts_add_(counts, nan_count, x.detach(), channel_dim, per_position, inclusive)
+        return
+    check_tensor("x", x, min_ndim=2)
+    cd = 1 if per_position else _normalise_dim(channel_dim, x.dim())
+    check_tensor("counts", counts, dtypes=(torch.int64,))
+    if tuple(counts.shape) != _counts_shape(x, cd, per_position):
+        raise ValueError(f"counts has shape {tuple(counts.shape)} but must have {_counts_shape(x, cd, per_position)}")
+    x = x.detach()
+    counts += entropy_counts_reference(x, cd, per_position, inclusive)
+    nan_count += torch.isnan(x).sum()
+
+
+class _ReluCount(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, nan_count, channel_dim, per_position, inclusive):
+        y = torch.ops.pyengine.relu_count(x, counts, nan_count, channel_dim, per_position, inclusive)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, y, 0), None, None, None, None, None
+
+
+def relu_count(
+    x: torch.Tensor,
+    counts: torch.Tensor,
+    nan_count: torch.Tensor | None = None,
+    channel_dim: int = 1,
+    per_position: bool = False,
+    inclusive: bool = False,
+) -> torch.Tensor:
+    """``torch.relu(x)``, adding x's ON counts (x > 0, or >= 0) into ``counts`` in the same pass.
+
+    The fused activation + count: the activation is read once instead of twice (ReLU, then the
+    count). counts / nan_count as in :func:`entropy_counts_add_`. Differentiable in x.
+    """
+    if nan_count is None:
+        nan_count = torch.zeros((), dtype=torch.int64, device=x.device)
+    if isinstance(x, torch.Tensor) and _native.native_available(x.device):
+        if x.requires_grad and torch.is_grad_enabled():
+            return _ReluCount.apply(x, counts, nan_count, channel_dim, per_position, inclusive)
+        return torch.ops.pyengine.relu_count(x, counts, nan_count, channel_dim, per_position, inclusive)
+    entropy_counts_add_(counts, x, channel_dim, per_position, inclusive, nan_count)
+    return torch.relu(x)
+
+
 def samples_per_neuron(x_shape, channel_dim: int = 1, per_position: bool = False) -> int:
     """How many samples one call of :func:`entropy_counts` adds per neuron for this shape."""
     if per_position:
@@ -124,6 +202,7 @@ def entropy_from_counts(counts: torch.Tensor, n_samples: int, eps: float = 0.0) 
     n_samples = int(n_samples)
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
+    eps = float(eps)
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"eps must be in [0, 0.5), got {eps}")
     if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_samples):
@@ -144,6 +223,14 @@ if _native.HAS_NATIVE:
     def _entropy_counts_fake(x, channel_dim, per_position, inclusive):
         shape = tuple(x.shape[1:]) if per_position else (x.shape[channel_dim],)
         return x.new_empty(shape, dtype=torch.int64), x.new_empty((), dtype=torch.int64)
+
+    @torch.library.register_fake("pyengine::entropy_counts_add_")
+    def _entropy_counts_add_fake(counts, nan_count, x, channel_dim, per_position, inclusive):
+        return None
+
+    @torch.library.register_fake("pyengine::relu_count")
+    def _relu_count_fake(x, counts, nan_count, channel_dim, per_position, inclusive):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("pyengine::entropy_from_counts")
     def _entropy_from_counts_fake(counts, n_samples, eps):

@@ -82,14 +82,90 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
 # --------------------------------------------------------------------------- sparse linear
 
 
+_INDEX_DTYPES = (torch.int16, torch.int32)
+
+
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in a 1-D bool tensor, or its length: a 0-dim tensor (no sync)."""
+    n = mask.numel()
+    idx = torch.arange(n, device=mask.device)
+    return torch.where(mask, idx, torch.full_like(idx, n)).min() if n else torch.zeros((), dtype=torch.int64, device=mask.device)
+
+
 @dataclass(frozen=True)
 class PackedWeight:
-    """A weight matrix (out_features, in_features) stored as CSR with narrow column indices."""
+    """A weight matrix (out_features, in_features) stored as CSR with narrow column indices.
+
+    Checked when constructed (pack_sparse's output too), so a kernel never follows a bad index:
+    rowptr is int32 [N + 1], starts at 0, never decreases and ends at nnz; colidx is int16
+    (in_features <= 32768) or int32 with every entry in [0, in_features) and strictly ascending
+    within a row; values is floating [nnz]; all three on one device. On CUDA the check costs one
+    or two host syncs, at construction only. The kernels check the indices again as they read them
+    (on CUDA on the device, reported by the next pyengine call or ``check_device_errors()``), so
+    tensors edited in place afterwards cannot crash them either.
+    """
 
     rowptr: torch.Tensor
     colidx: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
+
+    def __post_init__(self):
+        rowptr, colidx, values = self.rowptr, self.colidx, self.values
+        for name, t in (("rowptr", rowptr), ("colidx", colidx), ("values", values)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"PackedWeight.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 1:
+                raise ValueError(f"PackedWeight.{name} must be 1-D, got shape {tuple(t.shape)}")
+        try:
+            n, k = (int(v) for v in self.shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"PackedWeight.shape must be (out_features, in_features), got {self.shape!r}") from None
+        if n < 0 or k < 0 or len(tuple(self.shape)) != 2:
+            raise ValueError(f"PackedWeight.shape must be two sizes >= 0, got {self.shape!r}")
+        object.__setattr__(self, "shape", (n, k))
+        if rowptr.dtype != torch.int32:
+            raise TypeError(f"PackedWeight.rowptr has dtype {rowptr.dtype}; expected int32")
+        if colidx.dtype not in _INDEX_DTYPES:
+            raise TypeError(f"PackedWeight.colidx has dtype {colidx.dtype}; expected int16 or int32")
+        if colidx.dtype == torch.int16 and k > 32768:
+            raise ValueError(f"int16 colidx cannot address in_features = {k} (at most 32768); use int32")
+        check_tensor("PackedWeight.values", values)
+        check_same_device(rowptr=rowptr, colidx=colidx, values=values)
+        if rowptr.numel() != n + 1:
+            raise ValueError(f"PackedWeight.rowptr has {rowptr.numel()} entries but out_features = {n} needs {n + 1}")
+        nnz = values.numel()
+        if colidx.numel() != nnz:
+            raise ValueError(f"PackedWeight.colidx holds {colidx.numel()} entries but values holds {nnz}; they must match")
+        if nnz >= 2**31:
+            raise ValueError("PackedWeight holds 2**31 or more entries; at most 2**31 - 1 are supported")
+        rp = rowptr.long()
+        # the row pointers first (one sync), then the column indices they delimit (one more)
+        first, last, dec = torch.stack([rp[0], rp[-1], _first_true(rp[1:] < rp[:-1])]).tolist()
+        if first != 0:
+            raise ValueError(f"PackedWeight.rowptr must start at 0 but rowptr[0] is {first}")
+        if dec < n:
+            a, b = rp[dec].item(), rp[dec + 1].item()
+            raise ValueError(f"PackedWeight.rowptr must not decrease, but rowptr[{dec + 1}] = {b} is below rowptr[{dec}] = {a}")
+        if last != nnz:
+            raise ValueError(f"PackedWeight.rowptr ends at {last} but colidx and values hold {nnz} entries")
+        if nnz == 0:
+            return
+        col = colidx.long()
+        bad = _first_true((col < 0) | (col >= k))
+        # strictly ascending within a row: every entry that is not the first of its row
+        row_start = torch.zeros(nnz + 1, dtype=torch.bool, device=col.device)
+        row_start[rp[:-1]] = True
+        unsorted = _first_true((col[1:] <= col[:-1]) & ~row_start[1:nnz])
+        bad, unsorted = torch.stack([bad, unsorted]).tolist()
+        if bad < nnz:
+            raise ValueError(f"PackedWeight.colidx holds {col[bad].item()} at position {bad}, but in_features is {k}")
+        if unsorted < nnz - 1:
+            j = unsorted + 1
+            raise ValueError(
+                f"PackedWeight.colidx must ascend within each row, but position {j} holds {col[j].item()} after "
+                f"{col[j - 1].item()}"
+            )
 
     @property
     def nnz(self) -> int:

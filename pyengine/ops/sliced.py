@@ -10,16 +10,35 @@ For pairs of point sets X_b, Y_b (n points each, d dims) and K directions theta_
 Differentiable in X and Y (not in the directions). The gradient needs only each projection's
 sort permutation (for the max, only the winning direction's); where S = 0 the gradient is taken
 as 0 rather than the infinite derivative of t^(1/p) at 0. Half-precision inputs are computed
-in float32 and the result is float32.
+in float32 and the result is float32. p must be finite (p = inf is refused). A NaN in any
+input makes the result NaN, which the wrapper reports as a ValueError.
+
+Memory: a call needs about ``sliced_work_bytes(B, n, d, K)`` bytes of working memory (the
+directions and the projections of x and y with their sort permutations); above
+``MAX_WORK_BYTES`` (1 GiB; raise it if you mean it) the call is refused with a clear message
+instead of quietly allocating - e.g. n_directions=10**7 on a handful of points.
+
+On CUDA the projections are cuBLAS GEMMs in the precision torch.backends.cuda.matmul allows
+(float32 by default; TF32 if you enable it, at about 1e-3 relative error in the distance).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from pyengine import _native
-from pyengine.ops._checks import check_same_device, check_tensor
+from pyengine.ops._checks import check_same_device, check_tensor, same_device
 
 _SW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+MAX_WORK_BYTES = 1 << 30
+
+
+def sliced_work_bytes(b: int, n: int, d: int, k: int, elem_size: int = 4) -> int:
+    """Working memory of one call, roughly: the K x d directions and their draw, and the 2 B K n
+    projections held about twice (product and sorted copy) with their int32 sort permutations."""
+    return elem_size * 2 * k * d + 2 * b * k * n * (2 * elem_size + 4)
 
 
 def sliced_wasserstein_reference(x, y, theta, p=2.0, reduce="max"):
@@ -34,10 +53,16 @@ def sliced_wasserstein_reference(x, y, theta, p=2.0, reduce="max"):
 
 def random_directions(n_directions: int, dim: int, *, generator=None, device=None, dtype=torch.float32):
     """K unit vectors drawn uniformly on the sphere (normalised Gaussians) on ``device``."""
+    n_directions = int(n_directions)
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
-    if generator is not None and device is not None and generator.device != torch.device(device):
-        raise ValueError(f"generator is on {generator.device} but the directions go to {device}")
+    if dim < 1:
+        raise ValueError(f"dim must be at least 1, got {dim}")
+    if generator is not None:
+        if device is None:
+            device = generator.device
+        elif not same_device(generator.device, device):
+            raise ValueError(f"generator is on {generator.device} but the directions go to {torch.device(device)}")
     theta = torch.randn(n_directions, dim, generator=generator, device=device, dtype=dtype)
     return theta / theta.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
@@ -51,6 +76,7 @@ def sliced_wasserstein(
     p: float = 2.0,
     reduce: str = "max",
     generator: torch.Generator | None = None,
+    check_nan: bool = True,
 ) -> torch.Tensor:
     """(Max-)sliced Wasserstein distance between x and y.
 
@@ -58,12 +84,17 @@ def sliced_wasserstein(
     e.g. ``x.flatten(1)`` for LaCoOT's (n, C, H, W) block activations).
     directions: (K, d), used as given; when None, ``n_directions`` random unit vectors are drawn
     with ``generator`` (which must live on x's device). Returns a scalar for one pair, (B,) else.
+    check_nan: raise ValueError when the result is NaN (a NaN in x, y or the directions). On CUDA
+    that reads the result back - a host sync that stalls the launch queue - so training loops pass
+    False and get NaN in the result instead (as the reference does), checking it when they log.
     """
     check_tensor("x", x, dtypes=_SW_DTYPES, min_ndim=2)
     check_tensor("y", y, dtypes=_SW_DTYPES, min_ndim=2)
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
     p = float(p)
+    if math.isinf(p):
+        raise ValueError("p = inf (the largest |difference| of sorted projections) is not supported; use a finite p >= 1")
     if not p >= 1.0:
         raise ValueError(f"p must be >= 1, got {p}")
     check_same_device(x=x, y=y, directions=directions)
@@ -84,8 +115,20 @@ def sliced_wasserstein(
         raise TypeError(f"x has dtype {x.dtype} but y has {y.dtype}; they must match")
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(work), y.to(work)
-    d = x.shape[2]
+    b, n, d = x.shape
+    k = int(n_directions) if directions is None else int(directions.shape[0]) if isinstance(directions, torch.Tensor) else 0
+    need = sliced_work_bytes(b, n, d, k, 8 if work == torch.float64 else 4)
+    if need > MAX_WORK_BYTES:
+        raise ValueError(
+            f"{k} directions for {b} pair(s) of {n} points in {d} dims need about {need / 2**30:.2f} GiB of working "
+            f"memory, above pyengine.ops.sliced.MAX_WORK_BYTES = {MAX_WORK_BYTES / 2**30:.2f} GiB; use fewer "
+            "directions (or raise the limit if you mean it)"
+        )
     if directions is None:
+        if generator is not None and not same_device(generator.device, x.device):
+            raise ValueError(
+                f"generator is on {generator.device} but x is on {x.device}; pass a generator on the data's device"
+            )
         theta = random_directions(n_directions, d, generator=generator, device=x.device, dtype=work)
     else:
         check_tensor("directions", directions, ndim=2)
@@ -103,7 +146,7 @@ def sliced_wasserstein(
         out = sliced_wasserstein_reference(x, y, theta, p, reduce)
     # NaN anywhere in x, y or the directions reaches the result; checking the B results is far
     # cheaper than scanning the inputs (a data-dependent check: eager mode only)
-    if not torch.compiler.is_compiling() and bool(torch.isnan(out).any()):
+    if check_nan and not torch.compiler.is_compiling() and bool(torch.isnan(out).any()):
         bad = [name for name, t in (("x", x), ("y", y), ("directions", theta)) if bool(torch.isnan(t).any())]
         raise ValueError(f"{' and '.join(bad) or 'the inputs'} contain{'s' if len(bad) == 1 else ''} NaN")
     return out[0] if single else out

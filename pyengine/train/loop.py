@@ -130,12 +130,12 @@ class _ProgressLine:
     """A tqdm bar on a terminal; in a log that is not a terminal, nothing per batch (the caller
     prints one line per epoch)."""
 
-    def __init__(self, loader, desc: str, enabled: bool):
+    def __init__(self, loader, desc: str, enabled: bool, total: int | None = None):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(loader, desc=desc, total=total, leave=False, dynamic_ncols=True, mininterval=1.0)
         self.iterable = self.bar if self.bar is not None else loader
 
     def show(self, **kw) -> None:
@@ -162,7 +162,8 @@ def progress_enabled(progress: bool | None) -> bool:
 
 def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfig, optimizer, scheduler, *,
                  start_epoch: int = 0, masks=None, hooks: EpochHooks | None = None, progress: bool | None = None,
-                 desc: str = "train", loss_fn: LossFn | None = None, callbacks=(), log=None) -> list[dict]:
+                 desc: str = "train", loss_fn: LossFn | None = None, callbacks=(), log=None,
+                 max_steps: int | None = None) -> list[dict]:
     """Trains from ``start_epoch`` to ``cfg.epochs``; masks are re-applied after every step.
 
     loss_fn(logits, targets, inputs) replaces cross-entropy (e.g. distillation); ``callbacks``
@@ -171,13 +172,14 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
     per epoch; a non-finite loss raises FloatingPointError naming the epoch and step where it
     first happened (checked every step on the CPU, once per epoch on a GPU, where a per-step check
     would cost a host sync). ``log`` gets one line per epoch when no progress bar is shown.
+    ``max_steps`` caps the steps per epoch (default: the whole loader).
     Returns one metrics dict per epoch run; ``hooks.on_epoch_end`` is where checkpoints go.
     """
     hooks = hooks or EpochHooks()
     callbacks = list(callbacks)
     show_bar = progress_enabled(progress)
     history = []
-    steps_per_epoch = len(loader)
+    steps_per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
     sync_each_step = device.type != "cuda" if DEFER_NONFINITE_CHECK is None else not DEFER_NONFINITE_CHECK
     if masks is not None:
         masks.apply(optimizer)
@@ -197,19 +199,21 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
             correct = torch.zeros((), dtype=torch.int64, device=device)
             first_bad = torch.full((), -1, dtype=torch.int64, device=device)
             seen = 0
-            bar = _ProgressLine(loader, f"{desc} epoch {epoch + 1}/{cfg.epochs}", show_bar)
+            bar = _ProgressLine(loader, f"{desc} epoch {epoch + 1}/{cfg.epochs}", show_bar, steps_per_epoch)
             refresh = max(1, steps_per_epoch // 20)
             for step, (x, y) in enumerate(bar.iterable):
+                if step >= steps_per_epoch:
+                    break
                 x, y = _to_device(x, y, device, cfg)
                 for cb in callbacks:
                     cb.on_batch_start(step, x, y)
+                optimizer.zero_grad(set_to_none=True)
                 done = None
                 for cb in callbacks:
                     done = cb.forward_backward(model, x, y)
                     if done is not None:
                         break
                 if done is None:
-                    optimizer.zero_grad(set_to_none=True)
                     with _autocast(device, cfg):
                         out = model(x)
                         loss = None
@@ -228,7 +232,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
                     loss = loss.detach()
                 else:
                     loss, out = done
-                    loss = loss.detach()
+                    loss = torch.as_tensor(loss, device=device).detach()
                 bad = ~torch.isfinite(loss)
                 if sync_each_step:
                     if bool(bad):

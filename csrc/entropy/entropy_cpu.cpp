@@ -1,6 +1,6 @@
-// CPU kernels: per-neuron ON counts of activations, and entropy from counts.
-// One pass over the tensor; comparisons on fp16/bf16 are done on the raw bits so the loops
-// vectorise as integer compares.
+// CPU kernels: per-neuron ON counts of activations (fresh, accumulated in place, or fused with
+// the ReLU), and entropy from counts. One pass over the tensor; comparisons on fp16/bf16 are
+// done on the raw bits so the loops vectorise as integer compares.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,7 +9,10 @@
 #include <mutex>
 #include <vector>
 
-#include "cpu/simd.h"
+#include "entropy/entropy_args.h"
+
+#define PYENGINE_SIMD_KERNELS "entropy/entropy_simd.inc"
+#include "common/simd.h"
 
 namespace pyengine {
 namespace {
@@ -41,7 +44,6 @@ template <typename Cls, bool kInclusive>
 void count_block(const typename Cls::raw* x, int64_t O, int64_t C, int64_t I, int64_t* counts,
                  int64_t* nan_total) {
   std::mutex mu;
-  const bool avx2 = cpu_has_avx2();
   if (I == 1) {
     // Row mode: O rows of C contiguous neurons (channels-last, (B, T, C), per-position).
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(C, 1));
@@ -52,8 +54,7 @@ void count_block(const typename Cls::raw* x, int64_t O, int64_t C, int64_t I, in
       for (int64_t ob = o0; ob < o1; ob += (1 << 30)) {  // int32 accumulators never overflow
         const int64_t oe = std::min<int64_t>(o1, ob + (1 << 30));
         std::fill(acc.begin(), acc.end(), 0);
-        nan_local += avx2 ? cpu_avx2::count_rows<Cls, kInclusive>(x, ob, oe, C, acc.data())
-                          : cpu_base::count_rows<Cls, kInclusive>(x, ob, oe, C, acc.data());
+        nan_local += PYENGINE_SIMD(count_rows<Cls, kInclusive>(x, ob, oe, C, acc.data()));
         for (int64_t c = 0; c < C; ++c) local[c] += acc[c];
       }
       std::lock_guard<std::mutex> lock(mu);
@@ -72,8 +73,7 @@ void count_block(const typename Cls::raw* x, int64_t O, int64_t C, int64_t I, in
         int64_t cnt = 0;
         for (int64_t ib = 0; ib < I; ib += (1 << 30)) {
           const int64_t len = std::min<int64_t>(I - ib, 1 << 30);
-          cnt += avx2 ? cpu_avx2::count_plane<Cls, kInclusive>(src + ib, len, &nan_local)
-                      : cpu_base::count_plane<Cls, kInclusive>(src + ib, len, &nan_local);
+          cnt += PYENGINE_SIMD(count_plane<Cls, kInclusive>(src + ib, len, &nan_local));
         }
         local[pl % C] += cnt;
       }
@@ -102,53 +102,79 @@ void count_any(const at::Tensor& xc, int64_t O, int64_t C, int64_t I, bool inclu
     case at::kDouble: return count_dispatch<FloatClass<double>>(p, O, C, I, inclusive, counts, nan_total);
     case at::kHalf: return count_dispatch<HalfClass>(p, O, C, I, inclusive, counts, nan_total);
     case at::kBFloat16: return count_dispatch<BF16Class>(p, O, C, I, inclusive, counts, nan_total);
-    default: TORCH_CHECK(false, "entropy_counts: x must be float32, float16, bfloat16 or float64, got ", xc.scalar_type());
+    default: break;  // the callers have checked the dtype
   }
+}
+
+// Adds the ON counts of x (neurons: channel `cd`, or every position when per_position) into
+// counts (int64, contiguous, counts_shape) and the NaN count into *nan_ptr.
+void count_into(const at::Tensor& x, int64_t cd, bool per_position, bool inclusive, at::Tensor& counts,
+                int64_t* nan_ptr) {
+  if (x.numel() == 0) return;
+  const bool cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (per_position) {
+    const int64_t N = x.size(0);
+    if (cl) {
+      // Count in memory order (H, W, C), then add as (C, H, W).
+      auto xp = x.permute({0, 2, 3, 1});  // contiguous view
+      auto counts_hwc = at::zeros({x.size(2), x.size(3), x.size(1)}, counts.options());
+      count_any(xp, N, x.numel() / N, 1, inclusive, counts_hwc.data_ptr<int64_t>(), nan_ptr);
+      counts.add_(counts_hwc.permute({2, 0, 1}));
+      return;
+    }
+    auto xc = x.contiguous();
+    count_any(xc, N, x.numel() / N, 1, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
+    return;
+  }
+  const int64_t C = x.size(cd);
+  if (cl && cd == 1) {
+    auto xp = x.permute({0, 2, 3, 1});  // (N, H, W, C), contiguous
+    count_any(xp, x.numel() / C, C, 1, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
+    return;
+  }
+  auto xc = x.contiguous();
+  int64_t O = 1, I = 1;
+  for (int64_t d = 0; d < cd; ++d) O *= x.size(d);
+  for (int64_t d = cd + 1; d < x.dim(); ++d) I *= x.size(d);
+  count_any(xc, O, C, I, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_counts_cpu(const at::Tensor& x, int64_t channel_dim,
                                                       bool per_position, bool inclusive) {
-  TORCH_CHECK(x.dim() >= 2, "entropy_counts: x must have at least 2 dimensions, got ", x.sizes());
-  TORCH_CHECK(channel_dim >= 0 && channel_dim < x.dim(), "entropy_counts: channel_dim out of range");
+  const OpChecks op{"entropy_counts"};
+  const int64_t cd = check_count_input(op, x, channel_dim, per_position);
+  auto counts = at::zeros(counts_shape(x, cd, per_position), x.options().dtype(at::kLong));
   auto nan_count = at::zeros({}, x.options().dtype(at::kLong));
-  int64_t* nan_ptr = nan_count.data_ptr<int64_t>();
-  const bool cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (per_position) {
-    auto sizes = x.sizes().vec();
-    std::vector<int64_t> csizes(sizes.begin() + 1, sizes.end());
-    const int64_t N = sizes[0];
-    if (cl) {
-      // Count in memory order (H, W, C), then present as (C, H, W).
-      auto xp = x.permute({0, 2, 3, 1});  // contiguous view
-      auto counts_hwc = at::zeros({sizes[2], sizes[3], sizes[1]}, x.options().dtype(at::kLong));
-      if (x.numel()) count_any(xp, N, x.numel() / N, 1, inclusive, counts_hwc.data_ptr<int64_t>(), nan_ptr);
-      return {counts_hwc.permute({2, 0, 1}).contiguous(), nan_count};
-    }
-    auto xc = x.contiguous();
-    auto counts = at::zeros(csizes, x.options().dtype(at::kLong));
-    if (x.numel()) count_any(xc, N, x.numel() / N, 1, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
-    return {counts, nan_count};
-  }
-  const int64_t C = x.size(channel_dim);
-  auto counts = at::zeros({C}, x.options().dtype(at::kLong));
-  if (x.numel() == 0) return {counts, nan_count};
-  if (cl && channel_dim == 1) {
-    auto xp = x.permute({0, 2, 3, 1});  // (N, H, W, C), contiguous
-    count_any(xp, x.numel() / C, C, 1, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
-    return {counts, nan_count};
-  }
-  auto xc = x.contiguous();
-  int64_t O = 1, I = 1;
-  for (int64_t d = 0; d < channel_dim; ++d) O *= x.size(d);
-  for (int64_t d = channel_dim + 1; d < x.dim(); ++d) I *= x.size(d);
-  count_any(xc, O, C, I, inclusive, counts.data_ptr<int64_t>(), nan_ptr);
+  count_into(x, cd, per_position, inclusive, counts, nan_count.data_ptr<int64_t>());
   return {counts, nan_count};
+}
+
+void entropy_counts_add_cpu(const at::Tensor& counts, const at::Tensor& nan_count, const at::Tensor& x,
+                            int64_t channel_dim, bool per_position, bool inclusive) {
+  const OpChecks op{"entropy_counts_add_"};
+  const int64_t cd = check_count_input(op, x, channel_dim, per_position);
+  check_accumulators(op, counts, nan_count, x, cd, per_position);
+  at::Tensor c = counts;
+  int64_t nans = 0;
+  count_into(x, cd, per_position, inclusive, c, &nans);
+  if (nans) nan_count.add_(nans);
+}
+
+at::Tensor relu_count_cpu(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& nan_count,
+                          int64_t channel_dim, bool per_position, bool inclusive) {
+  const OpChecks op{"relu_count"};
+  const int64_t cd = check_count_input(op, x, channel_dim, per_position);
+  check_accumulators(op, counts, nan_count, x, cd, per_position);
+  at::Tensor c = counts;
+  int64_t nans = 0;
+  count_into(x, cd, per_position, inclusive, c, &nans);
+  if (nans) nan_count.add_(nans);
+  return at::relu(x);
 }
 
 std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cpu(const at::Tensor& counts, int64_t n_samples,
                                                            double eps) {
-  TORCH_CHECK(counts.scalar_type() == at::kLong, "entropy_from_counts: counts must be int64");
-  TORCH_CHECK(n_samples > 0, "entropy_from_counts: n_samples must be positive");
+  check_from_counts(OpChecks{"entropy_from_counts"}, counts, n_samples, eps);
   auto c = counts.contiguous();
   auto h = at::empty(c.sizes(), c.options().dtype(at::kFloat));
   auto summary = at::zeros({4}, c.options().dtype(at::kDouble));
@@ -158,14 +184,13 @@ std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cpu(const at::Tensor& cou
   double sum_all = 0, sum_nc = 0;
   int64_t n_nc = 0, n_on = 0, n_off = 0;
   const double inv_ln2 = 1.0 / std::log(2.0);
+  // eps sits inside the logarithms only (the authors' formula); a constant neuron has exactly 0
+  auto plogq = [](double p, double q) { return p != 0.0 ? p * std::log(q) : 0.0; };
   for (int64_t j = 0; j < n; ++j) {
     const int64_t k = cp[j];
-    double p = double(k) / double(n_samples);
-    if (eps > 0) p = std::min(std::max(p, eps), 1.0 - eps);
-    double hv = 0;
-    if (p > 0) hv -= p * std::log(p);
-    if (p < 1) hv -= (1 - p) * std::log1p(-p);
-    hv *= inv_ln2;
+    const double p = double(k) / double(n_samples);
+    const bool constant = k == n_samples || k == 0;
+    const double hv = constant ? 0.0 : -(plogq(p, p + eps) + plogq(1.0 - p, 1.0 - p + eps)) * inv_ln2;
     hp[j] = float(hv);
     sum_all += hv;
     if (k == n_samples) {
@@ -189,6 +214,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cpu(const at::Tensor& cou
 
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("entropy_counts", &entropy_counts_cpu);
+  m.impl("entropy_counts_add_", &entropy_counts_add_cpu);
+  m.impl("relu_count", &relu_count_cpu);
   m.impl("entropy_from_counts", &entropy_from_counts_cpu);
 }
 

@@ -13,8 +13,11 @@
 #include <numeric>
 #include <vector>
 
-#include "cpu/buffer_pool.h"
-#include "cpu/simd.h"
+#include "common/buffer_pool.h"
+#include "sliced/sliced_args.h"
+
+#define PYENGINE_SIMD_KERNELS "sliced/sliced_simd.inc"
+#include "common/simd.h"
 
 namespace pyengine {
 namespace {
@@ -87,7 +90,6 @@ void sw_cpu(const T* px, const T* py, int64_t B, int64_t K, int64_t n, double p,
   std::vector<double> S(size_t(B * K));
   std::vector<int32_t> permx, permy;
   if (need_grad) permx.resize(size_t(B * K * n)), permy.resize(size_t(B * K * n));
-  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, B * K, 1, [&](int64_t r0, int64_t r1) {
     RowSorter sorter;
     std::vector<T> sx(n), sy(n);
@@ -97,7 +99,7 @@ void sw_cpu(const T* px, const T* py, int64_t B, int64_t K, int64_t n, double p,
       int32_t* qy = need_grad ? permy.data() + r * n : tpy.data();
       sorter.sort(px + r * n, n, sx.data(), qx);
       sorter.sort(py + r * n, n, sy.data(), qy);
-      S[r] = avx2 ? cpu_avx2::sw_cost(sx.data(), sy.data(), n, p) : cpu_base::sw_cost(sx.data(), sy.data(), n, p);
+      S[r] = PYENGINE_SIMD(sw_cost(sx.data(), sy.data(), n, p));
     }
   });
   for (int64_t b = 0; b < B; ++b) {
@@ -105,8 +107,9 @@ void sw_cpu(const T* px, const T* py, int64_t B, int64_t K, int64_t n, double p,
     double red;
     int64_t arg = 0;
     if (use_max) {
-      for (int64_t k = 1; k < K; ++k)
-        if (s[k] > s[arg]) arg = k;
+      // NaN in any direction wins (the first NaN), as torch.max does in the reference
+      for (int64_t k = 1; k < K && !std::isnan(s[arg]); ++k)
+        if (s[k] > s[arg] || std::isnan(s[k])) arg = k;
       red = s[arg];
     } else {
       red = std::accumulate(s, s + K, 0.0) / double(K);
@@ -168,16 +171,13 @@ at::Tensor project(const at::Tensor& theta_in, const at::Tensor& x_in) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& theta, double p, bool use_max, bool need_grad) {
-  TORCH_CHECK(x.dim() == 3 && y.sizes() == x.sizes(), "sliced_wasserstein: x and y must be (B, n, d) of one shape");
-  TORCH_CHECK(theta.dim() == 2 && theta.size(1) == x.size(2), "sliced_wasserstein: theta must be (K, d)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "sliced_wasserstein: x must be float32 or float64");
-  TORCH_CHECK(y.scalar_type() == x.scalar_type() && theta.scalar_type() == x.scalar_type(),
-              "sliced_wasserstein: x, y and theta must share a dtype");
-  TORCH_CHECK(p >= 1.0, "sliced_wasserstein: p must be >= 1");
+  check_sw_fwd(OpChecks{"sliced_wasserstein_fwd"}, x, y, theta, p);
   const int64_t B = x.size(0), n = x.size(1), K = theta.size(0);
-  TORCH_CHECK(n > 0 && K > 0, "sliced_wasserstein: needs at least one point and one direction");
-  TORCH_CHECK(n < (int64_t(1) << 31), "sliced_wasserstein: too many points");
+  if (B == 0) {
+    const auto o = x.options();
+    const std::vector<int64_t> cshape = need_grad ? std::vector<int64_t>{0, n, use_max ? 1 : K} : std::vector<int64_t>{0};
+    return {at::empty({0}, o), at::empty(cshape, o), at::empty(cshape, o), at::empty({0}, o.dtype(at::kLong))};
+  }
   auto px = project(theta, x);
   auto py = project(theta, y);
   auto dist = at::empty({B}, x.options());
@@ -203,19 +203,9 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& 
                                                               const at::Tensor& cy, const at::Tensor& theta_in,
                                                               const at::Tensor& win, bool use_max, bool need_x,
                                                               bool need_y) {
-  TORCH_CHECK(theta_in.dim() == 2, "sliced_wasserstein_bwd: theta must be (K, d), got ", theta_in.sizes());
-  TORCH_CHECK(cx.dim() == 3 && cy.sizes() == cx.sizes(), "sliced_wasserstein_bwd: cx and cy must be (B, n, k) of one shape");
+  const OpChecks op{"sliced_wasserstein_bwd"};
+  check_sw_bwd(op, grad, cx, cy, theta_in, win, use_max);
   const int64_t B = cx.size(0), n = cx.size(1), K = theta_in.size(0), d = theta_in.size(1);
-  TORCH_CHECK(cx.size(2) == (use_max ? 1 : K), "sliced_wasserstein_bwd: cx has ", cx.size(2), " columns, expected ",
-              use_max ? 1 : K);
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == B, "sliced_wasserstein_bwd: grad must be (B,) with B = ", B);
-  TORCH_CHECK(!use_max || (win.dim() == 1 && win.size(0) == B && win.scalar_type() == at::kLong),
-              "sliced_wasserstein_bwd: win must be int64 (B,) for the max");
-  TORCH_CHECK(theta_in.scalar_type() == at::kFloat || theta_in.scalar_type() == at::kDouble,
-              "sliced_wasserstein_bwd: theta must be float32 or float64");
-  TORCH_CHECK(cx.scalar_type() == theta_in.scalar_type() && cy.scalar_type() == theta_in.scalar_type() &&
-                  grad.scalar_type() == theta_in.scalar_type(),
-              "sliced_wasserstein_bwd: grad, cx, cy and theta must share a dtype");
   const auto opts = theta_in.options();
   at::Tensor gx = need_x ? pooled_empty_cpu({B, n, d}, opts) : at::empty({0}, opts);
   at::Tensor gy = need_y ? pooled_empty_cpu({B, n, d}, opts) : at::empty({0}, opts);
@@ -238,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& 
   const at::Tensor w = win.contiguous();
   const int64_t* wp = w.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(wp[b] >= 0 && wp[b] < K, "sliced_wasserstein_bwd: win[", b, "] = ", wp[b], " is not a direction");
+    if (wp[b] < 0 || wp[b] >= K) op.value_error("win[", b, "] = ", wp[b], " is not a direction (there are ", K, ")");
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "sliced_wasserstein_bwd_cpu", [&] {
     const scalar_t* th = theta.data_ptr<scalar_t>();
     const scalar_t* ax = sx.data_ptr<scalar_t>();

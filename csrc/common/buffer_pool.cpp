@@ -1,5 +1,5 @@
 // See buffer_pool.h.
-#include "cpu/buffer_pool.h"
+#include "common/buffer_pool.h"
 
 #include <c10/util/accumulate.h>
 

@@ -9,8 +9,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/buffer_pool.h"
-#include "cpu/simd.h"
+#include "common/buffer_pool.h"
+#include "masked/masked_args.h"
+
+#define PYENGINE_SIMD_KERNELS "masked/masked_simd.inc"
+#include "common/simd.h"
 
 namespace pyengine {
 namespace {
@@ -23,16 +26,12 @@ int64_t tile_rows(int64_t N, int64_t K) {
 
 // d = s * m elementwise over n contiguous entries (d may alias s), as the reference's W * M.
 void mask_mul_any(const at::Tensor& src, const bool* mask, at::Tensor& dst, int64_t n) {
-  const bool avx2 = cpu_has_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "mask_mul", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
     at::parallel_for(0, n, 1 << 15, [&](int64_t a, int64_t b) {
       if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
-        if (avx2)
-          cpu_avx2::mask_mul(s + a, mask + a, d + a, b - a);
-        else
-          cpu_base::mask_mul(s + a, mask + a, d + a, b - a);
+        PYENGINE_SIMD(mask_mul(s + a, mask + a, d + a, b - a));
       } else {
         for (int64_t i = a; i < b; ++i) d[i] = s[i] * scalar_t(float(mask[i]));
       }
@@ -48,17 +47,9 @@ void mask_rows(const at::Tensor& src, const bool* mask, at::Tensor& dst, int64_t
 // t *= mask, in place.
 void zero_unmasked(at::Tensor& t, const bool* mask) { mask_mul_any(t, mask, t, t.numel()); }
 
-void check_masked_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mask) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "masked_linear: x and weight must be 2-D");
-  TORCH_CHECK(x.size(1) == w.size(1), "masked_linear: x has ", x.size(1), " features, weight expects ", w.size(1));
-  TORCH_CHECK(mask.scalar_type() == at::kBool, "masked_linear: mask must be bool");
-  TORCH_CHECK(mask.sizes() == w.sizes(), "masked_linear: mask shape ", mask.sizes(), " != weight shape ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "masked_linear: x and weight dtypes differ");
-}
-
 at::Tensor masked_linear_cpu(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& mask_,
                              const c10::optional<at::Tensor>& bias) {
-  check_masked_args(x_, w_, mask_);
+  check_masked_args(OpChecks{"masked_linear"}, x_, w_, mask_, bias);
   auto x = x_.contiguous();
   auto w = w_.contiguous();
   auto mask = mask_.contiguous();
@@ -86,14 +77,12 @@ at::Tensor masked_linear_cpu(const at::Tensor& x_, const at::Tensor& w_, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cpu(
     const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& mask_, bool need_x,
     bool need_w, bool need_b) {
-  check_masked_args(x_, w_, mask_);
+  check_masked_bwd_args(OpChecks{"masked_linear_backward"}, dy_, x_, w_, mask_);
   auto dy = dy_.contiguous();
   auto x = x_.contiguous();
   auto w = w_.contiguous();
   auto mask = mask_.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == M && dy.size(1) == N, "masked_linear_backward: grad_out has shape ",
-              dy.sizes(), ", expected (", M, ", ", N, ")");
   at::Tensor dx = need_x ? at::zeros({M, K}, x.options()) : at::empty({0}, x.options());
   at::Tensor dw = need_w ? pooled_empty_cpu({N, K}, w.options()) : at::empty({0}, w.options());
   at::Tensor db = need_b ? dy.sum(0) : at::empty({0}, w.options());
@@ -145,8 +134,7 @@ void pack_fill(const scalar_t* w, int64_t N, int64_t K, const int32_t* rowptr, i
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cpu(const at::Tensor& w_) {
-  TORCH_CHECK(w_.dim() == 2, "pack_sparse: weight must be 2-D");
-  TORCH_CHECK(w_.numel() < (int64_t(1) << 31), "pack_sparse: weight too large for int32 row pointers");
+  check_pack_args(OpChecks{"pack_sparse"}, w_);
   auto w = w_.contiguous();
   const int64_t N = w.size(0), K = w.size(1);
   auto rowptr = at::zeros({N + 1}, w.options().dtype(at::kInt));
@@ -177,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cpu(const at::Tensor&
 
 constexpr int kMB = 16;  // input rows per block: 16 accumulators of T per output row
 
-// out (N, M) = W x^T with W in CSR; T is float or double.
+// out (N, M) = W x^T with W in CSR (indices checked by the caller); T is float or double.
 template <typename T, typename I>
 void spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, const T* bias, int64_t M, int64_t K,
               int64_t N, T* outT) {
@@ -194,7 +182,6 @@ void spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, const T
       }
     }
   });
-  const bool avx2 = cpu_has_avx2();
   const int64_t avg = std::max<int64_t>(1, rp[N] / std::max<int64_t>(N, 1));
   const int64_t grain = std::max<int64_t>(1, 4096 / avg);
   // Output is (N, M) row-major with blocks of kMB columns; rows n of block b are written at
@@ -207,43 +194,47 @@ void spmm_cpu(const int32_t* rp, const I* col, const T* val, const T* x, const T
       const T* xb = packed.data() + b * K * kMB;
       const int64_t m0 = b * kMB;
       const int mb = int(std::min<int64_t>(kMB, M - m0));
-      if (mb == kMB) {
-        if (avx2)
-          cpu_avx2::spmm_rows<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M);
-        else
-          cpu_base::spmm_rows<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M);
-      } else {
-        if (avx2)
-          cpu_avx2::spmm_rows_tail<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M, mb);
-        else
-          cpu_base::spmm_rows_tail<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M, mb);
-      }
+      if (mb == kMB)
+        PYENGINE_SIMD(spmm_rows<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M));
+      else
+        PYENGINE_SIMD(spmm_rows_tail<T, I, kMB>(rp, col, val, xb, bias, n0, n1, outT + m0, M, mb));
       a += n1 - n0;
     }
   });
 }
 
+// The column indices of a CSR matrix with K columns lie in [0, K): one vectorised min/max pass;
+// only when it fails is the first bad position looked for, for the message.
+void check_colidx_cpu(const OpChecks& op, const at::Tensor& col, int64_t K) {
+  const int64_t nnz = col.numel();
+  if (nnz == 0) return;
+  int64_t lo = 0, hi = 0;
+  if (col.scalar_type() == at::kShort)
+    PYENGINE_SIMD(index_range(col.data_ptr<int16_t>(), nnz, &lo, &hi));
+  else
+    PYENGINE_SIMD(index_range(col.data_ptr<int32_t>(), nnz, &lo, &hi));
+  if (lo >= 0 && hi < K) return;
+  int64_t v = 0;
+  const int64_t pos = first_out_of_range(col, K, &v);
+  op.value_error("colidx holds ", v, " at position ", pos, ", but in_features is ", K);
+}
+
 at::Tensor sparse_linear_cpu(const at::Tensor& x_, const at::Tensor& rowptr_, const at::Tensor& col_,
                              const at::Tensor& val_, int64_t in_features, const c10::optional<at::Tensor>& bias_) {
-  TORCH_CHECK(x_.dim() == 2 && x_.size(1) == in_features, "sparse_linear: x must be (M, in_features)");
-  TORCH_CHECK(rowptr_.scalar_type() == at::kInt, "sparse_linear: rowptr must be int32");
-  TORCH_CHECK(col_.scalar_type() == at::kShort || col_.scalar_type() == at::kInt,
-              "sparse_linear: colidx must be int16 or int32");
-  TORCH_CHECK(val_.scalar_type() == x_.scalar_type(), "sparse_linear: values and x dtypes differ");
-  const int64_t M = x_.size(0), K = in_features, N = rowptr_.numel() - 1;
-  TORCH_CHECK(N >= 0, "sparse_linear: rowptr is empty");
+  const OpChecks op{"sparse_linear"};
+  const int64_t N = check_sparse_linear_args(op, x_, rowptr_, col_, val_, in_features, bias_);
+  const int64_t M = x_.size(0), K = in_features;
+  auto rowptr = rowptr_.contiguous();
+  check_rowptr_cpu(op, rowptr, val_.numel());  // O(N); the column indices below, in one pass
   const auto dtype = x_.scalar_type();
   // Half types compute in float32.
   const auto work = (dtype == at::kDouble) ? at::kDouble : at::kFloat;
   auto x = x_.to(work).contiguous();
   auto val = val_.to(work).contiguous();
-  auto rowptr = rowptr_.contiguous();
   auto col = col_.contiguous();
   at::Tensor bias;
-  if (bias_.has_value() && bias_->defined()) {
-    TORCH_CHECK(bias_->numel() == N, "sparse_linear: bias must have ", N, " entries");
-    bias = bias_->to(work).contiguous();
-  }
+  if (bias_.has_value() && bias_->defined()) bias = bias_->to(work).contiguous();
+  check_colidx_cpu(op, col, K);  // before any read of x through them
   auto outT = at::empty({N, M}, x.options());
   if (M > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES(work, "sparse_linear", [&] {
@@ -263,7 +254,7 @@ at::Tensor sparse_linear_cpu(const at::Tensor& x_, const at::Tensor& rowptr_, co
 // ------------------------------------------------------------------------------ mask upkeep
 
 void apply_masks_cpu(at::TensorList tensors, at::TensorList masks, at::IntArrayRef mask_index) {
-  TORCH_CHECK(tensors.size() == mask_index.size(), "apply_masks_: one mask_index entry per tensor");
+  check_apply_masks_args(OpChecks{"apply_masks_"}, tensors, masks, mask_index);
   struct Chunk {
     char* data;
     const bool* mask;
@@ -274,18 +265,11 @@ void apply_masks_cpu(at::TensorList tensors, at::TensorList masks, at::IntArrayR
   std::vector<Chunk> chunks;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    const int64_t mi = mask_index[i];
-    TORCH_CHECK(mi >= 0 && mi < int64_t(masks.size()), "apply_masks_: mask_index[", i, "] out of range");
-    const auto& m = masks[mi];
-    TORCH_CHECK(m.scalar_type() == at::kBool, "apply_masks_: masks must be bool");
-    TORCH_CHECK(m.sizes() == t.sizes(), "apply_masks_: tensors[", i, "] and its mask differ in shape");
-    TORCH_CHECK(t.is_contiguous() && m.is_contiguous(), "apply_masks_: tensors and masks must be contiguous");
+    const auto& m = masks[mask_index[i]];
     const int elt = int(t.element_size());
-    TORCH_CHECK(elt == 2 || elt == 4 || elt == 8, "apply_masks_: unsupported dtype ", t.scalar_type());
     for (int64_t b = 0; b < t.numel(); b += kChunk)
       chunks.push_back({static_cast<char*>(t.data_ptr()), m.data_ptr<bool>(), b, std::min(t.numel(), b + kChunk), elt});
   }
-  const bool avx2 = cpu_has_avx2();
   at::parallel_for(0, int64_t(chunks.size()), 1, [&](int64_t a, int64_t b) {
     for (int64_t c = a; c < b; ++c) {
       const Chunk& ch = chunks[c];
@@ -293,19 +277,24 @@ void apply_masks_cpu(at::TensorList tensors, at::TensorList masks, at::IntArrayR
       const int64_t len = ch.end - ch.begin;
       const bool* m = ch.mask + ch.begin;
       switch (ch.elt) {
+        case 1: {
+          auto* d = reinterpret_cast<uint8_t*>(ch.data) + ch.begin;
+          PYENGINE_SIMD(zero_masked_bits(d, m, len));
+          break;
+        }
         case 2: {
           auto* d = reinterpret_cast<uint16_t*>(ch.data) + ch.begin;
-          avx2 ? cpu_avx2::zero_masked_bits(d, m, len) : cpu_base::zero_masked_bits(d, m, len);
+          PYENGINE_SIMD(zero_masked_bits(d, m, len));
           break;
         }
         case 4: {
           auto* d = reinterpret_cast<uint32_t*>(ch.data) + ch.begin;
-          avx2 ? cpu_avx2::zero_masked_bits(d, m, len) : cpu_base::zero_masked_bits(d, m, len);
+          PYENGINE_SIMD(zero_masked_bits(d, m, len));
           break;
         }
         default: {
           auto* d = reinterpret_cast<uint64_t*>(ch.data) + ch.begin;
-          avx2 ? cpu_avx2::zero_masked_bits(d, m, len) : cpu_base::zero_masked_bits(d, m, len);
+          PYENGINE_SIMD(zero_masked_bits(d, m, len));
         }
       }
     }

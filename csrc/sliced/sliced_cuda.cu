@@ -1,7 +1,9 @@
-// Sliced Wasserstein kernels: per-segment sorts of the projections (in shared memory with CUB's
-// block radix sort, or CUB's segmented device sort for long segments), the per-direction cost
-// S[b, k], the max / mean reduction and the gradient with respect to the projections.
-// No torch headers here: see launchers.h.
+// Sliced Wasserstein kernels: per-segment sorts of the projections with their permutations (in
+// shared memory with CUB's block radix sort; the mean's gradient needs every direction's), the
+// per-direction cost S[b, k], the max / mean reduction, the gradient with respect to the
+// projections and the max's rank-1 backward. The fused sort + cost and the winner-only gradient
+// are in sliced_fused_cuda.cu, CUB's segmented sort for long segments in sliced_segsort_cuda.cu.
+// No torch headers here: see sliced_kernels.h.
 //
 // Layout: the projections of x are `segs` contiguous segments of n values, segment s = k * B + b
 // holding x_b,i . theta_k for i < n (the glue computes them as theta @ x.view(B * n, d)^T, a
@@ -12,9 +14,8 @@
 
 #include <cub/block/block_load.cuh>
 #include <cub/block/block_radix_sort.cuh>
-#include <cub/device/device_segmented_radix_sort.cuh>
 
-#include "cuda/device_utils.cuh"
+#include "sliced/sliced_device.cuh"
 
 namespace pyengine {
 namespace cuda {
@@ -22,21 +23,12 @@ namespace cuda {
 using detail::ceil_div;
 using detail::current_device;
 using detail::sm_count;
+using sw_detail::dispatch_sw;
+using sw_detail::dpow_abs;
+using sw_detail::pad_key;
+using sw_detail::pow_abs;
 
 namespace {
-
-// Key that sorts after every other key (a stable sort keeps it behind real keys equal to it):
-// the largest NaN bit pattern, which the radix sort's float twiddle maps to all ones.
-template <typename T>
-__device__ __forceinline__ T pad_key();
-template <>
-__device__ __forceinline__ float pad_key<float>() {
-  return __int_as_float(0x7fffffff);
-}
-template <>
-__device__ __forceinline__ double pad_key<double>() {
-  return __longlong_as_double(0x7fffffffffffffffLL);
-}
 
 // One block sorts one segment of n <= THREADS * IPT keys in place; with WITH_PERM it also writes
 // the permutation (perm[j] = original position of the j-th smallest).
@@ -78,15 +70,13 @@ __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// Only the permutation-writing variant is launched (the mean's gradient); sorts without a
+// permutation are fused with the cost (sliced_fused_cuda.cu).
 template <typename T, int THREADS, int IPT>
 cudaError_t launch_block_sort(T* keys, int64_t n, int64_t segs2, int32_t* perm, cudaStream_t stream) {
-  if (perm != nullptr) {
-    block_sort_kernel<T, THREADS, IPT, true><<<static_cast<unsigned>(segs2), THREADS, 0, stream>>>(
-        keys, static_cast<int>(n), perm);
-  } else {
-    block_sort_kernel<T, THREADS, IPT, false><<<static_cast<unsigned>(segs2), THREADS, 0, stream>>>(
-        keys, static_cast<int>(n), nullptr);
-  }
+  if (perm == nullptr) return cudaErrorInvalidValue;
+  block_sort_kernel<T, THREADS, IPT, true><<<static_cast<unsigned>(segs2), THREADS, 0, stream>>>(
+      keys, static_cast<int>(n), perm);
   return cudaGetLastError();
 }
 
@@ -101,76 +91,6 @@ cudaError_t block_sort_t(T* keys, int64_t n, int64_t segs2, int32_t* perm, cudaS
     if (n <= 4096) return launch_block_sort<T, 1024, 4>(keys, n, segs2, perm, stream);
   }
   return cudaErrorInvalidValue;
-}
-
-__global__ void iota_offsets_kernel(int32_t* __restrict__ iota, int32_t* __restrict__ offsets,
-                                    int64_t n, int64_t segs2) {
-  const int64_t total = n * segs2;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
-    iota[i] = static_cast<int32_t>(i % n);
-  }
-  for (int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; s <= segs2; s += stride) {
-    offsets[s] = static_cast<int32_t>(s * n);
-  }
-}
-
-template <typename T>
-size_t segsort_bytes_t(int64_t n, int64_t segs2, bool with_perm) {
-  size_t bytes = 0;
-  const int items = static_cast<int>(n * segs2);
-  const int nseg = static_cast<int>(segs2);
-  const int32_t* off = nullptr;
-  if (with_perm) {
-    cub::DeviceSegmentedRadixSort::SortPairs(nullptr, bytes, static_cast<const T*>(nullptr),
-                                             static_cast<T*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                             static_cast<int32_t*>(nullptr), items, nseg, off, off + 1);
-  } else {
-    cub::DeviceSegmentedRadixSort::SortKeys(nullptr, bytes, static_cast<const T*>(nullptr),
-                                            static_cast<T*>(nullptr), items, nseg, off, off + 1);
-  }
-  return bytes;
-}
-
-template <typename T>
-cudaError_t segsort_t(void* temp, size_t temp_bytes, const T* keys_in, T* keys_out,
-                      int32_t* perm_out, int32_t* index_scratch, int64_t n, int64_t segs2,
-                      cudaStream_t stream) {
-  int32_t* iota = index_scratch;
-  int32_t* offsets = index_scratch + n * segs2;
-  const int64_t work = std::max<int64_t>(n * segs2, segs2 + 1);
-  const int64_t grid = std::min<int64_t>(ceil_div(work, 256), static_cast<int64_t>(sm_count(current_device())) * 8);
-  iota_offsets_kernel<<<static_cast<unsigned>(grid), 256, 0, stream>>>(iota, offsets, n, segs2);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  size_t bytes = temp_bytes;
-  const int items = static_cast<int>(n * segs2);
-  const int nseg = static_cast<int>(segs2);
-  if (perm_out != nullptr) {
-    err = cub::DeviceSegmentedRadixSort::SortPairs(temp, bytes, keys_in, keys_out, iota, perm_out,
-                                                   items, nseg, offsets, offsets + 1, 0,
-                                                   static_cast<int>(sizeof(T) * 8), stream);
-  } else {
-    err = cub::DeviceSegmentedRadixSort::SortKeys(temp, bytes, keys_in, keys_out, items, nseg,
-                                                  offsets, offsets + 1, 0,
-                                                  static_cast<int>(sizeof(T) * 8), stream);
-  }
-  if (err != cudaSuccess) return err;
-  return cudaGetLastError();
-}
-
-// |d|^p and d/dd of it, specialised for p = 1 and p = 2.
-__device__ __forceinline__ double pow_abs(double d, double p) {
-  const double a = fabs(d);
-  if (p == 2.0) return a * a;
-  if (p == 1.0) return a;
-  return pow(a, p);
-}
-__device__ __forceinline__ double dpow_abs(double d, double p) {  // p |d|^(p-1) sign(d)
-  if (p == 2.0) return 2.0 * d;
-  const double sg = d > 0.0 ? 1.0 : (d < 0.0 ? -1.0 : 0.0);
-  if (p == 1.0) return sg;
-  return p * pow(fabs(d), p - 1.0) * sg;
 }
 
 constexpr int kCostThreads = 256;
@@ -310,13 +230,64 @@ __global__ void grad_kernel(const T* __restrict__ sorted, const int32_t* __restr
   }
 }
 
-template <typename F>
-cudaError_t dispatch_sw(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat64: return f(double{});
-    default: return cudaErrorInvalidValue;
+
+// ---------------------------------------------------------------------------- max backward
+// gx[b, i, :] = grad[b] * cx[b, i] * theta[win[b], :]: a rank-1 product per pair, VEC elements
+// per 16-byte access. A win outside [0, K) is reported and its rows become zeros.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(256)
+    rank1_kernel(const T* __restrict__ grad, const T* __restrict__ cx, const T* __restrict__ cy,
+                 const T* __restrict__ theta, const int64_t* __restrict__ win, int64_t B, int64_t n,
+                 int64_t dvec, int64_t K, T* __restrict__ gx, T* __restrict__ gy,
+                 DeviceErrorRecord* rec) {
+  using P = detail::Pack<T, VEC>;
+  const int64_t rows = B * n;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int64_t b = r / n;
+    const int64_t k = win[b];
+    const bool bad = k < 0 || k >= K;
+    if (bad && blockIdx.x == 0 && threadIdx.x == 0 && r == b * n)
+      report_device_error(rec, kOpSlicedBwd, kDevErrWin, b, k, K);
+    const T g = grad[b];
+    const T a = cx[r] * g;
+    const T c = cy[r] * g;
+    const P* th = reinterpret_cast<const P*>(theta) + (bad ? 0 : k) * dvec;
+    P* ox = gx != nullptr ? reinterpret_cast<P*>(gx) + r * dvec : nullptr;
+    P* oy = gy != nullptr ? reinterpret_cast<P*>(gy) + r * dvec : nullptr;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < dvec;
+         j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      P t;
+      if (bad) {
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) t.v[q] = T(0);
+      } else {
+        t = th[j];
+      }
+      P u, w;
+#pragma unroll
+      for (int q = 0; q < VEC; ++q) {
+        u.v[q] = bad ? T(0) : a * t.v[q];
+        w.v[q] = bad ? T(0) : c * t.v[q];
+      }
+      if (ox != nullptr) ox[j] = u;
+      if (oy != nullptr) oy[j] = w;
+    }
   }
+}
+
+template <typename T, int VEC>
+cudaError_t rank1_launch(const T* grad, const T* cx, const T* cy, const T* theta, const int64_t* win, int64_t B,
+                         int64_t n, int64_t d, int64_t K, T* gx, T* gy, DeviceErrorRecord* rec,
+                         cudaStream_t stream) {
+  const int64_t dvec = d / VEC;
+  const int64_t rows = B * n;
+  const int64_t gy_dim = std::min<int64_t>(rows, 65535);
+  // enough x-blocks that the whole grid holds a few waves, each thread a few vectors per row
+  const int64_t want = std::max<int64_t>(1, static_cast<int64_t>(sm_count(current_device())) * 16 / gy_dim);
+  const int64_t gx_dim = std::max<int64_t>(1, std::min<int64_t>(ceil_div(dvec, 256), want));
+  rank1_kernel<T, VEC><<<dim3(static_cast<unsigned>(gx_dim), static_cast<unsigned>(gy_dim)), 256, 0, stream>>>(
+      grad, cx, cy, theta, win, B, n, dvec, K, gx, gy, rec);
+  return cudaGetLastError();
 }
 
 }  // namespace
@@ -334,24 +305,6 @@ cudaError_t sw_block_sort(DType dt, void* keys, int64_t n, int64_t segs2, int32_
   return dispatch_sw(dt, [&](auto tag) {
     using T = decltype(tag);
     return block_sort_t<T>(static_cast<T*>(keys), n, segs2, perm, stream);
-  });
-}
-
-size_t sw_segmented_sort_temp_bytes(DType dt, int64_t n, int64_t segs2, bool with_perm) {
-  if (n <= 0 || segs2 <= 0) return 0;
-  if (dt == DType::kFloat64) return segsort_bytes_t<double>(n, segs2, with_perm);
-  return segsort_bytes_t<float>(n, segs2, with_perm);
-}
-
-cudaError_t sw_segmented_sort(DType dt, void* temp, size_t temp_bytes, const void* keys_in,
-                              void* keys_out, int32_t* perm_out, int32_t* index_scratch,
-                              int64_t n, int64_t segs2, cudaStream_t stream) {
-  if (n <= 0 || segs2 <= 0) return cudaSuccess;
-  if (n * segs2 >= 0x7fffffffLL) return cudaErrorInvalidValue;
-  return dispatch_sw(dt, [&](auto tag) {
-    using T = decltype(tag);
-    return segsort_t<T>(temp, temp_bytes, static_cast<const T*>(keys_in), static_cast<T*>(keys_out),
-                        perm_out, index_scratch, n, segs2, stream);
   });
 }
 
@@ -394,6 +347,25 @@ cudaError_t sw_grad(DType dt, const void* sorted, const int32_t* perm, const int
         static_cast<const T*>(sorted), perm, use_max ? win : nullptr, coef, B, K, n, kg, p,
         static_cast<T*>(cx), static_cast<T*>(cy));
     return cudaGetLastError();
+  });
+}
+
+cudaError_t sw_bwd_rank1(DType dt, const void* grad, const void* cx, const void* cy, const void* theta,
+                         const int64_t* win, int64_t B, int64_t n, int64_t d, int64_t K, void* gx, void* gy,
+                         DeviceErrorRecord* rec, cudaStream_t stream) {
+  if (B <= 0 || n <= 0 || d <= 0 || (gx == nullptr && gy == nullptr)) return cudaSuccess;
+  return dispatch_sw(dt, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+    const bool vec = d % VEC == 0 && detail::aligned_to(theta, 16) && (gx == nullptr || detail::aligned_to(gx, 16)) &&
+                     (gy == nullptr || detail::aligned_to(gy, 16));
+    auto* tgx = static_cast<T*>(gx);
+    auto* tgy = static_cast<T*>(gy);
+    if (vec)
+      return rank1_launch<T, VEC>(static_cast<const T*>(grad), static_cast<const T*>(cx), static_cast<const T*>(cy),
+                                  static_cast<const T*>(theta), win, B, n, d, K, tgx, tgy, rec, stream);
+    return rank1_launch<T, 1>(static_cast<const T*>(grad), static_cast<const T*>(cx), static_cast<const T*>(cy),
+                              static_cast<const T*>(theta), win, B, n, d, K, tgx, tgy, rec, stream);
   });
 }
 

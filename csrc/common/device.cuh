@@ -1,4 +1,4 @@
-// Small device helpers shared by the kernel files (no torch headers here).
+// Small device helpers shared by the CUDA kernel files of every family (no torch headers here).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +8,7 @@
 #include <atomic>
 #include <cstdint>
 
-#include "cuda/launchers.h"
+#include "common/dtype.h"
 
 namespace pyengine {
 namespace cuda {

@@ -1,0 +1,73 @@
+// Argument checks of the masked / sparse linear family and apply_masks_, shared by the CPU
+// (masked_cpu.cpp) and CUDA (masked_glue.cpp, sparse_glue.cpp) implementations.
+#pragma once
+
+#include "common/checks.h"
+
+namespace pyengine {
+
+// masked_linear(x (M, K), weight (N, K), mask (N, K) bool, bias (N,)?).
+inline void check_masked_args(const OpChecks& op, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mask,
+                              const c10::optional<at::Tensor>& bias) {
+  op.dim(x, "x", 2, "(M, K)");
+  op.floating(x, "x");
+  op.dim(w, "weight", 2, "(N, K)");
+  op.same_dtype(w, "weight", x, "x");
+  op.same_device(w, "weight", x, "x");
+  op.defined(mask, "mask");
+  op.dtype(mask, "mask", {at::kBool});
+  op.same_device(mask, "mask", x, "x");
+  if (x.size(1) != w.size(1))
+    op.value_error("x has ", x.size(1), " features in its last dimension but weight expects ", w.size(1));
+  op.shape(mask, "mask", w.sizes(), "the weight's");
+  if (bias.has_value() && bias->defined()) {
+    op.dim(*bias, "bias", 1, "(N,)");
+    op.same_dtype(*bias, "bias", x, "x");
+    op.same_device(*bias, "bias", x, "x");
+    if (bias->size(0) != w.size(0)) op.value_error("bias has ", bias->size(0), " entries but weight has ", w.size(0), " rows");
+  }
+}
+
+inline void check_masked_bwd_args(const OpChecks& op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                  const at::Tensor& mask) {
+  check_masked_args(op, x, w, mask, c10::nullopt);
+  op.dim(dy, "grad_out", 2, "(M, N)");
+  op.same_dtype(dy, "grad_out", x, "x");
+  op.same_device(dy, "grad_out", x, "x");
+  op.shape(dy, "grad_out", {x.size(0), w.size(0)}, "rows of x, rows of weight");
+}
+
+inline void check_pack_args(const OpChecks& op, const at::Tensor& w) {
+  op.dim(w, "weight", 2, "(N, K)");
+  op.floating(w, "weight");
+  if (w.numel() >= (int64_t(1) << 31)) op.value_error("weight has 2**31 or more entries; at most 2**31 - 1 are supported");
+}
+
+// apply_masks_(tensors, masks, mask_index): element sizes 1, 2, 4 or 8 bytes; one device.
+inline void check_apply_masks_args(const OpChecks& op, at::TensorList tensors, at::TensorList masks,
+                                   at::IntArrayRef mask_index) {
+  if (tensors.size() != mask_index.size())
+    op.value_error("mask_index has ", mask_index.size(), " entries for ", tensors.size(), " tensors");
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    const std::string tn = c10::str("tensors[", i, "]");
+    op.defined(t, tn.c_str());
+    const int64_t mi = mask_index[i];
+    if (mi < 0 || mi >= static_cast<int64_t>(masks.size()))
+      op.index_error("mask_index[", i, "] = ", mi, " is out of range for ", masks.size(), " masks");
+    const at::Tensor& m = masks[mi];
+    const std::string mn = c10::str("masks[", mi, "]");
+    op.defined(m, mn.c_str());
+    op.dtype(m, mn.c_str(), {at::kBool});
+    if (t.device() != tensors[0].device())
+      op.value_error(tn, " is on ", t.device(), " but tensors[0] is on ", tensors[0].device(), "; use one device");
+    op.same_device(m, mn.c_str(), t, tn.c_str());
+    if (m.sizes() != t.sizes())
+      op.value_error(tn, " has shape ", shape_str(t.sizes()), " but ", mn, " has ", shape_str(m.sizes()));
+    if (!t.is_contiguous() || !m.is_contiguous()) op.value_error(tn, " and ", mn, " must be contiguous");
+    const int64_t es = t.element_size();
+    if (es != 1 && es != 2 && es != 4 && es != 8) op.type_error(tn, " has an unsupported dtype ", dtype_name(t.scalar_type()));
+  }
+}
+
+}  // namespace pyengine

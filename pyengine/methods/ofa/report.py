@@ -1,0 +1,136 @@
+"""Tables, JSON and the accuracy-vs-peak-memory plot of OFA / MOOFA runs and searches."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["fmt_count", "subnet_summary", "format_train_table", "format_search_table", "format_memory",
+           "format_search_markdown",            "write_search_report", "plot_accuracy_vs_memory"]
+
+
+def fmt_count(n: float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def subnet_summary(sub: Mapping[str, Any], max_depth: int | None = None) -> str:
+    """"r32 d[2,3,4,2,2] k5.0 e3.2": resolution, depths, mean kernel and expand of the active blocks."""
+    d = list(sub["d"])
+    md = max_depth or (len(sub["ks"]) // max(1, len(d)))
+    act = [s * md + i for s, n in enumerate(d) for i in range(n)]
+    k = sum(sub["ks"][i] for i in act) / len(act)
+    e = sum(sub["e"][i] for i in act) / len(act)
+    return f"r{sub.get('r', '?')} d[{','.join(str(x) for x in d)}] k{k:.1f} e{e:.1f}"
+
+
+def format_train_table(report: Mapping[str, Any]) -> str:
+    cfg, sp = report["config"], report["space"]
+    lines = ["", f"pyengine ofa train: {sp['name']} space (width x{cfg['width_mult']}) on {cfg['dataset']} "
+             f"({report['device']}, {report['world_size']} process(es))", "",
+             f"{'subnet':<34} {'peak mem':>10} {'MACs':>9} {'test acc %':>10}"]
+    for row in report["final"]:
+        lines.append(f"{subnet_summary(row['subnet']):<34} {row['peak_memory']:>10,} {fmt_count(row['macs']):>9} {row['acc']:>10.2f}")
+    if report.get("wall_seconds"):
+        lines.append(f"\nwall time {report['wall_seconds']:.0f} s; supernet in {cfg.get('out') or '-'}/supernet")
+    return "\n".join(lines) + "\n"
+
+
+def format_memory(est: Mapping[str, Any], header: str = "") -> str:
+    lines = [header] if header else []
+    lines.append(f"peak memory: {est['peak_elements']:,} elements = {est['peak_bytes']:,} bytes ({est['dtype']}), "
+                 f"at {est['argmax']}")
+    if est.get("cuda"):
+        c = est["cuda"]
+        lines.append(f"measured on {c['device']}: activations {c['activation_bytes']:,} bytes at the peak "
+                     f"(allocator peak {c['peak_allocated_bytes']:,}, weights {c['weights_bytes']:,})")
+    return "\n".join(lines)
+
+
+def format_search_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """One row per (space, budget)."""
+    lines = [f"{'space':<6} {'budget':>10} {'peak mem':>10} {'MACs':>9} {'pred acc':>8} {'test acc':>8} "
+             f"{'sampled':>8}  subnet", "-" * 105]
+    for r in results:
+        best = r.get("best_sampled")
+        lines.append(f"{r['space']:<6} {r['budget']:>10,} {r['peak_memory']:>10,} {fmt_count(r['macs']):>9} "
+                     f"{r['predicted_acc']:>8.2f} {r['test_acc']:>8.2f} {best['test_acc'] if best else float('nan'):>8.2f}  "
+                     f"{subnet_summary(r['subnet'])}")
+    lines.append("test acc: the searched subnet on the test split (BN recalibrated); sampled: the best of the subnets "
+                 "measured for the predictor that fits the budget, on the test split")
+    return "\n".join(lines)
+
+
+def format_search_markdown(results: Sequence[Mapping[str, Any]]) -> str:
+    spaces = sorted({r["space"] for r in results})
+    budgets = sorted({r["budget"] for r in results})
+    by = {(r["space"], r["budget"]): r for r in results}
+    head = ("| peak-memory budget (elements) | "
+            + " | ".join(f"{s.upper()} test acc % (peak, MACs; best sampled)" for s in spaces) + " |")
+    lines = [head, "|" + "---|" * (len(spaces) + 1)]
+    for b in budgets:
+        cells = []
+        for s in spaces:
+            r = by.get((s, b))
+            if r is None:
+                cells.append("-")
+            else:
+                best = r.get("best_sampled")
+                extra = f"; best sampled {best['test_acc']:.2f}" if best else ""
+                cells.append(f"{r['test_acc']:.2f} ({r['peak_memory']:,}, {fmt_count(r['macs'])}{extra})")
+        lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_memory(results: Sequence[Mapping[str, Any]], data: Mapping[str, Sequence[Mapping[str, Any]]],
+                            path: str | Path) -> Path:
+    """Test accuracy of the searched subnets against their peak memory, one line per space,
+    with the predictor's measured subnets as faint points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    colors = {}
+    for space in sorted({r["space"] for r in results} | set(data)):
+        pts = data.get(space, [])
+        line = None
+        rows = sorted([r for r in results if r["space"] == space], key=lambda r: r["budget"])
+        if rows:
+            (line,) = ax.plot([r["peak_memory"] for r in rows], [r["test_acc"] for r in rows], marker="o",
+                              label=f"{space.upper()} searched (test)")
+            colors[space] = line.get_color()
+        if pts:
+            ax.scatter([p["peak_memory"] for p in pts], [p["acc"] for p in pts], s=6, alpha=0.25,
+                       color=colors.get(space), label=f"{space.upper()} sampled subnets (hold-out)")
+    for b in sorted({r["budget"] for r in results}):
+        ax.axvline(b, color="0.85", lw=0.8, zorder=0)
+    ax.set_xlabel("peak memory (elements, batch 1)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs peak memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_search_report(results: Sequence[Mapping[str, Any]], extra: Mapping[str, Any], data, out: str | Path) -> dict:
+    """search.json, search.md and accuracy_vs_peak_memory.png in ``out``."""
+    from pyengine.train.checkpoint import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**extra, "results": list(results)}
+    atomic_write_text(out / "search.json", json.dumps(record, indent=2, default=str))
+    atomic_write_text(out / "search.md", format_search_markdown(results) + "\n")
+    plot_accuracy_vs_memory(results, data, out / "accuracy_vs_peak_memory.png")
+    return record

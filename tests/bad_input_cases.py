@@ -1,0 +1,292 @@
+"""Every op's bad-input cases, runnable on their own so a crash kills only this process.
+
+    python tests/bad_input_cases.py --device cuda [--start N] [--good]
+
+Runs the cases from index N on, printing one JSON line per case before it starts ("start") and
+when it ends ("done", with the exception's type and message). A case passes when the call raises
+the expected exception type with a message matching the expected pattern - a crash, a hang, a
+silent result or the wrong error fails it. After each case on CUDA a tiny kernel checks the
+context is still usable. With --good, every op also runs once on small valid inputs first (the
+compute-sanitizer pass of benchmarks/gpu_check.sh uses this).
+
+tests/test_crash_isolation.py runs this file in a child process per device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # runnable from anywhere in the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import pyengine  # noqa: E402
+from pyengine import ops  # noqa: E402
+
+P = torch.ops.pyengine
+
+
+def _csr(device, k=4096, n=8, dtype=torch.float32):
+    """A valid small CSR (rowptr, colidx int16, values) for an (n, k) weight."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * (torch.rand(n, k, generator=g) < 0.01)
+    p = ops.pack_sparse(w.to(dtype))
+    return p.rowptr.to(device), p.colidx.to(device), p.values.to(device)
+
+
+def cases(dev: torch.device):
+    """(name, callable, expected exception type, message regex); the callable must raise."""
+    cuda = dev.type == "cuda"
+    f32 = dict(device=dev, dtype=torch.float32)
+    f64 = dict(device=dev, dtype=torch.float64)
+
+    def sync_check():
+        # CUDA index errors are found on the device and raised at the next sync point
+        if cuda:
+            ops.check_device_errors(dev)
+
+    x = torch.randn(3, 4, **f32)
+    w = torch.randn(5, 4, **f32)
+    m = torch.rand(5, 4, device=dev) > 0.5
+    out = []
+
+    # ---- masked linear
+    out += [
+        ("masked_linear x 1-D", lambda: P.masked_linear(x[0], w, m, None), ValueError, "x must have 2 dimensions"),
+        ("masked_linear weight dtype", lambda: P.masked_linear(x, w.double(), m, None), TypeError, "weight has dtype float64"),
+        ("masked_linear mask not bool", lambda: P.masked_linear(x, w, m.float(), None), TypeError, "mask has dtype float32"),
+        ("masked_linear mask shape", lambda: P.masked_linear(x, w, m[:, :2], None), ValueError, "mask has shape"),
+        ("masked_linear K mismatch", lambda: P.masked_linear(torch.randn(3, 6, **f32), w, m, None), ValueError, "6 features"),
+        ("masked_linear bias length", lambda: P.masked_linear(x, w, m, torch.randn(7, **f32)), ValueError, "bias has 7 entries"),
+        ("masked_linear int x", lambda: P.masked_linear(x.long(), w.long(), m, None), TypeError, "x has dtype int64"),
+        ("masked_linear_backward grad shape",
+         lambda: P.masked_linear_backward(torch.randn(3, 6, **f32), x, w, m, True, True, True), ValueError, "grad_out has shape"),
+        ("masked_linear wrapper mask not binary", lambda: ops.masked_linear(x, w, m.float() * 0.5), ValueError, "binary"),
+    ]
+    if cuda:
+        out += [("masked_linear x on cpu", lambda: P.masked_linear(x.cpu(), w, m, None), ValueError, "CUDA tensor|is on")]
+
+    # ---- sparse linear: raw op with inconsistent CSR (the kernels must never follow a bad index)
+    rp, ci, vals = _csr(dev)
+    nnz = vals.numel()
+    xs = torch.randn(2, 4096, **f32)
+
+    def sparse(rowptr=rp, colidx=ci, values=vals, k=4096, xx=xs):
+        P.sparse_linear(xx, rowptr, colidx, values, k, None)
+        sync_check()
+
+    big = ci.int().clone()
+    big[12] = 70000
+    neg = ci.clone()
+    neg[3] = -5
+    dec = rp.clone()
+    dec[3] = dec[2] - 1
+    past = rp.clone()
+    past[-1] = nnz + 1000
+    past[-2] = nnz + 500
+    start = rp.clone()
+    start[0] = 1
+    out += [
+        ("sparse_linear colidx >= K", lambda: sparse(colidx=big), ValueError, r"colidx holds 70000 at position 12, but in_features is 4096"),
+        ("sparse_linear colidx negative", lambda: sparse(colidx=neg), ValueError, r"colidx holds -5 at position 3"),
+        ("sparse_linear rowptr decreasing", lambda: sparse(rowptr=dec), ValueError, "rowptr must not decrease|rowptr ends"),
+        ("sparse_linear rowptr past values", lambda: sparse(rowptr=past), ValueError, "rowptr ends at|points past"),
+        ("sparse_linear rowptr start", lambda: sparse(rowptr=start), ValueError, "rowptr must start at 0"),
+        ("sparse_linear colidx/values length", lambda: sparse(values=vals[:-1]), ValueError, "colidx holds .* entries but values"),
+        ("sparse_linear int16 K too big", lambda: sparse(k=40000, xx=torch.randn(2, 40000, **f32)), ValueError, "int16 colidx cannot"),
+        ("sparse_linear x features", lambda: sparse(xx=torch.randn(2, 100, **f32)), ValueError, "in_features is 4096"),
+        ("sparse_linear values dtype", lambda: sparse(values=vals.double()), TypeError, "values has dtype float64"),
+        ("sparse_linear rowptr dtype", lambda: sparse(rowptr=rp.long()), TypeError, "rowptr has dtype int64"),
+        # a batch large enough for the SpMM (float32, M > 32) and the densify + GEMM (float64) paths
+        ("sparse_linear spmm colidx >= K", lambda: sparse(colidx=big, xx=torch.randn(40, 4096, **f32)), ValueError, "colidx holds 70000"),
+        ("sparse_linear gemm colidx >= K",
+         lambda: sparse(colidx=big, values=vals.double(), xx=torch.randn(80, 4096, **f64)), ValueError, "colidx holds 70000"),
+        ("sparse_linear gemm rowptr past",
+         lambda: sparse(rowptr=past, values=vals.double(), xx=torch.randn(80, 4096, **f64)), ValueError, "rowptr ends at|points past"),
+    ]
+    shape = (rp.numel() - 1, 4096)
+    out += [
+        ("PackedWeight colidx >= K", lambda: ops.PackedWeight(rp, big, vals, shape), ValueError, "colidx holds 70000 at position 12"),
+        ("PackedWeight rowptr decreasing", lambda: ops.PackedWeight(dec, ci, vals, shape), ValueError, "must not decrease"),
+        ("PackedWeight rowptr past", lambda: ops.PackedWeight(past, ci, vals, shape), ValueError, "rowptr ends at"),
+        ("PackedWeight K disagrees", lambda: ops.PackedWeight(rp, ci, vals, (shape[0], 40000)), ValueError, "int16 colidx cannot"),
+        ("PackedWeight K too small", lambda: ops.PackedWeight(rp, ci, vals, (shape[0], 10)), ValueError, "in_features is 10"),
+        ("PackedWeight rows disagree", lambda: ops.PackedWeight(rp, ci, vals, (3, 4096)), ValueError, "out_features = 3"),
+        ("sparse_linear wrapper K mismatch",
+         lambda: ops.sparse_linear(torch.randn(2, 10, **f32), ops.PackedWeight(rp, ci, vals, shape)), ValueError, "features"),
+        ("pack_sparse 1-D", lambda: P.pack_sparse(torch.randn(5, **f32)), ValueError, "weight must have 2 dimensions"),
+    ]
+
+    # ---- apply_masks_
+    a = torch.randn(10, **f32)
+    mk = torch.ones(10, dtype=torch.bool, device=dev)
+    out += [
+        ("apply_masks_ index", lambda: P.apply_masks_([a], [mk], [3]), IndexError, r"mask_index\[0\] = 3"),
+        ("apply_masks_ mask dtype", lambda: P.apply_masks_([a], [mk.float()], [0]), TypeError, "masks.0. has dtype float32"),
+        ("apply_masks_ shape", lambda: P.apply_masks_([a], [mk[:5]], [0]), ValueError, "has shape"),
+        ("apply_masks_ non-contiguous",
+         lambda: P.apply_masks_([torch.randn(4, 4, **f32).t()], [torch.ones(4, 4, dtype=torch.bool, device=dev)], [0]),
+         ValueError, "contiguous"),
+        ("apply_masks_ count", lambda: P.apply_masks_([a, a], [mk], [0]), ValueError, "mask_index has 1 entries for 2"),
+    ]
+
+    # ---- entropy
+    act = torch.randn(4, 3, 2, 2, **f32)
+    act_nan = act.clone()
+    act_nan[1, 2, 0, 1] = math.nan
+    counts = torch.zeros(3, dtype=torch.int64, device=dev)
+    nanc = torch.zeros((), dtype=torch.int64, device=dev)
+    out += [
+        ("entropy_counts int x", lambda: P.entropy_counts(act.int(), 1, False, False), TypeError, "x has dtype int32"),
+        ("entropy_counts channel_dim", lambda: P.entropy_counts(act, 7, False, False), ValueError, "channel_dim=7"),
+        ("entropy_counts 1-D", lambda: P.entropy_counts(act.flatten(), 0, False, False), ValueError, "at least 2 dimensions"),
+        ("entropy_counts_add_ counts shape", lambda: P.entropy_counts_add_(counts[:2], nanc, act, 1, False, False), ValueError, "counts has shape"),
+        ("entropy_counts_add_ counts dtype", lambda: P.entropy_counts_add_(counts.int(), nanc, act, 1, False, False), TypeError, "counts has dtype int32"),
+        ("entropy_counts_add_ nan_count size",
+         lambda: P.entropy_counts_add_(counts, torch.zeros(2, dtype=torch.int64, device=dev), act, 1, False, False), ValueError, "one element"),
+        ("relu_count counts shape", lambda: P.relu_count(act, counts[:1], nanc, 1, False, False), ValueError, "counts has shape"),
+        ("entropy_from_counts float counts", lambda: P.entropy_from_counts(counts.float(), 4, 0.0), TypeError, "counts has dtype float32"),
+        ("entropy_from_counts n_samples", lambda: P.entropy_from_counts(counts, 0, 0.0), ValueError, "n_samples must be positive"),
+        ("entropy_from_counts eps", lambda: P.entropy_from_counts(counts, 4, 0.7), ValueError, "eps must be"),
+        ("entropy_counts wrapper NaN", lambda: ops.entropy_counts(act_nan), ValueError, "NaN"),
+    ]
+    if cuda:
+        out += [("entropy_counts_add_ counts on cpu", lambda: P.entropy_counts_add_(counts.cpu(), nanc, act, 1, False, False),
+                 ValueError, "counts is on cpu")]
+
+    # ---- sliced Wasserstein
+    th = ops.random_directions(4, 6, device=dev, dtype=torch.float64)
+    th_nan = th.clone()
+    th_nan[2, 1] = math.nan
+    cx1 = torch.randn(2, 5, 1, **f64)
+    grad = torch.ones(2, **f64)
+    win = torch.tensor([3, 0], device=dev)
+    bx = torch.randn(2, 5, 6, **f64)
+
+    def bwd_bad_win():
+        P.sliced_wasserstein_bwd(grad, cx1, cx1, th, torch.tensor([4, 0], device=dev), True, True, True)
+        sync_check()
+
+    out += [
+        # the segfault issue 11 reported on CUDA: mean mode given one column for four directions
+        ("sliced_wasserstein_bwd mean with 1 column", lambda: P.sliced_wasserstein_bwd(grad, cx1, cx1, th, win, False, True, True),
+         ValueError, "needs 4"),
+        ("sliced_wasserstein_bwd win out of range", bwd_bad_win, ValueError, r"win\[0\] = 4 is not a direction"),
+        ("sliced_wasserstein_bwd negative win",
+         lambda: (P.sliced_wasserstein_bwd(grad, cx1, cx1, th, torch.tensor([0, -1], device=dev), True, True, False), sync_check()),
+         ValueError, r"win\[1\] = -1"),
+        ("sliced_wasserstein_bwd grad length", lambda: P.sliced_wasserstein_bwd(grad[:1], cx1, cx1, th, win, True, True, True),
+         ValueError, "grad has 1 entries"),
+        ("sliced_wasserstein_bwd dtype", lambda: P.sliced_wasserstein_bwd(grad.float(), cx1, cx1, th, win, True, True, True),
+         TypeError, "grad has dtype float32"),
+        ("sliced_wasserstein_bwd win dtype", lambda: P.sliced_wasserstein_bwd(grad, cx1, cx1, th, win.int(), True, True, True),
+         TypeError, "win has dtype int32"),
+        ("sliced_wasserstein_fwd theta dims", lambda: P.sliced_wasserstein_fwd(bx, bx, th[:, :3], 2.0, True, True), ValueError, "3 dims"),
+        ("sliced_wasserstein_fwd p inf", lambda: P.sliced_wasserstein_fwd(bx, bx, th, math.inf, True, False), ValueError, "p = inf"),
+        ("sliced_wasserstein_fwd p small", lambda: P.sliced_wasserstein_fwd(bx, bx, th, 0.5, True, False), ValueError, "p must be >= 1"),
+        ("sliced_wasserstein_fwd x 2-D", lambda: P.sliced_wasserstein_fwd(bx[0], bx[0], th, 2.0, True, False), ValueError, "x must have 3"),
+        ("sliced_wasserstein_fwd y shape", lambda: P.sliced_wasserstein_fwd(bx, bx[:, :3], th, 2.0, True, False), ValueError, "y has shape"),
+        ("sliced_wasserstein p inf", lambda: ops.sliced_wasserstein(bx, bx, th, p=math.inf), ValueError, "p = inf"),
+        ("sliced_wasserstein huge n_directions",
+         lambda: ops.sliced_wasserstein(torch.randn(5, 3, **f32), torch.randn(5, 3, **f32), n_directions=10**7), ValueError, "working memory"),
+        # reduce="max" must see a NaN in any direction, not only the first
+        ("sliced_wasserstein NaN in a later direction", lambda: ops.sliced_wasserstein(bx, bx + 1, th_nan), ValueError,
+         "directions contains NaN"),
+    ]
+    if cuda:
+        out += [("sliced_wasserstein cpu generator for cuda data",
+                 lambda: ops.sliced_wasserstein(bx, bx, generator=torch.Generator()), ValueError, "generator is on cpu")]
+    return out
+
+
+def good_calls(dev: torch.device) -> None:
+    """Every op once on small valid inputs (for compute-sanitizer)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    for dt in (torch.float32, torch.bfloat16):
+        x = torch.randn(7, 40, device=dev, generator=g).to(dt)
+        w = torch.randn(9, 40, device=dev, generator=g).to(dt).requires_grad_(True)
+        m = torch.rand(9, 40, device=dev, generator=g) > 0.5
+        ops.masked_linear(x, w, m).sum().backward()
+        with torch.no_grad():
+            p = ops.pack_sparse(w.detach() * m)
+            for rows in (1, 5, 16, 40, 80):
+                ops.sparse_linear(torch.randn(rows, 40, device=dev, generator=g).to(dt), p)
+        t = [w.detach().clone()]
+        ops.apply_masks_(t, [m])
+        a = torch.randn(6, 5, 7, 3, device=dev, generator=g).to(dt)
+        ops.entropy_counts(a)
+        ops.entropy_counts(a.to(memory_format=torch.channels_last))
+        ops.entropy_counts(a, per_position=True)
+        c = torch.zeros(5, dtype=torch.int64, device=dev)
+        ops.entropy_counts_add_(c, a)
+        ops.relu_count(a, c)
+        ops.entropy_from_counts(c, 6 * 7 * 3 * 3)
+    for reduce in ("max", "mean"):
+        for n in (17, 600, 9000):
+            xx = torch.randn(2, n, 5, device=dev, generator=g, requires_grad=True)
+            yy = torch.randn(2, n, 5, device=dev, generator=g)
+            ops.sliced_wasserstein(xx, yy, n_directions=6, reduce=reduce, generator=g).sum().backward()
+    xl = torch.randn(1, 8, 16384, device=dev, generator=g, requires_grad=True)
+    ops.sliced_wasserstein(xl, torch.randn(1, 8, 16384, device=dev, generator=g), n_directions=3, generator=g).backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        ops.check_device_errors(dev)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--good", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if not pyengine.HAS_NATIVE:
+        print(json.dumps({"skip": "native extension not built"}), flush=True)
+        return 0
+    all_cases = cases(dev)
+    if args.list:
+        print(json.dumps({"n": len(all_cases), "names": [c[0] for c in all_cases]}), flush=True)
+        return 0
+    if args.good:
+        good_calls(dev)
+        print(json.dumps({"good": "ok"}), flush=True)
+    import re
+
+    # PYENGINE_CRASH_AT=N makes case N kill this process (checks that the isolation reports it)
+    crash_at = int(os.environ.get("PYENGINE_CRASH_AT", "-1"))
+    for i in range(args.start, len(all_cases)):
+        name, fn, exc, pattern = all_cases[i]
+        print(json.dumps({"start": i, "name": name}), flush=True)
+        if i == crash_at:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        rec = {"done": i, "name": name, "ok": False}
+        try:
+            fn()
+            rec["error"] = "no exception"
+        except Exception as e:  # noqa: BLE001 - any exception is inspected, not swallowed
+            rec["type"] = type(e).__name__
+            rec["msg"] = str(e).splitlines()[0][:300] if str(e) else ""
+            rec["ok"] = isinstance(e, exc) and re.search(pattern, str(e)) is not None
+            if not rec["ok"]:
+                rec["error"] = f"expected {exc.__name__} matching {pattern!r}"
+        if dev.type == "cuda":  # the context must still work, and no error may be left pending
+            try:
+                assert float(torch.ones(4, device=dev).sum()) == 4.0
+                ops.check_device_errors(dev)
+            except Exception as e:  # noqa: BLE001
+                rec["ok"] = False
+                rec["error"] = f"CUDA unusable or error left pending afterwards: {type(e).__name__}: {e}"
+        print(json.dumps(rec), flush=True)
+    print(json.dumps({"finished": len(all_cases)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
