@@ -65,10 +65,20 @@ def print_summary(report: dict, out: Path, log=print) -> None:
     fold = report.get("fold")
     if fold is not None:
         lines.append(f"folding      {len(fold['collapse_edits'])} collapse edit(s), {len(fold['folds'])} exact fold(s)")
-        for e in fold["collapse_edits"] + fold["folds"]:
-            lines.append(f"               {e.get('kind')} {e.get('target')}")
+        described = fold.get("described") or [f"{e.get('kind')} {e.get('target')}" for e in fold["collapse_edits"] + fold["folds"]]
+        routine = {"fold_bn": "BatchNorm layers folded into their conv/linear",
+                   "remove_identity": "identity / dropout modules removed"}
+        counts: dict[str, int] = {}
+        for e, text in zip(fold["collapse_edits"] + fold["folds"], described):
+            if e.get("kind") in routine:
+                counts[e["kind"]] = counts.get(e["kind"], 0) + 1
+            else:
+                lines.append(f"               {text}")
+        for kind, n in counts.items():
+            lines.append(f"               {n} {routine[kind]}")
         for r in fold["refused"]:
-            lines.append(f"             refused: {r.get('target')}: {r.get('reason')}")
+            into = f" into {r['into']}" if r.get("into") else ""
+            lines.append(f"             refused: {r.get('kind', 'edit')} {r.get('target')}{into}: {r.get('reason')}")
     elif report["config"].get("no_fold"):
         lines.append("folding      off (--no-fold): the network keeps its dense shape")
     if report.get("wall_seconds"):

@@ -109,3 +109,16 @@ def test_inclusive_reaches_the_measurement_of_a_run(tmp_path):
     assert on_gt[name].n_always_off == on_gt[name].n_neurons
     assert on_ge[name].n_always_on == on_ge[name].n_neurons
     assert len(c_ge[name]["on"]) == on_ge[name].n_neurons
+
+
+def test_nan_in_a_later_batch_is_reported_once_when_results_are_read():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    with EntropyCollector(model) as col:
+        model(torch.randn(5, 3))
+        bad = torch.randn(5, 3)
+        bad[2, 1] = float("nan")
+        model(bad)  # no error here: the count stays on the device
+    import pytest
+
+    with pytest.raises(ValueError, match="NaN"):
+        col.results()

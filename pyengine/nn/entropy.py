@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from pyengine.graph import activation_map
-from pyengine.ops import entropy_counts, entropy_from_counts, samples_per_neuron
+from pyengine.ops import entropy_counts, entropy_counts_add_, entropy_from_counts, samples_per_neuron
 
 
 @dataclass
@@ -73,6 +73,12 @@ class EntropyCollector:
         self.samples: dict[str, int] = {}
         self._dims: dict[str, int] = {}
         self._handles = []
+        self._nan_count: torch.Tensor | None = None
+
+    def _nan(self, device) -> torch.Tensor:
+        if self._nan_count is None:
+            self._nan_count = torch.zeros((), dtype=torch.int64, device=device)
+        return self._nan_count
 
     def _hook(self, site):
         name = site.name
@@ -82,11 +88,14 @@ class EntropyCollector:
             cdim = self._dims.get(name)
             if cdim is None:
                 cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
-            c = entropy_counts(z, cdim, self.per_position, self.inclusive, check_nan=False)
             if name in self.counts:
-                self.counts[name] += c
+                # one in-place kernel: no allocation, no host synchronisation
+                entropy_counts_add_(self.counts[name], z, cdim, self.per_position, self.inclusive,
+                                    nan_count=self._nan(z.device))
             else:
-                self.counts[name] = c.clone()
+                self.counts[name] = entropy_counts(z, cdim, self.per_position, self.inclusive, check_nan=False).clone()
+                if bool(torch.isnan(z.detach()).any()):  # first batch only; later ones count on the device
+                    self._nan(z.device).add_(1)
             self.samples[name] = self.samples.get(name, 0) + samples_per_neuron(z.shape, cdim % z.dim(), self.per_position)
 
         return hook
@@ -104,6 +113,7 @@ class EntropyCollector:
     def reset(self) -> None:
         self.counts.clear()
         self.samples.clear()
+        self._nan_count = None
 
     def all_reduce(self) -> None:
         """Sum counts and sample numbers over torch.distributed ranks."""
@@ -126,6 +136,11 @@ class EntropyCollector:
         self.samples = {k: int(v) for k, v in state["samples"].items()}
 
     def results(self, eps: float = 0.0) -> dict[str, LayerEntropy]:
+        """Per-activation entropy; raises ValueError when an activation input held NaN (checked
+        here, once, not per batch)."""
+        if self._nan_count is not None and int(self._nan_count) > 0:
+            raise ValueError(f"{int(self._nan_count)} NaN value(s) reached the activations while measuring entropy; "
+                             "the model or its input diverged")
         out = {}
         for s in self.sites:
             if s.name not in self.counts:
