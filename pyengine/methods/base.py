@@ -187,6 +187,7 @@ def register(cls: type[Method]) -> type[Method]:
 def _load_builtin() -> None:
     # importing the packages registers their methods
     import pyengine.methods.prune  # noqa: F401
+    import pyengine.methods.sdd  # noqa: F401
 
 
 def get_method(name: str) -> type[Method]:
