@@ -194,6 +194,7 @@ def _load_builtin() -> None:
     # importing the packages registers their methods
     import pyengine.methods.depth  # noqa: F401
     import pyengine.methods.prune  # noqa: F401
+    import pyengine.methods.sdd  # noqa: F401
 
 
 def get_method(name: str) -> type[Method]:

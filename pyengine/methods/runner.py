@@ -642,6 +642,7 @@ class Run(RunContext):
             entropy_state = st.get("entropy_counts")
             if st["done"]:
                 self.log(f"{self.out} is already complete; writing the report again")
+                self.wall_done = self.wall_before
                 return self._finish()
             _, opt, sched = self._fresh_optim(self._round_epochs(start_round))
             if st["optimizer"]:
@@ -723,6 +724,7 @@ class Run(RunContext):
             if reason:
                 self.log(reason)
                 break
+        self.wall_done = self._wall()  # the run's training time, kept by every later report
         self._save_state(n_rounds + 1, 0, False, None, None, done=True)
         return self._finish()
 
@@ -860,7 +862,7 @@ class Run(RunContext):
             "dataset": self.bundle.info.to_dict(),
             "device": str(self.device),
             "world_size": self.dist.world_size,
-            "wall_seconds": self._wall(),
+            "wall_seconds": getattr(self, "wall_done", None) or self._wall(),
             "dense_acc": self.rounds[0]["test_acc"],
             "final_acc": final_acc,
             "selected_round": result["round"],

@@ -6,7 +6,7 @@
     count_flops(model, (3, 32, 32), effective=True)
 
 Built-in names (``list_models()``): resnet18/34/50 (CIFAR stem by default, ``stem="imagenet"``),
-vgg11/13/16/19_bn, mobilenet_v2 (CIFAR strides by default), vit, swin_t (torchvision's), and
+vgg11/13/16/19_bn, vgglike (DSD2: depth, width), mobilenet_v2 (CIFAR strides by default), vit, swin_t (torchvision's), and
 ``tv:<name>`` for any torchvision classification model (random init, adapted by
 ``pyengine.models.tv``).
 """
@@ -35,6 +35,7 @@ from pyengine.models.ofa_mbv3 import MobileNetV3Subnet, OFAMobileNetV3, ofa_mbv3
 from pyengine.models.resnet import ResNet, resnet18, resnet34, resnet50
 from pyengine.models.tv import swin_t, tv_model
 from pyengine.models.vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
+from pyengine.models.vgglike import VGGLike, vgglike  # DSD2 model-size family (issue 9)
 from pyengine.models.vit import VisionTransformer, vit
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "find_functional_activations", "is_weight_layer", "linearise", "make_activations_distinct",
     "count_params", "count_flops", "count_effective_flops",
     "ResNet", "VGG", "MobileNetV2", "VisionTransformer", "OFAMobileNetV3", "MobileNetV3Subnet",
+    "VGGLike",
 ]
 
 # name -> (builder, class or function whose signature lists the accepted options,
@@ -59,6 +61,7 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], Callable, int, bool]] = {
     "vit": (vit, VisionTransformer.__init__, 1, True),
     "swin_t": (swin_t, swin_t, 1, True),
     "ofa_mbv3": (ofa_mbv3, ofa_mbv3, 1, False),
+    "vgglike": (vgglike, VGGLike.__init__, 2, True),  # DSD2; checks image_size >= 2**depth itself
 }
 
 _FIXED = {"self", "block", "layers", "config", "num_classes", "in_channels", "image_size"}
