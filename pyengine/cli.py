@@ -43,6 +43,13 @@ def _method_option_fields():
     return seen
 
 
+def _method_defaults(name: str, users: list[str]) -> dict[str, object]:
+    """Each method's default for one option (after its own __post_init__)."""
+    from pyengine.methods.base import get_method
+
+    return {u: getattr(get_method(u).Options(), name) for u in users}
+
+
 def _prune_parser(sub) -> argparse.ArgumentParser:
     from pyengine.methods import options as opts
     from pyengine.methods.base import get_method, list_methods
@@ -64,8 +71,13 @@ def _prune_parser(sub) -> argparse.ArgumentParser:
         if a.dest == "run_method":
             a.choices = methods
     g = p.add_argument_group("method options (each flag says which methods take it)")
-    for _name, (item, users) in sorted(_method_option_fields().items()):
-        opts.add_fields(g, [item], prefix="m_", users=f" [{', '.join(users)}]")
+    for name, (item, users) in sorted(_method_option_fields().items()):
+        defaults = _method_defaults(name, users)
+        if len(set(map(repr, defaults.values()))) > 1:  # say each method's own default
+            users_text = " [" + ", ".join(f"{u}: default {d}" for u, d in defaults.items()) + "]"
+            opts.add_fields(g, [item], prefix="m_", users=users_text, show_default=False)
+        else:
+            opts.add_fields(g, [item], prefix="m_", users=f" [{', '.join(users)}]")
     return p
 
 

@@ -174,7 +174,7 @@ def cli_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in fields(cls) if "help" in f.metadata and f.metadata.get("cli", True)]
 
 
-def add_fields(parser, items, *, prefix: str = "", users: str = "") -> list[str]:
+def add_fields(parser, items, *, prefix: str = "", users: str = "", show_default: bool = True) -> list[str]:
     """Adds a flag for each (field, resolved type) pair; ``users`` is appended to the help."""
     dests = []
     for f, tp in items:
@@ -184,7 +184,7 @@ def add_fields(parser, items, *, prefix: str = "", users: str = "") -> list[str]
         base, optional, el = _base_type(tp)
         dest = prefix + f.name
         default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
-        shown = "" if default is None else f" (default: {default})"
+        shown = "" if default is None or not show_default else f" (default: {default})"
         kw: dict[str, Any] = dict(dest=dest, default=None, help=(m.get("help") or "") + shown + users)
         kw["metavar"] = m.get("metavar") or f.name.upper()
         if base is bool:
