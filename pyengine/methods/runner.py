@@ -542,7 +542,7 @@ class Run(RunContext):
             "rng": _rng_state(self.loaders), "rounds_json": json.dumps(self.rounds, default=str),
             "edits_json": json.dumps(self.edits), "method_json": json.dumps(self.method.state_dict()),
             "config_json": json.dumps(self.cfg.to_json(), default=str),
-            "wall_seconds": self._wall(), **(extra or {}),
+            "wall_seconds": self.wall_done if done else self._wall(), **(extra or {}),
         }
 
     def _save_state(self, rnd, epoch, pruned, opt, sched, done=False, extra=None):
