@@ -62,6 +62,7 @@ def test_cli_bad_input(capsys, tmp_path):
         (["--finetune-epochs", "0"], "--finetune-epochs"),
         (["--entropy-batches", "0"], "--entropy-batches"),
         (["--rewind", "weights", "--rewind-epoch", "7", "--epochs", "2"], "--rewind-epoch"),
+        (["--rewind-epoch", "1"], "--rewind weights"),
         (["--resume", "--out", str(tmp_path / "missing")], "no run to continue"),
     ]
     for argv, needle in bad:

@@ -459,8 +459,10 @@ class Run(RunContext):
         base = PRESETS[cfg.preset]
         self.train_cfg = with_overrides(base, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                         weight_decay=cfg.weight_decay, workers=cfg.workers)
-        if cfg.rewind == "weights" and cfg.rewind_epoch > self.train_cfg.epochs:
+        if cfg.rewind_epoch > self.train_cfg.epochs:
             raise OptionError(f"--rewind-epoch {cfg.rewind_epoch} is beyond the {self.train_cfg.epochs} dense epochs")
+        if cfg.rewind_epoch and cfg.rewind != "weights":
+            raise OptionError("--rewind-epoch only applies with --rewind weights")
         image_size = cfg.image_size or (QUICK_IMAGE_SIZE if cfg.preset == "quick" else None)
         val_fraction = cfg.val_fraction if cfg.val_fraction is not None else getattr(self.method_cls, "default_val_fraction", 0.0)
         from pyengine.data import build_dataset, build_loaders
