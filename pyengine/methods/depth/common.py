@@ -88,3 +88,13 @@ def folded_numbers(ctx, summary: dict, *, latency: bool = True) -> dict:
         batch = torch.randn(32, *ctx.example_input.shape[1:], device=ctx.example_input.device)
         out["folded_latency_ms_batch32"] = measure_latency(folded, batch, ctx.example_input.device)
     return out
+
+
+def activation_columns(method, summary: dict) -> dict:
+    """The per-round columns EASIER and NEPENTHE share: activations removed of the total, and the
+    folded network's numbers when the method folds every round."""
+    out = {"activations_total": method.total_activations,
+           "activations_removed": method.total_activations - len(method.run.sites)}
+    if method.opt.fold_each_round:
+        out.update(folded_numbers(method.run, summary))
+    return out

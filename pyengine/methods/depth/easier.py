@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 from pyengine.methods.base import EntropySpec, Method, register
 from pyengine.methods.depth.common import (
+    activation_columns,
     DepthTolerance,
     FoldEachRound,
-    folded_numbers,
     last_within_tolerance,
     tolerance_stop,
 )
@@ -97,8 +97,4 @@ class EASIER(Method):
         return last_within_tolerance(rounds, self.opt.tolerance)
 
     def summary_extra(self, summary):
-        out = {"activations_total": self.total_activations,
-               "activations_removed": self.total_activations - len(self.run.sites)}
-        if self.opt.fold_each_round:
-            out.update(folded_numbers(self.run, summary))
-        return out
+        return activation_columns(self, summary)

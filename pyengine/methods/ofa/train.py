@@ -41,6 +41,7 @@ from pyengine.train.dist import barrier, init_distributed
 from pyengine.train.loop import EpochHooks, TrainConfig, evaluate, train_epochs
 
 from pyengine.methods.base import StepCallback
+from pyengine.methods.runner import resolve_device, seed_everything
 from pyengine.methods.ofa.memory import peak_memory_of_layout, subnet_macs
 from pyengine.methods.ofa.spaces import Space, get_space
 
@@ -446,22 +447,6 @@ def config_from_dict(d: Mapping[str, Any]) -> OFATrainConfig:
     known = OFATrainConfig.__dataclass_fields__
     kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
     return OFATrainConfig(**kw)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA device is available")
-    return name
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _rng_state(loader) -> dict:
