@@ -54,6 +54,10 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "sliced_wasserstein_bwd(Tensor grad, Tensor cx, Tensor cy, Tensor theta, Tensor win, bool use_max, "
       "bool need_x, bool need_y) -> (Tensor, Tensor)");
+  // out (K, d) <- K random unit directions (normalize) or standard normals, from a counter-based
+  // generator keyed by seed: the same values for a seed on any thread count (layout in
+  // csrc/sliced/directions_simd.inc). CPU only; on CUDA torch.randn already draws on the device.
+  m.def("fill_directions_(Tensor(a!) out, int seed, bool normalize) -> ()");
 }
 
 extern "C" {

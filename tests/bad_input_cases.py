@@ -199,6 +199,19 @@ def cases(dev: torch.device):
         ("sliced_wasserstein NaN in a later direction", lambda: ops.sliced_wasserstein(bx, bx + 1, th_nan), ValueError,
          "directions contains NaN"),
     ]
+    out += [
+        ("fill_directions_ 1-D out", lambda: P.fill_directions_(torch.empty(6, **f32), 1, True), ValueError,
+         "out must have 2 dimensions"),
+        ("fill_directions_ int out", lambda: P.fill_directions_(torch.empty(2, 3, dtype=torch.int32, device=dev), 1, True),
+         TypeError, "out has dtype int32"),
+        ("fill_directions_ strided out", lambda: P.fill_directions_(torch.empty(3, 2, **f32).t(), 1, True), ValueError,
+         "must be contiguous"),
+        ("random_directions zero", lambda: ops.random_directions(0, 4, device=dev), ValueError, "at least 1"),
+    ] if not cuda else [
+        # CPU-only op: on CUDA the directions come from torch.randn on the device
+        ("fill_directions_ on cuda", lambda: P.fill_directions_(torch.empty(2, 3, **f32), 1, True), NotImplementedError,
+         "CUDA"),
+    ]
     if cuda:
         out += [("sliced_wasserstein cpu generator for cuda data",
                  lambda: ops.sliced_wasserstein(bx, bx, generator=torch.Generator()), ValueError, "generator is on cpu")]
@@ -234,6 +247,8 @@ def good_calls(dev: torch.device) -> None:
             ops.sliced_wasserstein(xx, yy, n_directions=6, reduce=reduce, generator=g).sum().backward()
     xl = torch.randn(1, 8, 16384, device=dev, generator=g, requires_grad=True)
     ops.sliced_wasserstein(xl, torch.randn(1, 8, 16384, device=dev, generator=g), n_directions=3, generator=g).backward()
+    if dev.type == "cpu":
+        ops.random_directions(7, 1000, generator=g)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         ops.check_device_errors(dev)

