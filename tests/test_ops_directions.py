@@ -184,3 +184,14 @@ def test_bad_input(make, exc, msg):
 def test_empty_shapes_are_a_no_op():
     for shape in ((0, 5), (5, 0)):
         torch.ops.pyengine.fill_directions_(torch.empty(shape), 1, True)
+
+
+def test_opcheck_and_compile():
+    torch.library.opcheck(torch.ops.pyengine.fill_directions_.default, (torch.empty(3, 40), 5, True))
+
+    def draw(out):
+        torch.ops.pyengine.fill_directions_(out, 11, True)
+        return out * 2
+
+    a = torch.compile(draw, fullgraph=True, backend="aot_eager")(torch.empty(4, 50))
+    assert torch.equal(a, draw(torch.empty(4, 50)))
