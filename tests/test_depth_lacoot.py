@@ -116,6 +116,58 @@ def _batches(n=3, seed=0):
     return [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(n)]
 
 
+def _regulariser_step(device):
+    from pyengine import Compressor
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, in_channels=1, width=8).to(device)
+    comp = Compressor(model, "lacoot", example_input=torch.zeros(1, 1, 8, 8, device=device), **quiet)
+    cb = comp.step_callbacks()[0]
+    cb.on_train_start(comp.model)
+    cb.on_epoch_start(0, 1)
+    return comp, cb
+
+
+def test_training_regulariser_leaves_nan_to_the_loop():
+    """In training a NaN distance is not raised per pair (that read-back is a host sync on CUDA):
+    the term is NaN, so the loss is, and the training loop's non-finite check names the step."""
+    comp, cb = _regulariser_step("cpu")
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    cb.on_batch_start(0, x, y)
+    out = comp.model(x)
+    assert torch.isfinite(cb.extra_loss(out, y, x))
+    h = comp.model.layer2[1].register_forward_hook(lambda m, i, o: o * float("nan"))
+    try:
+        cb.on_batch_start(1, x, y)
+        out = comp.model(x)
+        assert torch.isnan(cb.extra_loss(out, y, x))
+    finally:
+        h.remove()
+    pairs = [(torch.randn(4, 6), torch.full((4, 6), float("nan")))]
+    with pytest.raises(ValueError, match="NaN"):  # the default (scoring, user calls) still raises
+        lacoot_regulariser(pairs, n_directions=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and __import__("pyengine").CUDA_COMPILED), reason="no CUDA")
+def test_training_regulariser_does_not_sync_on_cuda():
+    comp, cb = _regulariser_step("cuda")
+    x = torch.randn(8, 1, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    cb.on_batch_start(0, x, y)
+    comp.model(x)  # warm-up outside the check
+    cb.capture.clear()
+    out = comp.model(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = nn.functional.cross_entropy(out, y) + cb.extra_loss(out, y, x)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
+
+
 @pytest.mark.usefixtures("fast_latency")
 def test_ranking_and_removal_in_a_users_loop():
     """A block whose residual branch outputs 0 is the identity: its distance is 0, it is ranked first,

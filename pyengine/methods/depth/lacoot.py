@@ -138,10 +138,13 @@ def find_block_pairs(model: nn.Module, blocks: list[str] | None = None) -> tuple
 
 def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int = 50, p: float = 2.0,
                        reduce: str = "max", generator: torch.Generator | None = None,
-                       directions: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+                       directions: list[Tensor] | None = None, check_nan: bool = True) -> tuple[Tensor, Tensor]:
     """Mean over pairs of the (max-)sliced Wasserstein distance between the flattened per-sample
     features of each pair; returns (mean, per-pair distances). ``directions[i]`` (K, d_i) fixes the
-    directions of pair i; otherwise ``n_directions`` are drawn from ``generator`` per pair."""
+    directions of pair i; otherwise ``n_directions`` are drawn from ``generator`` per pair.
+    ``check_nan=False`` returns NaN instead of raising, without reading the result back (on CUDA
+    the check is a host sync per pair); the training step uses it and leaves a NaN to the training
+    loop's non-finite-loss check."""
     if not pairs:
         raise ValueError("lacoot_regulariser needs at least one pair")
     dists = []
@@ -154,7 +157,7 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
             a, b = a.float(), b.float()
         theta = directions[i] if directions is not None else None
         dists.append(sliced_wasserstein(a, b, theta, n_directions=n_directions, p=p, reduce=reduce,
-                                        generator=generator))
+                                        generator=generator, check_nan=check_nan))
     d = torch.stack(dists)
     return d.mean(), d
 
@@ -280,7 +283,10 @@ class _RegulariserStep(StepCallback):
         if self.gen is None or self.gen.device != logits.device:
             self.gen = torch.Generator(device=logits.device)
         self.gen.manual_seed(_mixed_seed(self.m.seed, len(self.m.run.rounds), self.epoch, self.step))
-        mean, d = lacoot_regulariser(pairs, n_directions=self.m.opt.directions, reduce="max", generator=self.gen)
+        # no NaN check here: it would read the result back (a host sync per pair and step on CUDA);
+        # a NaN makes the loss NaN, which the training loop reports with its step
+        mean, d = lacoot_regulariser(pairs, n_directions=self.m.opt.directions, reduce="max", generator=self.gen,
+                                     check_nan=False)
         d = d.detach().double()
         self.sums = d if self.sums is None else self.sums + d
         self.steps += 1
