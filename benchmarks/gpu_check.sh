@@ -4,7 +4,8 @@
 #   2. runs every op's bad-input cases on CUDA in child processes (tests/test_crash_isolation.py),
 #   3. runs the CUDA op tests,
 #   4. runs compute-sanitizer (memcheck) over every op on small valid and on bad inputs,
-#   5. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
+#   5. times LaCoOT's regulariser in a ResNet-18 step (benchmarks/bench_lacoot_step.py, issue 8),
+#   6. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
 #      with a torch.compile column),
 # and prints a summary. Logs and bench_gpu.json go to $OUT (default /tmp/pyengine_gpu); the exit
 # status is non-zero when any step failed. Each step has its own time limit so the whole call fits
@@ -66,7 +67,7 @@ $PY -c "import pyengine._native as n; print('HAS_NATIVE', n.HAS_NATIVE, 'CUDA_CO
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   step "bad-input cases on CPU, crash-isolated" 300 "$OUT/crash.log" $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
   step "valid + bad inputs in one process (sanitizer script) on CPU" 120 "$OUT/sanitizer.log" $PY tests/bad_input_cases.py --device cpu --good
-  step "benchmark script compiles" 60 "$OUT/bench.log" $PY -m py_compile benchmarks/bench_gpu.py
+  step "benchmark scripts compile" 60 "$OUT/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
   exit $status
 fi
@@ -123,7 +124,7 @@ fi
 # the CUDA op tests in pytest-xdist workers: a crashing test takes one worker down, not the run
 step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$OUT/pytest.log" \
   $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py \
-  tests/test_ops_sliced.py tests/test_buffer_pool.py -k cuda
+  tests/test_ops_sliced.py tests/test_buffer_pool.py tests/test_depth_lacoot.py -k cuda
 grep -E "FAILED|crashed|node down|\[pyengine\]|_C\.cpython" "$OUT/pytest.log" | head -n 40 || true
 
 # memcheck: no caching allocator, so an access past a tensor is past its own allocation
@@ -137,6 +138,10 @@ if [[ "${SKIP_BENCH:-0}" == "1" ]]; then
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
   exit $status
 fi
+
+# issue 8's GPU target: LaCoOT's regulariser inside a ResNet-18 CIFAR step, batch 128 (<= x1.10)
+step "LaCoOT regulariser in a ResNet-18 step, batch 128" ${LACOOT_LIMIT:-90} "$OUT/lacoot.log" \
+  $PY benchmarks/bench_lacoot_step.py --device cuda --steps 5 --repeats 9 --json "$OUT/lacoot_step_cuda.json"
 
 left=$(( 400 - $(elapsed) ))
 [[ $left -lt 60 ]] && left=60
