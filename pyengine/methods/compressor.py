@@ -35,10 +35,13 @@ class Compressor(RunContext):
         example_input: one input batch (shape and device) used to trace the model.
         options: the method's options (its Options dataclass, or a dict).
         prunable: "conv+linear" / "linear" / a list of weight names (default: the method's choice).
+        fold_max_mac_ratio: exact folds of two adjacent linear layers are refused when the merged
+            layer would have more than this many times their MACs (default 1: never more; None or
+            0: no limit).
     """
 
     def __init__(self, model: nn.Module, method: str = "egp", *, example_input: torch.Tensor, options=None,
-                 prunable=None, log=print):
+                 prunable=None, fold_max_mac_ratio: float | None = 1.0, log=print):
         super().__init__()
         from pyengine.graph import trace
 
@@ -53,6 +56,9 @@ class Compressor(RunContext):
         self.arch_name = f"user:{type(model).__module__}.{type(model).__qualname__}"
         self.example_input = example_input
         self.device = example_input.device
+        if fold_max_mac_ratio is not None and not fold_max_mac_ratio >= 0:
+            raise ValueError(f"fold_max_mac_ratio must be >= 0 or None, got {fold_max_mac_ratio}")
+        self.fold_max_mac_ratio = fold_max_mac_ratio or None
         self.log = log
         cls = get_method(method)
         o = cls.Options() if options is None else (opts.from_json(cls.Options, options) if isinstance(options, dict) else options)

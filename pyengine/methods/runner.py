@@ -105,6 +105,9 @@ class RunConfig:
     reset_head: bool = option(False, "with --weights: keep the new classifier (another number of classes) instead "
                               "of loading the checkpoint's")
     no_fold: bool = option(False, "end with the pruned network in its dense shape: no structural edits")
+    fold_max_mac_ratio: float = option(1.0, "merge two adjacent linear layers into one only when the merged layer "
+                                       "has at most this many times their MACs (1: never more MACs; 0: no limit, "
+                                       "e.g. depthwise + pointwise into one dense convolution)", low=0.0)
     out: str | None = option(None, "run folder (default: runs/<model>-<method>-<dataset>[-<hash of the changed "
                              "options>])")
     resume: bool = option(False, "continue the run in --out (or the default folder) from its last finished epoch")
@@ -332,6 +335,9 @@ class RunContext:
         self.log: Callable[[str], None] = print
         self.dist = None
         self._prunable: list[str] | str = "conv+linear"
+        # exact folds of adjacent linear layers are refused when the merged layer would have more
+        # than this many times the pair's MACs (None: no limit)
+        self.fold_max_mac_ratio: float | None = 1.0
 
     # ---- structure ---------------------------------------------------------------------
     def refresh_sites(self) -> None:
@@ -379,7 +385,7 @@ class RunContext:
 
         before = self.model
         before.eval()
-        model, history, refused = fold_network(before, self.example_input)
+        model, history, refused = fold_network(before, self.example_input, max_mac_ratio=self.fold_max_mac_ratio)
         masks = map_masks(self.masks.state_dict(), before, history, self.example_input) if self.masks is not None else None
         self.model = model.to(self.device)
         folds = [h.to_dict() for h in history]
@@ -454,6 +460,7 @@ class Run(RunContext):
     def _setup(self):
         cfg = self.cfg
         self.dist, self.device = init_distributed(resolve_device(cfg.device))
+        self.fold_max_mac_ratio = cfg.fold_max_mac_ratio or None
         self.main = self.dist.is_main
         seed_everything(cfg.seed)
         base = PRESETS[cfg.preset]

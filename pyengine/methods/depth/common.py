@@ -81,7 +81,7 @@ def folded_numbers(ctx, summary: dict, *, latency: bool = True) -> dict:
             model = apply_edit(model, e, ctx.example_input)
         except (ValueError, NotImplementedError):
             pass
-    folded, _applied, _ref = fold_network(model, ctx.example_input)
+    folded, _applied, _ref = fold_network(model, ctx.example_input, max_mac_ratio=ctx.fold_max_mac_ratio)
     st = network_stats(folded, ctx.example_input)
     out = {"folded_depth": st["depth"], "folded_params": st["params"], "folded_macs": st["macs"]}
     if latency:
