@@ -58,7 +58,8 @@ def random_directions(n_directions: int, dim: int, *, generator=None, device=Non
     generator (Philox4x32-10 and Box-Muller, ``fill_directions_``): every thread fills rows, the
     normalisation follows while a row is in cache, and the values depend only on one 64-bit key
     drawn from ``generator`` (torch's default generator when None) - the same directions on any
-    thread count, about 4x faster than ``torch.randn`` on one thread. Elsewhere ``torch.randn``
+    thread count; LaCoOT's 50 x 30720 directions take 2.3x less time than ``torch.randn`` plus
+    normalisation on one thread, 4.5-6.6x less on two (2-core CPU VM). Elsewhere ``torch.randn``
     draws them on the device.
     """
     n_directions = int(n_directions)
