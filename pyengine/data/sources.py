@@ -523,8 +523,8 @@ def load_image_folder(path: str | Path, image_size: int | None = None,
     from torchvision.datasets import ImageFolder
 
     path = Path(path).expanduser()
-    hints = [f"pass imagefolder:DIR where DIR holds one folder per class (or train/ and val/ "
-             f"each holding one folder per class)"]
+    hints = ["pass imagefolder:DIR where DIR holds one folder per class (or train/ and val/ "
+             "each holding one folder per class)"]
     if not path.is_dir():
         raise DatasetNotFoundError(f"imagefolder:{path}", [str(path)], hints)
 

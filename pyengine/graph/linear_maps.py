@@ -253,7 +253,7 @@ def _conv_plan(a: _Conv, b: _Conv, a_name: str, b_name: str) -> dict:
         padding_mode = "zeros"
     else:
         padding_mode = a.padding_mode
-    kernel, dil, stride, pad, steps, starts = [], [], [], [], [], []
+    kernel, dil, stride, pad, steps = [], [], [], [], []
     for d in range(n):
         used_a = da[d] if ka[d] > 1 else 0
         used_b = sa[d] * db[d] if kb[d] > 1 else 0

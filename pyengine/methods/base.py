@@ -115,8 +115,6 @@ class Method:
     keeps_best: ClassVar[bool] = False
     #: validation split used when --val-fraction is not given
     default_val_fraction: ClassVar[float] = 0.0
-    #: measure latency after every round (methods that change the structure during the run)
-    latency_each_round: ClassVar[bool] = False
 
     def __init__(self, options: Any, run: "RunContext"):
         self.opt = options

@@ -206,22 +206,14 @@ def add_fields(parser, items, *, prefix: str = "", users: str = "", show_default
     return dests
 
 
-def from_namespace(cls, ns: argparse.Namespace, *, prefix: str = "", base=None):
-    """An instance of ``cls`` from parsed flags; flags not given keep ``base``'s value (or the
-    dataclass default)."""
+def from_namespace(cls, ns: argparse.Namespace, *, prefix: str = ""):
+    """An instance of ``cls`` from parsed flags; flags not given keep the dataclass default."""
     kw = {}
     for f in fields(cls):
         v = getattr(ns, prefix + f.name, None)
         if v is not None:
             kw[f.name] = v
-    if base is not None:
-        return dataclasses.replace(base, **kw)
     return cls(**kw)
-
-
-def given(cls, ns: argparse.Namespace, *, prefix: str = "") -> list[str]:
-    """The flags of ``cls`` that were given on the command line."""
-    return [_flag(f) for f in fields(cls) if getattr(ns, prefix + f.name, None) is not None]
 
 
 def to_json(opts) -> dict:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
@@ -796,11 +795,6 @@ class Run(RunContext):
             "entropy_sites": [asdict(e) for e in ent.values()],
             "constant_neurons": constant,
         }
-        if self.method_cls.latency_each_round:
-            from pyengine.graph import measure_latency
-
-            batch = torch.randn(32, *self.input_shape, device=self.device)
-            summary["latency_ms_batch32"] = measure_latency(self.model, batch, self.device)
         summary.update(self.method.summary_extra(summary))
         return summary
 

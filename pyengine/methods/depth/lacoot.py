@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from pyengine.methods.base import Method, StepCallback, register
-from pyengine.methods.depth.common import DepthTolerance
+from pyengine.methods.depth.common import DepthTolerance, last_within_tolerance
 from pyengine.methods.options import option
 from pyengine.ops import sliced_wasserstein
 
@@ -387,12 +387,7 @@ class LaCoOT(Method):
             chosen = min(self.opt.remove_blocks, len(ranking))
             rule = f"--remove-blocks {self.opt.remove_blocks}"
         else:
-            chosen = 0
-            ref = rows[0]["val_acc"]
-            for k in range(1, len(rows)):
-                if rows[k]["val_acc"] < ref - self.opt.tolerance - 1e-9:
-                    break
-                chosen = k
+            chosen = last_within_tolerance(rows, self.opt.tolerance)
             rule = f"--tolerance {self.opt.tolerance:g}"
         if chosen:
             self.run.edit([Edit("replace_block", b) for b in ranking[:chosen]])

@@ -13,7 +13,7 @@ the budget is re-shared until stable. Active layers: entropy > 0 and not yet emp
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from pyengine.methods.base import EntropySpec, Method, register
 from pyengine.methods.options import option
@@ -91,16 +91,6 @@ def egp_prune_step(masks: MaskSet, entropies: dict[str, LayerEntropy], cfg: EGPC
         "zero_entropy_layers": sorted(n for n, h in ent.items() if h == 0.0),
         "emptied_layers": masks.empty_layers(),
     }
-
-
-def producer_weights(sites, masks: MaskSet) -> list[str]:
-    """The weights EGP prunes: each activation's producer layer (ResNet relu1 -> conv1, ...)."""
-    out = []
-    for s in sites:
-        w = f"{s.producer}.weight" if s.producer else None
-        if w is not None and w in masks.params and w not in out:
-            out.append(w)
-    return out
 
 
 @register
