@@ -122,9 +122,11 @@ def fold_network(model: nn.Module, example_input: Tensor, *, max_mac_ratio: floa
 
     # 5. chains of linear maps
     tried: set[tuple[str, str]] = set()
+    stale = True  # shapes must be propagated again after a fold changed the graph
     while True:
-        if max_mac_ratio is not None:  # MACs need the output shapes of the current graph
+        if max_mac_ratio is not None and stale:  # MACs need the output shapes of the current graph
             _shape_prop(gm, example_input)
+            stale = False
         pair = None
         for node in gm.graph.nodes:
             src = node.args[0] if node.op == "call_module" and node.args else None
@@ -154,7 +156,7 @@ def fold_network(model: nn.Module, example_input: Tensor, *, max_mac_ratio: floa
                                               f"against {before} for the pair (limit "
                                               f"{max_mac_ratio}x)"})
                     continue
-        run(Edit("fold_linear", node.target, {"into": src.target}))
+        stale = run(Edit("fold_linear", node.target, {"into": src.target}))
 
     # 6. dead code
     if _has_dead_code(gm):

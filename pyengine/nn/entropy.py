@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from pyengine.graph import activation_map
-from pyengine.ops import entropy_counts, entropy_counts_add_, entropy_from_counts, samples_per_neuron
+from pyengine.ops import entropy_counts_add_, entropy_from_counts, samples_per_neuron
+from pyengine.ops.entropy import _counts_shape
 
 
 @dataclass
@@ -88,14 +89,12 @@ class EntropyCollector:
             cdim = self._dims.get(name)
             if cdim is None:
                 cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
-            if name in self.counts:
-                # one in-place kernel: no allocation, no host synchronisation
-                entropy_counts_add_(self.counts[name], z, cdim, self.per_position, self.inclusive,
-                                    nan_count=self._nan(z.device))
-            else:
-                self.counts[name] = entropy_counts(z, cdim, self.per_position, self.inclusive, check_nan=False).clone()
-                if bool(torch.isnan(z.detach()).any()):  # first batch only; later ones count on the device
-                    self._nan(z.device).add_(1)
+            counts = self.counts.get(name)
+            if counts is None:
+                counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
+                                                         dtype=torch.int64, device=z.device)
+            # one in-place kernel: no allocation after the first batch, no host synchronisation
+            entropy_counts_add_(counts, z, cdim, self.per_position, self.inclusive, nan_count=self._nan(z.device))
             self.samples[name] = self.samples.get(name, 0) + samples_per_neuron(z.shape, cdim % z.dim(), self.per_position)
 
         return hook

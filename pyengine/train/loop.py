@@ -216,16 +216,17 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
                 if done is None:
                     with _autocast(device, cfg):
                         out = model(x)
+                        logits = out.float()  # once: under autocast each .float() is a new copy
                         loss = None
                         for cb in callbacks:
-                            loss = cb.loss(out.float(), y, x)
+                            loss = cb.loss(logits, y, x)
                             if loss is not None:
                                 break
                         if loss is None:
-                            loss = loss_fn(out.float(), y, x) if loss_fn is not None else \
-                                F.cross_entropy(out.float(), y, label_smoothing=cfg.label_smoothing)
+                            loss = loss_fn(logits, y, x) if loss_fn is not None else \
+                                F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                         for cb in callbacks:
-                            extra = cb.extra_loss(out.float(), y, x)
+                            extra = cb.extra_loss(logits, y, x)
                             if extra is not None:
                                 loss = loss + extra
                     loss.backward()
@@ -239,7 +240,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
                         raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
                                                  f"of {steps_per_epoch}; lower the learning rate (--lr)")
                 else:
-                    first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+                    first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
                 for cb in callbacks:
                     cb.after_backward(model)
                 optimizer.step()
