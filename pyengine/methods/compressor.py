@@ -120,17 +120,8 @@ class Compressor(RunContext):
         """Replace collapsed activations (all neurons constant in the last measurement) by identity
         or their constant, then apply every exact fold. Returns the new model (also ``self.model``);
         ``self.fold_record`` says what was applied and refused."""
-        from pyengine.methods.runner import collapse_edits
-
         summary = summary or self._last or (self.rounds[-1] if self.rounds else {})
-        applied = []
-        edits, refused = collapse_edits(self.sites, summary)
-        for e in edits:
-            try:
-                applied += self.edit([e])
-            except (ValueError, NotImplementedError) as exc:
-                refused.append({"target": e.target, "reason": str(exc)})
-        self.fold_record = self._fold_exact(applied, refused)
+        self.fold_record = self.fold_collapsed(summary)
         return self.model
 
     def export(self, folder: str | Path, formats=("safetensors", "onnx"), description: dict | None = None,

@@ -377,6 +377,23 @@ class RunContext:
         self._wrap()
         return applied
 
+    def apply_collapse(self, summary: dict) -> tuple[list[dict], list[dict]]:
+        """Replaces the activations ``summary`` found collapsed (identity when always ON, their
+        constant when always OFF), one edit at a time; returns (applied records, refused ones
+        with the reason)."""
+        edits, refused = collapse_edits(self.sites, summary)
+        applied = []
+        for e in edits:
+            try:
+                applied += self.edit([e])
+            except (ValueError, NotImplementedError) as exc:
+                refused.append({"target": e.target, "reason": str(exc)})
+        return applied, refused
+
+    def fold_collapsed(self, summary: dict) -> dict:
+        """The collapse edits of ``summary``, then every exact fold; returns a record for the report."""
+        return self._fold_exact(*self.apply_collapse(summary))
+
     def _fold_exact(self, applied: list[dict], refused_edits: list[dict]) -> dict:
         """Every exact fold the network allows (BN, linear chains, constant branches, dead code);
         masks follow the folds."""
@@ -811,17 +828,6 @@ class Run(RunContext):
             self.masks.load_state_dict(snap["masks"])
         return idx
 
-    def _fold(self, summary: dict) -> dict:
-        """Applies the collapse edits and every exact fold; returns a record for the report."""
-        edits, refused_edits = collapse_edits(self.sites, summary)
-        applied = []
-        for e in edits:
-            try:
-                applied += self.edit([e])
-            except (ValueError, NotImplementedError) as exc:
-                refused_edits.append({"target": e.target, "reason": str(exc)})
-        return self._fold_exact(applied, refused_edits)
-
     def _stats(self, model: nn.Module) -> dict:
         from pyengine.graph import measure_latency, network_stats
         from pyengine.models import count_params  # noqa: I001
@@ -849,7 +855,7 @@ class Run(RunContext):
         networks = {"dense": self._stats(dense_model), "pruned": self._stats(self.model)}
         fold_rec = None
         if not self.cfg.no_fold:
-            fold_rec = self._fold(result)
+            fold_rec = self.fold_collapsed(result)
             networks["folded"] = self._stats(self.model)
             folded_test = self.evaluate("test")
             networks["folded"]["test_acc"] = folded_test["acc"]

@@ -75,15 +75,7 @@ class NEPENTHE(Method):
                            train_mode=self.opt.entropy_when == "train")
 
     def act(self, summary):
-        from pyengine.methods.runner import collapse_edits
-
-        edits, refused = collapse_edits(self.run.sites, summary)
-        collapsed = []
-        for e in edits:
-            try:
-                collapsed += self.run.edit([e])
-            except (ValueError, NotImplementedError) as exc:
-                refused.append({"target": e.target, "reason": str(exc)})
+        collapsed, refused = self.run.apply_collapse(summary)
         ent = {d["name"]: LayerEntropy(**d) for d in summary["entropy_sites"]}
         rec = egp_prune_step(self.run.masks, ent, self.opt)
         removed = sum(rec["removed"].values())
