@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from _harness import machine_name
 from pyengine.methods.depth.lacoot import BlockCapture
 
 
@@ -179,8 +179,7 @@ def main():
         torch.set_num_threads(args.threads)
     batch = args.batch or (128 if dev.type == "cuda" else 32)
     rows, pairs = run(dev, batch, args.steps, args.repeats, not args.no_maxpool)
-    machine = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
-        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
+    machine = machine_name(dev)
     print(f"\nLaCoOT regulariser in a ResNet-18 CIFAR training step (batch {batch}, K=50, pairs {', '.join(pairs)}, "
           f"max-pool {'off' if args.no_maxpool else 'on'}) on {machine}")
     print(f"{'variant':<10} {'ms/step':>10} {'x plain':>8} {'paired':>7} {'term alone ms':>14} "

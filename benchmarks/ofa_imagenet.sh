@@ -30,7 +30,7 @@ WORKERS=${WORKERS:-8}
 PY=${PYTHON:-python}
 
 # `python -m pyengine ofa` once the command is wired into the CLI, the module itself otherwise
-if $PY -m pyengine ofa --help >/dev/null 2>&1; then ENTRY=(-m pyengine); else ENTRY=(-m pyengine.methods.ofa.command); fi
+ENTRY=(-m pyengine)
 
 echo "== the peak-memory model against the published numbers"
 $PY "${ENTRY[@]}" ofa memory --space ofa --resolution 224                                   # 1,509,984

@@ -100,18 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands():
     """Commands contributed by method packages (each module has register(subparsers))."""
-    out = []
-    import importlib
+    from pyengine.methods.ofa import command as ofa_command
+    from pyengine.methods.sdd import command as sdd_command
 
-    for mod in ("pyengine.methods.ofa.command", "pyengine.methods.sdd.command"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name and mod.startswith(exc.name):
-                continue
-            raise
-        out.append(m.register)
-    return out
+    return [ofa_command.register, sdd_command.register]
 
 
 def config_from_args(args) -> "object":
@@ -221,9 +213,6 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pyengine.methods.options import OptionError
-    from pyengine.train.checkpoint import RunStateError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -240,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
         return 3
-    except (OptionError, RunStateError, ValueError, FileExistsError, FileNotFoundError, KeyError, OSError,
-            ModuleNotFoundError) as exc:
+    except (ValueError, KeyError, OSError, ModuleNotFoundError) as exc:  # incl. OptionError, RunStateError
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.filename:
             msg = f"{exc.filename}: {exc.strerror or exc}"

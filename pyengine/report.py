@@ -12,7 +12,8 @@ def _fmt_int(n) -> str:
     return f"{n:.0f}"
 
 
-def _fmt_ms(v) -> str:
+def _fmt2(v) -> str:
+    """A latency in ms or an accuracy in %: two decimals, '-' when missing."""
     return "-" if v is None else f"{v:.2f}"
 
 
@@ -30,13 +31,9 @@ def network_table(networks: dict) -> list[str]:
         acc = n.get("test_acc")
         lines.append(f"{name:<8} {n.get('depth', '-'):>5} {n.get('layers', '-'):>6} {_fmt_int(n.get('params', 0)):>9} "
                      f"{_fmt_int(n.get('params_nonzero', 0)):>9} {_fmt_int(n.get('macs', 0)):>9}"
-                     + "".join(f" {_fmt_ms(lat.get(d)):>11}" for d in devs)
-                     + f" {('-' if acc is None else f'{acc:.2f}'):>10}")
+                     + "".join(f" {_fmt2(lat.get(d)):>11}" for d in devs)
+                     + f" {_fmt2(acc):>10}")
     return lines
-
-
-def _acc(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
 
 
 def depth_tables(report: dict) -> list[str]:
@@ -52,9 +49,9 @@ def depth_tables(report: dict) -> list[str]:
             mark = " <- result" if r["round"] == report.get("selected_round") else ""
             rem = f"{r.get('activations_removed', 0)}/{r.get('activations_total', '?')}"
             lat = r.get("folded_latency_ms_batch32")
-            lines.append(f"{r['round']:>4} {_acc(r.get('val_acc')):>9} {_acc(r.get('test_acc')):>10} {rem:>12} "
+            lines.append(f"{r['round']:>4} {_fmt2(r.get('val_acc')):>9} {_fmt2(r.get('test_acc')):>10} {rem:>12} "
                          f"{r.get('folded_depth', '-'):>5} {_fmt_int(r.get('folded_params', 0)):>9} "
-                         f"{_fmt_int(r.get('folded_macs', 0)):>9} {_fmt_ms(lat):>8}{mark}")
+                         f"{_fmt_int(r.get('folded_macs', 0)):>9} {_fmt2(lat):>8}{mark}")
     mr = report.get("method_result")
     if isinstance(mr, dict) and mr.get("table"):
         dist = mr.get("distances") or {}
@@ -67,9 +64,9 @@ def depth_tables(report: dict) -> list[str]:
             mark = " <- result" if k == mr.get("blocks_removed") else ""
             d = dist.get(row["removed"]) if row["removed"] else None
             lines.append(f"{k:>3}/{mr.get('blocks_total', '?'):<3} {str(row['removed'] or '-')[:16]:<16} "
-                         f"{('-' if d is None else f'{d:.4g}'):>9} {_acc(row.get('val_acc')):>9} "
-                         f"{_acc(row.get('test_acc')):>10} {row['depth']:>5} {_fmt_int(row['params']):>9} "
-                         f"{_fmt_int(row['macs']):>9} {_fmt_ms(row.get('latency_ms_batch32')):>8}{mark}")
+                         f"{('-' if d is None else f'{d:.4g}'):>9} {_fmt2(row.get('val_acc')):>9} "
+                         f"{_fmt2(row.get('test_acc')):>10} {row['depth']:>5} {_fmt_int(row['params']):>9} "
+                         f"{_fmt_int(row['macs']):>9} {_fmt2(row.get('latency_ms_batch32')):>8}{mark}")
     return lines
 
 
