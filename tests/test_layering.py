@@ -9,7 +9,7 @@ ROOT = Path(pyengine.__file__).parent
 
 # bottom to top; packages on the same level may import each other
 LAYERS = [
-    ("pyengine._C", "pyengine._native", "pyengine.ops"),
+    ("pyengine._C", "pyengine._native", "pyengine._io", "pyengine.ops"),
     ("pyengine.graph",),
     ("pyengine.nn",),
     ("pyengine.models",),

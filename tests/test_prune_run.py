@@ -202,6 +202,7 @@ def test_bad_state_files_give_one_clear_error(tmp_path, capsys, content):
 def test_full_disk_says_no_space(tmp_path, monkeypatch):
     import errno
 
+    from pyengine import _io
     from pyengine.train import checkpoint
 
     real = os.fsync
@@ -209,10 +210,10 @@ def test_full_disk_says_no_space(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    monkeypatch.setattr(_io.os, "fsync", full)
     with pytest.raises(OSError, match="no space left on device while writing .*x.pt"):
         checkpoint.atomic_torch_save({"a": torch.zeros(3)}, tmp_path / "x.pt")
-    monkeypatch.setattr(checkpoint.os, "fsync", real)
+    monkeypatch.setattr(_io.os, "fsync", real)
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -24,23 +24,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from pyengine._io import atomic_write_bytes, atomic_write_text
 from pyengine.graph.edits import Edit, EditHistory, replay
 
 __all__ = ["export_model", "load_export", "export_onnx", "EXPORT_FORMATS"]
 
 EXPORT_FORMATS = ("safetensors", "onnx")
 _MASK_PREFIX = "mask::"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _history(history) -> EditHistory:
@@ -131,7 +121,7 @@ def export_model(model: nn.Module, folder: str | Path, description: dict,
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,14 +139,12 @@ def export_model(model: nn.Module, folder: str | Path, description: dict,
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
     for name, m in (masks or {}).items():
         tensors[f"{_MASK_PREFIX}{name}"] = m.detach().cpu().to(torch.uint8).contiguous()
-    tmp = folder / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
+    atomic_write_bytes(safetensors_bytes(tensors), folder / "model.safetensors")
     written["safetensors"] = folder / "model.safetensors"
     if "onnx" in formats:
         written["onnx"] = export_onnx(model, folder / "model.onnx", example_input)
         desc["onnx"] = "model.onnx"
-    _atomic_write_text(folder / "model.json", json.dumps(desc, indent=2))
+    atomic_write_text(folder / "model.json", json.dumps(desc, indent=2))
     written["json"] = folder / "model.json"
     return written
 

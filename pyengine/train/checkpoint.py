@@ -7,53 +7,18 @@
 """
 from __future__ import annotations
 
-import errno
-import io
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
+from pyengine._io import atomic_torch_save, atomic_write_text  # noqa: F401 (re-exported)
+
 
 class RunStateError(ValueError):
     """A saved run state that cannot be used (truncated, empty, foreign); the message says which file."""
-
-
-def _atomic_write_bytes(data: bytes | str, path: Path) -> None:
-    """Writes through a temporary file in the same folder and renames it over ``path``, so a kill
-    never leaves a half-written file; a full disk raises OSError(ENOSPC) naming the file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} "
-                          f"({len(data) / 2**20:.1f} MiB); free some space and resume the run") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save into memory, then an atomic write (so disk errors come back as OSError with their
-    real cause, not as torch's 'basic_ios::clear: iostream error')."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    _atomic_write_bytes(buf.getvalue(), Path(path))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_write_bytes(text, Path(path))
 
 
 STATE_KEYS = ("round", "epoch", "model", "masks", "config_json", "rounds_json")
