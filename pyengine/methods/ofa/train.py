@@ -218,7 +218,11 @@ def ofa_train_step(supernet: OFAMobileNetV3, batch, teacher: nn.Module | None, p
         teacher.train()  # as OFA's progressive_shrinking.train_one_epoch
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             soft = F.softmax(_full_precision(teacher(x)), dim=1)
-    losses, correct, subnets = [], 0.0, []
+    # sums stay on the device (float64: the same sums as adding the Python floats in order); one
+    # read-back per step instead of three per subnet
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
+    subnets = []
     for _ in range(phase_cfg.subnets_per_step):
         subnets.append(supernet.sample(rng, phase_cfg.kernel_sizes, phase_cfg.expand_ratios, phase_cfg.depths))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -226,13 +230,14 @@ def ofa_train_step(supernet: OFAMobileNetV3, batch, teacher: nn.Module | None, p
         loss = F.cross_entropy(out, y, label_smoothing=phase_cfg.label_smoothing)
         if soft is not None:
             loss = loss + phase_cfg.kd_ratio * soft_cross_entropy(out, soft)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {float(loss)} in phase {phase_cfg.name}; lower the learning rate")
         loss.backward()
-        losses.append(float(loss.detach()))
-        correct += float((out.detach().argmax(1) == y).sum())
-    k = len(losses)
-    return {"loss": sum(losses) / k, "correct": correct / k, "n": int(y.numel()), "resolution": r, "subnets": subnets,
+        loss_sum += loss.detach().double()
+        correct += (out.detach().argmax(1) == y).sum()
+    k = len(subnets)
+    total, right = torch.stack([loss_sum, correct]).tolist()
+    if not math.isfinite(total):
+        raise FloatingPointError(f"loss became {total / k} in phase {phase_cfg.name}; lower the learning rate")
+    return {"loss": total / k, "correct": right / k, "n": int(y.numel()), "resolution": r, "subnets": subnets,
             "logits": out.detach()}
 
 
