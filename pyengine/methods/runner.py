@@ -260,32 +260,50 @@ def collapse_edits(sites, summary: dict) -> tuple[list, list[dict]]:
     return out, refused
 
 
-class _RunLock:
-    """An exclusive lock on a run folder (released by the OS when the process dies, so a killed run
-    never leaves a stale lock)."""
+RUN_STATE_FORMAT = "pyengine-run-state-2"  # the "format" of state.pt (the sdd sweep seeds such files)
 
-    def __init__(self, folder: Path):
-        self.path = folder / ".lock"
-        self.fd = None
 
-    def acquire(self) -> None:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+class FileLock:
+    """A non-blocking exclusive flock on a file holding the owner's pid (released by the OS when
+    the process dies, so a killed run never leaves a stale lock)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = Path(path), None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            other = os.read(self.fd, 64).decode(errors="replace").strip()
-            os.close(self.fd)
-            self.fd = None
-            raise FileExistsError(f"{self.path.parent} is in use by another run (pid {other or '?'}); wait for it to "
-                                  "finish or choose another --out") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, str(os.getpid()).encode())
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return True
 
     def release(self) -> None:
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+class _RunLock(FileLock):
+    """The lock of a run folder: a second run there is refused, naming the holder's pid."""
+
+    def __init__(self, folder: Path):
+        super().__init__(Path(folder) / ".lock")
+
+    def acquire(self) -> None:
+        if not self.try_acquire():
+            try:
+                other = self.path.read_text(errors="replace").strip()
+            except OSError:
+                other = ""
+            raise FileExistsError(f"{self.path.parent} is in use by another run (pid {other or '?'}); wait for it to "
+                                  "finish or choose another --out")
 
 
 class _TrainEntropy(StepCallback):
@@ -559,7 +577,7 @@ class Run(RunContext):
 
     def _state(self, rnd, epoch, pruned, opt, sched, done=False, extra=None) -> dict:
         return {
-            "format": "pyengine-run-state-2",
+            "format": RUN_STATE_FORMAT,
             "round": rnd, "epoch": epoch, "pruned": pruned, "done": done, "seq": self.seq,
             "model": self.model.state_dict(), "masks": self.masks.state_dict(),
             "optimizer": opt.state_dict() if opt is not None else {},

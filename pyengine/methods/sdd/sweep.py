@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import fcntl
 import hashlib
 import itertools
 import json
@@ -45,7 +44,8 @@ from typing import Callable
 
 from pyengine.methods import options as opts
 from pyengine.methods.options import OptionError, option
-from pyengine.methods.runner import Run, RunConfig
+from pyengine.methods.runner import RUN_STATE_FORMAT, Run, RunConfig
+from pyengine.methods.runner import FileLock as _FileLock
 from pyengine.methods.sdd.curves import analyse, curve_rows, write_curve
 from pyengine.methods.sdd.method import SDDOptions
 from pyengine.train.checkpoint import STATE_KEYS, RunStateError, atomic_torch_save, atomic_write_text, load_state
@@ -53,7 +53,6 @@ from pyengine.train.checkpoint import STATE_KEYS, RunStateError, atomic_torch_sa
 __all__ = ["Sweep", "SweepOptions", "run_status", "seed_from_dense", "SWEEP_FORMAT"]
 
 SWEEP_FORMAT = "pyengine-sdd-sweep-1"
-RUN_STATE_FORMAT = "pyengine-run-state-2"  # the runner's state file this module seeds
 KINDS = ("vanilla", "kd")
 # The ViT study's settings (ICIAP 2023, the authors' SDD_ViT main.py), filled in when not given:
 # ViT dropout 0.1 and embedding dropout 0.1, batch 512 under the AdamW recipe; their CIFAR Swin
@@ -147,32 +146,6 @@ def seed_from_dense(dense_dir: str | Path, run_dir: str | Path, cfg: RunConfig) 
         if (dense_dir / name).exists():
             shutil.copyfile(dense_dir / name, run_dir / name)
     atomic_torch_save(st, run_dir / "state.pt")  # last: its presence means the seeding is complete
-
-
-class _FileLock:
-    """A non-blocking exclusive flock (released by the OS when the process dies)."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
 
 
 class Sweep:
