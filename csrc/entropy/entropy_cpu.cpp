@@ -149,9 +149,9 @@ std::tuple<at::Tensor, at::Tensor> entropy_counts_cpu(const at::Tensor& x, int64
   return {counts, nan_count};
 }
 
-void entropy_counts_add_cpu(const at::Tensor& counts, const at::Tensor& nan_count, const at::Tensor& x,
-                            int64_t channel_dim, bool per_position, bool inclusive) {
-  const OpChecks op{"entropy_counts_add_"};
+// counts += ON counts of x, nan_count += NaNs of x, after the accumulator checks (errors name `op`).
+void add_counts(const OpChecks& op, const at::Tensor& counts, const at::Tensor& nan_count, const at::Tensor& x,
+                int64_t channel_dim, bool per_position, bool inclusive) {
   const int64_t cd = check_count_input(op, x, channel_dim, per_position);
   check_accumulators(op, counts, nan_count, x, cd, per_position);
   at::Tensor c = counts;
@@ -160,15 +160,15 @@ void entropy_counts_add_cpu(const at::Tensor& counts, const at::Tensor& nan_coun
   if (nans) nan_count.add_(nans);
 }
 
+void entropy_counts_add_cpu(const at::Tensor& counts, const at::Tensor& nan_count, const at::Tensor& x,
+                            int64_t channel_dim, bool per_position, bool inclusive) {
+  add_counts(OpChecks{"entropy_counts_add_"}, counts, nan_count, x, channel_dim, per_position, inclusive);
+}
+
+// On the CPU the count and the ReLU are two passes (the count pass is the cheap one).
 at::Tensor relu_count_cpu(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& nan_count,
                           int64_t channel_dim, bool per_position, bool inclusive) {
-  const OpChecks op{"relu_count"};
-  const int64_t cd = check_count_input(op, x, channel_dim, per_position);
-  check_accumulators(op, counts, nan_count, x, cd, per_position);
-  at::Tensor c = counts;
-  int64_t nans = 0;
-  count_into(x, cd, per_position, inclusive, c, &nans);
-  if (nans) nan_count.add_(nans);
+  add_counts(OpChecks{"relu_count"}, counts, nan_count, x, channel_dim, per_position, inclusive);
   return at::relu(x);
 }
 
