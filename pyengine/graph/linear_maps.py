@@ -95,7 +95,7 @@ def _out_size(h: int, k: int, s: int, p: int, d: int) -> int:
     return (h + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def _new_conv(like: _Conv, in_c: int, out_c: int, kernel, stride, padding, dilation, groups,
+def _new_conv(in_c: int, out_c: int, kernel, stride, padding, dilation, groups,
               bias: bool, padding_mode: str, weight: Tensor) -> _Conv:
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[weight.dim() - 2]
     conv = cls(in_c, out_c, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups,
@@ -339,7 +339,7 @@ def compose_layers(a: nn.Module, b: nn.Module, a_name: str = "a", b_name: str = 
                           f"{a.out_channels}")
     plan = _conv_plan(a, b, a_name, b_name)
     has_bias = a.bias is not None or b.bias is not None
-    new = _new_conv(a, a.in_channels, b.out_channels, plan["kernel"], plan["stride"],
+    new = _new_conv(a.in_channels, b.out_channels, plan["kernel"], plan["stride"],
                     plan["padding"], plan["dilation"], plan["groups"], has_bias,
                     plan["padding_mode"], a.weight)
     if structure_only:
