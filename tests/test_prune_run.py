@@ -357,3 +357,18 @@ def test_paper_preset_uses_the_published_defaults(tmp_path):
     q = Run(RunConfig(out=str(tmp_path / "q"), image_size=8, epochs=1), **quiet)
     q._setup()
     assert q.n_rounds() == 3 and isinstance(q.model.maxpool, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("main_rank", [True, False])
+def test_only_the_main_rank_cleans_the_run_folder(tmp_path, main_rank):
+    """Under DDP every rank starts the run; a non-main rank that swept the folder deleted the main
+    rank's temporary config file between its write and its rename (a CI failure of test_ddp)."""
+    r = Run(_cfg(tmp_path), **quiet)
+    r.out.mkdir(parents=True)
+    r.main = main_rank
+    tmp = r.out / ".config.json.abc.tmp"
+    tmp.write_text("{}")
+    (r.out / "metrics.jsonl").write_text("")
+    r._clean_folder(fresh=True)
+    assert tmp.exists() != main_rank
+    assert (r.out / "metrics.jsonl").exists() != main_rank

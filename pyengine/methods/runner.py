@@ -618,7 +618,11 @@ class Run(RunContext):
 
     def _clean_folder(self, fresh: bool) -> None:
         """Remove temporary files a kill left behind; on a fresh start, also every file of an
-        earlier run that never checkpointed (a rewind point, metrics, a report)."""
+        earlier run that never checkpointed (a rewind point, metrics, a report). Only the main
+        rank touches the folder: another rank's sweep would delete the main rank's temporary file
+        while it is being renamed into place."""
+        if not self.main:
+            return
         for tmp in self.out.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
         if fresh:

@@ -637,7 +637,7 @@ class OFATrainer:
                      f"after epoch {start_epoch}")
         elif state_path.exists() and not cfg.resume:
             raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or --out for a new folder")
-        else:
+        elif self.main:  # only the main rank touches the folder
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if self.main:
             atomic_write_text(self.out / "config.json", json.dumps(asdict(cfg), indent=2))
