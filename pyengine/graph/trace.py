@@ -159,14 +159,17 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
                 break
             leaves |= owners
             graph = _trace_graph(model, leaves)
-        if _code(model, leaves, True) != _code(model, leaves, False):
+        # ``graph`` was traced in train mode: one more trace in eval mode tells whether a forward
+        # branches on self.training (two traces in all for a model that does not)
+        if torch.fx.GraphModule(model, graph).code != _code(model, leaves, False):
             extra = _mode_dependent(model, leaves)
-            leaves |= extra
-            if _code(model, leaves, True) != _code(model, leaves, False):
+            if extra:
+                leaves |= extra
+                model.train(True)
+                graph = _trace_graph(model, leaves)
+            if torch.fx.GraphModule(model, graph).code != _code(model, leaves, False):
                 warnings.warn(f"{type(model).__name__}.forward branches on self.training; the "
                               "traced graph follows train mode", RuntimeWarning, stacklevel=2)
-        model.train(True)
-        graph = _trace_graph(model, leaves)
     except Exception as exc:  # noqa: BLE001 - re-raised with the offending module named
         culprit = _find_culprit(model)
         if culprit is None:
