@@ -372,3 +372,14 @@ def test_only_the_main_rank_cleans_the_run_folder(tmp_path, main_rank):
     r._clean_folder(fresh=True)
     assert tmp.exists() != main_rank
     assert (r.out / "metrics.jsonl").exists() != main_rank
+
+
+@pytest.mark.parametrize("method", ["easier", "nepenthe", "lacoot"])
+@pytest.mark.parametrize("rewind", ["weights", "reinit"])
+def test_weight_rewinding_is_refused_by_methods_that_go_on_from_current_weights(tmp_path, method, rewind):
+    """EASIER and LaCoOT used to ignore --rewind weights silently while NEPENTHE refused it: every
+    method whose rounds do not restart from earlier weights now refuses it up front, by name."""
+    with pytest.raises(OptionError, match=f"--rewind {rewind} cannot be used with --method {method}"):
+        _cfg(tmp_path, method=method, rewind=rewind).validate()
+    _cfg(tmp_path, method=method, rewind="finetune").validate()
+    _cfg(tmp_path, method="imp", rewind=rewind).validate()

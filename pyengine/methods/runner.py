@@ -143,6 +143,10 @@ class RunConfig:
         o = self.method_options()
         opts.validate(o)
         self.options = o
+        if self.rewind in ("weights", "reinit") and not self.method_class().uses_rewind:
+            raise OptionError(f"--rewind {self.rewind} cannot be used with --method {self.method}: its rounds go on "
+                              "from the current weights (and may edit the network's structure, so earlier weights "
+                              "would no longer fit); use --rewind lr or finetune")
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
@@ -777,7 +781,7 @@ class Run(RunContext):
 
     def _rewind(self) -> None:
         cfg = self.cfg
-        if cfg.rewind not in ("weights", "reinit") or not self.method_cls.uses_rewind:
+        if cfg.rewind not in ("weights", "reinit"):
             return
         if self.edits:
             raise OptionError(f"--rewind {cfg.rewind} cannot restore the weights of a network whose structure "

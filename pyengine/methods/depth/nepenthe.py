@@ -29,7 +29,7 @@ from pyengine.methods.depth.common import (
     last_within_tolerance,
     tolerance_stop,
 )
-from pyengine.methods.options import OptionError, option
+from pyengine.methods.options import option
 from pyengine.methods.prune.egp import EGPConfig, egp_prune_step
 from pyengine.nn.entropy import LayerEntropy
 
@@ -56,15 +56,12 @@ class NEPENTHE(Method):
     summary = "entropy-guided pruning that collapses layers, which are then linearised and folded (NEPENTHE)"
     Options = NepentheOptions
     default_rounds = {"paper": 9, "*": 3}
+    uses_rewind = False  # its rounds edit the network's structure, so earlier weights no longer fit
     keeps_best = True
     default_val_fraction = 0.1  # the tolerance rule needs a validation split
 
     def __init__(self, options, run):
         super().__init__(options, run)
-        cfg = getattr(run, "cfg", None)
-        if cfg is not None and cfg.rewind in ("weights", "reinit"):
-            raise OptionError(f"--rewind {cfg.rewind} cannot be used with --method nepenthe: its rounds edit the "
-                              "network's structure, so earlier weights no longer fit; use --rewind lr or finetune")
         self.total_activations = len(run.sites)
 
     def prunable(self, model):
