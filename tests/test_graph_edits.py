@@ -429,6 +429,16 @@ def test_random_edits_fold_exactly_and_replay(name, opts, size, n_empty, p_lin, 
     assert torch.equal(again(x), folded(x))
     # masks carried across the edits: every removed weight of the folded network is zero
     mapped = map_masks(masks, base, full, x)
+    # carried in the same pass as the edits (apply_edit / fold_network masks=): the same masks
+    inline = dict(masks)
+    net = base
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for e in history:
+            net = apply_edit(net, Edit.from_dict(e.to_dict()), x, masks=inline)
+        fold_network(net, x, masks=inline)
+    assert inline.keys() == mapped.keys()
+    assert all(torch.equal(inline[k], mapped[k]) for k in mapped)
     params = dict(folded.named_parameters())
     assert set(mapped) <= set(params)
     for k, m in mapped.items():
@@ -460,6 +470,18 @@ def test_map_masks_follows_merges_and_removals():
         map_masks({"0.weight": torch.ones(3, 3, dtype=torch.bool)}, net, full, x)
     with pytest.raises(KeyError, match="nope"):
         map_masks({"nope": torch.ones(1)}, net, full, x)
+    # in the same pass: the masks change with the edit, and stay as they were when it fails
+    inline = dict(masks)
+    edited = apply_edit(net, Edit("linearise", "1"), masks=inline)
+    assert inline.keys() == masks.keys()
+    folded, _, _ = fold_network(edited, x, masks=inline)
+    assert inline.keys() == mapped.keys() and all(torch.equal(inline[k], mapped[k]) for k in mapped)
+    before = dict(inline)
+    with pytest.raises(KeyError):
+        apply_edit(folded, Edit("linearise", "no.such.site"), masks=inline)
+    assert inline.keys() == before.keys() and all(inline[k] is before[k] for k in before)
+    with pytest.raises(ValueError, match="mask '0.weight' has shape"):
+        apply_edit(net, Edit("linearise", "1"), masks={"0.weight": torch.ones(3, 3, dtype=torch.bool)})
 
 
 def test_constant_goes_into_a_bias_only_where_that_is_exact():

@@ -790,17 +790,25 @@ def _apply(gm: torch.fx.GraphModule, edit: Edit, example_input: Tensor | None,
     if not isinstance(edit, Edit):
         raise TypeError(f"edit must be an Edit, got {type(edit).__name__}")
     before = _layer_names(gm)
-    _EDITS[edit.kind](gm, edit, example_input, structure_only, masks)
-    _finish(gm, masks)
+    work = dict(masks) if masks is not None else None  # the caller's masks change only on success
+    _EDITS[edit.kind](gm, edit, example_input, structure_only, work)
+    _finish(gm, work)
+    if masks is not None:
+        masks.clear()
+        masks.update(work)
     if edit.kind in ("remove_branch", "drop_dead", "replace_block"):
         edit.args["removed"] = sorted(before - _layer_names(gm))
     return gm
 
 
 def apply_edit(model: nn.Module, edit: Edit, example_input: Tensor | None = None, *,
-               inplace: bool = False) -> torch.fx.GraphModule:
+               inplace: bool = False, masks: dict[str, Tensor] | None = None) -> torch.fx.GraphModule:
     """Apply one edit and return the edited network (a GraphModule; ``model`` is left as it
     was unless ``inplace``). Module paths and state-dict keys of untouched layers are kept.
+
+    ``masks`` (``{param name: bool mask}`` of ``model``), when given, is carried across the edit
+    in place, as :func:`map_masks` would, without a second pass over the graph; it is left as it
+    was when the edit raises.
 
     ``edit.args`` is completed in place with the decisions taken from the weights (e.g.
     ``remove_branch``'s ``zero_layers`` and constant shapes, ``fold_bn``'s ``into``), so the
@@ -808,8 +816,10 @@ def apply_edit(model: nn.Module, edit: Edit, example_input: Tensor | None = None
     unknown target, ValueError for an edit that does not apply (FoldRefused, a ValueError, for
     a fold that would not be exact: the reason is in the message and in ``.reason``).
     """
+    if masks is not None:
+        _check_masks(masks, model)
     gm = as_graph_module(model, inplace)
-    return _apply(gm, edit, example_input, structure_only=False, masks=None)
+    return _apply(gm, edit, example_input, structure_only=False, masks=masks)
 
 
 def apply_edits(model: nn.Module, edits: Iterable[Edit], example_input: Tensor | None = None,
@@ -844,6 +854,17 @@ def replay(base_model: nn.Module, history: Iterable[Edit], example_input: Tensor
     return gm
 
 
+def _check_masks(masks: dict[str, Tensor], model: nn.Module) -> None:
+    """Every mask names a parameter of ``model`` and has its shape."""
+    params = dict(model.named_parameters())
+    for name, m in masks.items():
+        if name not in params:
+            raise KeyError(f"mask {name!r} names no parameter of {type(model).__name__}")
+        if tuple(m.shape) != tuple(params[name].shape):
+            raise ValueError(f"mask {name!r} has shape {tuple(m.shape)}, its parameter "
+                             f"{tuple(params[name].shape)}")
+
+
 def map_masks(masks: dict[str, Tensor], before: nn.Module, edits: Iterable[Edit],
               example_input: Tensor | None = None) -> dict[str, Tensor]:
     """Carry ``{param name: bool mask}`` of the network ``before`` across ``edits`` (completed
@@ -854,15 +875,8 @@ def map_masks(masks: dict[str, Tensor], before: nn.Module, edits: Iterable[Edit]
     dense), a gate folded into a layer clears the rows/columns of its OFF channels, and masks of
     removed layers disappear. ``before`` and ``masks`` are not modified.
     """
-    params = dict(before.named_parameters())
-    out = {}
-    for name, m in masks.items():
-        if name not in params:
-            raise KeyError(f"mask {name!r} names no parameter of {type(before).__name__}")
-        if tuple(m.shape) != tuple(params[name].shape):
-            raise ValueError(f"mask {name!r} has shape {tuple(m.shape)}, its parameter "
-                             f"{tuple(params[name].shape)}")
-        out[name] = m.detach().clone().bool()
+    _check_masks(masks, before)
+    out = {name: m.detach().clone().bool() for name, m in masks.items()}
     gm = as_graph_module(before, inplace=False)
     for e in edits:
         e = Edit.from_dict(e.to_dict()) if isinstance(e, Edit) else Edit.from_dict(e)

@@ -15,6 +15,7 @@ from pyengine.graph.edits import (
     Edit,
     EditHistory,
     _apply,
+    _check_masks,
     _module_nodes,
     _out_shape,
     _shape_prop,
@@ -49,7 +50,7 @@ def _has_dead_code(gm: torch.fx.GraphModule) -> bool:
 
 
 def fold_network(model: nn.Module, example_input: Tensor, *, max_mac_ratio: float | None = None,
-                 inplace: bool = False
+                 inplace: bool = False, masks: dict[str, Tensor] | None = None
                  ) -> tuple[torch.fx.GraphModule, EditHistory, list[dict]]:
     """Apply every exact fold, in a fixed order, and return ``(network, applied, refused)``.
 
@@ -71,17 +72,20 @@ def fold_network(model: nn.Module, example_input: Tensor, *, max_mac_ratio: floa
     ``applied`` holds the completed edit records (append them to the run's history; they
     replay with :func:`replay`). ``refused`` holds one dict per fold that was considered and
     not applied: ``{"kind", "target", "into", "reason"}``. ``model`` is left unchanged unless
-    ``inplace``.
+    ``inplace``. ``masks`` (``{param name: bool mask}`` of ``model``), when given, follows the
+    folds in place, as :func:`map_masks` of ``applied`` would.
     """
     if not isinstance(example_input, Tensor):
         raise TypeError("fold_network needs example_input, a tensor of the network's input shape")
+    if masks is not None:
+        _check_masks(masks, model)
     gm = as_graph_module(model, inplace)
     applied = EditHistory()
     refused: list[dict] = []
 
     def run(edit: Edit) -> bool:
         try:
-            _apply(gm, edit, example_input, structure_only=False, masks=None)
+            _apply(gm, edit, example_input, structure_only=False, masks=masks)
         except FoldRefused as exc:
             refused.append({"kind": edit.kind, "target": edit.target,
                             "into": edit.args.get("into"), "reason": exc.reason})

@@ -380,22 +380,21 @@ class RunContext:
         """Apply structural edits (pyengine.graph Edit records) to the model, record them in the
         history, and rebuild the activation map, the masks and the DDP wrapper. Returns the
         applied records."""
-        from pyengine.graph import Edit, apply_edit, map_masks
+        from pyengine.graph import Edit, apply_edit
 
         if not edits:
             return []
         applied = []
-        old_masks = self.masks.state_dict() if self.masks is not None else {}
+        masks = self.masks.state_dict() if self.masks is not None else {}
         for e in edits:
             e = e if isinstance(e, Edit) else Edit.from_dict(e)
-            before = self.model
-            self.model = apply_edit(before, e, self.example_input)  # completes e.args
-            old_masks = map_masks(old_masks, before, [e], self.example_input)
+            # completes e.args; the masks follow the edit in the same pass
+            self.model = apply_edit(self.model, e, self.example_input, masks=masks)
             applied.append(e.to_dict())
         self.edits.extend(applied)
         self.model.to(self.device)
         self.refresh_sites()
-        self._rebuild_masks(old_masks)
+        self._rebuild_masks(masks)
         self._wrap()
         return applied
 
@@ -419,12 +418,12 @@ class RunContext:
     def _fold_exact(self, applied: list[dict], refused_edits: list[dict]) -> dict:
         """Every exact fold the network allows (BN, linear chains, constant branches, dead code);
         masks follow the folds."""
-        from pyengine.graph import fold_network, map_masks
+        from pyengine.graph import fold_network
 
-        before = self.model
-        before.eval()
-        model, history, refused = fold_network(before, self.example_input, max_mac_ratio=self.fold_max_mac_ratio)
-        masks = map_masks(self.masks.state_dict(), before, history, self.example_input) if self.masks is not None else None
+        self.model.eval()
+        masks = self.masks.state_dict() if self.masks is not None else None
+        model, history, refused = fold_network(self.model, self.example_input, max_mac_ratio=self.fold_max_mac_ratio,
+                                               masks=masks)
         self.model = model.to(self.device)
         folds = [h.to_dict() for h in history]
         self.edits.extend(folds)
