@@ -82,7 +82,8 @@ class RunConfig:
     rounds: int | None = option(None, "rounds after dense training (default: the method's for the preset)", low=0)
     rewind: str = option("lr", "after pruning: lr = learning-rate rewinding (keep the weights, fresh full schedule; "
                          "the papers' choice); weights = back to the weights of --rewind-epoch (lottery ticket); "
-                         "reinit = random re-initialisation (these two: pruning methods only); finetune = a short fresh schedule of --finetune-epochs",
+                         "reinit = random re-initialisation (these two: pruning methods only); "
+                         "finetune = a short fresh schedule of --finetune-epochs",
                          choices=REWINDS)
     rewind_epoch: int = option(0, "with --rewind weights: restart each round from the weights after this dense epoch",
                                low=0)
