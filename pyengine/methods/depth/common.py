@@ -15,7 +15,7 @@ import torch
 from pyengine.methods.options import option
 
 __all__ = ["DepthTolerance", "FoldEachRound", "selection_acc", "within_tolerance", "last_within_tolerance",
-           "tolerance_stop", "folded_numbers"]
+           "tolerance_stop", "network_numbers", "folded_numbers"]
 
 
 @dataclass
@@ -66,11 +66,24 @@ def last_within_tolerance(rounds: list[dict], tolerance: float) -> int:
     return best
 
 
+def network_numbers(model, example_input, *, latency: bool = True) -> dict:
+    """Depth, parameters, MACs and (``latency``) the eval-mode latency of a batch of 32 of ``model``."""
+    from pyengine.graph import measure_latency, network_stats
+
+    model.eval()
+    st = network_stats(model, example_input)
+    out = {"depth": st["depth"], "params": st["params"], "macs": st["macs"]}
+    if latency:
+        batch = torch.randn(32, *example_input.shape[1:], device=example_input.device)
+        out["latency_ms_batch32"] = measure_latency(model, batch, example_input.device)
+    return out
+
+
 def folded_numbers(ctx, summary: dict, *, latency: bool = True) -> dict:
     """Depth, parameters, MACs and latency of the round's network once folded, measured on a copy:
     the collapse edits the round's statistics allow (identity / constant / gate activations) plus
     every exact fold, as the run's end would do. The training network keeps its layers."""
-    from pyengine.graph import apply_edit, fold_network, measure_latency, network_stats
+    from pyengine.graph import apply_edit, fold_network
     from pyengine.methods.runner import collapse_edits
 
     model = copy.deepcopy(ctx.model)
@@ -82,12 +95,7 @@ def folded_numbers(ctx, summary: dict, *, latency: bool = True) -> dict:
         except (ValueError, NotImplementedError):
             pass
     folded, _applied, _ref = fold_network(model, ctx.example_input, max_mac_ratio=ctx.fold_max_mac_ratio)
-    st = network_stats(folded, ctx.example_input)
-    out = {"folded_depth": st["depth"], "folded_params": st["params"], "folded_macs": st["macs"]}
-    if latency:
-        batch = torch.randn(32, *ctx.example_input.shape[1:], device=ctx.example_input.device)
-        out["folded_latency_ms_batch32"] = measure_latency(folded, batch, ctx.example_input.device)
-    return out
+    return {f"folded_{k}": v for k, v in network_numbers(folded, ctx.example_input, latency=latency).items()}
 
 
 def activation_columns(method, summary: dict) -> dict:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from pyengine.methods.base import Method, StepCallback, register
-from pyengine.methods.depth.common import DepthTolerance, last_within_tolerance
+from pyengine.methods.depth.common import DepthTolerance, last_within_tolerance, network_numbers
 from pyengine.methods.options import option
 from pyengine.ops import sliced_wasserstein
 
@@ -350,16 +350,6 @@ class LaCoOT(Method):
             return None
         return evaluate(model, loader, self.run.device, getattr(self.run, "train_cfg", None))["acc"]
 
-    def _numbers(self, model) -> dict:
-        from pyengine.graph import measure_latency, network_stats
-
-        model.eval()
-        ex = self.run.example_input
-        st = network_stats(model, ex)
-        batch = torch.randn(32, *ex.shape[1:], device=ex.device)
-        return {"depth": st["depth"], "params": st["params"], "macs": st["macs"],
-                "latency_ms_batch32": measure_latency(model, batch, ex.device)}
-
     def remove(self, val_loader, test_loader=None) -> dict:
         """Ranks the blocks by their scores, removes them one by one without fine-tuning, measures
         each step, and edits the network to the chosen number of removals. Returns the record."""
@@ -376,7 +366,7 @@ class LaCoOT(Method):
                 model = apply_edit(model, Edit("replace_block", ranking[k - 1]), self.run.example_input)
             row = {"blocks_removed": k, "removed": ranking[k - 1] if k else None,
                    "val_acc": self._evaluate(model, val_loader), "test_acc": self._evaluate(model, test_loader)}
-            row.update(self._numbers(model))
+            row.update(network_numbers(model, self.run.example_input))
             rows.append(row)
             self.run.log(f"[lacoot] {k}/{len(ranking)} block(s) removed"
                          + (f" (+{ranking[k - 1]}, distance {self.scores[ranking[k - 1]]:.4g})" if k else "")
