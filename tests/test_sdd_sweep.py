@@ -10,7 +10,8 @@ from pyengine.cli import main
 from pyengine.methods import Run, RunConfig
 from pyengine.methods.options import OptionError
 from pyengine.methods.sdd import Sweep, read_curve, run_status
-from pyengine.methods.sdd.sweep import _FileLock, _worker_main, config_key
+from pyengine.methods.runner import FileLock
+from pyengine.methods.sdd.sweep import _worker_main, config_key
 
 quiet = dict(log=lambda *a: None)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: extra threads only wait for each other
@@ -171,7 +172,7 @@ def test_workers_take_unclaimed_configurations(tmp_path):
     out = tmp_path / "w"
     s = Sweep(_base(out, rounds=1, options={"rate": 0.3}), {"seeds": [0, 1]}, **quiet)
     s._write_spec()
-    held = _FileLock(out / "claims" / f"{s.configs[0]['key']}.lock")  # another worker is busy with it
+    held = FileLock(out / "claims" / f"{s.configs[0]['key']}.lock")  # another worker is busy with it
     assert held.try_acquire()
     try:
         assert s.work("cpu") == [s.configs[1]["key"]]

@@ -44,8 +44,7 @@ from typing import Callable
 
 from pyengine.methods import options as opts
 from pyengine.methods.options import OptionError, option
-from pyengine.methods.runner import RUN_STATE_FORMAT, Run, RunConfig
-from pyengine.methods.runner import FileLock as _FileLock
+from pyengine.methods.runner import RUN_STATE_FORMAT, FileLock, Run, RunConfig
 from pyengine.methods.sdd.curves import analyse, curve_rows, write_curve
 from pyengine.methods.sdd.method import SDDOptions
 from pyengine.train.checkpoint import STATE_KEYS, RunStateError, atomic_torch_save, atomic_write_text, load_state
@@ -324,7 +323,7 @@ class Sweep:
         for c in self.configs:
             if self.config_done(c):
                 continue
-            lock = _FileLock(self.out / "claims" / f"{c['key']}.lock")
+            lock = FileLock(self.out / "claims" / f"{c['key']}.lock")
             if not lock.try_acquire():
                 continue  # another worker has it
             try:
@@ -339,7 +338,7 @@ class Sweep:
             raise OptionError("a sweep spreads its runs itself, one process per device: start it without torchrun "
                               "and pass --devices 0,1,... (each run then trains on one GPU)")
         self.out.mkdir(parents=True, exist_ok=True)
-        lock = _FileLock(self.out / ".sweep.lock")
+        lock = FileLock(self.out / ".sweep.lock")
         if not lock.try_acquire():
             raise FileExistsError(f"{self.out} is in use by another sweep; wait for it or choose another --out")
         try:
