@@ -2,6 +2,8 @@
 // (masked_cpu.cpp) and CUDA (masked_glue.cpp, sparse_glue.cpp) implementations.
 #pragma once
 
+#include <cstdio>
+
 #include "common/checks.h"
 
 namespace pyengine {
@@ -50,18 +52,20 @@ inline void check_apply_masks_args(const OpChecks& op, at::TensorList tensors, a
     op.value_error("mask_index has ", mask_index.size(), " entries for ", tensors.size(), " tensors");
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    const std::string tn = c10::str("tensors[", i, "]");
-    op.defined(t, tn.c_str());
+    // names for the messages, formatted without iostreams (valid calls format nothing else)
+    char tn[32], mn[32];
+    std::snprintf(tn, sizeof(tn), "tensors[%zu]", i);
+    op.defined(t, tn);
     const int64_t mi = mask_index[i];
     if (mi < 0 || mi >= static_cast<int64_t>(masks.size()))
       op.index_error("mask_index[", i, "] = ", mi, " is out of range for ", masks.size(), " masks");
     const at::Tensor& m = masks[mi];
-    const std::string mn = c10::str("masks[", mi, "]");
-    op.defined(m, mn.c_str());
-    op.dtype(m, mn.c_str(), {at::kBool});
+    std::snprintf(mn, sizeof(mn), "masks[%lld]", static_cast<long long>(mi));
+    op.defined(m, mn);
+    op.dtype(m, mn, {at::kBool});
     if (t.device() != tensors[0].device())
       op.value_error(tn, " is on ", t.device(), " but tensors[0] is on ", tensors[0].device(), "; use one device");
-    op.same_device(m, mn.c_str(), t, tn.c_str());
+    op.same_device(m, mn, t, tn);
     if (m.sizes() != t.sizes())
       op.value_error(tn, " has shape ", shape_str(t.sizes()), " but ", mn, " has ", shape_str(m.sizes()));
     if (!t.is_contiguous() || !m.is_contiguous()) op.value_error(tn, " and ", mn, " must be contiguous");
