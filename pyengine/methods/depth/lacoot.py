@@ -41,9 +41,10 @@ from pyengine.methods.base import Method, StepCallback, register
 from pyengine.methods.depth.common import DepthTolerance, last_within_tolerance, network_numbers
 from pyengine.methods.options import option
 from pyengine.ops import sliced_wasserstein
+from pyengine.ops._checks import same_device
 
 __all__ = ["LaCoOT", "LaCoOTOptions", "BlockPair", "ARCH_DEFAULTS", "find_block_pairs", "lacoot_regulariser",
-           "BlockCapture", "score_blocks"]
+           "packed_directions", "BlockCapture", "score_blocks"]
 
 # Published per-architecture settings (CIFAR-10). val_reduce: how validation distances are computed
 # (the authors' ResNet validation uses POT's sliced_wasserstein_distance, the others the max).
@@ -136,18 +137,33 @@ def find_block_pairs(model: nn.Module, blocks: list[str] | None = None) -> tuple
     return arch, pairs
 
 
+# Packing all pairs into one call (see lacoot_regulariser) holds G x B x sum(d) elements per side;
+# above this many bytes per side the pairs are computed one call each.
+PACK_BYTES = 256 * 2**20
+
+
 def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int = 50, p: float = 2.0,
                        reduce: str = "max", generator: torch.Generator | None = None,
-                       directions: list[Tensor] | None = None, check_nan: bool = True) -> tuple[Tensor, Tensor]:
+                       directions: list[Tensor] | None = None, check_nan: bool = True,
+                       packed: bool | None = None) -> tuple[Tensor, Tensor]:
     """Mean over pairs of the (max-)sliced Wasserstein distance between the flattened per-sample
     features of each pair; returns (mean, per-pair distances). ``directions[i]`` (K, d_i) fixes the
     directions of pair i; otherwise ``n_directions`` are drawn from ``generator`` per pair.
     ``check_nan=False`` returns NaN instead of raising, without reading the result back (on CUDA
     the check is a host sync per pair); the training step uses it and leaves a NaN to the training
-    loop's non-finite-loss check."""
+    loop's non-finite-loss check.
+
+    packed: compute all G pairs in one native call (one forward, one backward) instead of G. Pair
+    g's points are placed in its own column block of a (G, B, sum d) tensor (zeros elsewhere) and
+    each direction row holds an independent unit vector in every block, so the projection of pair
+    g sees exactly its own d_g-dimensional unit direction: the same distances, G-fold padded data.
+    A CUDA training step is bound by the CPU's launches, not by this arithmetic, so one call
+    instead of four is what makes the term cheap there. Default: packed on CUDA when the padded
+    tensors stay under ``PACK_BYTES`` and every pair has the same batch size; separate on the CPU
+    (where the padding's arithmetic would cost more than the calls)."""
     if not pairs:
         raise ValueError("lacoot_regulariser needs at least one pair")
-    dists = []
+    flat = []
     for i, (a, b) in enumerate(pairs):
         a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
         if a.shape != b.shape:
@@ -155,11 +171,80 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
                              "monitored block must keep its input's size")
         if a.dtype != b.dtype:
             a, b = a.float(), b.float()
-        theta = directions[i] if directions is not None else None
-        dists.append(sliced_wasserstein(a, b, theta, n_directions=n_directions, p=p, reduce=reduce,
-                                        generator=generator, check_nan=check_nan))
-    d = torch.stack(dists)
+        flat.append((a, b))
+    if directions is not None and len(directions) != len(flat):
+        raise ValueError(f"directions holds {len(directions)} tensors for {len(flat)} pairs")
+    if packed is None:
+        packed = _packable(flat) and flat[0][0].device.type == "cuda"
+    elif packed and not _packable(flat):
+        raise ValueError("packed=True needs pairs with one batch size, dtype and device")
+    if packed and len(flat) > 1:
+        d = _packed_distances(flat, n_directions, p, reduce, generator, directions, check_nan)
+    else:
+        d = torch.stack([sliced_wasserstein(a, b, directions[i] if directions is not None else None,
+                                            n_directions=n_directions, p=p, reduce=reduce, generator=generator,
+                                            check_nan=check_nan) for i, (a, b) in enumerate(flat)])
     return d.mean(), d
+
+
+def _packable(flat) -> bool:
+    a0 = flat[0][0]
+    if any(a.shape[0] != a0.shape[0] or a.dtype != a0.dtype or a.device != a0.device for a, _ in flat):
+        return False
+    work = 8 if a0.dtype == torch.float64 else 4
+    return len(flat) * a0.shape[0] * sum(a.shape[1] for a, _ in flat) * work <= PACK_BYTES
+
+
+_BLOCK_INDEX: dict = {}
+
+
+def _block_index(dims: tuple[int, ...], device) -> Tensor:
+    """(sum d,) int64: the pair each packed column belongs to. Built on the device from Python
+    scalars (no host-to-device copy, so no host sync even at the first step) and cached."""
+    key = (dims, str(device))
+    t = _BLOCK_INDEX.get(key)
+    if t is None:
+        if len(_BLOCK_INDEX) > 64:
+            _BLOCK_INDEX.clear()
+        t = torch.zeros(sum(dims), dtype=torch.int64, device=device)
+        off = 0
+        for d in dims[:-1]:
+            off += d
+            t[off:] += 1
+        _BLOCK_INDEX[key] = t
+    return t
+
+
+def packed_directions(dims: list[int], n_directions: int, *, generator=None, device=None,
+                      dtype=torch.float32) -> Tensor:
+    """(K, sum d): row k holds, in the column block of every pair g, an independent unit vector of
+    dimension d_g (normalised Gaussians), drawn from ``generator`` on ``device``."""
+    if n_directions < 1:
+        raise ValueError(f"n_directions must be at least 1, got {n_directions}")
+    dev = torch.device(device) if device is not None else (generator.device if generator is not None else None)
+    theta = torch.randn(n_directions, sum(dims), generator=generator, device=dev, dtype=dtype)
+    blk = _block_index(tuple(dims), theta.device)
+    sq = torch.zeros(n_directions, len(dims), device=theta.device, dtype=dtype).index_add_(1, blk, theta.square())
+    return theta * sq.clamp_min(torch.finfo(dtype).tiny).rsqrt().index_select(1, blk)
+
+
+def _packed_distances(flat, n_directions, p, reduce, generator, directions, check_nan) -> Tensor:
+    dims = [a.shape[1] for a, _ in flat]
+    x = torch.block_diag(*[a for a, _ in flat])  # (G B, sum d): pair g in rows g B.., columns of block g
+    y = torch.block_diag(*[b for _, b in flat])
+    g, n = len(flat), flat[0][0].shape[0]
+    if directions is not None:
+        ks = {int(t.shape[0]) for t in directions}
+        if len(ks) != 1:
+            raise ValueError(f"packed pairs need the same number of directions for every pair, got {sorted(ks)}")
+        theta = torch.cat([t.to(device=x.device, dtype=x.dtype) for t in directions], dim=1)
+    else:
+        if generator is not None and not same_device(generator.device, x.device):
+            raise ValueError(f"generator is on {generator.device} but the pairs are on {x.device}; pass a generator "
+                             "on the data's device")
+        theta = packed_directions(dims, n_directions, generator=generator, device=x.device,
+                                  dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return sliced_wasserstein(x.view(g, n, -1), y.view(g, n, -1), theta, p=p, reduce=reduce, check_nan=check_nan)
 
 
 class BlockCapture:
