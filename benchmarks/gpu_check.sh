@@ -1,24 +1,37 @@
 #!/usr/bin/env bash
 # GPU check, run from the repository root on the GPU machine (H100/H200, no network). One call:
-#   1. builds pyengine._C with the CUDA kernels (sm_90) and records the build time,
-#   2. runs every op's bad-input cases on CUDA in child processes (tests/test_crash_isolation.py),
-#   3. runs the CUDA op tests,
+#   1. builds pyengine._C with the CUDA kernels (sm_90), records the build time and checks that
+#      the C++ runtime is torch's shared libstdc++,
+#   2. runs every op's bad-input cases on CPU and CUDA in child processes (the loop of
+#      tests/test_crash_isolation.py),
+#   3. runs the CUDA op tests (pytest-xdist: a crash takes one worker down, not the run),
 #   4. runs compute-sanitizer (memcheck) over every op on small valid and on bad inputs,
 #   5. times LaCoOT's regulariser in a ResNet-18 step (benchmarks/bench_lacoot_step.py, issue 8),
 #   6. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
 #      with a torch.compile column),
-# and prints a summary. Logs and bench_gpu.json go to $OUT (default /tmp/pyengine_gpu); the exit
-# status is non-zero when any step failed. Each step has its own time limit so the whole call fits
-# in about 400 s.
+#   7. runs memcheck over the CUDA op tests with the time that is left,
+# and prints a summary. Logs (packed) and the JSON records go to $OUT (default /tmp/pyengine_gpu);
+# the exit status is non-zero when any step failed. Each step has its own time limit so the whole
+# call fits in about 480 s (about 300 s when nothing fails).
 #   SKIP_BUILD=1       use the installed build
 #   DRY_RUN=1          on a machine without a GPU: run what can run (CPU crash cases, script syntax)
 #   BENCH_ONLY=a,b     pass --only a,b to the benchmark (entropy,sparse,masked,sliced,train)
+# POT (the authors' sliced-Wasserstein library, the LaCoOT baseline) is not on the device image: a
+# wheel in .whl/ (see benchmarks/results/gpu_notes.md) is installed into /tmp/site first.
+# The per-step logs are packed into $OUT/logs.tgz at exit (the device tool returns at most 8 files).
 set -uo pipefail
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/pyengine_gpu}
-mkdir -p "$OUT"
+L="$OUT/logs"
+mkdir -p "$OUT" "$L"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
+pack_logs() { tar czf "$OUT/logs.tgz" -C "$OUT" logs 2>/dev/null && rm -rf "$L"; }
+trap pack_logs EXIT
+if compgen -G ".whl/*.whl" >/dev/null && ! $PY -c "import ot" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 declare -a SUMMARY=()
@@ -57,23 +70,29 @@ nproc
 
 if [[ "${SKIP_BUILD:-0}" != "1" && "${DRY_RUN:-0}" != "1" ]]; then
   t=$(date +%s)
-  step "build (PYENGINE_CUDA=1, sm_90, 16 jobs)" 240 "$OUT/build.log" \
+  step "build (PYENGINE_CUDA=1, sm_90, 16 jobs)" 240 "$L/build.log" \
     env PYENGINE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 $PY -m pip install --no-build-isolation --no-deps -e . \
-    || { echo "BUILD FAILED"; grep -E "error|Error" "$OUT/build.log" | head -n 40; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
+    || { echo "BUILD FAILED"; grep -E "error|Error" "$L/build.log" | head -n 40; printf '%s\n' "${SUMMARY[@]}"; exit 1; }
   echo "build time: $(( $(date +%s) - t )) s"
 fi
 $PY -c "import pyengine._native as n; print('HAS_NATIVE', n.HAS_NATIVE, 'CUDA_COMPILED', n.CUDA_COMPILED)"
+# the C++ runtime must be torch's shared one (a static copy crashed every error message on this machine)
+if [[ "${DRY_RUN:-0}" != "1" ]]; then
+  readelf -d pyengine/_C*.so 2>/dev/null | grep NEEDED | tr -s ' ' | cut -d' ' -f6 | tr '\n' ' '; echo
+  readelf -d pyengine/_C*.so 2>/dev/null | grep -q 'libstdc++' && echo "C++ runtime: shared libstdc++ (ok)" \
+    || { echo "C++ runtime: NOT linked to libstdc++.so - a static copy is inside _C"; status=1; }
+fi
+$PY -c "import ot; print('POT', ot.__version__)" 2>/dev/null || echo "POT not installed: no POT column"
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
-  step "bad-input cases on CPU, crash-isolated" 300 "$OUT/crash.log" $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
-  step "valid + bad inputs in one process (sanitizer script) on CPU" 120 "$OUT/sanitizer.log" $PY tests/bad_input_cases.py --device cpu --good
-  step "benchmark scripts compile" 60 "$OUT/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py
+  step "bad-input cases on CPU, crash-isolated" 300 "$L/crash.log" $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
+  step "valid + bad inputs in one process (sanitizer script) on CPU" 120 "$L/sanitizer.log" $PY tests/bad_input_cases.py --device cpu --good
+  step "benchmark scripts compile" 60 "$L/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
   exit $status
 fi
 
 export PYENGINE_SEGV_TRACE=1  # a crash prints its native backtrace (offsets into _C, for addr2line)
-cp pyengine/_C*.so "$OUT/" 2>/dev/null || true
 readelf -lW pyengine/_C*.so 2>/dev/null | grep -E "GNU_EH_FRAME|GNU_PROPERTY" || true
 # does a C++ exception from the extension reach Python on the CPU path? (one case, in a child)
 timeout 60 $PY -X faulthandler -c "
@@ -93,46 +112,48 @@ crash_loop() {
     n=$($PY tests/bad_input_cases.py --device $dev --list | $PY -c "import json,sys; print(json.load(sys.stdin)['n'])")
     echo "== $dev: $n cases"
     while [[ $start -lt $n ]]; do
-      $PY tests/bad_input_cases.py --device $dev --start $start >"$OUT/crash_part.log" 2>&1
-      cat "$OUT/crash_part.log"
-      grep -q '"finished"' "$OUT/crash_part.log" && break
+      $PY tests/bad_input_cases.py --device $dev --start $start >"$L/crash_part.log" 2>&1
+      cat "$L/crash_part.log"
+      grep -q '"finished"' "$L/crash_part.log" && break
       crashes=$((crashes + 1))
-      last=$(grep -o '"start": [0-9]*' "$OUT/crash_part.log" | tail -n 1 | grep -o '[0-9]*$')
+      last=$(grep -o '"start": [0-9]*' "$L/crash_part.log" | tail -n 1 | grep -o '[0-9]*$')
       [[ -z "$last" ]] && { echo "child died before any case"; break; }
       echo "CRASH at case $last ($dev)"
       start=$((last + 1))
     done
   done
-  rm -f "$OUT/crash_part.log"
-  bad=$(grep -c '"ok": false' "$OUT/crash.log" || true)
+  rm -f "$L/crash_part.log"
+  bad=$(grep -c '"ok": false' "$L/crash.log" || true)
   echo "cases with a wrong or missing error: $bad; crashes: $crashes"
   [[ $crashes -eq 0 && $bad -eq 0 ]]
 }
 export -f crash_loop
-export PY OUT
-step "bad-input cases on CPU and CUDA, crash-isolated" ${CRASH_LIMIT:-60} "$OUT/crash.log" bash -c crash_loop
-grep -E '"ok": false|CRASH|\[pyengine\]|_C\.cpython' "$OUT/crash.log" | head -n 40 || true
+export PY OUT L
+step "bad-input cases on CPU and CUDA, crash-isolated" ${CRASH_LIMIT:-60} "$L/crash.log" bash -c crash_loop
+grep -E '"ok": false|CRASH|\[pyengine\]|_C\.cpython' "$L/crash.log" | head -n 40 || true
 # the native backtrace of the first crash, from a debugger (cuda-gdb also debugs host code)
-first=$(grep -o 'CRASH at case [0-9]* ([a-z]*)' "$OUT/crash.log" | head -n 1)
+first=$(grep -o 'CRASH at case [0-9]* ([a-z]*)' "$L/crash.log" | head -n 1)
 if [[ -n "$first" ]] && command -v cuda-gdb >/dev/null; then
   fcase=$(echo "$first" | grep -o 'case [0-9]*' | grep -o '[0-9]*'); fdev=$(echo "$first" | grep -o '(.*)' | tr -d '()')
   echo "== cuda-gdb backtrace of case $fcase on $fdev"
   timeout 90 cuda-gdb -q -batch -ex run -ex "bt 25" --args $PY tests/bad_input_cases.py --device "$fdev" --start "$fcase" \
-    2>&1 | grep -E "^#|signal|SIG" | head -n 40 | tee -a "$OUT/crash.log"
+    2>&1 | grep -E "^#|signal|SIG" | head -n 40 | tee -a "$L/crash.log"
 fi
 
 # the CUDA op tests in pytest-xdist workers: a crashing test takes one worker down, not the run
-step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$OUT/pytest.log" \
+step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$L/pytest.log" \
   $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py \
   tests/test_ops_sliced.py tests/test_buffer_pool.py tests/test_depth_lacoot.py -k cuda
-grep -E "FAILED|crashed|node down|\[pyengine\]|_C\.cpython" "$OUT/pytest.log" | head -n 40 || true
+grep -E "FAILED|crashed|node down|\[pyengine\]|_C\.cpython" "$L/pytest.log" | head -n 40 || true
+# a native crash anywhere: keep the built library for addr2line on the printed offsets
+if grep -qE "CRASH|crashed|node down" "$L/crash.log" "$L/pytest.log" 2>/dev/null; then cp pyengine/_C*.so "$OUT/" 2>/dev/null || true; fi
 
 # memcheck: no caching allocator, so an access past a tensor is past its own allocation
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-step "compute-sanitizer memcheck (every op, valid and bad inputs)" ${SAN_LIMIT:-100} "$OUT/sanitizer.log" \
+step "compute-sanitizer memcheck (every op, valid and bad inputs)" ${SAN_LIMIT:-100} "$L/sanitizer.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 --print-limit 30 \
   $PY tests/bad_input_cases.py --device cuda --good
-grep -E "ERROR SUMMARY|Invalid|out of bounds|good|\[pyengine\]|_C\.cpython" "$OUT/sanitizer.log" | head -n 20 || true
+grep -E "ERROR SUMMARY|Invalid|out of bounds|good|\[pyengine\]|_C\.cpython" "$L/sanitizer.log" | head -n 20 || true
 
 if [[ "${SKIP_BENCH:-0}" == "1" ]]; then
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
@@ -140,18 +161,28 @@ if [[ "${SKIP_BENCH:-0}" == "1" ]]; then
 fi
 
 # issue 8's GPU target: LaCoOT's regulariser inside a ResNet-18 CIFAR step, batch 128 (<= x1.10)
-step "LaCoOT regulariser in a ResNet-18 step, batch 128" ${LACOOT_LIMIT:-90} "$OUT/lacoot.log" \
+step "LaCoOT regulariser in a ResNet-18 step, batch 128" ${LACOOT_LIMIT:-90} "$L/lacoot.log" \
   $PY benchmarks/bench_lacoot_step.py --device cuda --steps 5 --repeats 9 --json "$OUT/lacoot_step_cuda.json"
 
 left=$(( 400 - $(elapsed) ))
 [[ $left -lt 60 ]] && left=60
 only=()
 [[ -n "${BENCH_ONLY:-}" ]] && only=(--only "$BENCH_ONLY")
-step "GPU benchmark (checks, then timings)" "$left" "$OUT/bench.log" \
+step "GPU benchmark (checks, then timings)" "$left" "$L/bench.log" \
   $PY benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" --budget-s $(( left * 2 / 3 )) "${only[@]}"
-sed -n '/^## issue 11 GPU table/,$p' "$OUT/bench.log"
-grep -E "^FAIL" "$OUT/bench.log" | head -n 20 || true
+sed -n '/^## issue 11 GPU table/,$p' "$L/bench.log"
+grep -E "^FAIL" "$L/bench.log" | head -n 20 || true
 
+# memcheck over the CUDA op tests themselves, last: it gets what is left of about 470 s (xdist workers
+# are followed; a time limit keeps what it found so far)
+san_left=${SAN_TESTS_LIMIT:-$(( 470 - $(elapsed) ))}
+[[ $san_left -lt 30 ]] && san_left=30
+step "compute-sanitizer memcheck over the CUDA op tests" "$san_left" "$L/sanitizer_tests.log" \
+  env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 --print-limit 30 \
+  $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py tests/test_ops_sliced.py -k cuda
+grep -E "ERROR SUMMARY|Invalid|out of bounds|passed|failed" "$L/sanitizer_tests.log" | sort | uniq -c | head -n 20 || true
+
+grep -A8 "^LaCoOT regulariser in a ResNet-18" "$L/lacoot.log" || true
 printf '\nsummary (%ss):\n' "$(elapsed)"
 printf '%s\n' "${SUMMARY[@]}"
 exit $status
