@@ -17,7 +17,9 @@
 #   DRY_RUN=1          on a machine without a GPU: run what can run (CPU crash cases, script syntax)
 #   BENCH_ONLY=a,b     pass --only a,b to the benchmark (entropy,sparse,masked,sliced,train)
 # POT (the authors' sliced-Wasserstein library, the LaCoOT baseline) is not on the device image: a
-# wheel in .whl/ (see benchmarks/results/gpu_notes.md) is installed into /tmp/site first.
+# wheel in .whl/ is installed into /tmp/site first. Fetch it where pip works (Python 3.12 there):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl POT==0.9.7.post1
 # The per-step logs are packed into $OUT/logs.tgz at exit (the device tool returns at most 8 files).
 set -uo pipefail
 
