@@ -52,6 +52,33 @@ def test_gradients_match_reference(device, reduce, p):
     assert torch.allclose(gx, rx, atol=1e-10) and torch.allclose(gy, ry, atol=1e-10)
 
 
+@pytest.mark.parametrize("n", [3, 32, 33, 200])  # the CPU sorts rows of <= 32 by comparison, longer ones by radix
+def test_float32_sort_paths_match_float64(device, n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, n, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(2, n, 6, generator=g, dtype=torch.float64) + 0.4
+    theta = random_directions(9, 6, generator=g, dtype=torch.float64)
+    for reduce in ("max", "mean"):
+        xa = x.float().to(device).requires_grad_()
+        ya = y.float().to(device).requires_grad_()
+        got = sliced_wasserstein(xa, ya, theta.float().to(device), reduce=reduce)
+        ref = sliced_wasserstein_reference(x, y, theta, 2.0, reduce)
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-6)
+        gx, gy = torch.autograd.grad(got.sum(), [xa, ya])
+        xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+        rx, ry = torch.autograd.grad(sliced_wasserstein_reference(xr, yr, theta, 2.0, reduce).sum(), [xr, yr])
+        torch.testing.assert_close(gx.double().cpu(), rx, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gy.double().cpu(), ry, rtol=1e-4, atol=1e-5)
+    # ties: integer points on axis directions project to many equal values; the distance does not
+    # depend on how ties are ordered
+    xi = torch.randint(-3, 4, (1, n, 4), generator=g).double()
+    yi = torch.randint(-2, 5, (1, n, 4), generator=g).double()
+    eye = torch.eye(4, dtype=torch.float64)
+    got = sliced_wasserstein(xi.float().to(device), yi.float().to(device), eye.float().to(device), reduce="max")
+    torch.testing.assert_close(got.double().cpu(), sliced_wasserstein_reference(xi, yi, eye, 2.0, "max"), rtol=1e-6,
+                               atol=1e-6)
+
+
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 def test_gradcheck(reduce):
     x = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)

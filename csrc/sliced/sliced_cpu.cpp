@@ -30,11 +30,28 @@ inline uint32_t float_key(float f) {
 
 // Sorts v[0, n) ascending into sorted[], with perm[j] = original index of sorted[j].
 // Scratch vectors are reused across calls by one thread.
+// Short rows (a LaCoOT batch: n = 32..128 points) use one comparison sort of (key, index) packed
+// in 64 bits - ties keep index order, as the radix sort does - since four 256-bucket histogram
+// passes cost more than n log n compares there.
+constexpr int64_t kShortRow = 32;
+
 struct RowSorter {
   std::vector<uint32_t> k0, k1;
   std::vector<int32_t> i0, i1;
+  std::vector<uint64_t> packed;
 
   void sort(const float* v, int64_t n, float* sorted, int32_t* perm) {
+    if (n <= kShortRow) {
+      packed.resize(n);
+      for (int64_t i = 0; i < n; ++i) packed[i] = (uint64_t(float_key(v[i])) << 32) | uint64_t(uint32_t(i));
+      std::sort(packed.begin(), packed.end());
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t i = int32_t(uint32_t(packed[j]));
+        perm[j] = i;
+        sorted[j] = v[i];
+      }
+      return;
+    }
     k0.resize(n), k1.resize(n), i0.resize(n), i1.resize(n);
     for (int64_t i = 0; i < n; ++i) k0[i] = float_key(v[i]), i0[i] = int32_t(i);
     uint32_t* ks = k0.data();
