@@ -177,6 +177,42 @@ def _term_alone(v, x, device, k, names, repeats):
     return out
 
 
+def profile_term(device, batch, maxpool, k=50, steps=10):
+    """Where the regulariser's time goes: torch.profiler over `steps` calls of the term as training calls it
+    (forward and backward) on one forward's block tensors, sorted by host (self CPU) time - on a
+    launch-bound GPU step the host side is the cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import pyengine.methods.depth.lacoot as lc
+
+    v = _Variant("pyengine", device, maxpool, 5.0, k)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    cap = BlockCapture(v.model, v.pairs).__enter__()
+    v.model(x)
+    pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in cap.take()]
+    cap.__exit__(None, None, None)
+    leaves = [t for p in pairs for t in p]
+    gen = torch.Generator(device=device)
+
+    def term(i):
+        gen.manual_seed(i)
+        m, _ = lc.lacoot_regulariser(pairs, n_directions=k, generator=gen, check_nan=False)
+        torch.autograd.grad(m, leaves)
+
+    for i in range(3):
+        term(i)
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            term(i)
+        _sync(device)
+    print(f"\nprofile of the regulariser as training calls it (packed on CUDA), {steps} calls (forward + backward), "
+          "by self host time:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,12 +222,16 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads on CPU (default: torch's)")
     ap.add_argument("--no-maxpool", action="store_true", help="ResNet-18 without the stem max-pool")
     ap.add_argument("--json", help="write the results to this JSON file")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the regulariser alone (host and device time per op, torch.profiler)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = args.batch or (128 if dev.type == "cuda" else 32)
     rows, pairs = run(dev, batch, args.steps, args.repeats, not args.no_maxpool)
+    if args.profile:
+        profile_term(dev, batch, not args.no_maxpool)
     machine = machine_name(dev)
     print(f"\nLaCoOT regulariser in a ResNet-18 CIFAR training step (batch {batch}, K=50, pairs {', '.join(pairs)}, "
           f"max-pool {'off' if args.no_maxpool else 'on'}) on {machine}")

@@ -164,7 +164,7 @@ fi
 
 # issue 8's GPU target: LaCoOT's regulariser inside a ResNet-18 CIFAR step, batch 128 (<= x1.10)
 step "LaCoOT regulariser in a ResNet-18 step, batch 128" ${LACOOT_LIMIT:-90} "$L/lacoot.log" \
-  $PY benchmarks/bench_lacoot_step.py --device cuda --steps 5 --repeats 9 --json "$OUT/lacoot_step_cuda.json"
+  $PY benchmarks/bench_lacoot_step.py --device cuda --steps 5 --repeats 9 --profile --json "$OUT/lacoot_step_cuda.json"
 
 left=$(( 400 - $(elapsed) ))
 [[ $left -lt 60 ]] && left=60
