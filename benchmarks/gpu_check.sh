@@ -9,7 +9,7 @@
 #   5. times LaCoOT's regulariser in a ResNet-18 step (benchmarks/bench_lacoot_step.py, issue 8),
 #   6. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
 #      with a torch.compile column),
-#   7. runs memcheck over the CUDA op tests with the time that is left,
+#   7. runs memcheck over the CUDA op tests (one process) with the time that is left,
 # and prints a summary. Logs (packed) and the JSON records go to $OUT (default /tmp/pyengine_gpu);
 # the exit status is non-zero when any step failed. Each step has its own time limit so the whole
 # call fits in about 480 s (about 300 s when nothing fails).
@@ -175,14 +175,16 @@ step "GPU benchmark (checks, then timings)" "$left" "$L/bench.log" \
 sed -n '/^## issue 11 GPU table/,$p' "$L/bench.log"
 grep -E "^FAIL" "$L/bench.log" | head -n 20 || true
 
-# memcheck over the CUDA op tests themselves, last: it gets what is left of about 470 s (xdist workers
-# are followed; a time limit keeps what it found so far)
+# memcheck over the CUDA op tests themselves, last: it gets what is left of about 470 s. One process
+# (on 2026-11-27, 8 xdist workers under memcheck reported no test in 295 s); -v names each test as it
+# ends, so a time limit keeps what was checked so far.
 san_left=${SAN_TESTS_LIMIT:-$(( 470 - $(elapsed) ))}
 [[ $san_left -lt 30 ]] && san_left=30
 step "compute-sanitizer memcheck over the CUDA op tests" "$san_left" "$L/sanitizer_tests.log" \
   env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 7 --print-limit 30 \
-  $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py tests/test_ops_sliced.py -k cuda
-grep -E "ERROR SUMMARY|Invalid|out of bounds|passed|failed" "$L/sanitizer_tests.log" | sort | uniq -c | head -n 20 || true
+  $PY -m pytest -v -p no:cacheprovider -p no:xdist tests/test_ops_entropy.py tests/test_ops_masked.py tests/test_ops_sliced.py -k cuda
+grep -cE " PASSED" "$L/sanitizer_tests.log" | sed 's/^/tests passed under memcheck so far: /' || true
+grep -E "ERROR SUMMARY|Invalid|out of bounds| FAILED" "$L/sanitizer_tests.log" | sort | uniq -c | head -n 20 || true
 
 grep -A8 "^LaCoOT regulariser in a ResNet-18" "$L/lacoot.log" || true
 printf '\nsummary (%ss):\n' "$(elapsed)"
