@@ -136,16 +136,21 @@ def run(device, batch, steps, repeats, maxpool, lam=5.0, k=50):
     return rows, d
 
 
+def _block_tensors(v, x):
+    """The monitored pairs' tensors of one forward of x, as leaves that take a gradient."""
+    cap = BlockCapture(v.model, v.pairs).__enter__()
+    v.model(x)
+    pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in cap.take()]
+    cap.__exit__(None, None, None)
+    return pairs, [t for p in pairs for t in p]
+
+
 def _term_alone(v, x, device, k, names, repeats):
     """The regulariser alone (forward + backward into both point sets) on one forward's block tensors:
     step-to-step noise of a shared CPU is larger than this cost, so it is also timed by itself."""
     import pyengine.methods.depth.lacoot as lc
 
-    cap = BlockCapture(v.model, v.pairs).__enter__()
-    v.model(x)
-    pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in cap.take()]
-    cap.__exit__(None, None, None)
-    leaves = [t for p in pairs for t in p]
+    pairs, leaves = _block_tensors(v, x)
     gen = torch.Generator(device=device)
 
     def ours(i, packed=None):
@@ -187,12 +192,7 @@ def profile_term(device, batch, maxpool, k=50, steps=10):
 
     v = _Variant("pyengine", device, maxpool, 5.0, k)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
-    cap = BlockCapture(v.model, v.pairs).__enter__()
-    v.model(x)
-    pairs = [(a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()) for a, b in cap.take()]
-    cap.__exit__(None, None, None)
-    leaves = [t for p in pairs for t in p]
+    pairs, leaves = _block_tensors(v, torch.randn(batch, 3, 32, 32, generator=g).to(device))
     gen = torch.Generator(device=device)
 
     def term(i):
