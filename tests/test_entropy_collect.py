@@ -122,3 +122,32 @@ def test_nan_in_a_later_batch_is_reported_once_when_results_are_read():
 
     with pytest.raises(ValueError, match="NaN"):
         col.results()
+
+
+def test_collector_reset_and_reload_start_over_cleanly():
+    """The hooks keep what a call needs between calls; a reset, a reload or a new batch size must
+    still give the counts and sample numbers of a fresh collector."""
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU())
+    xs = [torch.randn(n, 2, 5, 5) for n in (6, 6, 9, 9)]  # same shapes across the reset and the reload
+
+    def fresh(batches):
+        with EntropyCollector(model) as c, torch.no_grad():
+            for x in batches:
+                model(x)
+        return c
+
+    ref_a, ref_b = fresh(xs[1:3]), fresh(xs[1:])
+    c = EntropyCollector(model)
+    with c, torch.no_grad():
+        model(xs[0])
+        c.reset()
+        model(xs[1])
+        model(xs[2])
+    assert torch.equal(c.counts["1"], ref_a.counts["1"]) and c.samples == ref_a.samples == {"1": 15 * 25}
+    state = c.state_dict()
+    c.reset()
+    c.load_state_dict(state)
+    with c, torch.no_grad():
+        model(xs[3])
+    assert torch.equal(c.counts["1"], ref_b.counts["1"]) and c.samples == ref_b.samples
