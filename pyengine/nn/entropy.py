@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pyengine._native import native_available
 from pyengine.graph import activation_map
 from pyengine.ops import entropy_counts_add_, entropy_from_counts, samples_per_neuron
 from pyengine.ops.entropy import _counts_shape
@@ -84,30 +83,22 @@ class EntropyCollector:
 
     def _hook(self, site):
         name = site.name
-        # what one call needs, kept between calls: (input shape, device, counts, neuron dim, samples per
-        # call, native op or None); rebuilt when the shape or the counts change (reset, load_state_dict)
-        memo = [None]
+        per_call: dict = {}  # samples one call adds per neuron, by input shape
 
         def hook(module, args):
             z = args[0]
-            m = memo[0]
+            cdim = self._dims.get(name)
+            if cdim is None:
+                cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
             counts = self.counts.get(name)
-            if m is None or m[2] is not counts or m[0] != z.shape or m[1] != z.device:
-                cdim = self._dims.get(name)
-                if cdim is None:
-                    cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
-                if counts is None:
-                    counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
-                                                             dtype=torch.int64, device=z.device)
-                op = torch.ops.pyengine.entropy_counts_add_ if native_available(z.device) else None
-                m = memo[0] = (z.shape, z.device, counts, cdim,
-                               samples_per_neuron(z.shape, cdim % z.dim(), self.per_position), op)
-            _, _, counts, cdim, n, op = m
+            if counts is None:
+                counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
+                                                         dtype=torch.int64, device=z.device)
             # one in-place kernel: no allocation after the first batch, no host synchronisation
-            if op is not None:  # the op checks its arguments itself
-                op(counts, self._nan(z.device), z.detach(), cdim, self.per_position, self.inclusive)
-            else:
-                entropy_counts_add_(counts, z, cdim, self.per_position, self.inclusive, nan_count=self._nan(z.device))
+            entropy_counts_add_(counts, z, cdim, self.per_position, self.inclusive, nan_count=self._nan(z.device))
+            n = per_call.get(z.shape)
+            if n is None:
+                n = per_call[z.shape] = samples_per_neuron(z.shape, cdim % z.dim(), self.per_position)
             self.samples[name] = self.samples.get(name, 0) + n
 
         return hook
