@@ -222,6 +222,9 @@ def packed_directions(dims: list[int], n_directions: int, *, generator=None, dev
     dimension d_g (normalised Gaussians), drawn from ``generator`` on ``device``."""
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
+    if generator is not None and device is not None and not same_device(generator.device, device):
+        raise ValueError(f"generator is on {generator.device} but the pairs are on {torch.device(device)}; pass a "
+                         "generator on the data's device")
     dev = torch.device(device) if device is not None else (generator.device if generator is not None else None)
     theta = torch.randn(n_directions, sum(dims), generator=generator, device=dev, dtype=dtype)
     blk = _block_index(tuple(dims), theta.device)
@@ -241,9 +244,6 @@ def _packed_distances(flat, n_directions, p, reduce, generator, directions, chec
             raise ValueError(f"packed pairs need the same number of directions for every pair, got {sorted(ks)}")
         theta = torch.cat([t.to(device=x.device, dtype=work) for t in directions], dim=1)
     else:
-        if generator is not None and not same_device(generator.device, x.device):
-            raise ValueError(f"generator is on {generator.device} but the pairs are on {x.device}; pass a generator "
-                             "on the data's device")
         theta = packed_directions(dims, n_directions, generator=generator, device=x.device, dtype=work)
     return sliced_wasserstein(x.view(g, n, -1), y.view(g, n, -1), theta, p=p, reduce=reduce, check_nan=check_nan)
 
