@@ -54,6 +54,12 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "sliced_wasserstein_bwd(Tensor grad, Tensor cx, Tensor cy, Tensor theta, Tensor win, bool use_max, "
       "bool need_x, bool need_y) -> (Tensor, Tensor)");
+  // G pairs of different dimensions at once (LaCoOT's block pairs): xs[g], ys[g] (n, d_g) with one n;
+  // theta (K, sum d_g), pair g projected on its column block of every row (each block scaled to a
+  // unit vector when normalize) -> dist (G,). One autograd node (csrc/sliced/sliced_grouped_autograd.cpp).
+  m.def(
+      "sliced_wasserstein_grouped(Tensor[] xs, Tensor[] ys, Tensor theta, float p, bool use_max, "
+      "bool normalize) -> Tensor");
   // out (K, d) <- K random unit directions (normalize) or standard normals, from a counter-based
   // generator keyed by seed: the same values for a seed on any thread count (layout in
   // csrc/sliced/directions_simd.inc). CPU only; on CUDA torch.randn already draws on the device.

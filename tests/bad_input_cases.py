@@ -199,6 +199,36 @@ def cases(dev: torch.device):
         ("sliced_wasserstein NaN in a later direction", lambda: ops.sliced_wasserstein(bx, bx + 1, th_nan), ValueError,
          "directions contains NaN"),
     ]
+    # the grouped op (LaCoOT's pairs): pairs (n, d_g), theta (K, sum d_g)
+    gx = [torch.randn(5, 4, **f64), torch.randn(5, 2, **f64)]
+    gth = torch.randn(3, 6, **f64)
+    out += [
+        ("sliced_wasserstein_grouped no pairs", lambda: P.sliced_wasserstein_grouped([], [], gth, 2.0, True, True),
+         ValueError, "xs holds no pairs"),
+        ("sliced_wasserstein_grouped ys count", lambda: P.sliced_wasserstein_grouped(gx, gx[:1], gth, 2.0, True, True),
+         ValueError, "ys holds 1"),
+        ("sliced_wasserstein_grouped point count",
+         lambda: P.sliced_wasserstein_grouped(gx, [gx[0], gx[1][:3]], gth, 2.0, True, True), ValueError,
+         r"ys\[1\] has shape \(3, 2\)"),
+        ("sliced_wasserstein_grouped pair batch",
+         lambda: P.sliced_wasserstein_grouped([gx[0], gx[1][:3]], [gx[0], gx[1][:3]], gth, 2.0, True, True),
+         ValueError, r"xs\[1\] has 3 points but xs\[0\] has 5"),
+        ("sliced_wasserstein_grouped theta dims", lambda: P.sliced_wasserstein_grouped(gx, gx, gth[:, :5], 2.0, True, True),
+         ValueError, "theta has 5 dims per direction but the pairs have 6"),
+        ("sliced_wasserstein_grouped dtype",
+         lambda: P.sliced_wasserstein_grouped(gx, [gx[0].float(), gx[1]], gth, 2.0, True, True), TypeError,
+         r"ys\[0\] has dtype float32"),
+        ("sliced_wasserstein_grouped 3-D pair",
+         lambda: P.sliced_wasserstein_grouped([gx[0][None]], [gx[0][None]], gth, 2.0, True, True), ValueError,
+         r"xs\[0\] must have 2 dimensions"),
+        ("sliced_wasserstein_grouped p inf", lambda: P.sliced_wasserstein_grouped(gx, gx, gth, math.inf, False, True),
+         ValueError, "p = inf"),
+        ("sliced_wasserstein_grouped wrapper directions",
+         lambda: ops.sliced_wasserstein_grouped(gx, gx, [gth[:, :4], gth[:, :3]]), ValueError,
+         r"directions\[1\] has 3 dims but pair 1's points have 2"),
+        ("sliced_wasserstein_grouped huge n_directions",
+         lambda: ops.sliced_wasserstein_grouped(gx, gx, n_directions=10**8), ValueError, "working memory"),
+    ]
     out += [
         ("fill_directions_ 1-D out", lambda: P.fill_directions_(torch.empty(6, **f32), 1, True), ValueError,
          "out must have 2 dimensions"),
@@ -245,6 +275,9 @@ def good_calls(dev: torch.device) -> None:
             xx = torch.randn(2, n, 5, device=dev, generator=g, requires_grad=True)
             yy = torch.randn(2, n, 5, device=dev, generator=g)
             ops.sliced_wasserstein(xx, yy, n_directions=6, reduce=reduce, generator=g).sum().backward()
+        xs = [torch.randn(9, d, device=dev, generator=g, requires_grad=True) for d in (5, 300, 9000)]
+        ys = [torch.randn(9, d, device=dev, generator=g) for d in (5, 300, 9000)]
+        ops.sliced_wasserstein_grouped(xs, ys, n_directions=7, reduce=reduce, generator=g).sum().backward()
     xl = torch.randn(1, 8, 16384, device=dev, generator=g, requires_grad=True)
     ops.sliced_wasserstein(xl, torch.randn(1, 8, 16384, device=dev, generator=g), n_directions=3, generator=g).backward()
     if dev.type == "cpu":

@@ -51,10 +51,10 @@ def test_regulariser_equals_pot_for_the_same_directions():
 
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 def test_packed_pairs_equal_separate_calls_and_pot(device, reduce):
-    """All pairs in one call (each pair in its own column block, the CUDA default) gives the
-    distances and gradients of one call per pair, and POT's, for the same directions."""
+    """All pairs in one call (each pair on its own column block of the directions, the default)
+    gives the distances and gradients of one call per pair, and POT's, for the same directions."""
     ot = pytest.importorskip("ot")
-    from pyengine.methods.depth.lacoot import packed_directions
+    from pyengine.ops import grouped_directions
 
     g = torch.Generator().manual_seed(1)
     shapes = [(7, 4, 6, 6), (7, 8, 3, 3), (7, 16, 2, 2), (7, 40)]
@@ -62,7 +62,7 @@ def test_packed_pairs_equal_separate_calls_and_pot(device, reduce):
     ys = [(x.detach() * 0.5 + torch.randn(s, generator=g, dtype=torch.float64).to(device)).requires_grad_() for x, s in
           zip(xs, shapes)]
     dims = [x[0].numel() for x in xs]
-    theta = packed_directions(dims, 30, generator=g, dtype=torch.float64).to(device)
+    theta = grouped_directions(dims, 30, generator=g, dtype=torch.float64).to(device)
     blocks = list(torch.split(theta, dims, dim=1))
     # every block of every row is a unit vector
     for t in blocks:

@@ -34,6 +34,15 @@ def test_import_without_extension_falls_back_with_clear_message():
         a, b = torch.randn(8, 4), torch.randn(8, 4)
         th = ops.random_directions(3, 4)
         assert torch.allclose(ops.sliced_wasserstein(a, b, th), ops.sliced_wasserstein_reference(a[None], b[None], th)[0])
+        a2, b2 = torch.randn(8, 2, requires_grad=True), torch.randn(8, 2)
+        thg = torch.randn(3, 6)
+        d = ops.sliced_wasserstein_grouped([a, a2], [b, b2], thg)
+        d.sum().backward()
+        assert a2.grad is not None
+        assert torch.allclose(d, torch.stack([ops.sliced_wasserstein(a, b, thg[:, :4]),
+                                              ops.sliced_wasserstein(a2, b2, thg[:, 4:])]))
+        g = ops.sliced_wasserstein_grouped([a, a2], [b, b2], generator=torch.Generator().manual_seed(0))
+        assert g.shape == (2,)
         print("fallback ok")
         """
     )

@@ -282,3 +282,110 @@ def test_create_graph_gives_the_same_gradient(device, reduce):
     a = torch.autograd.grad(sliced_wasserstein(x, y, theta, reduce=reduce).sum(), [x, y])
     b = torch.autograd.grad(sliced_wasserstein(x, y, theta, reduce=reduce).sum(), [x, y], create_graph=True)
     assert all(torch.allclose(u, v, atol=1e-12) for u, v in zip(a, b))
+
+
+# ----------------------------------------------------------------- the grouped op (LaCoOT's pairs)
+
+def _grouped_pairs(device, dtype, n=9, dims=(24, 8, 1, 40), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+          for d in dims]
+    ys = [(x.detach() * 0.5 + torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype))
+          .requires_grad_() for x, d in zip(xs, dims)]
+    return xs, ys, list(dims)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_grouped_matches_pot_per_pair_with_gradients(device, poison, reduce, p):
+    """G pairs of different dimensions in one call: each distance is POT's for that pair's block of
+    the directions, and every gradient is the per-pair op's (float64, both reductions)."""
+    from pyengine.ops import sliced_wasserstein_grouped
+
+    xs, ys, dims = _grouped_pairs(device, torch.float64)
+    theta = torch.randn(13, sum(dims), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    blocks = list(theta.split(dims, dim=1))
+    fn = ot.sliced.max_sliced_wasserstein_distance if reduce == "max" else ot.sliced.sliced_wasserstein_distance
+    pot = [fn(x.detach().cpu().numpy(), y.detach().cpu().numpy(), p=p, projections=b.T.numpy())
+           for x, y, b in zip(xs, ys, blocks)]
+    got = sliced_wasserstein_grouped(xs, ys, theta.to(device), p=p, reduce=reduce)
+    assert got.shape == (4,) and got.dtype == torch.float64
+    np.testing.assert_allclose(got.detach().cpu().numpy(), np.array(pot, dtype=np.float64), rtol=1e-10, atol=1e-12)
+    # the same directions given as a list of blocks
+    torch.testing.assert_close(sliced_wasserstein_grouped(xs, ys, [b.to(device) for b in blocks], p=p, reduce=reduce),
+                               got, rtol=0, atol=0)
+    w = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64, device=device)
+    per = torch.stack([sliced_wasserstein(x, y, b.to(device), p=p, reduce=reduce) for x, y, b in zip(xs, ys, blocks)])
+    g_grouped = torch.autograd.grad((got * w).sum(), xs + ys)
+    g_per = torch.autograd.grad((per * w).sum(), xs + ys)
+    for a, b in zip(g_grouped, g_per):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_grouped_drawn_directions_are_unit_blocks(device, reduce):
+    """With no directions the op draws (K, sum d) from the generator and scales each block to a unit
+    vector: the values of grouped_directions for the same generator state (float32 as well)."""
+    from pyengine.ops import grouped_directions, sliced_wasserstein_grouped
+
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        xs, ys, dims = _grouped_pairs(device, dtype)
+        got = sliced_wasserstein_grouped(xs, ys, n_directions=20, reduce=reduce,
+                                         generator=torch.Generator(device).manual_seed(5))
+        theta = grouped_directions(dims, 20, generator=torch.Generator(device).manual_seed(5), device=device,
+                                   dtype=dtype)
+        for b in theta.split(dims, dim=1):
+            torch.testing.assert_close(b.norm(dim=1), torch.ones(20, dtype=dtype, device=device), rtol=tol, atol=tol)
+        expect = torch.stack([sliced_wasserstein_reference(x.detach()[None], y.detach()[None], b, 2.0, reduce)[0]
+                              for x, y, b in zip(xs, ys, theta.split(dims, dim=1))])
+        torch.testing.assert_close(got.detach(), expect, rtol=tol, atol=tol)
+        again = sliced_wasserstein_grouped(xs, ys, n_directions=20, reduce=reduce,
+                                           generator=torch.Generator(device).manual_seed(5))
+        other = sliced_wasserstein_grouped(xs, ys, n_directions=20, reduce=reduce,
+                                           generator=torch.Generator(device).manual_seed(6))
+        assert torch.equal(got, again) and not torch.equal(got, other)
+
+
+def test_grouped_gradient_to_some_inputs_inference_and_no_double_backward(device):
+    from pyengine.ops import sliced_wasserstein_grouped
+
+    xs, ys, dims = _grouped_pairs(device, torch.float64)
+    theta = torch.randn(6, sum(dims), dtype=torch.float64, device=device)
+    ys = [y.detach() for y in ys]  # only xs take a gradient
+    d = sliced_wasserstein_grouped(xs, ys, theta)
+    gx = torch.autograd.grad(d.sum(), xs)
+    per = [torch.autograd.grad(sliced_wasserstein(x, y, b), x)[0] for x, y, b in zip(xs, ys, theta.split(dims, 1))]
+    for a, b in zip(gx, per):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.inference_mode():
+        xi = [x.detach().clone() for x in xs]
+        torch.testing.assert_close(sliced_wasserstein_grouped(xi, ys, theta), d.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        assert not sliced_wasserstein_grouped(xs, ys, theta).requires_grad
+    d = sliced_wasserstein_grouped(xs, ys, theta)
+    with pytest.raises(ValueError, match="double backward"):
+        torch.autograd.grad(d.sum(), xs, create_graph=True)
+
+
+def test_grouped_half_inputs_nan_and_opcheck(device):
+    from pyengine.ops import sliced_wasserstein_grouped
+
+    xs, ys, dims = _grouped_pairs(device, torch.float32)
+    theta = torch.randn(5, sum(dims), device=device)
+    half = sliced_wasserstein_grouped([x.detach().bfloat16() for x in xs], [y.detach().bfloat16() for y in ys], theta)
+    assert half.dtype == torch.float32
+    ref = sliced_wasserstein_grouped([x.detach().bfloat16().float() for x in xs],
+                                     [y.detach().bfloat16().float() for y in ys], theta)
+    torch.testing.assert_close(half, ref, rtol=0, atol=0)
+    bad = [y.detach().clone() for y in ys]
+    bad[2][3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"pair\(s\) \[2\]"):
+        sliced_wasserstein_grouped(xs, bad, theta)
+    assert torch.isnan(sliced_wasserstein_grouped(xs, bad, theta, check_nan=False)[2])
+    if pyengine.HAS_NATIVE:
+        x64 = [x.detach().double().requires_grad_() for x in xs]
+        y64 = [y.detach().double().requires_grad_() for y in ys]
+        for use_max in (True, False):
+            for normalize in (True, False):
+                torch.library.opcheck(torch.ops.pyengine.sliced_wasserstein_grouped.default,
+                                      (x64, y64, theta.double(), 2.0, use_max, normalize))

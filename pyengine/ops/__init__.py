@@ -25,8 +25,10 @@ from pyengine.ops.masked import (
     sparse_linear,
 )
 from pyengine.ops.sliced import (
+    grouped_directions,
     random_directions,
     sliced_wasserstein,
+    sliced_wasserstein_grouped,
     sliced_wasserstein_reference,
     sliced_work_bytes,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "entropy_counts_reference",
     "entropy_from_counts",
     "entropy_from_counts_reference",
+    "grouped_directions",
     "masked_cache_clear",
     "masked_cache_info",
     "masked_linear",
@@ -52,6 +55,7 @@ __all__ = [
     "relu_count",
     "samples_per_neuron",
     "sliced_wasserstein",
+    "sliced_wasserstein_grouped",
     "sliced_wasserstein_reference",
     "sliced_work_bytes",
     "sparse_linear",

@@ -51,6 +51,41 @@ def sliced_wasserstein_reference(x, y, theta, p=2.0, reduce="max"):
     return r.pow(1.0 / p)
 
 
+def _check_p_reduce(p, reduce: str) -> float:
+    if reduce not in ("max", "mean"):
+        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+    p = float(p)
+    if math.isinf(p):
+        raise ValueError("p = inf (the largest |difference| of sorted projections) is not supported; use a finite p >= 1")
+    if not p >= 1.0:
+        raise ValueError(f"p must be >= 1, got {p}")
+    return p
+
+
+def _check_generator(generator, device):
+    """The device the draw goes to: ``device``, else the generator's; a generator elsewhere is refused."""
+    if generator is not None:
+        if device is None:
+            return torch.device(generator.device)
+        if not same_device(generator.device, device):
+            raise ValueError(f"generator is on {generator.device} but the directions go to {torch.device(device)}; "
+                             "pass a generator on the data's device")
+    return torch.device(device) if device is not None else torch.get_default_device()
+
+
+def _gaussians(rows: int, cols: int, generator, dev: torch.device, dtype, normalize: bool) -> torch.Tensor:
+    """(rows, cols) standard normals (each row scaled to a unit vector when ``normalize``): on the CPU
+    (float32 / float64, native build) from pyengine's counter-based generator keyed by one draw
+    from ``generator``, elsewhere ``torch.randn`` on the device."""
+    if dev.type == "cpu" and dtype in (torch.float32, torch.float64) and _native.native_available(dev):
+        key = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+        theta = torch.empty(rows, cols, dtype=dtype)
+        torch.ops.pyengine.fill_directions_(theta, key, normalize)
+        return theta
+    theta = torch.randn(rows, cols, generator=generator, device=dev, dtype=dtype)
+    return theta / theta.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny) if normalize else theta
+
+
 def random_directions(n_directions: int, dim: int, *, generator=None, device=None, dtype=torch.float32):
     """K unit vectors drawn uniformly on the sphere (normalised Gaussians) on ``device``.
 
@@ -67,19 +102,22 @@ def random_directions(n_directions: int, dim: int, *, generator=None, device=Non
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
     if dim < 1:
         raise ValueError(f"dim must be at least 1, got {dim}")
-    if generator is not None:
-        if device is None:
-            device = generator.device
-        elif not same_device(generator.device, device):
-            raise ValueError(f"generator is on {generator.device} but the directions go to {torch.device(device)}")
-    dev = torch.device(device) if device is not None else torch.get_default_device()
-    if dev.type == "cpu" and dtype in (torch.float32, torch.float64) and _native.native_available(dev):
-        key = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
-        theta = torch.empty(n_directions, dim, dtype=dtype)
-        torch.ops.pyengine.fill_directions_(theta, key, True)
-        return theta
-    theta = torch.randn(n_directions, dim, generator=generator, device=dev, dtype=dtype)
-    return theta / theta.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return _gaussians(n_directions, dim, generator, _check_generator(generator, device), dtype, True)
+
+
+def grouped_directions(dims, n_directions: int, *, generator=None, device=None, dtype=torch.float32):
+    """(K, sum d): row k holds, in the column block of every pair g, an independent unit vector of
+    dimension d_g (normalised Gaussians) - the directions :func:`sliced_wasserstein_grouped` draws
+    when given none: the same generator state gives the same values."""
+    dims = [int(d) for d in dims]
+    n_directions = int(n_directions)
+    if n_directions < 1:
+        raise ValueError(f"n_directions must be at least 1, got {n_directions}")
+    if not dims or min(dims) < 1:
+        raise ValueError(f"dims must be one or more sizes >= 1, got {dims}")
+    theta = _gaussians(n_directions, sum(dims), generator, _check_generator(generator, device), dtype, False)
+    tiny = torch.finfo(dtype).tiny
+    return torch.cat([b / b.norm(dim=1, keepdim=True).clamp_min(tiny) for b in theta.split(dims, dim=1)], dim=1)
 
 
 def sliced_wasserstein(
@@ -105,13 +143,7 @@ def sliced_wasserstein(
     """
     check_tensor("x", x, dtypes=_SW_DTYPES, min_ndim=2)
     check_tensor("y", y, dtypes=_SW_DTYPES, min_ndim=2)
-    if reduce not in ("max", "mean"):
-        raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
-    p = float(p)
-    if math.isinf(p):
-        raise ValueError("p = inf (the largest |difference| of sorted projections) is not supported; use a finite p >= 1")
-    if not p >= 1.0:
-        raise ValueError(f"p must be >= 1, got {p}")
+    p = _check_p_reduce(p, reduce)
     check_same_device(x=x, y=y, directions=directions)
     if x.shape != y.shape:
         raise ValueError(f"x and y must have the same shape (equal point counts), got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -167,6 +199,83 @@ def sliced_wasserstein(
     return out[0] if single else out
 
 
+def sliced_wasserstein_grouped(
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    directions: torch.Tensor | list[torch.Tensor] | None = None,
+    *,
+    n_directions: int = 50,
+    p: float = 2.0,
+    reduce: str = "max",
+    generator: torch.Generator | None = None,
+    check_nan: bool = True,
+) -> torch.Tensor:
+    """(G,) (max-)sliced Wasserstein distances of G pairs ``(xs[g], ys[g])`` whose points have
+    different dimensions d_g but one count n - LaCoOT's block pairs - in one native call with one
+    autograd node: the same values as G calls of :func:`sliced_wasserstein`, a fraction of the
+    host work (what a launch-bound GPU training step pays for).
+
+    xs[g], ys[g]: (n, d_g) (flatten per-sample features first). directions: (K, sum d_g) with pair
+    g using its column block of every row, or a list of G (K, d_g) tensors, used as given; when
+    None, ``n_directions`` rows are drawn from ``generator`` with each block scaled to a unit
+    vector (:func:`grouped_directions` gives the same values). check_nan as for
+    :func:`sliced_wasserstein`. No double backward (create_graph=True)."""
+    if not isinstance(xs, (list, tuple)) or not isinstance(ys, (list, tuple)):
+        raise TypeError("xs and ys must be lists of tensors, one per pair")
+    if not xs or len(xs) != len(ys):
+        raise ValueError(f"xs and ys must hold the same number (>= 1) of pairs, got {len(xs)} and {len(ys)}")
+    p = _check_p_reduce(p, reduce)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        check_tensor(f"xs[{i}]", x, dtypes=_SW_DTYPES, ndim=2)
+        check_tensor(f"ys[{i}]", y, dtypes=_SW_DTYPES, ndim=2)
+    x0 = xs[0]
+    work = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    xs = [x.to(work) for x in xs]
+    ys = [y.to(work) for y in ys]
+    dims = [x.shape[1] for x in xs]
+    normalize = directions is None
+    if directions is None:
+        k = int(n_directions)
+        if k < 1:
+            raise ValueError(f"n_directions must be at least 1, got {k}")
+        need = sliced_work_bytes(len(xs), x0.shape[0], sum(dims), k, 8 if work == torch.float64 else 4)
+        if need > MAX_WORK_BYTES:
+            raise ValueError(
+                f"{k} directions for {len(xs)} pairs of {x0.shape[0]} points in {sum(dims)} dims in all need about "
+                f"{need / 2**30:.2f} GiB of working memory, above pyengine.ops.sliced.MAX_WORK_BYTES = "
+                f"{MAX_WORK_BYTES / 2**30:.2f} GiB; use fewer directions (or raise the limit if you mean it)")
+        theta = _gaussians(k, sum(dims), generator, _check_generator(generator, x0.device), work, False)
+    else:
+        if isinstance(directions, (list, tuple)):
+            if len(directions) != len(xs):
+                raise ValueError(f"directions holds {len(directions)} tensors for {len(xs)} pairs")
+            for i, (t, d) in enumerate(zip(directions, dims)):
+                check_tensor(f"directions[{i}]", t, ndim=2)
+                if t.shape[1] != d:
+                    raise ValueError(f"directions[{i}] has {t.shape[1]} dims but pair {i}'s points have {d}")
+            if len({t.shape[0] for t in directions}) != 1:
+                raise ValueError(f"every pair needs the same number of directions, got "
+                                 f"{[t.shape[0] for t in directions]}")
+            directions = torch.cat([t.to(device=x0.device, dtype=work) for t in directions], dim=1)
+        check_tensor("directions", directions, ndim=2)
+        theta = directions.to(work)
+    if _native.native_available(x0.device):
+        out = torch.ops.pyengine.sliced_wasserstein_grouped(xs, ys, theta, p, reduce == "max", normalize)
+    else:
+        check_same_device(**{f"xs[{i}]": x for i, x in enumerate(xs)}, **{f"ys[{i}]": y for i, y in enumerate(ys)},
+                          directions=theta)
+        blocks = theta.split(dims, dim=1)
+        if normalize:
+            tiny = torch.finfo(work).tiny
+            blocks = [b / b.norm(dim=1, keepdim=True).clamp_min(tiny) for b in blocks]
+        out = torch.stack([sliced_wasserstein_reference(x[None], y[None], b, p, reduce)[0]
+                           for x, y, b in zip(xs, ys, blocks)])
+    if check_nan and not torch.compiler.is_compiling() and bool(torch.isnan(out).any()):
+        bad = [i for i, v in enumerate(out.tolist()) if math.isnan(v)]
+        raise ValueError(f"the distance of pair(s) {bad} is NaN: their points or directions contain NaN")
+    return out
+
+
 # --------------------------------------------------------------------------- registration
 
 if _native.HAS_NATIVE:
@@ -181,6 +290,10 @@ if _native.HAS_NATIVE:
             x.new_empty((b, n, kg) if need_grad else (0,)),
             x.new_empty((b,) if (need_grad and use_max) else (0,), dtype=torch.int64),
         )
+
+    @torch.library.register_fake("pyengine::sliced_wasserstein_grouped")
+    def _swg_fake(xs, ys, theta, p, use_max, normalize):
+        return theta.new_empty((len(xs),))
 
     @torch.library.register_fake("pyengine::fill_directions_")
     def _fill_directions_fake(out, seed, normalize):

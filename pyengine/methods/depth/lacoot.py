@@ -40,11 +40,10 @@ from torch import Tensor, nn
 from pyengine.methods.base import Method, StepCallback, register
 from pyengine.methods.depth.common import DepthTolerance, last_within_tolerance, network_numbers
 from pyengine.methods.options import option
-from pyengine.ops import sliced_wasserstein
-from pyengine.ops._checks import same_device
+from pyengine.ops import sliced_wasserstein, sliced_wasserstein_grouped
 
 __all__ = ["LaCoOT", "LaCoOTOptions", "BlockPair", "ARCH_DEFAULTS", "find_block_pairs", "lacoot_regulariser",
-           "packed_directions", "BlockCapture", "score_blocks"]
+           "BlockCapture", "score_blocks"]
 
 # Published per-architecture settings (CIFAR-10). val_reduce: how validation distances are computed
 # (the authors' ResNet validation uses POT's sliced_wasserstein_distance, the others the max).
@@ -137,11 +136,6 @@ def find_block_pairs(model: nn.Module, blocks: list[str] | None = None) -> tuple
     return arch, pairs
 
 
-# Packing all pairs into one call (see lacoot_regulariser) holds G x B x sum(d) elements per side;
-# above this many bytes per side the pairs are computed one call each.
-PACK_BYTES = 256 * 2**20
-
-
 def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int = 50, p: float = 2.0,
                        reduce: str = "max", generator: torch.Generator | None = None,
                        directions: list[Tensor] | None = None, check_nan: bool = True,
@@ -150,18 +144,15 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
     features of each pair; returns (mean, per-pair distances). ``directions[i]`` (K, d_i) fixes the
     directions of pair i; otherwise ``n_directions`` are drawn from ``generator`` per pair.
     ``check_nan=False`` returns NaN instead of raising, without reading the result back (on CUDA
-    the check is a host sync per pair); the training step uses it and leaves a NaN to the training
-    loop's non-finite-loss check.
+    the check is a host sync); the training step uses it and leaves a NaN to the training loop's
+    non-finite-loss check.
 
-    packed: compute all G pairs in one native call (one forward, one backward) instead of G. Pair
-    g's points are placed in its own column block of a (G, B, sum d) tensor (zeros elsewhere) and
-    each direction row holds an independent unit vector in every block, so the projection of pair
-    g sees exactly its own d_g-dimensional unit direction: the same distances, G-fold padded data.
-    A CUDA training step is bound by the host's launches, not by this arithmetic, so one call
-    instead of G cuts the term's cost there (H100, ResNet-18 at batch 128: x1.35 -> x1.21 of a
-    plain step, benchmarks/results/gpu_h100.md). Default: packed on CUDA when the padded
-    tensors stay under ``PACK_BYTES`` and every pair has the same batch size; separate on the CPU
-    (where the padding's arithmetic would cost more than the calls)."""
+    packed: all G pairs in one native call with one autograd node
+    (:func:`pyengine.ops.sliced.sliced_wasserstein_grouped`: each pair projected on its own block
+    of one (K, sum d) draw) instead of G calls - the same distances and gradients for the same
+    directions, a fraction of the host work, which is what a launch-bound GPU step pays for.
+    Default: packed when every pair has the same batch size, dtype and device. ``packed=False``
+    draws each pair's directions separately (other values for the same seed)."""
     if not pairs:
         raise ValueError("lacoot_regulariser needs at least one pair")
     flat = []
@@ -175,77 +166,21 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
         flat.append((a, b))
     if directions is not None and len(directions) != len(flat):
         raise ValueError(f"directions holds {len(directions)} tensors for {len(flat)} pairs")
+    a0 = flat[0][0]
+    packable = all(a.shape[0] == a0.shape[0] and a.dtype == a0.dtype and a.device == a0.device for a, _ in flat)
     if packed is None:
-        packed = _packable(flat) and flat[0][0].device.type == "cuda"
-    elif packed and not _packable(flat):
+        packed = packable
+    elif packed and not packable:
         raise ValueError("packed=True needs pairs with one batch size, dtype and device")
-    if packed and len(flat) > 1:
-        d = _packed_distances(flat, n_directions, p, reduce, generator, directions, check_nan)
+    if packed:
+        d = sliced_wasserstein_grouped([a for a, _ in flat], [b for _, b in flat], directions,
+                                       n_directions=n_directions, p=p, reduce=reduce, generator=generator,
+                                       check_nan=check_nan)
     else:
         d = torch.stack([sliced_wasserstein(a, b, directions[i] if directions is not None else None,
                                             n_directions=n_directions, p=p, reduce=reduce, generator=generator,
                                             check_nan=check_nan) for i, (a, b) in enumerate(flat)])
     return d.mean(), d
-
-
-def _packable(flat) -> bool:
-    a0 = flat[0][0]
-    if any(a.shape[0] != a0.shape[0] or a.dtype != a0.dtype or a.device != a0.device for a, _ in flat):
-        return False
-    work = 8 if a0.dtype == torch.float64 else 4
-    return len(flat) * a0.shape[0] * sum(a.shape[1] for a, _ in flat) * work <= PACK_BYTES
-
-
-_BLOCK_INDEX: dict = {}
-
-
-def _block_index(dims: tuple[int, ...], device) -> Tensor:
-    """(sum d,) int64: the pair each packed column belongs to. Built on the device from Python
-    scalars (no host-to-device copy, so no host sync even at the first step) and cached."""
-    key = (dims, str(device))
-    t = _BLOCK_INDEX.get(key)
-    if t is None:
-        if len(_BLOCK_INDEX) > 64:
-            _BLOCK_INDEX.clear()
-        t = torch.zeros(sum(dims), dtype=torch.int64, device=device)
-        off = 0
-        for d in dims[:-1]:
-            off += d
-            t[off:] += 1
-        _BLOCK_INDEX[key] = t
-    return t
-
-
-def packed_directions(dims: list[int], n_directions: int, *, generator=None, device=None,
-                      dtype=torch.float32) -> Tensor:
-    """(K, sum d): row k holds, in the column block of every pair g, an independent unit vector of
-    dimension d_g (normalised Gaussians), drawn from ``generator`` on ``device``."""
-    if n_directions < 1:
-        raise ValueError(f"n_directions must be at least 1, got {n_directions}")
-    if generator is not None and device is not None and not same_device(generator.device, device):
-        raise ValueError(f"generator is on {generator.device} but the pairs are on {torch.device(device)}; pass a "
-                         "generator on the data's device")
-    dev = torch.device(device) if device is not None else (generator.device if generator is not None else None)
-    theta = torch.randn(n_directions, sum(dims), generator=generator, device=dev, dtype=dtype)
-    blk = _block_index(tuple(dims), theta.device)
-    sq = torch.zeros(n_directions, len(dims), device=theta.device, dtype=dtype).index_add_(1, blk, theta.square())
-    return theta * sq.clamp_min(torch.finfo(dtype).tiny).rsqrt().index_select(1, blk)
-
-
-def _packed_distances(flat, n_directions, p, reduce, generator, directions, check_nan) -> Tensor:
-    dims = [a.shape[1] for a, _ in flat]
-    x = torch.block_diag(*[a for a, _ in flat])  # (G B, sum d): pair g in rows g B.., columns of block g
-    y = torch.block_diag(*[b for _, b in flat])
-    g, n = len(flat), flat[0][0].shape[0]
-    work = torch.float64 if x.dtype == torch.float64 else torch.float32  # the op computes in this
-    if directions is not None:
-        ks = {int(t.shape[0]) for t in directions}
-        if len(ks) != 1:
-            raise ValueError(f"packed pairs need the same number of directions for every pair, got {sorted(ks)}")
-        theta = torch.cat([t.to(device=x.device, dtype=work) for t in directions], dim=1)
-    else:
-        theta = packed_directions(dims, n_directions, generator=generator, device=x.device, dtype=work)
-    return sliced_wasserstein(x.view(g, n, -1), y.view(g, n, -1), theta, p=p, reduce=reduce, check_nan=check_nan)
 
 
 class BlockCapture:
@@ -345,6 +280,7 @@ class _RegulariserStep(StepCallback):
         self.gen: torch.Generator | None = None
         self.sums: Tensor | None = None
         self.steps = 0
+        self.packed: bool | None = None  # lacoot_regulariser's choice (benchmarks set False to compare)
 
     def on_train_start(self, model):
         self.capture = BlockCapture(self.m.run.model, self.m.pairs).__enter__()
@@ -372,7 +308,7 @@ class _RegulariserStep(StepCallback):
         # no NaN check here: it would read the result back (a host sync per pair and step on CUDA);
         # a NaN makes the loss NaN, which the training loop reports with its step
         mean, d = lacoot_regulariser(pairs, n_directions=self.m.opt.directions, reduce="max", generator=self.gen,
-                                     check_nan=False)
+                                     check_nan=False, packed=self.packed)
         d = d.detach().double()
         self.sums = d if self.sums is None else self.sums + d
         self.steps += 1
