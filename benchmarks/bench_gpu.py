@@ -431,7 +431,8 @@ def _resnet():
 
 def case_train(timer, args):
     """Entropy collection on all 17 activations of a ResNet-18 CIFAR step (batch 128), as a ratio
-    to the plain step. The variants are interleaved (plain, collector, add_ hooks, plain, ...) and
+    to the plain step. The variants are interleaved (plain, collector, collector with hooks only,
+    add_ hooks, plain, ...) and
     each round's ratio is taken against the plain steps of the same round, so drift of the clock
     or of the host between variants does not enter the ratio. (LaCoOT's regulariser in the same
     step: benchmarks/bench_lacoot_step.py, which gpu_check.sh runs, with POT beside it.)"""
@@ -457,6 +458,11 @@ def case_train(timer, args):
     col = EntropyCollector(m_col)
     col.__enter__()
     steps["collector"] = make_step(m_col)
+    # (a') the same with pre-hooks on every activation (ReLUs not swapped for the fused relu_count)
+    m_hk = _resnet()
+    col_hk = EntropyCollector(m_hk, fused=False)
+    col_hk.__enter__()
+    steps["collector hooks"] = make_step(m_hk)
     # (b) the bare op in a hook: one kernel per activation, no allocation
     m = _resnet()
     sites = activation_map(m)
@@ -483,6 +489,7 @@ def case_train(timer, args):
         for k, f in steps.items():
             times[k].append(steps_time(f, n=10, warmup=1))
     col.__exit__(None, None, None)
+    col_hk.__exit__(None, None, None)
     for h in hs:
         h.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -496,15 +503,19 @@ def case_train(timer, args):
         hs += [s.module.register_forward_pre_hook(
             (lambda nm: lambda mod, a: ref.__setitem__(nm, ref.get(nm, 0) + ops.entropy_counts_reference(a[0], 1)))(s.name))
             for s in sites]
-        m(x)
+        with EntropyCollector(m) as fresh:  # the fused ReLUs, counting the same forward
+            m(x)
         for h in hs:
             h.remove()
     check("entropy_counts_add_ hooks on ResNet-18 == plain counts", all(torch.equal(acc[k], ref[k]) for k in ref),
           f"{len(ref)} activations")
+    check("EntropyCollector (fused ReLUs) on ResNet-18 == plain counts",
+          set(fresh.counts) == set(ref) and all(torch.equal(fresh.counts[k], ref[k]) for k in ref), f"{len(ref)} activations")
     row(f"entropy collection, {len(sites)} activations, ResNet-18 CIFAR step b128 (x plain step)",
         None, ratio["collector"], "<= 1.02", None,
-        f"plain {med['plain']:.3f} ms; EntropyCollector x{ratio['collector']:.3f}; bare add_ hooks "
-        f"x{ratio['add_ hooks']:.3f} (medians of {rounds} interleaved rounds' ratios)")
+        f"plain {med['plain']:.3f} ms; EntropyCollector x{ratio['collector']:.3f} (fused ReLUs; hooks only "
+        f"x{ratio['collector hooks']:.3f}); bare add_ hooks x{ratio['add_ hooks']:.3f} (medians of {rounds} "
+        "interleaved rounds' ratios)")
 
 
 def print_table(dev_name, copy_bw):

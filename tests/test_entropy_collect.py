@@ -151,3 +151,41 @@ def test_collector_reset_and_reload_start_over_cleanly():
     with c, torch.no_grad():
         model(xs[3])
     assert torch.equal(c.counts["1"], ref_b.counts["1"]) and c.samples == ref_b.samples
+
+
+def test_fused_relu_sites_count_and_train_exactly_like_hooks(device):
+    """nn.ReLU sites run the fused relu_count op while collecting, the others (GELU here) keep a
+    pre-hook: the counts, the sample numbers, the outputs and every gradient of a training step
+    equal the hook-only collector's, and the modules get their own forward back on exit."""
+    import copy
+
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                         nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7), nn.GELU(),
+                         nn.Linear(7, 3)).to(device)
+    xs = [torch.randn(n, 3, 6, 6, device=device) for n in (4, 2)]
+    runs = {}
+    for fused in (False, True):
+        model = copy.deepcopy(base).train()
+        col = EntropyCollector(model, fused=fused, inclusive=True)
+        grads = []
+        with col:
+            if fused:
+                assert sum("forward" in vars(m) for m in model.modules()) == 2  # the two ReLUs
+            for x in xs:
+                model.zero_grad(set_to_none=True)
+                out = model(x)
+                out.square().sum().backward()
+                grads.append([p.grad.clone() for p in model.parameters()] + [out.detach()])
+        assert not any("forward" in vars(m) for m in model.modules())
+        runs[fused] = (dict(col.counts), dict(col.samples), grads, col.results())
+    (c0, s0, g0, r0), (c1, s1, g1, r1) = runs[False], runs[True]
+    assert set(c0) == set(c1) == {"2", "4", "7"} and s0 == s1
+    for k in c0:
+        assert torch.equal(c0[k], c1[k]), k
+        assert r0[k].mean == r1[k].mean
+    for a, b in zip(g0, g1):
+        for u, v in zip(a, b):
+            assert torch.equal(u, v)

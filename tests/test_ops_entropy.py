@@ -243,3 +243,6 @@ def test_counts_add_opcheck(device):
     n = torch.zeros((), dtype=torch.int64, device=device)
     torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_.default, (c, n, x, 1, False, False))
     torch.library.opcheck(torch.ops.pyengine.relu_count.default, (x, c, n, 1, False, True))
+    # with a gradient: the op's C++ autograd node
+    torch.library.opcheck(torch.ops.pyengine.relu_count.default,
+                          (x.double().requires_grad_(), c, n, 1, False, True))

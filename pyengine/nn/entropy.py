@@ -1,6 +1,7 @@
-"""Entropy of activation states, collected with hooks on every activation's input.
+"""Entropy of activation states, collected on every activation's input while the model runs.
 
-The hook counts, per neuron, the samples whose pre-activation is ON with the native fused op
+A forward pre-hook (or, for nn.ReLU, the fused ReLU-and-count op swapped in for the module's
+forward) counts, per neuron, the samples whose pre-activation is ON with a native op
 (exact int64 counts kept on the device and accumulated over the whole loader, all-reduced under
 DDP), then turns the counts into per-layer entropy (methods.md section 0).
 
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pyengine import _native
 from pyengine.graph import activation_map
-from pyengine.ops import entropy_counts_add_, entropy_from_counts, samples_per_neuron
+from pyengine.ops import entropy_counts_add_, entropy_from_counts, relu_count, samples_per_neuron
 from pyengine.ops.entropy import _counts_shape
 
 
@@ -53,15 +55,21 @@ def neuron_dim_of(model: nn.Module, producer: str | None, ndim: int) -> int:
 
 
 class EntropyCollector:
-    """Forward pre-hooks on activations; use as a context manager around forward passes.
+    """Counts every activation's ON states while the model runs; a context manager around forward
+    passes.
 
     inclusive: count ``z >= 0`` as ON (EASIER) instead of ``z > 0`` (EGP).
     per_position: neuron = channel x position (DSD2) instead of channel.
+    fused: an ``nn.ReLU`` site runs the fused ``relu_count`` op while collecting (its forward is
+    swapped for one op that applies the ReLU and counts in the same pass, with ReLU's own gradient;
+    not in place, even for ``inplace=True``); every other activation gets a forward pre-hook that
+    counts its input. Both give the same counts; the fused way reads each activation once and adds
+    one op per activation instead of a hook and a second op.
     Counts stay on the device: no host synchronisation per activation or per batch.
     """
 
     def __init__(self, model: nn.Module, names: list[str] | None = None, *, inclusive: bool = False,
-                 per_position: bool = False, sites=None):
+                 per_position: bool = False, sites=None, fused: bool = True):
         self.model = model
         sites = sites if sites is not None else activation_map(model)
         if names is not None:
@@ -70,10 +78,12 @@ class EntropyCollector:
         self.sites = sites
         self.inclusive = inclusive
         self.per_position = per_position
+        self.fused = fused
         self.counts: dict[str, torch.Tensor] = {}
         self.samples: dict[str, int] = {}
         self._dims: dict[str, int] = {}
         self._handles = []
+        self._swapped: list[tuple[nn.Module, object]] = []
         self._nan_count: torch.Tensor | None = None
 
     def _nan(self, device) -> torch.Tensor:
@@ -81,12 +91,12 @@ class EntropyCollector:
             self._nan_count = torch.zeros((), dtype=torch.int64, device=device)
         return self._nan_count
 
-    def _hook(self, site):
+    def _prepare(self, site):
+        """For one site: z -> (its counts tensor, neuron dim), recording the samples z adds."""
         name = site.name
         per_call: dict = {}  # samples one call adds per neuron, by input shape
 
-        def hook(module, args):
-            z = args[0]
+        def prepare(z):
             cdim = self._dims.get(name)
             if cdim is None:
                 cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
@@ -94,24 +104,60 @@ class EntropyCollector:
             if counts is None:
                 counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
                                                          dtype=torch.int64, device=z.device)
-            # one in-place kernel: no allocation after the first batch, no host synchronisation
-            entropy_counts_add_(counts, z, cdim, self.per_position, self.inclusive, nan_count=self._nan(z.device))
             n = per_call.get(z.shape)
             if n is None:
                 n = per_call[z.shape] = samples_per_neuron(z.shape, cdim % z.dim(), self.per_position)
             self.samples[name] = self.samples.get(name, 0) + n
+            return counts, cdim
+
+        return prepare
+
+    def _hook(self, site):
+        prepare = self._prepare(site)
+
+        def hook(module, args):
+            z = args[0]
+            counts, cdim = prepare(z)
+            # one in-place kernel: no allocation after the first batch, no host synchronisation
+            entropy_counts_add_(counts, z, cdim, self.per_position, self.inclusive, nan_count=self._nan(z.device))
 
         return hook
 
+    def _fused_forward(self, site):
+        prepare = self._prepare(site)
+        native: dict = {}  # device -> whether the native op serves it (else the wrapper's fallback)
+
+        def forward(z):
+            counts, cdim = prepare(z)
+            nan = self._nan(z.device)
+            ok = native.get(z.device)
+            if ok is None:
+                ok = native[z.device] = isinstance(z, torch.Tensor) and _native.native_available(z.device)
+            if ok:
+                return torch.ops.pyengine.relu_count(z, counts, nan, cdim, self.per_position, self.inclusive)
+            return relu_count(z, counts, nan, cdim, self.per_position, self.inclusive)
+
+        return forward
+
     def __enter__(self):
         for s in self.sites:
-            self._handles.append(s.module.register_forward_pre_hook(self._hook(s)))
+            m = s.module
+            if self.fused and type(m) is nn.ReLU and "forward" not in vars(m):
+                fwd = self._fused_forward(s)
+                m.forward = fwd  # an instance attribute: the class's forward comes back when it is deleted
+                self._swapped.append((m, fwd))
+            else:
+                self._handles.append(m.register_forward_pre_hook(self._hook(s)))
         return self
 
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for m, fwd in self._swapped:
+            if vars(m).get("forward") is fwd:
+                del m.forward
+        self._swapped.clear()
 
     def reset(self) -> None:
         self.counts.clear()

@@ -128,19 +128,6 @@ def entropy_counts_add_(
     nan_count += torch.isnan(x).sum()
 
 
-class _ReluCount(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, counts, nan_count, channel_dim, per_position, inclusive):
-        y = torch.ops.pyengine.relu_count(x, counts, nan_count, channel_dim, per_position, inclusive)
-        ctx.save_for_backward(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad, y, 0), None, None, None, None, None
-
-
 def relu_count(
     x: torch.Tensor,
     counts: torch.Tensor,
@@ -157,8 +144,7 @@ def relu_count(
     if nan_count is None:
         nan_count = torch.zeros((), dtype=torch.int64, device=x.device)
     if isinstance(x, torch.Tensor) and _native.native_available(x.device):
-        if x.requires_grad and torch.is_grad_enabled():
-            return _ReluCount.apply(x, counts, nan_count, channel_dim, per_position, inclusive)
+        # differentiable through the op's C++ autograd node (csrc/entropy/entropy_autograd.cpp)
         return torch.ops.pyengine.relu_count(x, counts, nan_count, channel_dim, per_position, inclusive)
     entropy_counts_add_(counts, x, channel_dim, per_position, inclusive, nan_count)
     return torch.relu(x)
