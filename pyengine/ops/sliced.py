@@ -230,8 +230,8 @@ def sliced_wasserstein_grouped(
         check_tensor(f"ys[{i}]", y, dtypes=_SW_DTYPES, ndim=2)
     x0 = xs[0]
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    xs = [x.to(work) for x in xs]
-    ys = [y.to(work) for y in ys]
+    xs = [x if x.dtype == work else x.to(work) for x in xs]
+    ys = [y if y.dtype == work else y.to(work) for y in ys]
     dims = [x.shape[1] for x in xs]
     normalize = directions is None
     if directions is None:

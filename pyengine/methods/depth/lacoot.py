@@ -156,6 +156,7 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
     if not pairs:
         raise ValueError("lacoot_regulariser needs at least one pair")
     flat = []
+    packable = True  # one batch size, dtype and device for all pairs
     for i, (a, b) in enumerate(pairs):
         a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
         if a.shape != b.shape:
@@ -163,11 +164,11 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
                              "monitored block must keep its input's size")
         if a.dtype != b.dtype:
             a, b = a.float(), b.float()
+        a0 = flat[0][0] if flat else a
+        packable = packable and a.shape[0] == a0.shape[0] and a.dtype == a0.dtype and a.device == a0.device
         flat.append((a, b))
     if directions is not None and len(directions) != len(flat):
         raise ValueError(f"directions holds {len(directions)} tensors for {len(flat)} pairs")
-    a0 = flat[0][0]
-    packable = all(a.shape[0] == a0.shape[0] and a.dtype == a0.dtype and a.device == a0.device for a, _ in flat)
     if packed is None:
         packed = packable
     elif packed and not packable:
