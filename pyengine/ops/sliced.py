@@ -116,8 +116,13 @@ def grouped_directions(dims, n_directions: int, *, generator=None, device=None, 
     if not dims or min(dims) < 1:
         raise ValueError(f"dims must be one or more sizes >= 1, got {dims}")
     theta = _gaussians(n_directions, sum(dims), generator, _check_generator(generator, device), dtype, False)
-    tiny = torch.finfo(dtype).tiny
-    return torch.cat([b / b.norm(dim=1, keepdim=True).clamp_min(tiny) for b in theta.split(dims, dim=1)], dim=1)
+    return torch.cat(_unit_blocks(theta, dims), dim=1)
+
+
+def _unit_blocks(theta: torch.Tensor, dims) -> list[torch.Tensor]:
+    """The column blocks of ``theta`` of widths ``dims``, every row of each scaled to a unit vector."""
+    tiny = torch.finfo(theta.dtype).tiny
+    return [b / b.norm(dim=1, keepdim=True).clamp_min(tiny) for b in theta.split(list(dims), dim=1)]
 
 
 def sliced_wasserstein(
@@ -264,10 +269,7 @@ def sliced_wasserstein_grouped(
     else:
         check_same_device(**{f"xs[{i}]": x for i, x in enumerate(xs)}, **{f"ys[{i}]": y for i, y in enumerate(ys)},
                           directions=theta)
-        blocks = theta.split(dims, dim=1)
-        if normalize:
-            tiny = torch.finfo(work).tiny
-            blocks = [b / b.norm(dim=1, keepdim=True).clamp_min(tiny) for b in blocks]
+        blocks = _unit_blocks(theta, dims) if normalize else theta.split(dims, dim=1)
         out = torch.stack([sliced_wasserstein_reference(x[None], y[None], b, p, reduce)[0]
                            for x, y, b in zip(xs, ys, blocks)])
     if check_nan and not torch.compiler.is_compiling() and bool(torch.isnan(out).any()):
