@@ -389,3 +389,18 @@ def test_grouped_half_inputs_nan_and_opcheck(device):
             for normalize in (True, False):
                 torch.library.opcheck(torch.ops.pyengine.sliced_wasserstein_grouped.default,
                                       (x64, y64, theta.double(), 2.0, use_max, normalize))
+
+
+def test_grouped_zero_direction_block_gives_zero_not_nan(device):
+    """A direction whose block for one pair is all zeros projects that pair on nothing: distance 0
+    there (not 0 * inf = NaN from the unit scaling), the other pairs unchanged (float32 and 64)."""
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    for dtype in (torch.float32, torch.float64):
+        xs, ys, dims = _grouped_pairs(device, dtype)
+        theta = torch.randn(4, sum(dims), device=device, dtype=dtype)
+        theta[:, dims[0]:dims[0] + dims[1]] = 0
+        d = torch.ops.pyengine.sliced_wasserstein_grouped(xs, ys, theta, 2.0, True, True)
+        assert torch.isfinite(d).all() and float(d[1].detach()) == 0.0
+        d.sum().backward()
+        assert all(torch.isfinite(t.grad).all() for t in xs + ys)

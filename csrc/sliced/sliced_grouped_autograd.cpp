@@ -116,7 +116,10 @@ Forward grouped_forward(at::TensorList xs, at::TensorList ys, const at::Tensor& 
     off += dims[g];
   }
   if (normalize) {
-    f.scale.clamp_min_(std::numeric_limits<double>::min()).reciprocal_();
+    // a zero block gives zero projections (not 0 * inf): the smallest normal number of the dtype
+    const double tiny = th.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                         : double(std::numeric_limits<float>::min());
+    f.scale.clamp_min_(tiny).reciprocal_();
     P.mul_(f.scale.view({1, G, K, 1}));  // the projections on unit directions
   }
   static auto fwd = c10::Dispatcher::singleton()
