@@ -226,6 +226,8 @@ def cases(dev: torch.device):
         ("sliced_wasserstein_grouped wrapper directions",
          lambda: ops.sliced_wasserstein_grouped(gx, gx, [gth[:, :4], gth[:, :3]]), ValueError,
          r"directions\[1\] has 3 dims but pair 1's points have 2"),
+        ("sliced_wasserstein_grouped wrapper direction width",
+         lambda: ops.sliced_wasserstein_grouped(gx, gx, gth[:, :5]), ValueError, "directions have 5 dims but the pairs have 6"),
         ("sliced_wasserstein_grouped huge n_directions",
          lambda: ops.sliced_wasserstein_grouped(gx, gx, n_directions=10**8), ValueError, "working memory"),
     ]

@@ -127,15 +127,15 @@ class EntropyCollector:
         prepare = self._prepare(site)
         native: dict = {}  # device -> whether the native op serves it (else the wrapper's fallback)
 
-        def forward(z):
-            counts, cdim = prepare(z)
-            nan = self._nan(z.device)
-            ok = native.get(z.device)
+        def forward(input):  # nn.ReLU.forward's own signature  # noqa: A002
+            counts, cdim = prepare(input)
+            nan = self._nan(input.device)
+            ok = native.get(input.device)
             if ok is None:
-                ok = native[z.device] = isinstance(z, torch.Tensor) and _native.native_available(z.device)
+                ok = native[input.device] = _native.native_available(input.device)
             if ok:
-                return torch.ops.pyengine.relu_count(z, counts, nan, cdim, self.per_position, self.inclusive)
-            return relu_count(z, counts, nan, cdim, self.per_position, self.inclusive)
+                return torch.ops.pyengine.relu_count(input, counts, nan, cdim, self.per_position, self.inclusive)
+            return relu_count(input, counts, nan, cdim, self.per_position, self.inclusive)
 
         return forward
 

@@ -263,6 +263,8 @@ def sliced_wasserstein_grouped(
                                  f"{[t.shape[0] for t in directions]}")
             directions = torch.cat([t.to(device=x0.device, dtype=work) for t in directions], dim=1)
         check_tensor("directions", directions, ndim=2)
+        if directions.shape[1] != sum(dims):
+            raise ValueError(f"directions have {directions.shape[1]} dims but the pairs have {sum(dims)} in all")
         theta = directions.to(work)
     if _native.native_available(x0.device):
         out = torch.ops.pyengine.sliced_wasserstein_grouped(xs, ys, theta, p, reduce == "max", normalize)
