@@ -315,3 +315,29 @@ def test_lacoot_cli_run_resume_and_onnx_export(tmp_path, monkeypatch, capsys):
             rc = exc.code
         assert rc == 2, bad
         assert needle in capsys.readouterr().err
+
+
+def test_block_capture_keeps_each_pairs_input_and_output():
+    """One forward hook per block when the pair is one module (ResNet), a pre-hook and a hook on
+    two modules otherwise (MobileNetV2's depthwise unit): the tensors kept are the block's own."""
+    from pyengine.methods.depth.lacoot import BlockCapture, BlockPair
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, width=8).eval()
+    _, pairs = find_block_pairs(model)
+    seen = {}
+    hs = [model.get_submodule(p.block).register_forward_hook(
+        lambda m, a, o, k=p.block: seen.__setitem__(k, (a[0].clone(), o.clone()))) for p in pairs]
+    split = pairs + [BlockPair("l1split", "layer1.0.conv1", "layer1.0.bn1")]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), BlockCapture(model, split) as cap:
+        model(x)
+        got = cap.take()
+        for p, (a, b) in zip(pairs, got):
+            assert torch.equal(a, seen[p.block][0]) and torch.equal(b, seen[p.block][1])
+        a, b = got[-1]
+        assert a.shape[1] == model.layer1[0].conv1.in_channels and b.shape[1] == model.layer1[0].bn1.num_features
+        assert not cap.inputs and not cap.outputs  # take() clears
+    for h in hs:
+        h.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

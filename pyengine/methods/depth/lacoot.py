@@ -210,8 +210,16 @@ class BlockCapture:
                 if self.enabled:
                     self.outputs[key] = out
 
-            self._handles.append(named[p.src].register_forward_pre_hook(pre))
-            self._handles.append(named[p.dst].register_forward_hook(post))
+            def both(module, args, out, key=p.block):  # src == dst: one hook sees input and output
+                if self.enabled:
+                    self.inputs[key] = args[0]
+                    self.outputs[key] = out
+
+            if p.src == p.dst:
+                self._handles.append(named[p.src].register_forward_hook(both))
+            else:
+                self._handles.append(named[p.src].register_forward_pre_hook(pre))
+                self._handles.append(named[p.dst].register_forward_hook(post))
         return self
 
     def __exit__(self, *exc):
