@@ -9,6 +9,7 @@
 #include "common/cuda_glue.h"
 #include "sliced/sliced_args.h"
 #include "sliced/sliced_kernels.h"
+#include "sliced/sliced_project.h"
 
 namespace pyengine {
 namespace {
@@ -17,38 +18,14 @@ namespace pc = pyengine::cuda;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// How many pieces to split the reduction dimension d of theta (K, d) @ z (Bn, d)^T into, so that
-// a long thin product (LaCoOT flattens whole feature maps: d = C*H*W, K * Bn small) fills the
-// GPU: about two output tiles per multiprocessor, pieces of at least 2048, a power of two that
-// divides d. 1 = no split.
-int64_t split_k(int64_t K, int64_t Bn, int64_t d, int sms) {
-  if (d < 8192) return 1;
-  const int64_t tiles = ceil_div(K, 128) * ceil_div(Bn, 128);
-  const int64_t want = ceil_div(2 * int64_t(sms), tiles);
-  int64_t s = 1;
-  while (s * 2 <= want && d % (s * 2) == 0 && d / (s * 2) >= 2048) s *= 2;
-  return s;
-}
-
-// P (2, K, Bn): P[0] = theta @ x^T, P[1] = theta @ y^T, with x, y viewed as (Bn, d).
+// P (2, K, Bn): P[0] = theta @ x^T, P[1] = theta @ y^T, with x, y viewed as (Bn, d); the reduction
+// split (sliced_project.h) aims at about two output tiles per multiprocessor.
 at::Tensor project(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& y, int64_t Bn) {
   const int64_t K = theta.size(0), d = theta.size(1);
   at::Tensor P = at::empty({2, K, Bn}, x.options());
-  const int sms = pc::sm_count(x.get_device());
-  const int64_t s = split_k(K, Bn, d, sms);
-  for (int t = 0; t < 2; ++t) {
-    const at::Tensor z = (t == 0 ? x : y).view({Bn, d});
-    at::Tensor dst = P.select(0, t);
-    if (s == 1) {
-      at::mm_out(dst, theta, z.t());
-    } else {
-      // split-K as one strided batched GEMM over the pieces (zero-copy views), then a sum
-      const int64_t dc = d / s;
-      const at::Tensor th = theta.view({K, s, dc}).transpose(0, 1);  // (s, K, dc)
-      const at::Tensor zz = z.view({Bn, s, dc}).permute({1, 2, 0});  // (s, dc, Bn)
-      at::sum_out(dst, at::bmm(th, zz), {0});
-    }
-  }
+  const int64_t tiles = ceil_div(K, 128) * ceil_div(Bn, 128);
+  const int64_t s = split_k_pieces(d, ceil_div(2 * int64_t(pc::sm_count(x.get_device())), tiles));
+  for (int t = 0; t < 2; ++t) project_into(P.select(0, t), theta, (t == 0 ? x : y).view({Bn, d}), s);
   return P;
 }
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pyengine import _native
 from pyengine.graph import activation_map
 from pyengine.ops import entropy_counts_add_, entropy_from_counts, relu_count, samples_per_neuron
 from pyengine.ops.entropy import _counts_shape
@@ -125,17 +124,10 @@ class EntropyCollector:
 
     def _fused_forward(self, site):
         prepare = self._prepare(site)
-        native: dict = {}  # device -> whether the native op serves it (else the wrapper's fallback)
 
         def forward(input):  # nn.ReLU.forward's own signature  # noqa: A002
             counts, cdim = prepare(input)
-            nan = self._nan(input.device)
-            ok = native.get(input.device)
-            if ok is None:
-                ok = native[input.device] = _native.native_available(input.device)
-            if ok:
-                return torch.ops.pyengine.relu_count(input, counts, nan, cdim, self.per_position, self.inclusive)
-            return relu_count(input, counts, nan, cdim, self.per_position, self.inclusive)
+            return relu_count(input, counts, self._nan(input.device), cdim, self.per_position, self.inclusive)
 
         return forward
 

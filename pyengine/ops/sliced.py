@@ -51,6 +51,17 @@ def sliced_wasserstein_reference(x, y, theta, p=2.0, reduce="max"):
     return r.pow(1.0 / p)
 
 
+def _check_work(b: int, n: int, d: int, k: int, work: torch.dtype, what: str) -> None:
+    """Refuses a call whose working memory (``sliced_work_bytes``) is above ``MAX_WORK_BYTES``."""
+    need = sliced_work_bytes(b, n, d, k, 8 if work == torch.float64 else 4)
+    if need > MAX_WORK_BYTES:
+        raise ValueError(
+            f"{k} directions for {what} need about {need / 2**30:.2f} GiB of working memory, above "
+            f"pyengine.ops.sliced.MAX_WORK_BYTES = {MAX_WORK_BYTES / 2**30:.2f} GiB; use fewer directions (or raise "
+            "the limit if you mean it)"
+        )
+
+
 def _check_p_reduce(p, reduce: str) -> float:
     if reduce not in ("max", "mean"):
         raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
@@ -169,13 +180,7 @@ def sliced_wasserstein(
     x, y = x.to(work), y.to(work)
     b, n, d = x.shape
     k = int(n_directions) if directions is None else int(directions.shape[0]) if isinstance(directions, torch.Tensor) else 0
-    need = sliced_work_bytes(b, n, d, k, 8 if work == torch.float64 else 4)
-    if need > MAX_WORK_BYTES:
-        raise ValueError(
-            f"{k} directions for {b} pair(s) of {n} points in {d} dims need about {need / 2**30:.2f} GiB of working "
-            f"memory, above pyengine.ops.sliced.MAX_WORK_BYTES = {MAX_WORK_BYTES / 2**30:.2f} GiB; use fewer "
-            "directions (or raise the limit if you mean it)"
-        )
+    _check_work(b, n, d, k, work, f"{b} pair(s) of {n} points in {d} dims")
     if directions is None:
         if generator is not None and not same_device(generator.device, x.device):
             raise ValueError(
@@ -243,12 +248,8 @@ def sliced_wasserstein_grouped(
         k = int(n_directions)
         if k < 1:
             raise ValueError(f"n_directions must be at least 1, got {k}")
-        need = sliced_work_bytes(len(xs), x0.shape[0], sum(dims), k, 8 if work == torch.float64 else 4)
-        if need > MAX_WORK_BYTES:
-            raise ValueError(
-                f"{k} directions for {len(xs)} pairs of {x0.shape[0]} points in {sum(dims)} dims in all need about "
-                f"{need / 2**30:.2f} GiB of working memory, above pyengine.ops.sliced.MAX_WORK_BYTES = "
-                f"{MAX_WORK_BYTES / 2**30:.2f} GiB; use fewer directions (or raise the limit if you mean it)")
+        _check_work(len(xs), x0.shape[0], sum(dims), k, work,
+                    f"{len(xs)} pairs of {x0.shape[0]} points in {sum(dims)} dims in all")
         theta = _gaussians(k, sum(dims), generator, _check_generator(generator, x0.device), work, False)
     else:
         if isinstance(directions, (list, tuple)):
