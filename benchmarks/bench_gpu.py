@@ -248,6 +248,9 @@ def case_sparse(timer, args):
     n = k = sz(4096)
     w = (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
     p = ops.pack_sparse(w)
+    pb = ops.pack_sparse(w, format="bitmap")
+    print(f"  sparse formats: dense {w.nbytes / 2**20:.1f} MiB, csr {p.nbytes() / 2**20:.1f} MiB, "
+          f"bitmap {pb.nbytes() / 2**20:.1f} MiB", flush=True)
     for m in (1, 16):
         x = torch.randn(m, k, device=DEV, generator=g).bfloat16()
         ref64 = F.linear(x.double(), w.double())
@@ -272,10 +275,23 @@ def case_sparse(timer, args):
             os.environ["PYENGINE_SPARSE_SKINNY"] = "auto"
         if "auto" not in res:
             row(f"sparse linear bf16 4096^2 90% M={m}", d_cold, "FAIL", ">= 2.5x dense", note="check failed")
+        else:
+            note = "; ".join(f"{md} {a:.4f} warm / {c:.4f} cold-graph" for md, (a, c) in res.items())
+            row(f"sparse linear bf16 4096^2 90% M={m} (cold L2, graph)", d_cold, res["auto"][1], f"<= {d_cold / 2.5:.4f}",
+                None, f"dense warm {d_warm:.4f}; {note}; speedup {d_cold / res['auto'][1]:.2f}x")
+        # the same product from the 16 x 64 bitmap tiles (tensor-core kernel)
+        with Poison(), torch.no_grad():
+            err = rel(ops.sparse_linear(x, pb), ref64)
+            ops.check_device_errors(x.device)
+        name = f"sparse linear bf16 4096^2 90% M={m}, bitmap tiles (cold L2, graph)"
+        if not check(f"sparse_linear bitmap bf16 M={m}", err <= 2 * low + 1e-3, f"err {err:.2e} (dense bf16 {low:.2e})"):
+            row(name, d_cold, "FAIL", f"<= {d_cold / 2.5:.4f}", note="check failed: not timed")
             continue
-        note = "; ".join(f"{md} {a:.4f} warm / {c:.4f} cold-graph" for md, (a, c) in res.items())
-        row(f"sparse linear bf16 4096^2 90% M={m} (cold L2, graph)", d_cold, res["auto"][1], f"<= {d_cold / 2.5:.4f}",
-            None, f"dense warm {d_warm:.4f}; {note}; speedup {d_cold / res['auto'][1]:.2f}x")
+        with torch.no_grad():
+            fn = lambda: ops.sparse_linear(x, pb)  # noqa: E731
+            b_warm, b_cold = timer.time(fn), timer.time(fn, cold=True, graph=True)
+        row(name, d_cold, b_cold, f"<= {d_cold / 2.5:.4f}", None,
+            f"warm {b_warm:.4f} (dense warm {d_warm:.4f}); speedup {d_cold / b_cold:.2f}x")
 
 
 def case_masked(timer, args):

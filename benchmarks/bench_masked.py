@@ -1,4 +1,4 @@
-"""Masked linear (training path) and packed sparse linear (inference path) vs pure PyTorch.
+"""Masked linear (training) and packed sparse linear (inference; CSR and bitmap tiles) vs pure PyTorch.
 
 Reference for masked linear: F.linear(x, W * M) (forward + backward). Reference for the sparse
 path: dense F.linear on the same (pruned) weight, and torch's CSR matmul.
@@ -62,6 +62,12 @@ def run(device, repeats=10, quick=False):
         dt = str(dtype).replace("torch.", "")
         case = f"M={m} K={k} N={n} {sparsity:.0%} sparse"
         rows.append(Row("sparse_linear vs dense", case, dt, dense, ours))
+        bitmap = pack_sparse(w, format="bitmap")
+        with torch.no_grad():
+            t_bitmap = time_fn(lambda x, p: sparse_linear(x, p), [(x, bitmap)], device, repeats)
+            err = (sparse_linear(x, bitmap).float() - F.linear(x, w).float()).norm() / F.linear(x, w).float().norm()
+            assert err < (1e-4 if dtype == torch.float32 else 2e-2), err
+        rows.append(Row("sparse_linear bitmap tiles vs dense", case, dt, dense, t_bitmap))
         if dtype == torch.float32:
             csr = w.to_sparse_csr()
             with torch.no_grad():

@@ -24,6 +24,11 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "sparse_linear(Tensor x, Tensor rowptr, Tensor colidx, Tensor values, int in_features, "
       "Tensor? bias) -> Tensor");
+  // The same product with W in 16 x 64 bitmap tiles (csrc/masked/bitmap_kernels.h): bitmap int32
+  // [tiles * 32], offsets int32 [tiles + 1], values [nnz]; in_features is x's last dimension.
+  m.def(
+      "sparse_linear_bitmap(Tensor x, Tensor bitmap, Tensor offsets, Tensor values, int out_features, "
+      "Tensor? bias) -> Tensor");
   // tensors[i][masks[mask_index[i]] == 0] = 0 for every i, in one call.
   m.def("apply_masks_(Tensor(a!)[] tensors, Tensor[] masks, int[] mask_index) -> ()");
 

@@ -121,6 +121,50 @@ def cases(dev: torch.device):
         ("sparse_linear wrapper K mismatch",
          lambda: ops.sparse_linear(torch.randn(2, 10, **f32), ops.PackedWeight(rp, ci, vals, shape)), ValueError, "features"),
         ("pack_sparse 1-D", lambda: P.pack_sparse(torch.randn(5, **f32)), ValueError, "weight must have 2 dimensions"),
+        ("pack_sparse format", lambda: ops.pack_sparse(torch.randn(5, 5, **f32), format="coo"), ValueError, "format must be"),
+    ]
+
+    # ---- sparse linear, bitmap tiles: raw op with inconsistent offsets (never followed), on the
+    # tensor-core path (bfloat16, 3 rows of x) and the densify + GEMM paths (float32; 80 rows)
+    g = torch.Generator().manual_seed(1)
+    wb = torch.randn(40, 300, generator=g) * (torch.rand(40, 300, generator=g) < 0.1)
+    bw = ops.pack_sparse(wb.to(dev), format="bitmap")
+    bm, off, bv = bw.bitmap, bw.offsets, bw.values
+    tiles = off.numel() - 1
+    off_past = off.clone()
+    off_past[-1] = bv.numel() + 1000
+    off_dec = off.clone()
+    off_dec[5] = off[4] - 1
+    off_count = off.clone()
+    off_count[3] += 1  # tiles 2 and 3 no longer match their bits
+    bm_short = bm[:-32]
+
+    def bitmap(bitmap=bm, offsets=off, values=bv, n=40, xx=None, dtype=torch.float32, rows=3, bias=None):
+        xx = torch.randn(rows, 300, device=dev, dtype=dtype) if xx is None else xx
+        P.sparse_linear_bitmap(xx, bitmap, offsets, values.to(dtype), n, bias)
+        sync_check()
+
+    for label, dt, rows in (("mma", torch.bfloat16, 3), ("gemm", torch.float32, 80)):
+        out += [
+            (f"sparse_linear_bitmap {label} offsets past values", lambda dt=dt, rows=rows: bitmap(offsets=off_past, dtype=dt, rows=rows),
+             ValueError, rf"offsets\[{tiles - 1}\] = \d+ and offsets\[{tiles}\] = \d+ do not delimit"),
+            (f"sparse_linear_bitmap {label} offsets decreasing", lambda dt=dt, rows=rows: bitmap(offsets=off_dec, dtype=dt, rows=rows),
+             ValueError, r"offsets\[4\] = \d+ and offsets\[5\] = \d+ do not delimit|tile 5 has \d+ bits set"),
+            (f"sparse_linear_bitmap {label} count mismatch", lambda dt=dt, rows=rows: bitmap(offsets=off_count, dtype=dt, rows=rows),
+             ValueError, r"tile [23] has \d+ bits set in bitmap but offsets give it \d+ values"),
+        ]
+    out += [
+        ("sparse_linear_bitmap bitmap size", lambda: bitmap(bitmap=bm_short), ValueError, "bitmap holds .* words but a \\(40, 300\\) weight"),
+        ("sparse_linear_bitmap offsets size", lambda: bitmap(offsets=off[:-1]), ValueError, "offsets holds .* entries but"),
+        ("sparse_linear_bitmap bitmap dtype", lambda: bitmap(bitmap=bm.long()), TypeError, "bitmap has dtype int64"),
+        ("sparse_linear_bitmap offsets dtype", lambda: bitmap(offsets=off.float()), TypeError, "offsets has dtype float32"),
+        ("sparse_linear_bitmap x features", lambda: bitmap(xx=torch.randn(2, 100, **f32)), ValueError, "bitmap holds .* words but a \\(40, 100\\)"),
+        ("sparse_linear_bitmap bias", lambda: bitmap(bias=torch.randn(7, **f32)), ValueError, "bias has 7 entries but out_features is 40"),
+        ("sparse_linear_bitmap out_features", lambda: bitmap(n=-1), ValueError, "out_features must be >= 0"),
+        ("BitmapWeight offsets past", lambda: ops.BitmapWeight(bm, off_past, bv, (40, 300)), ValueError, "offsets ends at|bits set"),
+        ("BitmapWeight count mismatch", lambda: ops.BitmapWeight(bm, off_count, bv, (40, 300)), ValueError, "tile 2 has .* bits set"),
+        ("BitmapWeight shape disagrees", lambda: ops.BitmapWeight(bm, off, bv, (40, 100)), ValueError, "bitmap holds .* words"),
+        ("sparse_linear wrapper bitmap K mismatch", lambda: ops.sparse_linear(torch.randn(2, 10, **f32), bw), ValueError, "features"),
     ]
 
     # ---- apply_masks_
@@ -260,8 +304,12 @@ def good_calls(dev: torch.device) -> None:
         ops.masked_linear(x, w, m).sum().backward()
         with torch.no_grad():
             p = ops.pack_sparse(w.detach() * m)
+            pb = ops.pack_sparse(w.detach() * m, format="bitmap")
             for rows in (1, 5, 16, 40, 80):
                 ops.sparse_linear(torch.randn(rows, 40, device=dev, generator=g).to(dt), p)
+                ops.sparse_linear(torch.randn(rows, 40, device=dev, generator=g).to(dt), pb)
+            wb = torch.randn(100, 1000, device=dev, generator=g) * (torch.rand(100, 1000, device=dev, generator=g) < 0.1)
+            ops.sparse_linear(torch.randn(3, 1000, device=dev, generator=g).to(dt), ops.pack_sparse(wb.to(dt), format="bitmap"))
         t = [w.detach().clone()]
         ops.apply_masks_(t, [m])
         a = torch.randn(6, 5, 7, 3, device=dev, generator=g).to(dt)

@@ -28,6 +28,8 @@ def test_import_without_extension_falls_back_with_clear_message():
         p = ops.pack_sparse(wt * m)
         with torch.no_grad():
             assert torch.allclose(ops.sparse_linear(torch.ones(2, 3), p), torch.ones(2, 3) @ (wt * m).T, atol=1e-6)
+            pb = ops.pack_sparse(wt * m, format="bitmap")
+            assert torch.allclose(ops.sparse_linear(torch.ones(2, 3), pb), torch.ones(2, 3) @ (wt * m).T, atol=1e-6)
         t = [torch.randn(5, 3)]
         ops.apply_masks_(t, [m])
         assert (t[0][~m] == 0).all()

@@ -304,3 +304,140 @@ def test_apply_masks_more_tensors_than_one_launch_takes(device):
     expect = [t.masked_fill(~m, 0) for t, m in zip(ts, ms)]
     apply_masks_(ts, ms)
     assert all(torch.equal(t, e) for t, e in zip(ts, expect))
+
+
+# --------------------------------------------------------------------------- bitmap tiles
+
+
+def _bitmap_by_hand(w):
+    """The bitmap format written out entry by entry (independent of the vectorised packer)."""
+    n, k = w.shape
+    nt, kt = -(-n // 16), -(-k // 64)
+    words, offsets, values = [], [0], []
+    for rt in range(nt):
+        for ct in range(kt):
+            for r in range(16):
+                for h in range(2):
+                    word = 0
+                    for j in range(32):
+                        row, col = 16 * rt + r, 64 * ct + 32 * h + j
+                        if row < n and col < k and w[row, col] != 0:
+                            word |= 1 << j
+                            values.append(w[row, col].item())
+                    words.append(word - (1 << 32) if word >= 1 << 31 else word)
+            offsets.append(len(values))
+    return torch.tensor(words, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int32), values
+
+
+def test_pack_bitmap_matches_a_hand_written_packing():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 150, generator=g, dtype=torch.float64) * (torch.rand(37, 150, generator=g) < 0.2)
+    w[3, 31] = w[3, 63] = w[20, 149] = -1.5  # bit 31 of a word (the sign bit), tile edges
+    w[5] = 0  # an empty row
+    p = pack_sparse(w, format="bitmap")
+    words, offsets, values = _bitmap_by_hand(w)
+    assert torch.equal(p.bitmap, words) and torch.equal(p.offsets, offsets)
+    assert p.values.tolist() == values
+    assert p.shape == (37, 150) and p.nnz == int((w != 0).sum())
+    assert torch.equal(p.to_dense(), w)
+
+
+SPARSE_SHAPES = [(1, 1, 1, 1.0), (5, 37, 19, 0.1), (33, 256, 130, 0.05), (16, 64, 64, 0.0), (0, 8, 4, 0.5),
+                 (3, 130, 17, 1.0), (1, 4096, 48, 0.1), (16, 1000, 300, 0.1), (17, 520, 33, 0.3), (70, 200, 50, 0.2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k,n,density", SPARSE_SHAPES)
+def test_pack_bitmap_and_sparse_linear(device, poison, dtype, m, k, n, density):
+    # on CUDA: float16 / bfloat16 with m <= 64 take the tensor-core kernel, the rest densify + GEMM
+    g = torch.Generator().manual_seed(k + n + m)
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < density)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    wd, xd, bd = w.to(device, dtype), x.to(device, dtype), b.to(device, dtype)
+    packed = pack_sparse(wd, format="bitmap")
+    assert packed.nnz == int((wd != 0).sum())
+    assert torch.equal(packed.to_dense(), wd)
+    with torch.no_grad():
+        y = sparse_linear(xd, packed, bd)
+        y_nobias = sparse_linear(xd, packed)
+        low = F.linear(xd, wd, bd)
+    assert y.dtype == dtype and y.shape == (m, n)
+    _check_close(y.cpu(), low.cpu(), F.linear(x, w, b), dtype)
+    _check_close(y_nobias.cpu(), F.linear(xd, wd).cpu(), F.linear(x, w), dtype)
+    if device.type == "cuda":
+        pyengine.ops.check_device_errors(device)
+
+
+def test_sparse_linear_bitmap_batched_and_non_contiguous(device):
+    w = torch.randn(40, 96, device=device) * (torch.rand(40, 96, device=device) < 0.3)
+    packed = pack_sparse(w, format="bitmap")
+    x = torch.randn(2, 3, 96, device=device)
+    xt = torch.randn(96, 5, device=device).t()  # non-contiguous rows
+    with torch.no_grad():
+        assert rel_err(sparse_linear(x, packed), F.linear(x, w)) < 1e-5
+        assert rel_err(sparse_linear(xt, packed), F.linear(xt, w)) < 1e-5
+    with pytest.raises(RuntimeError, match="no_grad"):
+        sparse_linear(torch.randn(2, 96, device=device, requires_grad=True), packed)
+
+
+def test_bitmap_weight_is_validated_at_construction(device):
+    from pyengine.ops import BitmapWeight
+
+    w = torch.randn(20, 70, device=device) * (torch.rand(20, 70, device=device) < 0.3)
+    p = pack_sparse(w, format="bitmap")
+    BitmapWeight(p.bitmap, p.offsets, p.values, (20, 70))  # a valid one passes
+    start = p.offsets.clone()
+    start[0] = 1
+    with pytest.raises(ValueError, match="offsets must start at 0"):
+        BitmapWeight(p.bitmap, start, p.values, (20, 70))
+    with pytest.raises(ValueError, match="offsets ends at"):
+        BitmapWeight(p.bitmap, p.offsets, torch.cat([p.values, p.values[:1]]), (20, 70))
+    shifted = p.offsets.clone()
+    shifted[1] += 1
+    with pytest.raises(ValueError, match=r"tile 0 has \d+ bits set in bitmap but offsets\[0\] = 0 and offsets\[1\]"):
+        BitmapWeight(p.bitmap, shifted, p.values, (20, 70))
+    # a bit in the padding: row 20 of the first row tile's second half (rows 16..31 exist only to 19)
+    padded = p.bitmap.clone()
+    tiles_per_row = 2
+    t = 1 * tiles_per_row  # row tile 1, column tile 0
+    padded[t * 32 + 2 * 5] |= 1  # row 16 + 5 = 21 >= 20
+    offs = p.offsets.clone()
+    offs[t + 1:] += 1
+    vals = torch.cat([p.values[: int(p.offsets[t])], p.values.new_ones(1), p.values[int(p.offsets[t]):]])
+    with pytest.raises(ValueError, match="sets bits outside the 20 x 70 matrix"):
+        BitmapWeight(padded, offs, vals, (20, 70))
+    with pytest.raises(TypeError, match="bitmap has dtype"):
+        BitmapWeight(p.bitmap.long(), p.offsets, p.values, (20, 70))
+    with pytest.raises(ValueError, match="needs"):
+        BitmapWeight(p.bitmap, p.offsets, p.values, (40, 70))
+    with pytest.raises(ValueError, match="format must be"):
+        pack_sparse(w, format="dense")
+
+
+def test_sparse_linear_bitmap_bad_tile_never_followed(device):
+    # the raw op with a tile whose values would run past the end: a clear error (CUDA: at the next
+    # sync point), on every path, and the device stays usable
+    w = torch.randn(32, 200, device=device) * (torch.rand(32, 200, device=device) < 0.5)
+    p = pack_sparse(w, format="bitmap")
+    off = p.offsets.clone()
+    off[-1] += 1000
+    op = torch.ops.pyengine.sparse_linear_bitmap
+    for dtype, rows in ((torch.float16, 2), (torch.bfloat16, 16), (torch.float32, 4), (torch.float16, 100)):
+        with pytest.raises(ValueError, match=r"offsets\[\d+\] = \d+ and offsets\[\d+\] = \d+ do not delimit"):
+            op(torch.randn(rows, 200, device=device, dtype=dtype), p.bitmap, off, p.values.to(dtype), 32, None)
+            pyengine.ops.check_device_errors(device) if device.type == "cuda" else None
+        y = op(torch.ones(rows, 200, device=device, dtype=dtype), p.bitmap, p.offsets, p.values.to(dtype), 32, None)
+        ref = F.linear(torch.ones(rows, 200, device=device, dtype=torch.float64), w.double())
+        assert rel_err(y.double(), ref) < 1e-2
+
+
+def test_sparse_linear_bitmap_opcheck(device):
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    w = torch.randn(20, 70, device=device, dtype=torch.float64) * (torch.rand(20, 70, device=device) < 0.3)
+    p = pack_sparse(w, format="bitmap")
+    x = torch.randn(5, 70, device=device, dtype=torch.float64)
+    b = torch.randn(20, device=device, dtype=torch.float64)
+    for bias in (b, None):
+        torch.library.opcheck(torch.ops.pyengine.sparse_linear_bitmap.default, (x, p.bitmap, p.offsets, p.values, 20, bias))

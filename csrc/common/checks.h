@@ -154,6 +154,16 @@ inline void check_rowptr_cpu(const OpChecks& op, const at::Tensor& rowptr, int64
     op.value_error("rowptr ends at ", rp[n1 - 1], " but colidx and values hold ", nnz, " entries");
 }
 
+// The two ways a tile of the bitmap format (masked/bitmap_kernels.h) can be inconsistent, in the
+// words both the CPU check and the CUDA device-error record use.
+inline std::string tile_range_message(int64_t t, int64_t a, int64_t b) {
+  return c10::str("offsets[", t, "] = ", a, " and offsets[", t + 1, "] = ", b,
+                  " do not delimit stored values (0 <= offsets[t] <= offsets[t + 1] <= nnz)");
+}
+inline std::string tile_count_message(int64_t t, int64_t stored, int64_t bits) {
+  return c10::str("tile ", t, " has ", bits, " bits set in bitmap but offsets give it ", stored, " values");
+}
+
 // The argument checks of sparse_linear(x, rowptr, colidx, values, in_features, bias) that need no
 // look at the index values: shapes, dtypes, devices. Returns N (output features).
 inline int64_t check_sparse_linear_args(const OpChecks& op, const at::Tensor& x, const at::Tensor& rowptr,

@@ -60,7 +60,10 @@ Records& records() {
 }
 
 std::string describe(const DeviceErrorRecord& r) {
-  const char* op = r.op == kOpSparseLinear ? "sparse_linear" : (r.op == kOpSlicedBwd ? "sliced_wasserstein_bwd" : "op");
+  const char* op = r.op == kOpSparseLinear         ? "sparse_linear"
+                   : r.op == kOpSlicedBwd          ? "sliced_wasserstein_bwd"
+                   : r.op == kOpSparseLinearBitmap ? "sparse_linear_bitmap"
+                                                   : "op";
   std::string m = std::string("pyengine.") + op + ": ";
   switch (r.code) {
     case kDevErrColidx:
@@ -78,6 +81,12 @@ std::string describe(const DeviceErrorRecord& r) {
       break;
     case kDevErrWin:
       m += c10::str("win[", r.position, "] = ", r.value, " is not a direction (there are ", r.bound, ")");
+      break;
+    case kDevErrTileRange:
+      m += tile_range_message(r.position, r.value, r.bound);
+      break;
+    case kDevErrTileCount:
+      m += tile_count_message(r.position, r.value, r.bound);
       break;
     default:
       m += c10::str("unknown device error code ", r.code);

@@ -103,6 +103,9 @@ inline int max_smem_optin(int device) {
   return v > 0 ? v : 48 * 1024;
 }
 
+// Major compute capability of `device` (0 if unknown).
+inline int compute_major(int device) { return device_attr_cached(cudaDevAttrComputeCapabilityMajor, 2, device); }
+
 // Sum over the 32 lanes of a warp (int, unsigned, long long, float or double).
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

@@ -1,7 +1,7 @@
 // Index checks on the GPU without a host sync.
 //
 // A kernel that reads memory at an index taken from user data (CSR column indices and row
-// pointers, the winning direction of sliced Wasserstein) checks the index itself: a bad one is
+// pointers, bitmap tile offsets, the winning direction of sliced Wasserstein) checks the index itself: a bad one is
 // skipped (never a wild read) and described in a DeviceErrorRecord - one per device, in mapped
 // pinned host memory, so the host can read it without synchronising. The first error wins.
 // The torch glue raises it as a ValueError at the next natural sync point: the entry of the next
@@ -21,9 +21,11 @@ enum DeviceErrorCode : int32_t {
   kDevErrRowptrOrder = 3,  // position = row r with rowptr[r + 1] < rowptr[r]; value = rowptr[r + 1], bound = rowptr[r]
   kDevErrRowptrEnd = 4,    // position = row r whose end rowptr[r + 1] exceeds nnz; value, bound = nnz
   kDevErrWin = 5,          // position = pair b, value = win[b], bound = number of directions
+  kDevErrTileRange = 6,    // position = tile t, value = offsets[t], bound = offsets[t + 1] (not 0 <= a <= b <= nnz)
+  kDevErrTileCount = 7,    // position = tile t, value = offsets[t + 1] - offsets[t], bound = the tile's set bits
 };
 
-enum DeviceErrorOp : int32_t { kOpSparseLinear = 1, kOpSlicedBwd = 2 };
+enum DeviceErrorOp : int32_t { kOpSparseLinear = 1, kOpSlicedBwd = 2, kOpSparseLinearBitmap = 3 };
 
 struct DeviceErrorRecord {
   int32_t code;     // written last (after a system fence): non-zero means the fields are valid

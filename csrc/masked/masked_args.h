@@ -45,6 +45,43 @@ inline void check_pack_args(const OpChecks& op, const at::Tensor& w) {
   if (w.numel() >= (int64_t(1) << 31)) op.value_error("weight has 2**31 or more entries; at most 2**31 - 1 are supported");
 }
 
+// sparse_linear_bitmap(x (M, K), bitmap int32 [tiles * 32], offsets int32 [tiles + 1], values [nnz],
+// out_features, bias (N,)?): the tiled-bitmap format of masked/bitmap_kernels.h (16 x 64 tiles).
+// Returns the number of tiles. The contents of offsets and bitmap are checked where they are read
+// (the CPU kernel before it computes, the CUDA kernels tile by tile on the device).
+inline int64_t check_bitmap_linear_args(const OpChecks& op, const at::Tensor& x, const at::Tensor& bitmap,
+                                        const at::Tensor& offsets, const at::Tensor& values, int64_t out_features,
+                                        const c10::optional<at::Tensor>& bias) {
+  op.dim(x, "x", 2, "(M, in_features)");
+  op.floating(x, "x");
+  op.dim(bitmap, "bitmap", 1);
+  op.dtype(bitmap, "bitmap", {at::kInt});
+  op.dim(offsets, "offsets", 1);
+  op.dtype(offsets, "offsets", {at::kInt});
+  op.dim(values, "values", 1);
+  op.same_dtype(values, "values", x, "x");
+  op.same_device(bitmap, "bitmap", x, "x");
+  op.same_device(offsets, "offsets", x, "x");
+  op.same_device(values, "values", x, "x");
+  if (out_features < 0) op.value_error("out_features must be >= 0, got ", out_features);
+  const int64_t k = x.size(1);
+  const int64_t tiles = ((out_features + 15) / 16) * ((k + 63) / 64);
+  if (bitmap.numel() != tiles * 32)
+    op.value_error("bitmap holds ", bitmap.numel(), " words but a (", out_features, ", ", k,
+                   ") weight in 16 x 64 tiles needs ", tiles * 32, " (32 per tile)");
+  if (offsets.numel() != tiles + 1)
+    op.value_error("offsets holds ", offsets.numel(), " entries but ", tiles, " tiles need ", tiles + 1);
+  if (values.numel() >= (int64_t(1) << 31)) op.value_error("more than 2**31 - 1 stored entries");
+  if (bias.has_value() && bias->defined()) {
+    op.dim(*bias, "bias", 1);
+    op.same_dtype(*bias, "bias", x, "x");
+    op.same_device(*bias, "bias", x, "x");
+    if (bias->size(0) != out_features)
+      op.value_error("bias has ", bias->size(0), " entries but out_features is ", out_features);
+  }
+  return tiles;
+}
+
 // apply_masks_(tensors, masks, mask_index): element sizes 1, 2, 4 or 8 bytes; one device.
 inline void check_apply_masks_args(const OpChecks& op, at::TensorList tensors, at::TensorList masks,
                                    at::IntArrayRef mask_index) {

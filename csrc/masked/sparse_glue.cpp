@@ -13,70 +13,12 @@
 #include "common/cuda_glue.h"
 #include "masked/masked_args.h"
 #include "masked/sparse_kernels.h"
+#include "masked/tiled_linear.h"
 
 namespace pyengine {
 namespace {
 
 namespace pc = pyengine::cuda;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Extent of one tile along a dimension of `total` slices of `slice_bytes` bytes each, for a GEMM
-// whose output tile is `other` x extent: small matrices in one tile, else tiles of 8..32 MB (at
-// most about a quarter of the whole), a multiple of 8.
-int64_t tile_extent(int64_t total, int64_t slice_bytes, int64_t other) {
-  if (total <= 8 || total * slice_bytes <= (int64_t(2) << 20)) return total;
-  const int64_t lo = std::max<int64_t>(1, (int64_t(8) << 20) / slice_bytes);
-  const int64_t hi = std::max<int64_t>(lo, (int64_t(32) << 20) / slice_bytes);
-  const int64_t want = ceil_div(int64_t(1) << 21, std::max<int64_t>(other, 1));
-  int64_t t = std::min(std::max(want, lo), hi);
-  t = std::min(t, ceil_div(total, 4));
-  t = ceil_div(t, 8) * 8;
-  return std::min(t, total);
-}
-
-// out (m, n) = x @ W^T + bias with W densified tile by tile: tile t is produced on a side stream
-// (into buffer t % 2) while the current stream multiplies tile t - 1. The side stream first
-// waits for the current stream, and the current stream waits for every produced tile, so all work
-// is ordered before whatever the current stream does next (also under graph capture).
-template <class ProduceRows>
-void tiled_linear(const at::Tensor& x, const std::optional<at::Tensor>& bias, at::Tensor& out, int64_t n, int64_t k,
-                  ProduceRows&& produce_rows) {
-  const int64_t m = x.size(0);
-  const int64_t nt = tile_extent(n, k * x.element_size(), m);
-  const int64_t ntiles = ceil_div(n, nt);
-  at::Tensor buf[2] = {at::empty({nt * k}, x.options()), ntiles > 1 ? at::empty({nt * k}, x.options()) : at::Tensor()};
-  c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream();
-  auto consume = [&](int64_t t, const at::Tensor& b) {
-    const int64_t n0 = t * nt, rows = std::min(nt, n - n0);
-    const at::Tensor tile = b.narrow(0, 0, rows * k).view({rows, k});
-    at::Tensor dst = ntiles == 1 ? out : out.narrow(1, n0, rows);
-    if (bias.has_value() && bias->defined()) at::addmm_out(dst, bias->narrow(0, n0, rows), x, tile.t());
-    else at::mm_out(dst, x, tile.t());
-  };
-  if (ntiles == 1) {
-    produce_rows(int64_t(0), n, buf[0], main.stream());
-    consume(0, buf[0]);
-    return;
-  }
-  const int dev = main.device_index();
-  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, main.device_index());
-  cudaEvent_t ready = pc::cached_event(dev, 0);
-  cudaEvent_t produced[2] = {pc::cached_event(dev, 1), pc::cached_event(dev, 2)};
-  cudaEvent_t consumed[2] = {pc::cached_event(dev, 3), pc::cached_event(dev, 4)};
-  C10_CUDA_CHECK(cudaEventRecord(ready, main.stream()));
-  C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), ready, 0));
-  for (int64_t t = 0; t < ntiles; ++t) {
-    const int b = static_cast<int>(t & 1);
-    if (t >= 2) C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), consumed[b], 0));
-    const int64_t n0 = t * nt;
-    produce_rows(n0, std::min(nt, n - n0), buf[b], side.stream());
-    C10_CUDA_CHECK(cudaEventRecord(produced[b], side.stream()));
-    C10_CUDA_CHECK(cudaStreamWaitEvent(main.stream(), produced[b], 0));
-    consume(t, buf[b]);
-    C10_CUDA_CHECK(cudaEventRecord(consumed[b], main.stream()));
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor& weight) {
   const OpChecks op{"pack_sparse"};
@@ -166,7 +108,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_, const at::Tensor& rowptr_, c
   // let cuBLAS multiply.
   const std::optional<at::Tensor> bias_c = hb ? std::optional<at::Tensor>(b) : std::nullopt;
   const int32_t* rp = rowptr.data_ptr<int32_t>();
-  tiled_linear(x, bias_c, out, n, k, [&](int64_t n0, int64_t rows, const at::Tensor& buf, cudaStream_t s) {
+  tiled::tiled_linear(x, bias_c, out, n, k, [&](int64_t n0, int64_t rows, const at::Tensor& buf, cudaStream_t s) {
     C10_CUDA_CHECK(pc::sparse_densify_rows(dt, rp, colidx.data_ptr(), idx16, values.data_ptr(), nnz, n0, rows, k,
                                            buf.data_ptr(), rec, s));
   });

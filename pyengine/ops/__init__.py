@@ -17,6 +17,7 @@ from pyengine.ops.entropy import (
     samples_per_neuron,
 )
 from pyengine.ops.masked import (
+    BitmapWeight,
     PackedWeight,
     apply_masks_,
     masked_linear,
@@ -34,6 +35,7 @@ from pyengine.ops.sliced import (
 )
 
 __all__ = [
+    "BitmapWeight",
     "EntropyStats",
     "PackedWeight",
     "apply_masks_",

@@ -9,6 +9,11 @@ Semantics (each native kernel must equal its reference here):
   int16 column indices when K < 32768 (int32 otherwise) and the values in W's dtype.
   ``sparse_linear(x, packed, b) = x @ W^T + b`` touches only the stored nonzeros. Inference
   only: it has no autograd.
+* ``pack_sparse(W, format="bitmap")`` stores W in tiles of 16 rows x 64 columns: one bit per
+  entry (int32 words, 32 per tile: word 2r + h is row r of the tile, bit j column 32h + j), the
+  count of values stored before each tile, and the nonzeros tile by tile in bit order. On a GPU
+  (float16 / bfloat16, up to 64 rows of x) each tile is expanded in shared memory and multiplied
+  as a dense block on tensor cores ("load as sparse, compute as dense").
 * ``apply_masks_(tensors, masks, mask_index)`` sets ``tensors[i][~masks[mask_index[i]]] = 0``
   for all i in one call (weights, their gradients and optimiser buffers share a layer's mask).
   Zeroing (not multiplying) keeps pruned entries exactly 0 even where a value is inf or NaN.
@@ -188,6 +193,154 @@ class PackedWeight:
         return out
 
 
+TILE_ROWS, TILE_COLS = 16, 64  # the bitmap format's tile (csrc/masked/bitmap_kernels.h)
+
+
+def _popcount32(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word, as int64 (SWAR arithmetic on the unsigned value)."""
+    v = words.long() & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def _bitmap_tiles(n: int, k: int) -> tuple[int, int]:
+    return -(-n // TILE_ROWS), -(-k // TILE_COLS)
+
+
+def _padding_bits(n: int, k: int, device) -> torch.Tensor:
+    """(tiles * 32,) int64: the bits of each word that lie outside an (n, k) matrix."""
+    nt, kt = _bitmap_tiles(n, k)
+    rows = torch.arange(nt * TILE_ROWS, device=device).view(nt, 1, TILE_ROWS, 1)
+    cols = torch.arange(kt * TILE_COLS, device=device).view(1, kt, 2, 32)
+    row_out = (rows >= n).expand(nt, kt, TILE_ROWS, 1)
+    col_out = (cols >= k).view(1, kt, 1, 2, 32)
+    out = (row_out.unsqueeze(-1) | col_out).expand(nt, kt, TILE_ROWS, 2, 32)
+    weights = torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, device=device)
+    return (out.long() * weights).sum(-1).reshape(-1)
+
+
+@dataclass(frozen=True)
+class BitmapWeight:
+    """A weight matrix (out_features, in_features) in 16 x 64 bitmap tiles (see the module doc).
+
+    bitmap: int32 [tiles * 32]; offsets: int32 [tiles + 1], offsets[t] = values stored before tile
+    t; values: floating [nnz], tile by tile, each tile in bit order. Checked when constructed:
+    offsets start at 0, end at nnz and grow by exactly each tile's set bits, and no bit lies
+    outside the matrix. The kernels check each tile's range again as they read it (on CUDA on the
+    device), so tensors edited in place afterwards cannot crash them either.
+    """
+
+    bitmap: torch.Tensor
+    offsets: torch.Tensor
+    values: torch.Tensor
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        bitmap, offsets, values = self.bitmap, self.offsets, self.values
+        for name, t in (("bitmap", bitmap), ("offsets", offsets), ("values", values)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"BitmapWeight.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 1:
+                raise ValueError(f"BitmapWeight.{name} must be 1-D, got shape {tuple(t.shape)}")
+        try:
+            n, k = (int(v) for v in self.shape)
+        except (TypeError, ValueError):
+            raise TypeError(f"BitmapWeight.shape must be (out_features, in_features), got {self.shape!r}") from None
+        if n < 0 or k < 0 or len(tuple(self.shape)) != 2:
+            raise ValueError(f"BitmapWeight.shape must be two sizes >= 0, got {self.shape!r}")
+        object.__setattr__(self, "shape", (n, k))
+        for name, t in (("bitmap", bitmap), ("offsets", offsets)):
+            if t.dtype != torch.int32:
+                raise TypeError(f"BitmapWeight.{name} has dtype {t.dtype}; expected int32")
+        check_tensor("BitmapWeight.values", values)
+        check_same_device(bitmap=bitmap, offsets=offsets, values=values)
+        nt, kt = _bitmap_tiles(n, k)
+        tiles = nt * kt
+        if bitmap.numel() != tiles * 32:
+            raise ValueError(
+                f"BitmapWeight.bitmap holds {bitmap.numel()} words but a {n} x {k} weight in 16 x 64 tiles needs "
+                f"{tiles * 32} (32 per tile)"
+            )
+        if offsets.numel() != tiles + 1:
+            raise ValueError(f"BitmapWeight.offsets holds {offsets.numel()} entries but {tiles} tiles need {tiles + 1}")
+        nnz = values.numel()
+        if nnz >= 2**31:
+            raise ValueError("BitmapWeight holds 2**31 or more values; at most 2**31 - 1 are supported")
+        off = offsets.long()
+        counts = _popcount32(bitmap).view(tiles, 32).sum(1) if tiles else off.new_zeros(0)
+        stray = (bitmap.long() & 0xFFFFFFFF) & _padding_bits(n, k, bitmap.device)
+        first, last, bad_count, bad_pad = torch.stack([
+            off[0], off[-1], _first_true((off[1:] - off[:-1]) != counts), _first_true(stray != 0)
+        ]).tolist()  # one sync
+        if first != 0:
+            raise ValueError(f"BitmapWeight.offsets must start at 0 but offsets[0] is {first}")
+        if bad_count < tiles:
+            t = bad_count
+            a, b = off[t].item(), off[t + 1].item()
+            raise ValueError(
+                f"BitmapWeight tile {t} has {int(counts[t])} bits set in bitmap but offsets[{t}] = {a} and "
+                f"offsets[{t + 1}] = {b} give it {b - a} values"
+            )
+        if last != nnz:
+            raise ValueError(f"BitmapWeight.offsets ends at {last} but values holds {nnz} entries")
+        if bad_pad < tiles * 32:
+            raise ValueError(
+                f"BitmapWeight.bitmap word {bad_pad} (tile {bad_pad // 32}) sets bits outside the {n} x {k} matrix"
+            )
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        n, k = self.shape
+        return self.nnz / max(1, n * k)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.bitmap, self.offsets, self.values))
+
+    def to_dense(self) -> torch.Tensor:
+        n, k = self.shape
+        nt, kt = _bitmap_tiles(n, k)
+        bits = (self.bitmap.long().view(nt, kt, TILE_ROWS, 2, 1) >> torch.arange(32, device=self.bitmap.device)) & 1
+        tiles = torch.zeros(nt, kt, TILE_ROWS, TILE_COLS, dtype=self.values.dtype, device=self.values.device)
+        tiles[bits.view(nt, kt, TILE_ROWS, TILE_COLS).bool()] = self.values
+        return tiles.permute(0, 2, 1, 3).reshape(nt * TILE_ROWS, kt * TILE_COLS)[:n, :k].contiguous()
+
+
+def _pack_bitmap(weight: torch.Tensor) -> BitmapWeight:
+    """The bitmap tiles of W in plain PyTorch (any device; row tiles a few at a time)."""
+    n, k = weight.shape
+    nt, kt = _bitmap_tiles(n, k)
+    dev = weight.device
+    weights = torch.ones(32, dtype=torch.int32, device=dev) << torch.arange(32, dtype=torch.int32, device=dev)
+    words, counts, values = [], [], []
+    step = max(1, (1 << 22) // max(1, kt * TILE_ROWS * TILE_COLS))  # ~4M entries per chunk
+    for r0 in range(0, nt, step):
+        r1 = min(nt, r0 + step)
+        w = weight.new_zeros((r1 - r0) * TILE_ROWS, kt * TILE_COLS)
+        w[: min(n, r1 * TILE_ROWS) - r0 * TILE_ROWS, :k] = weight[r0 * TILE_ROWS : r1 * TILE_ROWS]
+        tiles = w.view(r1 - r0, TILE_ROWS, kt, TILE_COLS).permute(0, 2, 1, 3).contiguous()
+        nz = tiles != 0  # NaN is stored, +0 and -0 are not (as pack_sparse)
+        # int32 shifts put bit 31 at -2**31, so the int64 sum is the word's signed int32 value
+        words.append((nz.view(-1, 32).to(torch.int32) * weights).sum(-1).to(torch.int32))
+        counts.append(nz.view(-1, TILE_ROWS * TILE_COLS).sum(1))
+        values.append(tiles[nz])
+    offsets = torch.zeros(nt * kt + 1, dtype=torch.int32, device=dev)
+    if nt * kt:
+        offsets[1:] = torch.cumsum(torch.cat(counts), 0).to(torch.int32)
+    cat = lambda parts, like: torch.cat(parts) if parts else like  # noqa: E731
+    return BitmapWeight(
+        cat(words, torch.zeros(0, dtype=torch.int32, device=dev)),
+        offsets,
+        cat(values, weight.new_zeros(0)),
+        (int(n), int(k)),
+    )
+
+
 def _pack_reference(weight):
     n, k = weight.shape
     nz = weight != 0
@@ -199,12 +352,20 @@ def _pack_reference(weight):
     return rowptr, cols.to(idx_dtype), weight[rows, cols]
 
 
-def pack_sparse(weight: torch.Tensor) -> PackedWeight:
-    """Packs the nonzeros of a 2-D weight for :func:`sparse_linear`."""
+def pack_sparse(weight: torch.Tensor, format: str = "csr") -> PackedWeight | BitmapWeight:
+    """Packs the nonzeros of a 2-D weight for :func:`sparse_linear`.
+
+    format: "csr" (row pointers, 16-bit column indices where they fit) or "bitmap" (16 x 64 bit
+    tiles; the tensor-core path for float16 / bfloat16 on a GPU).
+    """
     check_tensor("weight", weight, ndim=2)
+    if format not in ("csr", "bitmap"):
+        raise ValueError(f"format must be 'csr' or 'bitmap', got {format!r}")
     if weight.numel() >= 2**31:
         raise ValueError("weight has 2**31 or more entries; pack_sparse supports fewer")
     w = weight.detach()
+    if format == "bitmap":
+        return _pack_bitmap(w)
     if _native.native_available(w.device):
         rowptr, colidx, values = torch.ops.pyengine.pack_sparse(w)
     else:
@@ -212,10 +373,12 @@ def pack_sparse(weight: torch.Tensor) -> PackedWeight:
     return PackedWeight(rowptr, colidx, values, (int(w.shape[0]), int(w.shape[1])))
 
 
-def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias=None) -> torch.Tensor:
-    """``x @ W^T + bias`` with W given packed by :func:`pack_sparse`. Inference only."""
-    if not isinstance(packed, PackedWeight):
-        raise TypeError(f"packed must be a PackedWeight from pack_sparse, got {type(packed).__name__}")
+def sparse_linear(x: torch.Tensor, packed: PackedWeight | BitmapWeight, bias=None) -> torch.Tensor:
+    """``x @ W^T + bias`` with W given packed by :func:`pack_sparse` (either format). Inference only."""
+    if not isinstance(packed, (PackedWeight, BitmapWeight)):
+        raise TypeError(
+            f"packed must be a PackedWeight or BitmapWeight from pack_sparse, got {type(packed).__name__}"
+        )
     n, k = packed.shape
     check_tensor("x", x, min_ndim=1)
     check_same_device(x=x, values=packed.values, bias=bias)
@@ -228,10 +391,12 @@ def sparse_linear(x: torch.Tensor, packed: PackedWeight, bias=None) -> torch.Ten
         raise RuntimeError("sparse_linear is an inference op and has no autograd; call it under torch.no_grad()")
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k)
-    if _native.native_available(x.device):
-        y = torch.ops.pyengine.sparse_linear(x2, packed.rowptr, packed.colidx, packed.values, k, bias)
-    else:
+    if not _native.native_available(x.device):
         y = sparse_linear_reference(x2, packed.to_dense(), bias)
+    elif isinstance(packed, BitmapWeight):
+        y = torch.ops.pyengine.sparse_linear_bitmap(x2, packed.bitmap, packed.offsets, packed.values, n, bias)
+    else:
+        y = torch.ops.pyengine.sparse_linear(x2, packed.rowptr, packed.colidx, packed.values, k, bias)
     return y.reshape(*lead, n)
 
 
@@ -311,6 +476,10 @@ if _native.HAS_NATIVE:
     @torch.library.register_fake("pyengine::sparse_linear")
     def _sparse_linear_fake(x, rowptr, colidx, values, in_features, bias):
         return x.new_empty((x.shape[0], rowptr.shape[0] - 1))
+
+    @torch.library.register_fake("pyengine::sparse_linear_bitmap")
+    def _sparse_linear_bitmap_fake(x, bitmap, offsets, values, out_features, bias):
+        return x.new_empty((x.shape[0], out_features))
 
     @torch.library.register_fake("pyengine::apply_masks_")
     def _apply_masks_fake(tensors, masks, mask_index):

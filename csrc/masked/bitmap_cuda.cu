@@ -1,0 +1,340 @@
+// Kernels of the tiled-bitmap sparse format (masked/bitmap_kernels.h): a small-batch product that
+// loads W as sparse and multiplies it as dense on tensor cores, and a densify kernel for the GEMM
+// path. Every tile's value range is checked on the device before it is read (a bad tile is
+// reported and counted as zero). No torch headers here: see bitmap_kernels.h.
+#include <mma.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+#include "common/device.cuh"
+#include "masked/bitmap_kernels.h"
+
+namespace pyengine {
+namespace cuda {
+
+using detail::aligned_to;
+using detail::ceil_div;
+using detail::current_device;
+using detail::kFullMask;
+using detail::Num;
+using detail::Pack;
+using detail::UIntOf;
+
+namespace {
+
+constexpr int kLd = kBmCols + 8;  // row pitch (elements) of the staged W tile and x slice
+constexpr int kMaxWarps = 16;     // warps per block of the product kernel
+
+// One warp's shared memory in the product kernel. Offsets 0, 2304 and 4608 bytes and the size
+// (6656 bytes) are multiples of 32 bytes, as WMMA loads and stores need.
+template <typename T>
+struct WarpBuf {
+  T a[kBmRows * kLd];       // the expanded W tile, row-major: a[r * kLd + c] = W[row0 + r, k0 + c]
+  T b[kBmRows * kLd];       // the x slice: b[i * kLd + c] = x[m0 + i, k0 + c] (0 past m or k)
+  T v[kBmRows * kBmCols];   // the tile's stored values, staged by coalesced loads
+};
+
+// Lane's share of one tile: its word (row lane / 2, columns 32 (lane % 2) ...), the exclusive prefix
+// of set bits over the lanes before it, and the tile's total. Whole warp.
+__device__ __forceinline__ void tile_scan(uint32_t word, int lane, int& pre, int& total) {
+  const int cnt = __popc(word);
+  int inc = cnt;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(kFullMask, inc, o);
+    if (lane >= o) inc += v;
+  }
+  total = __shfl_sync(kFullMask, inc, 31);
+  pre = inc - cnt;
+}
+
+// Whether tile t's values [o0, o1) can be read: a range inside [0, nnz] holding exactly the
+// tile's set bits. A bad tile is reported (by lane 0) and must be skipped. o0, o1 and total are
+// the same on every lane, so the answer is too.
+__device__ __forceinline__ bool tile_ok(int64_t t, int32_t o0, int32_t o1, int total, int64_t nnz,
+                                        DeviceErrorRecord* rec, int lane) {
+  if (o0 < 0 || o1 < o0 || static_cast<int64_t>(o1) > nnz) {
+    if (lane == 0) report_device_error(rec, kOpSparseLinearBitmap, kDevErrTileRange, t, o0, o1);
+    return false;
+  }
+  if (o1 - o0 != total) {
+    if (lane == 0) report_device_error(rec, kOpSparseLinearBitmap, kDevErrTileCount, t, o1 - o0, total);
+    return false;
+  }
+  return true;
+}
+
+// The bits of a lane's word that lie inside the matrix: columns c0 .. c0 + 31 against k, and the row.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+__device__ __forceinline__ uint32_t inside_bits(int64_t c0, int64_t k, bool row_inside) {
+  if (!row_inside || c0 >= k) return 0u;
+  const int64_t vc = k - c0;
+  return vc >= 32 ? 0xffffffffu : ((1u << vc) - 1u);
+}
+#endif
+
+// ============================================================================ product
+// Block = one row tile (16 rows of W) and 16 rows of x (grid.y); warp w takes column tiles w,
+// w + nwarps, ... For each: the next tile's word and offsets are requested, this tile's x slice
+// loaded into registers and its values staged in shared memory (both in flight together), the
+// tile expanded into a dense 16 x 64 block in shared memory, and 4 WMMA 16x16x16 products
+// accumulate C[i][j] = sum_c W[row0 + i, c] x[m0 + j, c] in fp32. The warps' C are summed through
+// shared memory at the end and written with the bias.
+template <typename T>
+__global__ void __launch_bounds__(kMaxWarps * 32)
+    bitmap_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint32_t* __restrict__ bitmap,
+                      const int32_t* __restrict__ offsets, const T* __restrict__ values, int64_t nnz,
+                      const T* __restrict__ bias, T* __restrict__ out, int64_t ldo, int64_t n, int64_t kt_count,
+                      bool x_vec, DeviceErrorRecord* rec) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  // WMMA on these element types needs compute capability 8.0; the host never launches this here.
+#else
+  namespace wmma = nvcuda::wmma;
+  using XP = Pack<T, 8>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int warp = static_cast<int>(threadIdx.x >> 5), lane = static_cast<int>(threadIdx.x & 31);
+  const int nwarps = static_cast<int>(blockDim.x >> 5);
+  WarpBuf<T>& buf = reinterpret_cast<WarpBuf<T>*>(smem_raw)[warp];
+  const int64_t rt = blockIdx.x;
+  const int64_t row0 = rt * kBmRows;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 16;
+  const int mv = static_cast<int>(m - m0 < 16 ? m - m0 : 16);
+  const int r = lane >> 1, h = lane & 1;
+  const bool row_inside = row0 + r < n;
+  const T zero = Num<T>::from_acc(0.0f);
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+
+  int64_t kt = warp;
+  uint32_t word = 0;
+  int32_t o0 = 0, o1 = 0;
+  if (kt < kt_count) {
+    const int64_t t = rt * kt_count + kt;
+    word = bitmap[t * kBmWords + lane];
+    o0 = offsets[t];
+    o1 = offsets[t + 1];
+  }
+  for (; kt < kt_count; kt += nwarps) {
+    const int64_t t = rt * kt_count + kt;
+    const int64_t c0 = kt * kBmCols + 32 * h;  // this lane's first column
+    uint32_t nword = 0;
+    int32_t no0 = 0, no1 = 0;
+    if (kt + nwarps < kt_count) {
+      const int64_t tn = t + nwarps;
+      nword = bitmap[tn * kBmWords + lane];
+      no0 = offsets[tn];
+      no1 = offsets[tn + 1];
+    }
+    // x[m0 + r, c0 .. c0 + 31] into registers (the lane's row of the B buffer)
+    XP xr[4];
+    if (r < mv && c0 < k) {
+      const T* xp = x + (m0 + r) * k + c0;
+      if (x_vec && c0 + 32 <= k) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xr[q] = reinterpret_cast<const XP*>(xp)[q];
+      } else {
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) xr[q].v[e] = (c0 + 8 * q + e < k) ? xp[8 * q + e] : zero;
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xr[q].v[e] = zero;
+    }
+    int pre, total;
+    tile_scan(word, lane, pre, total);
+    const bool ok = tile_ok(t, o0, o1, total, nnz, rec, lane);
+    if (ok) {  // the tile's values, 4 coalesced loads in flight per lane per round
+      for (int base = 0; base < total; base += 128) {
+        T vr[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = base + 32 * u + lane;
+          vr[u] = i < total ? values[static_cast<int64_t>(o0) + i] : zero;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int i = base + 32 * u + lane;
+          if (i < total) buf.v[i] = vr[u];
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) *reinterpret_cast<XP*>(&buf.b[r * kLd + 32 * h + 8 * q]) = xr[q];
+    __syncwarp();
+    // expand the lane's 32 entries; a set bit outside the matrix takes its value slot but stays 0
+    const uint32_t keep = ok ? inside_bits(c0, k, row_inside) : 0u;
+    int p = pre;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      XP a;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int j = 8 * q + e;
+        const bool set = (word >> j) & 1u;
+        a.v[e] = (set && ((keep >> j) & 1u)) ? buf.v[p] : zero;
+        p += set ? 1 : 0;
+      }
+      *reinterpret_cast<XP*>(&buf.a[r * kLd + 32 * h + 8 * q]) = a;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int kk = 0; kk < kBmCols / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, buf.a + 16 * kk, kLd);
+      wmma::load_matrix_sync(fb, buf.b + 16 * kk, kLd);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    __syncwarp();  // the buffers are rewritten by the next tile
+    word = nword;
+    o0 = no0;
+    o1 = no1;
+  }
+  // sum the warps' C (each stored in its own, now idle, buffer) and write out[m0 + j, row0 + i]
+  float* cw = reinterpret_cast<float*>(&buf);
+  wmma::store_matrix_sync(cw, acc, 16, wmma::mem_row_major);  // cw[i * 16 + j] = C[i][j]
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e < 256; e += static_cast<int>(blockDim.x)) {
+    const int j = e >> 4, i = e & 15;  // consecutive threads write consecutive output columns
+    if (j < mv && row0 + i < n) {
+      float s = 0.0f;
+      for (int w = 0; w < nwarps; ++w)
+        s += reinterpret_cast<const float*>(smem_raw + static_cast<size_t>(w) * sizeof(WarpBuf<T>))[i * 16 + j];
+      if (bias != nullptr) s += Num<T>::to_acc(bias[row0 + i]);
+      out[(m0 + j) * ldo + row0 + i] = Num<T>::from_acc(s);
+    }
+  }
+#endif
+}
+
+template <typename T>
+cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
+                         const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
+                         DeviceErrorRecord* rec, cudaStream_t stream) {
+  const int dev = current_device();
+  const int64_t nt = ceil_div(n, kBmRows), kt = ceil_div(k, kBmCols);
+  // as many warps as there are column tiles, up to 16 and to what the device's shared memory holds
+  const int64_t fit = std::max<int64_t>(1, detail::max_smem_optin(dev) / static_cast<int64_t>(sizeof(WarpBuf<T>)));
+  const int max_warps = static_cast<int>(std::min<int64_t>(kMaxWarps, fit));
+  const int warps = static_cast<int>(std::min<int64_t>(max_warps, kt));
+  const size_t smem = static_cast<size_t>(warps) * sizeof(WarpBuf<T>);
+  auto kernel = bitmap_mma_kernel<T>;
+  // the opt-in limit is set once per device for the largest block (the attribute belongs to the
+  // kernel in each device's context)
+  static std::atomic<uint64_t> opted{0};
+  const uint64_t bit = (dev >= 0 && dev < 64) ? (uint64_t(1) << dev) : 0;
+  if (smem > 48 * 1024 && (bit == 0 || (opted.load(std::memory_order_relaxed) & bit) == 0)) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(static_cast<size_t>(max_warps) * sizeof(WarpBuf<T>)));
+    if (err != cudaSuccess) return err;
+    opted.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const bool x_vec = aligned_to(x, 16) && k % 8 == 0;
+  constexpr int64_t kMaxGridY = 65535;
+  for (int64_t mb = 0; mb < m; mb += kMaxGridY * 16) {
+    const int64_t rows = std::min<int64_t>(m - mb, kMaxGridY * 16);
+    const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(ceil_div(rows, 16)));
+    kernel<<<grid, warps * 32, smem, stream>>>(x + mb * k, rows, k, reinterpret_cast<const uint32_t*>(bitmap),
+                                               offsets, values, nnz, bias, out + mb * ldo, ldo, n, kt, x_vec, rec);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// ============================================================================ densify
+// One warp per tile of the row range [row0, row0 + nrows): every element of the tile inside the
+// matrix is written (zeros included), so the destination needs no clearing.
+constexpr int kDensifyThreads = 256;
+
+template <typename U>
+__global__ void __launch_bounds__(kDensifyThreads)
+    bitmap_densify_kernel(const uint32_t* __restrict__ bitmap, const int32_t* __restrict__ offsets,
+                          const U* __restrict__ values, int64_t nnz, int64_t n, int64_t k, int64_t kt_count,
+                          int64_t row0, int64_t nrows, U* __restrict__ tile, DeviceErrorRecord* rec) {
+  const int64_t wid = (static_cast<int64_t>(blockIdx.x) * kDensifyThreads + threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int64_t local_tiles = (nrows + kBmRows - 1) / kBmRows * kt_count;
+  if (wid >= local_tiles) return;  // whole warp
+  const int64_t lrt = wid / kt_count, kt = wid % kt_count;
+  const int64_t t = (row0 / kBmRows + lrt) * kt_count + kt;
+  const uint32_t word = bitmap[t * kBmWords + lane];
+  const int32_t o0 = offsets[t], o1 = offsets[t + 1];
+  int pre, total;
+  tile_scan(word, lane, pre, total);
+  const bool ok = tile_ok(t, o0, o1, total, nnz, rec, lane);
+  const int r = lane >> 1, h = lane & 1;
+  const int64_t row = lrt * kBmRows + r;  // row of the destination
+  if (row >= nrows || row0 + row >= n) return;
+  const int64_t c0 = kt * kBmCols + 32 * h;
+  U* dst = tile + row * k;
+  int64_t p = static_cast<int64_t>(o0) + pre;
+  for (int j = 0; j < 32; ++j) {
+    const int64_t c = c0 + j;
+    const bool set = (word >> j) & 1u;
+    if (c < k) dst[c] = (ok && set) ? values[p] : U(0);
+    p += set ? 1 : 0;
+  }
+}
+
+template <int Bytes>
+cudaError_t densify_es(const int32_t* bitmap, const int32_t* offsets, const void* values, int64_t nnz, int64_t n,
+                       int64_t k, int64_t row0, int64_t nrows, void* tile, DeviceErrorRecord* rec,
+                       cudaStream_t stream) {
+  using U = typename UIntOf<Bytes>::type;
+  const int64_t kt = ceil_div(k, kBmCols);
+  const int64_t warps = ceil_div(nrows, kBmRows) * kt;
+  const int64_t grid = ceil_div(warps * 32, kDensifyThreads);
+  bitmap_densify_kernel<U><<<static_cast<unsigned>(grid), kDensifyThreads, 0, stream>>>(
+      reinterpret_cast<const uint32_t*>(bitmap), offsets, static_cast<const U*>(values), nnz, n, k, kt, row0, nrows,
+      static_cast<U*>(tile), rec);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// ============================================================================ launchers
+bool bitmap_mma_supported(DType dt, int device) {
+  return (dt == DType::kFloat16 || dt == DType::kBFloat16) && detail::compute_major(device) >= 8;
+}
+
+cudaError_t sparse_linear_bitmap_mma(DType dt, const void* x, int64_t m, int64_t k, const int32_t* bitmap,
+                                     const int32_t* offsets, const void* values, int64_t nnz, const void* bias,
+                                     void* out, int64_t ldo, int64_t n, DeviceErrorRecord* rec, cudaStream_t stream) {
+  if (m <= 0 || n <= 0 || k <= 0) return cudaSuccess;
+  switch (dt) {
+    case DType::kFloat16:
+      return bitmap_mma_t<__half>(static_cast<const __half*>(x), m, k, bitmap, offsets,
+                                  static_cast<const __half*>(values), nnz, static_cast<const __half*>(bias),
+                                  static_cast<__half*>(out), ldo, n, rec, stream);
+    case DType::kBFloat16:
+      return bitmap_mma_t<__nv_bfloat16>(static_cast<const __nv_bfloat16*>(x), m, k, bitmap, offsets,
+                                         static_cast<const __nv_bfloat16*>(values), nnz,
+                                         static_cast<const __nv_bfloat16*>(bias), static_cast<__nv_bfloat16*>(out),
+                                         ldo, n, rec, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t bitmap_densify_rows(DType dt, const int32_t* bitmap, const int32_t* offsets, const void* values,
+                                int64_t nnz, int64_t n, int64_t k, int64_t row0, int64_t nrows, void* tile,
+                                DeviceErrorRecord* rec, cudaStream_t stream) {
+  if (nrows <= 0 || k <= 0) return cudaSuccess;
+  if (row0 % kBmRows != 0) return cudaErrorInvalidValue;
+  switch (dtype_size(dt)) {
+    case 2: return densify_es<2>(bitmap, offsets, values, nnz, n, k, row0, nrows, tile, rec, stream);
+    case 4: return densify_es<4>(bitmap, offsets, values, nnz, n, k, row0, nrows, tile, rec, stream);
+    case 8: return densify_es<8>(bitmap, offsets, values, nnz, n, k, row0, nrows, tile, rec, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace pyengine
