@@ -10,6 +10,12 @@
 
 #include "common/dtype.h"
 
+// Declares `name` as the block's dynamic shared memory, aligned to `align` bytes (the CPU model of
+// the execution model in tests/cuda_model defines its own).
+#ifndef PYENGINE_DYNAMIC_SMEM
+#define PYENGINE_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#endif
+
 namespace pyengine {
 namespace cuda {
 namespace detail {

@@ -37,7 +37,7 @@ struct DeviceErrorRecord {
   int64_t bound;
 };
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PYENGINE_KERNEL_MODEL)  // the latter: tests/cuda_model
 __device__ __forceinline__ void report_device_error(DeviceErrorRecord* rec, int32_t op, int32_t code,
                                                     int64_t position, int64_t value, int64_t bound) {
   if (rec == nullptr) return;

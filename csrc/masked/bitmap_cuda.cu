@@ -93,7 +93,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #else
   namespace wmma = nvcuda::wmma;
   using XP = Pack<T, 8>;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  PYENGINE_DYNAMIC_SMEM(smem_raw, 128);
   const int warp = static_cast<int>(threadIdx.x >> 5), lane = static_cast<int>(threadIdx.x & 31);
   const int nwarps = static_cast<int>(blockDim.x >> 5);
   WarpBuf<T>& buf = reinterpret_cast<WarpBuf<T>*>(smem_raw)[warp];
@@ -214,41 +214,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
 #endif
 }
 
-template <typename T>
-cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
-                         const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
-                         DeviceErrorRecord* rec, cudaStream_t stream) {
-  const int dev = current_device();
-  const int64_t nt = ceil_div(n, kBmRows), kt = ceil_div(k, kBmCols);
-  // as many warps as there are column tiles, up to 16 and to what the device's shared memory holds
-  const int64_t fit = std::max<int64_t>(1, detail::max_smem_optin(dev) / static_cast<int64_t>(sizeof(WarpBuf<T>)));
-  const int max_warps = static_cast<int>(std::min<int64_t>(kMaxWarps, fit));
-  const int warps = static_cast<int>(std::min<int64_t>(max_warps, kt));
-  const size_t smem = static_cast<size_t>(warps) * sizeof(WarpBuf<T>);
-  auto kernel = bitmap_mma_kernel<T>;
-  // the opt-in limit is set once per device for the largest block (the attribute belongs to the
-  // kernel in each device's context)
-  static std::atomic<uint64_t> opted{0};
-  const uint64_t bit = (dev >= 0 && dev < 64) ? (uint64_t(1) << dev) : 0;
-  if (smem > 48 * 1024 && (bit == 0 || (opted.load(std::memory_order_relaxed) & bit) == 0)) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(static_cast<size_t>(max_warps) * sizeof(WarpBuf<T>)));
-    if (err != cudaSuccess) return err;
-    opted.fetch_or(bit, std::memory_order_relaxed);
-  }
-  const bool x_vec = aligned_to(x, 16) && k % 8 == 0;
-  constexpr int64_t kMaxGridY = 65535;
-  for (int64_t mb = 0; mb < m; mb += kMaxGridY * 16) {
-    const int64_t rows = std::min<int64_t>(m - mb, kMaxGridY * 16);
-    const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(ceil_div(rows, 16)));
-    kernel<<<grid, warps * 32, smem, stream>>>(x + mb * k, rows, k, reinterpret_cast<const uint32_t*>(bitmap),
-                                               offsets, values, nnz, bias, out + mb * ldo, ldo, n, kt, x_vec, rec);
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
-}
-
 // ============================================================================ densify
 // One warp per tile of the row range [row0, row0 + nrows): every element of the tile inside the
 // matrix is written (zeros included), so the destination needs no clearing.
@@ -284,6 +249,47 @@ __global__ void __launch_bounds__(kDensifyThreads)
   }
 }
 
+}  // namespace
+
+// ============================================================================ launchers
+#ifndef PYENGINE_KERNEL_MODEL  // the launchers (tests/cuda_model compiles the kernels alone)
+namespace {
+
+template <typename T>
+cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
+                         const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
+                         DeviceErrorRecord* rec, cudaStream_t stream) {
+  const int dev = current_device();
+  const int64_t nt = ceil_div(n, kBmRows), kt = ceil_div(k, kBmCols);
+  // as many warps as there are column tiles, up to 16 and to what the device's shared memory holds
+  const int64_t fit = std::max<int64_t>(1, detail::max_smem_optin(dev) / static_cast<int64_t>(sizeof(WarpBuf<T>)));
+  const int max_warps = static_cast<int>(std::min<int64_t>(kMaxWarps, fit));
+  const int warps = static_cast<int>(std::min<int64_t>(max_warps, kt));
+  const size_t smem = static_cast<size_t>(warps) * sizeof(WarpBuf<T>);
+  auto kernel = bitmap_mma_kernel<T>;
+  // the opt-in limit is set once per device for the largest block (the attribute belongs to the
+  // kernel in each device's context)
+  static std::atomic<uint64_t> opted{0};
+  const uint64_t bit = (dev >= 0 && dev < 64) ? (uint64_t(1) << dev) : 0;
+  if (smem > 48 * 1024 && (bit == 0 || (opted.load(std::memory_order_relaxed) & bit) == 0)) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(static_cast<size_t>(max_warps) * sizeof(WarpBuf<T>)));
+    if (err != cudaSuccess) return err;
+    opted.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const bool x_vec = aligned_to(x, 16) && k % 8 == 0;
+  constexpr int64_t kMaxGridY = 65535;
+  for (int64_t mb = 0; mb < m; mb += kMaxGridY * 16) {
+    const int64_t rows = std::min<int64_t>(m - mb, kMaxGridY * 16);
+    const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(ceil_div(rows, 16)));
+    kernel<<<grid, warps * 32, smem, stream>>>(x + mb * k, rows, k, reinterpret_cast<const uint32_t*>(bitmap),
+                                               offsets, values, nnz, bias, out + mb * ldo, ldo, n, kt, x_vec, rec);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <int Bytes>
 cudaError_t densify_es(const int32_t* bitmap, const int32_t* offsets, const void* values, int64_t nnz, int64_t n,
                        int64_t k, int64_t row0, int64_t nrows, void* tile, DeviceErrorRecord* rec,
@@ -300,7 +306,6 @@ cudaError_t densify_es(const int32_t* bitmap, const int32_t* offsets, const void
 
 }  // namespace
 
-// ============================================================================ launchers
 bool bitmap_mma_supported(DType dt, int device) {
   return (dt == DType::kFloat16 || dt == DType::kBFloat16) && detail::compute_major(device) >= 8;
 }
@@ -335,6 +340,8 @@ cudaError_t bitmap_densify_rows(DType dt, const int32_t* bitmap, const int32_t* 
   }
   return cudaErrorInvalidValue;
 }
+
+#endif  // PYENGINE_KERNEL_MODEL
 
 }  // namespace cuda
 }  // namespace pyengine

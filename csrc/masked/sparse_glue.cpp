@@ -70,13 +70,8 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_, const at::Tensor& rowptr_, c
   const pc::DType dt = pc::kernel_dtype(x_);
   const int64_t m = x_.size(0), k = in_features, nnz = values_.numel();
   at::Tensor out = at::empty({m, n}, x_.options());
-  if (m == 0 || n == 0) return out;
+  if (tiled::trivial_linear(out, k, bias)) return out;
   const bool hb = bias.has_value() && bias->defined();
-  if (k == 0) {
-    if (hb) out.copy_(bias->unsqueeze(0).expand({m, n}));
-    else out.zero_();
-    return out;
-  }
   const at::Tensor x = x_.contiguous();
   const at::Tensor rowptr = rowptr_.contiguous();
   const at::Tensor colidx = colidx_.contiguous();

@@ -17,6 +17,16 @@ namespace tiled {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The result of x (m, k) @ W^T (+ bias) when nothing needs multiplying (m, n or k is 0): written
+// into `out` (m, n), and true. False otherwise (out untouched).
+inline bool trivial_linear(at::Tensor& out, int64_t k, const std::optional<at::Tensor>& bias) {
+  if (out.numel() == 0) return true;
+  if (k != 0) return false;
+  if (bias.has_value() && bias->defined()) out.copy_(bias->unsqueeze(0).expand(out.sizes()));
+  else out.zero_();
+  return true;
+}
+
 // Extent of one tile along a dimension of `total` slices of `slice_bytes` bytes each, for a GEMM
 // whose output tile is `other` x extent: small matrices in one tile, else tiles of 8..32 MB (at
 // most about a quarter of the whole), a multiple of `align` (a power of two, at least 8).

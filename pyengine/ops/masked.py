@@ -97,8 +97,46 @@ def _first_true(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, idx, torch.full_like(idx, n)).min() if n else torch.zeros((), dtype=torch.int64, device=mask.device)
 
 
+class _Packed:
+    """What both packed formats share: the stored entries, density and bytes."""
+
+    _fields: tuple[str, ...] = ()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        n, k = self.shape
+        return self.nnz / max(1, n * k)
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._fields)
+
+
+def _check_fields(packed, *names: str) -> tuple[int, int]:
+    """The checks both packed formats share: 1-D tensor fields and a (out, in) shape, normalised
+    to two ints in place. Returns the shape."""
+    cls = type(packed).__name__
+    for name in names:
+        t = getattr(packed, name)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{cls}.{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 1:
+            raise ValueError(f"{cls}.{name} must be 1-D, got shape {tuple(t.shape)}")
+    try:
+        n, k = (int(v) for v in packed.shape)
+    except (TypeError, ValueError):
+        raise TypeError(f"{cls}.shape must be (out_features, in_features), got {packed.shape!r}") from None
+    if n < 0 or k < 0 or len(tuple(packed.shape)) != 2:
+        raise ValueError(f"{cls}.shape must be two sizes >= 0, got {packed.shape!r}")
+    object.__setattr__(packed, "shape", (n, k))
+    return n, k
+
+
 @dataclass(frozen=True)
-class PackedWeight:
+class PackedWeight(_Packed):
     """A weight matrix (out_features, in_features) stored as CSR with narrow column indices.
 
     Checked when constructed (pack_sparse's output too), so a kernel never follows a bad index:
@@ -114,21 +152,11 @@ class PackedWeight:
     colidx: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
+    _fields = ("rowptr", "colidx", "values")
 
     def __post_init__(self):
         rowptr, colidx, values = self.rowptr, self.colidx, self.values
-        for name, t in (("rowptr", rowptr), ("colidx", colidx), ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"PackedWeight.{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 1:
-                raise ValueError(f"PackedWeight.{name} must be 1-D, got shape {tuple(t.shape)}")
-        try:
-            n, k = (int(v) for v in self.shape)
-        except (TypeError, ValueError):
-            raise TypeError(f"PackedWeight.shape must be (out_features, in_features), got {self.shape!r}") from None
-        if n < 0 or k < 0 or len(tuple(self.shape)) != 2:
-            raise ValueError(f"PackedWeight.shape must be two sizes >= 0, got {self.shape!r}")
-        object.__setattr__(self, "shape", (n, k))
+        n, k = _check_fields(self, *self._fields)
         if rowptr.dtype != torch.int32:
             raise TypeError(f"PackedWeight.rowptr has dtype {rowptr.dtype}; expected int32")
         if colidx.dtype not in _INDEX_DTYPES:
@@ -172,18 +200,6 @@ class PackedWeight:
                 f"{col[j - 1].item()}"
             )
 
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        n, k = self.shape
-        return self.nnz / max(1, n * k)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.rowptr, self.colidx, self.values))
-
     def to_dense(self) -> torch.Tensor:
         n, k = self.shape
         counts = (self.rowptr[1:] - self.rowptr[:-1]).long()
@@ -222,7 +238,7 @@ def _padding_bits(n: int, k: int, device) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class BitmapWeight:
+class BitmapWeight(_Packed):
     """A weight matrix (out_features, in_features) in 16 x 64 bitmap tiles (see the module doc).
 
     bitmap: int32 [tiles * 32]; offsets: int32 [tiles + 1], offsets[t] = values stored before tile
@@ -236,21 +252,11 @@ class BitmapWeight:
     offsets: torch.Tensor
     values: torch.Tensor
     shape: tuple[int, int]
+    _fields = ("bitmap", "offsets", "values")
 
     def __post_init__(self):
         bitmap, offsets, values = self.bitmap, self.offsets, self.values
-        for name, t in (("bitmap", bitmap), ("offsets", offsets), ("values", values)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"BitmapWeight.{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() != 1:
-                raise ValueError(f"BitmapWeight.{name} must be 1-D, got shape {tuple(t.shape)}")
-        try:
-            n, k = (int(v) for v in self.shape)
-        except (TypeError, ValueError):
-            raise TypeError(f"BitmapWeight.shape must be (out_features, in_features), got {self.shape!r}") from None
-        if n < 0 or k < 0 or len(tuple(self.shape)) != 2:
-            raise ValueError(f"BitmapWeight.shape must be two sizes >= 0, got {self.shape!r}")
-        object.__setattr__(self, "shape", (n, k))
+        n, k = _check_fields(self, *self._fields)
         for name, t in (("bitmap", bitmap), ("offsets", offsets)):
             if t.dtype != torch.int32:
                 raise TypeError(f"BitmapWeight.{name} has dtype {t.dtype}; expected int32")
@@ -289,18 +295,6 @@ class BitmapWeight:
             raise ValueError(
                 f"BitmapWeight.bitmap word {bad_pad} (tile {bad_pad // 32}) sets bits outside the {n} x {k} matrix"
             )
-
-    @property
-    def nnz(self) -> int:
-        return int(self.values.numel())
-
-    @property
-    def density(self) -> float:
-        n, k = self.shape
-        return self.nnz / max(1, n * k)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bitmap, self.offsets, self.values))
 
     def to_dense(self) -> torch.Tensor:
         n, k = self.shape

@@ -1,0 +1,211 @@
+// A CPU model of the CUDA execution model, so that kernel sources can be run and checked on a
+// machine without a GPU (tests/test_cuda_model.py; never part of the extension).
+//
+// Every thread of a block is a std::thread and blocks run one after another. __syncthreads is a
+// barrier of the block; __syncwarp and the shuffles meet at a barrier of the warp. The WMMA loads,
+// products and stores do not synchronise (each lane reads the whole tile and writes its share), so
+// a kernel that forgets a synchronisation reads racing data here, which ThreadSanitizer reports,
+// as it would on a GPU. Fragments hold the whole tile in every lane: CUDA leaves their layout
+// opaque, so any layout is a faithful model; loads and stores check the pointer alignment and
+// leading dimension WMMA requires. Dynamic shared memory is a heap buffer of exactly the launch's
+// size, so AddressSanitizer reports an access past it. Device atomics are host atomics.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <barrier>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#undef __global__
+#define __global__
+#undef __device__
+#define __device__
+#undef __forceinline__
+#define __forceinline__ inline
+#undef __shared__
+#define __shared__
+#define __launch_bounds__(...)
+#define PYENGINE_DYNAMIC_SMEM(name, align) unsigned char* name = ::model::t_smem
+
+namespace model {
+
+[[noreturn]] inline void fail(const char* what) {
+  std::fprintf(stderr, "cuda model: %s\n", what);
+  std::abort();
+}
+
+struct Warp {
+  std::barrier<> bar{32};
+  alignas(16) unsigned char slot[32][16];
+};
+
+inline thread_local uint3 t_thread, t_block;
+inline thread_local dim3 t_block_dim, t_grid_dim;
+inline thread_local Warp* t_warp = nullptr;
+inline thread_local int t_lane = 0;
+inline thread_local std::barrier<>* t_block_bar = nullptr;
+inline thread_local unsigned char* t_smem = nullptr;
+
+// Runs body() as every thread of every block of the grid.
+inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  const unsigned nthreads = block.x * block.y * block.z;
+  if (nthreads == 0 || nthreads % 32 != 0 || nthreads > 1024) fail("block size must be a multiple of 32, at most 1024");
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::unique_ptr<unsigned char[]> smem(smem_bytes ? new (std::align_val_t(128)) unsigned char[smem_bytes] : nullptr);
+        if (smem) std::memset(smem.get(), 0xAB, smem_bytes);  // never zero by luck
+        std::barrier<> block_bar(static_cast<std::ptrdiff_t>(nthreads));
+        std::vector<std::unique_ptr<Warp>> warps;
+        for (unsigned w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < nthreads; ++t) {
+          threads.emplace_back([&, t] {
+            t_thread = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            t_block = make_uint3(bx, by, bz);
+            t_block_dim = block;
+            t_grid_dim = grid;
+            t_warp = warps[t / 32].get();
+            t_lane = static_cast<int>(t % 32);
+            t_block_bar = &block_bar;
+            t_smem = smem.get();
+            body();
+          });
+        }
+        for (auto& th : threads) th.join();
+        // std::unique_ptr<unsigned char[]> with aligned new: release through the matching delete
+        ::operator delete[](smem.release(), std::align_val_t(128));
+      }
+}
+
+template <typename T>
+T exchange(T v, int src, bool keep_own) {
+  static_assert(sizeof(T) <= 16, "shuffle of a type wider than 16 bytes");
+  std::memcpy(t_warp->slot[t_lane], &v, sizeof(T));
+  t_warp->bar.arrive_and_wait();
+  T r = v;
+  if (!keep_own) std::memcpy(&r, t_warp->slot[src & 31], sizeof(T));
+  t_warp->bar.arrive_and_wait();  // the slots are free again
+  return r;
+}
+
+}  // namespace model
+
+#define threadIdx (::model::t_thread)
+#define blockIdx (::model::t_block)
+#define blockDim (::model::t_block_dim)
+#define gridDim (::model::t_grid_dim)
+
+inline void __syncthreads() { model::t_block_bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (mask != 0xffffffffu) model::fail("__syncwarp with a partial mask is not modelled");
+  model::t_warp->bar.arrive_and_wait();
+}
+template <typename T>
+T __shfl_sync(unsigned, T v, int src) { return model::exchange(v, src, false); }
+template <typename T>
+T __shfl_up_sync(unsigned, T v, unsigned d) {
+  const int src = model::t_lane - static_cast<int>(d);
+  return model::exchange(v, src, src < 0);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int m) { return model::exchange(v, model::t_lane ^ m, false); }
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(int v) { return __builtin_ffs(v); }
+inline unsigned __ballot_sync(unsigned, int p) {
+  unsigned all = 0;
+  for (int l = 0; l < 32; ++l) {
+    const int q = model::exchange(p, l, false);
+    if (q) all |= 1u << l;
+  }
+  return all;
+}
+inline int atomicCAS(int* p, int cmp, int val) {
+  __atomic_compare_exchange_n(p, &cmp, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+  return cmp;
+}
+inline int atomicExch(int* p, int val) { return __atomic_exchange_n(p, val, __ATOMIC_SEQ_CST); }
+inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+namespace model {
+inline float to_float_any(float x) { return x; }
+inline float to_float_any(__half x) { return __half2float(x); }
+inline float to_float_any(__nv_bfloat16 x) { return __bfloat162float(x); }
+}  // namespace model
+
+// ---- WMMA (16 x 16 x 16, half / bfloat16 inputs, float accumulator)
+namespace nvcuda {
+namespace wmma {
+
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static_assert(M == 16 && N == 16 && K == 16, "the model has the 16 x 16 x 16 shape only");
+  float v[16][16];  // A: (m, k), B: (k, n), C: (m, n) - the whole tile in every lane
+};
+
+using model::to_float_any;
+
+inline void check_mem(const void* p, unsigned ld, size_t elem) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) model::fail("WMMA pointer not 256-bit aligned");
+  if ((ld * elem) % 16 != 0) model::fail("WMMA leading dimension not a multiple of 16 bytes");
+}
+
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsigned ld) {
+  check_mem(p, ld, sizeof(T));
+  // every lane reads the whole tile, with no barrier before or after: data written by other lanes
+  // must have been published by the kernel's own __syncwarp (otherwise ThreadSanitizer reports it)
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j)
+      f.v[i][j] = to_float_any(std::is_same_v<Layout, row_major> ? p[i * ld + j] : p[j * ld + i]);
+}
+
+template <typename T>
+void fill_fragment(fragment<accumulator, 16, 16, 16, T>& f, float x) {
+  for (auto& row : f.v)
+    for (float& e : row) e = x;
+}
+
+template <typename TA, typename LA, typename TB, typename LB>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, TA, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, TB, LB>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float r[16][16];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float s = c.v[i][j];
+      for (int q = 0; q < 16; ++q) s += a.v[i][q] * b.v[q][j];
+      r[i][j] = s;
+    }
+  std::memcpy(d.v, r, sizeof(r));
+}
+
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld,
+                              layout_t layout) {
+  check_mem(p, ld, sizeof(float));
+  // each lane writes its own share (element e goes to lane e % 32), as the hardware's lanes do
+  for (int e = model::t_lane; e < 256; e += 32) {
+    const int i = e / 16, j = e % 16;
+    (layout == mem_row_major ? p[i * ld + j] : p[j * ld + i]) = f.v[i][j];
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda
