@@ -2,7 +2,7 @@
 // masked/bitmap_kernels.h): every tile's value range is checked before any value is read, with
 // the words of the CUDA device check, then each row tile's 16 outputs are accumulated from the set
 // bits of its words against a transposed block of up to 8 rows of x (the inner loop runs over them);
-// larger batches densify W once and multiply with the BLAS GEMM.
+// larger batches densify W a block of rows at a time for the BLAS GEMM.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -18,7 +18,16 @@ namespace pyengine {
 namespace {
 
 constexpr int64_t kRows = 16, kCols = 64, kWords = 32;  // as masked/bitmap_kernels.h
-constexpr int64_t kWalkMaxRows = 8;  // beyond this many rows of x: densify W once and use the GEMM
+constexpr int64_t kWalkMaxRows = 8;  // beyond this many rows of x: densify W block by block for the GEMM
+
+// Set bits of a word (plain arithmetic: the baseline build has no popcnt instruction, and the
+// library call __builtin_popcount becomes there costs more than the walk over the tile).
+inline int64_t popcount32(uint32_t v) {
+  v = v - ((v >> 1) & 0x55555555u);
+  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
+  v = (v + (v >> 4)) & 0x0F0F0F0Fu;
+  return static_cast<int64_t>((v * 0x01010101u) >> 24);
+}
 
 // Tile t may be read when 0 <= offsets[t] <= offsets[t + 1] <= nnz and the range holds exactly
 // the tile's set bits.
@@ -28,7 +37,7 @@ void check_tiles_cpu(const OpChecks& op, const int32_t* offsets, const uint32_t*
     const int64_t a = offsets[t], b = offsets[t + 1];
     if (a < 0 || b < a || b > nnz) op.value_error(tile_range_message(t, a, b));
     int64_t bits = 0;
-    for (int64_t w = 0; w < kWords; ++w) bits += __builtin_popcount(bitmap[t * kWords + w]);
+    for (int64_t w = 0; w < kWords; ++w) bits += popcount32(bitmap[t * kWords + w]);
     if (b - a != bits) op.value_error(tile_count_message(t, b - a, bits));
   }
 }
@@ -85,13 +94,14 @@ void bitmap_linear_rows(const at::Tensor& x, int64_t N, const uint32_t* bitmap, 
   }
 }
 
-// W (N, K) dense from its tiles (every element written), for the GEMM path.
+// Rows [rt0 * 16, min(N, rt1 * 16)) of W, dense, into w (those rows x K; every element written).
 template <typename scalar_t>
-void bitmap_densify(int64_t N, int64_t K, const uint32_t* bitmap, const int32_t* offsets, const scalar_t* values,
-                    scalar_t* w) {
-  const int64_t KT = (K + kCols - 1) / kCols, NT = (N + kRows - 1) / kRows;
-  at::parallel_for(0, NT, 1, [&](int64_t begin, int64_t end) {
-    std::fill(w + begin * kRows * K, w + std::min(N, end * kRows) * K, scalar_t(0));
+void bitmap_densify_rows(int64_t N, int64_t K, int64_t rt0, int64_t rt1, const uint32_t* bitmap,
+                         const int32_t* offsets, const scalar_t* values, scalar_t* w) {
+  const int64_t KT = (K + kCols - 1) / kCols;
+  at::parallel_for(rt0, rt1, 1, [&](int64_t begin, int64_t end) {
+    const int64_t r0 = begin * kRows, r1 = std::min(N, end * kRows);
+    std::fill(w + (r0 - rt0 * kRows) * K, w + (r1 - rt0 * kRows) * K, scalar_t(0));
     for (int64_t rt = begin; rt < end; ++rt) {
       for (int64_t kt = 0; kt < KT; ++kt) {
         const int64_t t = rt * KT + kt;
@@ -103,12 +113,32 @@ void bitmap_densify(int64_t N, int64_t K, const uint32_t* bitmap, const int32_t*
             const int j = __builtin_ctz(bits);
             bits &= bits - 1;
             const scalar_t v = values[p++];
-            if (row < N && c0 + j < K) w[row * K + c0 + j] = v;
+            if (row < N && c0 + j < K) w[(row - rt0 * kRows) * K + c0 + j] = v;
           }
         }
       }
     }
   });
+}
+
+// out (M, N) = x @ W^T (+ bias) for larger batches: W densified a block of row tiles at a time
+// (about 4 MB, reused) and multiplied by the BLAS GEMM, so no W-sized buffer is ever touched.
+template <typename scalar_t>
+void bitmap_linear_gemm(const at::Tensor& x, int64_t N, const uint32_t* bitmap, const int32_t* offsets,
+                        const scalar_t* values, const at::Tensor& bias, at::Tensor& out) {
+  const int64_t K = x.size(1), NT = (N + kRows - 1) / kRows;
+  const int64_t block_tiles =
+      std::max<int64_t>(1, (int64_t(4) << 20) / std::max<int64_t>(1, kRows * K * int64_t(sizeof(scalar_t))));
+  at::Tensor buf = at::empty({std::min(NT, block_tiles) * kRows, K}, x.options());
+  for (int64_t rt0 = 0; rt0 < NT; rt0 += block_tiles) {
+    const int64_t rt1 = std::min(NT, rt0 + block_tiles);
+    const int64_t n0 = rt0 * kRows, rows = std::min(N, rt1 * kRows) - n0;
+    bitmap_densify_rows<scalar_t>(N, K, rt0, rt1, bitmap, offsets, values, buf.data_ptr<scalar_t>());
+    const at::Tensor wt = buf.narrow(0, 0, rows).t();
+    at::Tensor dst = out.narrow(1, n0, rows);
+    if (bias.defined()) dst.copy_(at::addmm(bias.narrow(0, n0, rows), x, wt));
+    else dst.copy_(at::mm(x, wt));
+  }
 }
 
 at::Tensor sparse_linear_bitmap_cpu(const at::Tensor& x_, const at::Tensor& bitmap_, const at::Tensor& offsets_,
@@ -137,12 +167,7 @@ at::Tensor sparse_linear_bitmap_cpu(const at::Tensor& x_, const at::Tensor& bitm
       if (M == 1) bitmap_linear_rows<scalar_t, 1>(x, N, bm, off, vp, bp, op_);
       else if (M <= 4) bitmap_linear_rows<scalar_t, 4>(x, N, bm, off, vp, bp, op_);
       else if (M <= kWalkMaxRows) bitmap_linear_rows<scalar_t, 8>(x, N, bm, off, vp, bp, op_);
-      else {  // larger batches: W dense once, then the BLAS GEMM
-        at::Tensor w = at::empty({N, x.size(1)}, x.options());
-        bitmap_densify<scalar_t>(N, x.size(1), bm, off, vp, w.data_ptr<scalar_t>());
-        if (bias.defined()) at::addmm_out(out, bias, x, w.t());
-        else at::mm_out(out, x, w.t());
-      }
+      else bitmap_linear_gemm<scalar_t>(x, N, bm, off, vp, bias, out);
     });
   }
   return dtype == work ? out : out.to(dtype);
