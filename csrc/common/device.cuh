@@ -10,10 +10,16 @@
 
 #include "common/dtype.h"
 
-// Declares `name` as the block's dynamic shared memory, aligned to `align` bytes (the CPU model of
-// the execution model in tests/cuda_model defines its own).
+// The two places where a kernel source meets the launch model; the CPU model of the execution
+// model (tests/cuda_model/model.h) defines both its own way, so kernels and launchers run there too.
+// Declares `name` as the block's dynamic shared memory, aligned to `align` bytes.
 #ifndef PYENGINE_DYNAMIC_SMEM
 #define PYENGINE_DYNAMIC_SMEM(name, align) extern __shared__ __align__(align) unsigned char name[]
+#endif
+// PYENGINE_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<grid, block, smem, stream>>>(args...)
+// (the kernel last, so its template arguments may hold commas).
+#ifndef PYENGINE_LAUNCH
+#define PYENGINE_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #endif
 
 namespace pyengine {

@@ -175,7 +175,7 @@ cudaError_t launch_rows(const T* x, T* y, int64_t rows, int64_t row_len, int64_t
   const int64_t resident = static_cast<int64_t>(sm_count(current_device())) * occ;
   const int64_t useful = std::max<int64_t>(1, total_work / (static_cast<int64_t>(kUnroll) * rows_par));
   const int64_t grid = std::max<int64_t>(1, std::min(resident, useful));
-  kernel<<<static_cast<unsigned>(grid), kCountThreads, 0, stream>>>(
+  PYENGINE_LAUNCH(static_cast<unsigned>(grid), kCountThreads, 0, stream, kernel)(
       x, y, rows, row_len, cvec, tile_w, rows_par, total_work, channel_div, counts, nan_count);
   return cudaGetLastError();
 }
@@ -302,12 +302,12 @@ cudaError_t entropy_from_counts(const int64_t* counts, int64_t numel, int64_t n_
                                 cudaStream_t stream) {
   const int64_t nb = numel > 0 ? std::min<int64_t>(ceil_div(numel, kEntThreads), kEntropyMaxBlocks) : 0;
   if (nb > 0) {
-    entropy_h_kernel<<<static_cast<unsigned>(nb), kEntThreads, 0, stream>>>(counts, numel, n_samples,
+    PYENGINE_LAUNCH(static_cast<unsigned>(nb), kEntThreads, 0, stream, entropy_h_kernel)(counts, numel, n_samples,
                                                                             eps, h, scratch);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  entropy_summary_kernel<<<1, kEntThreads, 0, stream>>>(scratch, static_cast<int>(nb), numel, summary);
+  PYENGINE_LAUNCH(1, kEntThreads, 0, stream, entropy_summary_kernel)(scratch, static_cast<int>(nb), numel, summary);
   return cudaGetLastError();
 }
 

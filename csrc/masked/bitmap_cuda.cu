@@ -252,7 +252,6 @@ __global__ void __launch_bounds__(kDensifyThreads)
 }  // namespace
 
 // ============================================================================ launchers
-#ifndef PYENGINE_KERNEL_MODEL  // the launchers (tests/cuda_model compiles the kernels alone)
 namespace {
 
 template <typename T>
@@ -282,7 +281,7 @@ cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap
   for (int64_t mb = 0; mb < m; mb += kMaxGridY * 16) {
     const int64_t rows = std::min<int64_t>(m - mb, kMaxGridY * 16);
     const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(ceil_div(rows, 16)));
-    kernel<<<grid, warps * 32, smem, stream>>>(x + mb * k, rows, k, reinterpret_cast<const uint32_t*>(bitmap),
+    PYENGINE_LAUNCH(grid, warps * 32, smem, stream, kernel)(x + mb * k, rows, k, reinterpret_cast<const uint32_t*>(bitmap),
                                                offsets, values, nnz, bias, out + mb * ldo, ldo, n, kt, x_vec, rec);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -298,7 +297,7 @@ cudaError_t densify_es(const int32_t* bitmap, const int32_t* offsets, const void
   const int64_t kt = ceil_div(k, kBmCols);
   const int64_t warps = ceil_div(nrows, kBmRows) * kt;
   const int64_t grid = ceil_div(warps * 32, kDensifyThreads);
-  bitmap_densify_kernel<U><<<static_cast<unsigned>(grid), kDensifyThreads, 0, stream>>>(
+  PYENGINE_LAUNCH(static_cast<unsigned>(grid), kDensifyThreads, 0, stream, bitmap_densify_kernel<U>)(
       reinterpret_cast<const uint32_t*>(bitmap), offsets, static_cast<const U*>(values), nnz, n, k, kt, row0, nrows,
       static_cast<U*>(tile), rec);
   return cudaGetLastError();
@@ -340,8 +339,6 @@ cudaError_t bitmap_densify_rows(DType dt, const int32_t* bitmap, const int32_t* 
   }
   return cudaErrorInvalidValue;
 }
-
-#endif  // PYENGINE_KERNEL_MODEL
 
 }  // namespace cuda
 }  // namespace pyengine

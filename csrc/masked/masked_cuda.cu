@@ -67,10 +67,10 @@ cudaError_t masked_copy_t(T* dst, int64_t ldd, const T* src, int64_t lds, const 
   const int64_t tasks = rows * cpr;
   const int64_t grid = std::min<int64_t>(tasks, static_cast<int64_t>(sm_count(current_device())) * 16);
   if (vec) {
-    masked_copy_kernel<T, VEC><<<static_cast<unsigned>(grid), kCopyThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kCopyThreads, 0, stream, masked_copy_kernel<T, VEC>)(
         dst, ldd, src, lds, mask, ldm, cvec, cpr, tasks);
   } else {
-    masked_copy_kernel<T, 1><<<static_cast<unsigned>(grid), kCopyThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kCopyThreads, 0, stream, masked_copy_kernel<T, 1>)(
         dst, ldd, src, lds, mask, ldm, cvec, cpr, tasks);
   }
   return cudaGetLastError();
@@ -208,7 +208,7 @@ cudaError_t apply_masks(const MaskTensorDesc* descs, int64_t count, cudaStream_t
     }
     if (batch.count == 0) break;
     const int64_t grid = std::min<int64_t>(batch.total_blocks, grid_cap);
-    apply_masks_kernel<<<static_cast<unsigned>(grid), kMaskThreads, 0, stream>>>(batch);
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kMaskThreads, 0, stream, apply_masks_kernel)(batch);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

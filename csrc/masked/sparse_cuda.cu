@@ -7,7 +7,9 @@
 #include <atomic>
 #include <cstdint>
 
+#ifndef PYENGINE_KERNEL_MODEL  // CUB's device scan needs nvcc; the CPU model leaves pack_scan out
 #include <cub/device/device_scan.cuh>
+#endif
 
 #include "common/device.cuh"
 #include "masked/sparse_kernels.h"
@@ -122,7 +124,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
                          DeviceErrorRecord* rec) {
   using A = typename Num<T>::acc;
   using XP = Pack<T, MT>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PYENGINE_DYNAMIC_SMEM(smem_raw, 16);
   XP* xs = reinterpret_cast<XP*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int64_t wstride = static_cast<int64_t>(gridDim.x) * kSkinnyWarps;
@@ -253,7 +255,7 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
     auto kernel = sparse_skinny_kernel<T, IdxT, MT, false>;
     auto* xt = static_cast<Pack<T, MT>*>(xt_scratch);
     const int64_t tgrid = std::min<int64_t>(ceil_div(k, 256), static_cast<int64_t>(sm_count(dev)) * 8);
-    transpose_x_kernel<T, MT><<<static_cast<unsigned>(tgrid), 256, 0, stream>>>(x, k, static_cast<int>(m), k, xt);
+    PYENGINE_LAUNCH(static_cast<unsigned>(tgrid), 256, 0, stream, transpose_x_kernel<T, MT>)(x, k, static_cast<int>(m), k, xt);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     static std::atomic<int> occ_cache{0};  // asked once per kernel
@@ -265,7 +267,7 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
       occ_cache.store(occ, std::memory_order_relaxed);
     }
     const int64_t grid = std::min<int64_t>(ceil_div(n, kSkinnyWarps), static_cast<int64_t>(sm_count(dev)) * occ);
-    kernel<<<static_cast<unsigned>(grid), kSkinnyThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kSkinnyThreads, 0, stream, kernel)(
         x, k, static_cast<int>(m), k, xt, vec_loads, rowptr, colidx, values, nnz, bias, out, ldo, n, rec);
     return cudaGetLastError();
   }
@@ -295,7 +297,7 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
   const int64_t grid = std::min<int64_t>(want, static_cast<int64_t>(sm_count(dev)) * occ);
   for (int64_t m0 = 0; m0 < m; m0 += MT) {
     const int mv = static_cast<int>(std::min<int64_t>(MT, m - m0));
-    kernel<<<static_cast<unsigned>(grid), kSkinnyThreads, smem, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kSkinnyThreads, smem, stream, kernel)(
         x + m0 * k, k, mv, k, nullptr, vec_loads, rowptr, colidx, values, nnz, bias, out + m0 * ldo, ldo, n, rec);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
@@ -459,7 +461,7 @@ cudaError_t spmm_t_launch(const float* x, int64_t m, int64_t k, const int32_t* r
   const int64_t ntm = ceil_div(m, kSpmmMC);
   const int64_t grid = ntn * ntm;
   if (grid > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  spmm_t_kernel<float, IdxT><<<static_cast<unsigned>(grid), kSpmmThreads, 0, stream>>>(
+  PYENGINE_LAUNCH(static_cast<unsigned>(grid), kSpmmThreads, 0, stream, spmm_t_kernel<float, IdxT>)(
       x, m, k, rowptr, colidx, values, nnz, bias, out_t, n, ntn, rec);
   return cudaGetLastError();
 }
@@ -486,7 +488,7 @@ template <int Bytes>
 cudaError_t pack_count_es(const void* w, int64_t n, int64_t k, int32_t* counts, cudaStream_t stream) {
   using U = typename UIntOf<Bytes>::type;
   const int64_t grid = ceil_div(n * 32, kWarpRowThreads);
-  pack_count_kernel<U><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(
+  PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, pack_count_kernel<U>)(
       static_cast<const U*>(w), n, k, counts);
   return cudaGetLastError();
 }
@@ -497,10 +499,10 @@ cudaError_t pack_fill_es(const void* w, int64_t n, int64_t k, const int32_t* row
   using U = typename UIntOf<Bytes>::type;
   const int64_t grid = ceil_div(n * 32, kWarpRowThreads);
   if (colidx16) {
-    pack_fill_kernel<U, int16_t><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, pack_fill_kernel<U, int16_t>)(
         static_cast<const U*>(w), n, k, rowptr, static_cast<int16_t*>(colidx), static_cast<U*>(values));
   } else {
-    pack_fill_kernel<U, int32_t><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, pack_fill_kernel<U, int32_t>)(
         static_cast<const U*>(w), n, k, rowptr, static_cast<int32_t*>(colidx), static_cast<U*>(values));
   }
   return cudaGetLastError();
@@ -513,11 +515,11 @@ cudaError_t densify_es(const int32_t* rowptr, const void* colidx, bool colidx16,
   using U = typename UIntOf<Bytes>::type;
   const int64_t grid = ceil_div(nrows * 32, kWarpRowThreads);
   if (colidx16) {
-    densify_kernel<U, int16_t><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, densify_kernel<U, int16_t>)(
         rowptr, static_cast<const int16_t*>(colidx), static_cast<const U*>(values), nnz, row0, nrows, k,
         static_cast<U*>(tile), rec);
   } else {
-    densify_kernel<U, int32_t><<<static_cast<unsigned>(grid), kWarpRowThreads, 0, stream>>>(
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, densify_kernel<U, int32_t>)(
         rowptr, static_cast<const int32_t*>(colidx), static_cast<const U*>(values), nnz, row0, nrows, k,
         static_cast<U*>(tile), rec);
   }
@@ -538,6 +540,7 @@ cudaError_t pack_count_rows(DType dt, const void* w, int64_t n, int64_t k, int32
   return cudaErrorInvalidValue;
 }
 
+#ifndef PYENGINE_KERNEL_MODEL
 size_t pack_scan_temp_bytes(int64_t n) {
   if (n <= 0) return 0;
   size_t bytes = 0;
@@ -555,6 +558,7 @@ cudaError_t pack_scan(void* temp, size_t temp_bytes, const int32_t* counts, int3
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
+#endif  // PYENGINE_KERNEL_MODEL
 
 cudaError_t pack_fill(DType dt, const void* w, int64_t n, int64_t k, const int32_t* rowptr,
                       void* colidx, bool colidx16, void* values, cudaStream_t stream) {

@@ -1,41 +1,21 @@
-// Runs the bitmap-tile kernels of csrc/masked/bitmap_cuda.cu in the CPU model of the CUDA
-// execution model (model.h) and checks them against a plain product and an independent packing.
+// Runs the bitmap-tile launchers and kernels of csrc/masked/bitmap_cuda.cu in the CPU model of the
+// CUDA execution model (model.h) and checks them against a plain product and an independent packing.
 // Built and run by tests/test_cuda_model.py (AddressSanitizer + UBSan). Prints one line per case
 // and "all ok" at the end; exits non-zero on the first mismatch.
 #define PYENGINE_KERNEL_MODEL
-#include "model.h"
+#include "check.h"
 
 #include "masked/bitmap_cuda.cu"
 
-#include <cmath>
-#include <random>
-#include <string>
 
 using namespace pyengine::cuda;
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const std::string& what) {
-  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
-  if (!ok) ++failures;
-}
-
-// W (n, k) with small integer entries, so every product and sum below is exact in float32 and in
-// the output type: the kernel's result must equal the reference exactly.
-std::vector<float> sparse_matrix(int64_t n, int64_t k, double density, std::mt19937& g) {
-  std::uniform_real_distribution<double> u(0, 1);
-  std::uniform_int_distribution<int> v(-2, 2);
-  std::vector<float> w(static_cast<size_t>(n * k), 0.0f);
-  for (auto& e : w)
-    if (u(g) < density) {
-      int q = 0;
-      while (q == 0) q = v(g);
-      e = static_cast<float>(q);
-    }
-  return w;
-}
+using check::convert;
+using check::expect;
+using check::from_float;
+using check::sparse_matrix;
 
 struct Tiles {
   std::vector<int32_t> bitmap, offsets;
@@ -66,19 +46,7 @@ Tiles pack(const std::vector<float>& w, int64_t n, int64_t k) {
   return t;
 }
 
-template <typename T>
-T from_float(float x) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-  else return __float2bfloat16_rn(x);
-}
-template <typename T>
-std::vector<T> convert(const std::vector<float>& a) {
-  std::vector<T> out;
-  for (float x : a) out.push_back(from_float<T>(x));
-  return out;
-}
-
-// One launch of bitmap_mma_kernel as bitmap_mma_t would make it; returns out (m, n) as float.
+// sparse_linear_bitmap_mma, the launcher the torch glue calls; returns out (m, n) as float.
 template <typename T>
 std::vector<float> run_mma(const std::vector<float>& x, int64_t m, int64_t k, const Tiles& t, const std::vector<int32_t>& offsets,
                            const std::vector<float>* bias, int64_t n, DeviceErrorRecord* rec) {
@@ -86,35 +54,13 @@ std::vector<float> run_mma(const std::vector<float>& x, int64_t m, int64_t k, co
   const auto vt = convert<T>(t.values);
   const auto bt = bias ? convert<T>(*bias) : std::vector<T>();
   std::vector<T> out(static_cast<size_t>(m * n), from_float<T>(-12345.0f));
-  const int64_t nt = (n + 15) / 16, kt = (k + 63) / 64;
-  const int warps = static_cast<int>(std::min<int64_t>(kMaxWarps, kt));
-  const size_t smem = static_cast<size_t>(warps) * sizeof(WarpBuf<T>);
-  const bool x_vec = detail::aligned_to(xt.data(), 16) && k % 8 == 0;
-  const T* xp = xt.data();
-  const T* vp = vt.data();
-  const T* bp = bias ? bt.data() : nullptr;
-  T* op = out.data();
-  const auto* bm = reinterpret_cast<const uint32_t*>(t.bitmap.data());
-  const int32_t* off = offsets.data();
-  const int64_t nnz = static_cast<int64_t>(t.values.size());
-  model::launch(dim3(static_cast<unsigned>(nt), static_cast<unsigned>((m + 15) / 16)), dim3(warps * 32), smem, [&] {
-    bitmap_mma_kernel<T>(xp, m, k, bm, off, vp, nnz, bp, op, n, n, kt, x_vec, rec);
-  });
+  const cudaError_t err = sparse_linear_bitmap_mma(check::dtype_of<T>(), xt.data(), m, k, t.bitmap.data(), offsets.data(),
+                                                   vt.data(), static_cast<int64_t>(t.values.size()),
+                                                   bias ? bt.data() : nullptr, out.data(), n, n, rec, nullptr);
+  if (err != cudaSuccess) model::fail("sparse_linear_bitmap_mma returned an error");
   std::vector<float> res;
   for (T v : out) res.push_back(model::to_float_any(v));
   return res;
-}
-
-std::vector<double> reference(const std::vector<float>& w, const std::vector<float>& x, const std::vector<float>* bias,
-                              int64_t m, int64_t k, int64_t n) {
-  std::vector<double> y(static_cast<size_t>(m * n));
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t r = 0; r < n; ++r) {
-      double s = bias ? (*bias)[r] : 0.0;
-      for (int64_t c = 0; c < k; ++c) s += static_cast<double>(w[r * k + c]) * x[i * k + c];
-      y[i * n + r] = s;
-    }
-  return y;
 }
 
 template <typename T>
@@ -127,7 +73,7 @@ void product_case(const char* tname, int64_t m, int64_t k, int64_t n, double den
   const Tiles t = pack(w, n, k);
   DeviceErrorRecord rec{};
   const auto y = run_mma<T>(x, m, k, t, t.offsets, with_bias ? &b : nullptr, n, &rec);
-  const auto ref = reference(w, x, with_bias ? &b : nullptr, m, k, n);
+  const auto ref = check::linear(w, x, with_bias ? &b : nullptr, m, k, n);
   int64_t bad = -1;
   for (size_t i = 0; i < ref.size(); ++i)
     if (static_cast<double>(y[i]) != ref[i]) {
@@ -169,22 +115,15 @@ void bad_tile_cases(std::mt19937& g) {
   }
 }
 
-template <typename U>
 void densify_case(int64_t n, int64_t k, int64_t row0, int64_t nrows, std::mt19937& g) {
   const auto w = sparse_matrix(n, k, 0.15, g);
   const Tiles t = pack(w, n, k);
   std::vector<float> tile(static_cast<size_t>(nrows * k), -7.0f);
-  const int64_t kt = (k + 63) / 64;
-  const int64_t warps = (nrows + 15) / 16 * kt;
-  const unsigned grid = static_cast<unsigned>((warps * 32 + kDensifyThreads - 1) / kDensifyThreads);
   DeviceErrorRecord rec{};
-  const auto* bm = reinterpret_cast<const uint32_t*>(t.bitmap.data());
-  const auto* vals = reinterpret_cast<const uint32_t*>(t.values.data());
-  auto* out = reinterpret_cast<uint32_t*>(tile.data());
-  const int64_t nnz = static_cast<int64_t>(t.values.size());
-  model::launch(dim3(grid), dim3(kDensifyThreads), 0, [&] {
-    bitmap_densify_kernel<uint32_t>(bm, t.offsets.data(), vals, nnz, n, k, kt, row0, nrows, out, &rec);
-  });
+  const cudaError_t err = bitmap_densify_rows(DType::kFloat32, t.bitmap.data(), t.offsets.data(), t.values.data(),
+                                              static_cast<int64_t>(t.values.size()), n, k, row0, nrows, tile.data(), &rec,
+                                              nullptr);
+  if (err != cudaSuccess) model::fail("bitmap_densify_rows returned an error");
   bool same = rec.code == kDevErrNone;
   for (int64_t r = 0; r < nrows && row0 + r < n; ++r)
     for (int64_t c = 0; c < k; ++c) same = same && tile[r * k + c] == w[(row0 + r) * k + c];
@@ -203,6 +142,13 @@ int main() {
   // than 64 rows of x (grid.y); partial row tiles; an empty matrix; a full one
   const int64_t shapes[][3] = {{1, 64, 16}, {1, 300, 40}, {5, 37, 20}, {16, 1100, 48}, {17, 200, 33},
                                {64, 130, 17}, {3, 520, 1}, {2, 64, 16}};
+  if (check::quick()) {  // each path once: one and several tiles per warp, chunks of x rows
+    product_case<__nv_bfloat16>("bf16", 1, 300, 40, 0.1, true, g);
+    product_case<__half>("fp16", 17, 1100, 20, 0.3, false, g);
+    bad_tile_cases(g);
+    densify_case(40, 300, 0, 40, g);
+    return check::finish();
+  }
   for (const auto& s : shapes) {
     product_case<__nv_bfloat16>("bf16", s[0], s[1], s[2], 0.1, true, g);
     product_case<__half>("fp16", s[0], s[1], s[2], 0.3, false, g);
@@ -210,9 +156,8 @@ int main() {
   product_case<__nv_bfloat16>("bf16", 4, 200, 40, 0.0, true, g);
   product_case<__half>("fp16", 4, 128, 32, 1.0, true, g);
   bad_tile_cases(g);
-  densify_case<uint32_t>(40, 300, 0, 40, g);
-  densify_case<uint32_t>(100, 130, 32, 48, g);
-  densify_case<uint32_t>(50, 70, 48, 16, g);
-  if (failures == 0) std::printf("all ok\n");
-  return failures == 0 ? 0 : 1;
+  densify_case(40, 300, 0, 40, g);
+  densify_case(100, 130, 32, 48, g);
+  densify_case(50, 70, 48, 16, g);
+  return check::finish();
 }

@@ -1,14 +1,21 @@
 // A CPU model of the CUDA execution model, so that kernel sources can be run and checked on a
 // machine without a GPU (tests/test_cuda_model.py; never part of the extension).
 //
-// Every thread of a block is a std::thread and blocks run one after another. __syncthreads is a
-// barrier of the block; __syncwarp and the shuffles meet at a barrier of the warp. The WMMA loads,
-// products and stores do not synchronise (each lane reads the whole tile and writes its share), so
-// a kernel that forgets a synchronisation reads racing data here, which ThreadSanitizer reports,
-// as it would on a GPU. Fragments hold the whole tile in every lane: CUDA leaves their layout
-// opaque, so any layout is a faithful model; loads and stores check the pointer alignment and
-// leading dimension WMMA requires. Dynamic shared memory is a heap buffer of exactly the launch's
-// size, so AddressSanitizer reports an access past it. Device atomics are host atomics.
+// Every thread of a block is a std::thread; the blocks of a grid run one after another on the same
+// threads. __syncthreads is a barrier of the block; __syncwarp, shuffles and ballots meet at a
+// barrier of the warp. The WMMA loads, products and stores do not synchronise (each lane reads the
+// whole tile and writes its share), so a kernel that forgets a synchronisation reads racing data
+// here, which ThreadSanitizer reports, as it would on a GPU. Fragments hold the whole tile in every
+// lane: CUDA leaves their layout opaque, so any layout is a faithful model; loads and stores check
+// the pointer alignment and leading dimension WMMA requires. Dynamic shared memory is a heap buffer
+// of exactly the launch's size, refilled with garbage for each block (AddressSanitizer reports an
+// access past it), and a launch above 48 KB needs the kernel's cudaFuncSetAttribute first; static
+// __shared__ arrays are function-local statics. Launches (PYENGINE_LAUNCH) run the grid at once;
+// the runtime calls the launchers make answer for a small device (4 multiprocessors, so grid-stride
+// loops take several turns). Device atomics are host atomics.
+//
+// A .cu file runs here when its launchers use PYENGINE_LAUNCH and PYENGINE_DYNAMIC_SMEM
+// (common/device.cuh) and it keeps what needs nvcc (CUB) under #ifndef PYENGINE_KERNEL_MODEL.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,6 +28,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -32,10 +41,13 @@
 #define __device__
 #undef __forceinline__
 #define __forceinline__ inline
+// a static __shared__ array becomes a function-local static: one per kernel instantiation, seen by
+// every thread of the block (blocks run one at a time)
 #undef __shared__
-#define __shared__
+#define __shared__ static
 #define __launch_bounds__(...)
 #define PYENGINE_DYNAMIC_SMEM(name, align) unsigned char* name = ::model::t_smem
+#define PYENGINE_LAUNCH(grid, block, smem, stream, ...) ::model::Launch(grid, block, smem, __VA_ARGS__)
 
 namespace model {
 
@@ -56,37 +68,78 @@ inline thread_local int t_lane = 0;
 inline thread_local std::barrier<>* t_block_bar = nullptr;
 inline thread_local unsigned char* t_smem = nullptr;
 
-// Runs body() as every thread of every block of the grid.
+// Runs body() as every thread of every block of the grid. One std::thread per thread of a block
+// runs the blocks one after another (a block barrier between two blocks, the shared memory
+// refilled with garbage for the next).
 inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
   const unsigned nthreads = block.x * block.y * block.z;
   if (nthreads == 0 || nthreads % 32 != 0 || nthreads > 1024) fail("block size must be a multiple of 32, at most 1024");
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::unique_ptr<unsigned char[]> smem(smem_bytes ? new (std::align_val_t(128)) unsigned char[smem_bytes] : nullptr);
-        if (smem) std::memset(smem.get(), 0xAB, smem_bytes);  // never zero by luck
-        std::barrier<> block_bar(static_cast<std::ptrdiff_t>(nthreads));
-        std::vector<std::unique_ptr<Warp>> warps;
-        for (unsigned w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < nthreads; ++t) {
-          threads.emplace_back([&, t] {
-            t_thread = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            t_block = make_uint3(bx, by, bz);
-            t_block_dim = block;
-            t_grid_dim = grid;
-            t_warp = warps[t / 32].get();
-            t_lane = static_cast<int>(t % 32);
-            t_block_bar = &block_bar;
-            t_smem = smem.get();
-            body();
-          });
-        }
-        for (auto& th : threads) th.join();
-        // std::unique_ptr<unsigned char[]> with aligned new: release through the matching delete
-        ::operator delete[](smem.release(), std::align_val_t(128));
+  const size_t nblocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
+  if (nblocks == 0) return;
+  unsigned char* smem = smem_bytes ? new (std::align_val_t(128)) unsigned char[smem_bytes] : nullptr;
+  if (smem) std::memset(smem, 0xAB, smem_bytes);  // never zero by luck
+  std::barrier<> block_bar(static_cast<std::ptrdiff_t>(nthreads));
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (unsigned w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+  std::vector<std::thread> threads;
+  for (unsigned t = 0; t < nthreads; ++t) {
+    threads.emplace_back([&, t] {
+      t_thread = make_uint3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      t_block_dim = block;
+      t_grid_dim = grid;
+      t_warp = warps[t / 32].get();
+      t_lane = static_cast<int>(t % 32);
+      t_block_bar = &block_bar;
+      t_smem = smem;
+      for (size_t b = 0; b < nblocks; ++b) {
+        t_block = make_uint3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                             static_cast<unsigned>(b / (static_cast<size_t>(grid.x) * grid.y)));
+        body();
+        block_bar.arrive_and_wait();  // the block is done
+        if (t == 0 && smem) std::memset(smem, 0xAB, smem_bytes);
+        block_bar.arrive_and_wait();  // the next block starts on fresh garbage
       }
+    });
+  }
+  for (auto& th : threads) th.join();
+  if (smem) ::operator delete[](smem, std::align_val_t(128));
 }
+
+// Dynamic shared memory a kernel may use: 48 KB, or what cudaFuncSetAttribute raised it to (a
+// launch above that fails on a GPU).
+inline std::mutex attr_mu;
+inline std::map<const void*, size_t> smem_limit;
+inline void set_smem_limit(const void* f, size_t bytes) {
+  std::lock_guard<std::mutex> lock(attr_mu);
+  smem_limit[f] = bytes;
+}
+inline void check_smem(const void* f, size_t bytes) {
+  std::lock_guard<std::mutex> lock(attr_mu);
+  const auto it = smem_limit.find(f);
+  const size_t limit = it == smem_limit.end() ? 48 * 1024 : it->second;
+  if (bytes > limit) fail("launch asks for more dynamic shared memory than the kernel's limit (cudaFuncSetAttribute)");
+}
+
+// kernel<<<grid, block, smem>>>(args...) as model::Launch(grid, block, smem, kernel)(args...)
+template <typename F>
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+  F* kernel;
+  Launch(dim3 g, dim3 b, size_t s, F* k) : grid(g), block(b), smem(s), kernel(k) {}
+  template <typename... A>
+  void operator()(A... args) const {
+    check_smem(reinterpret_cast<const void*>(kernel), smem);
+    launch(grid, block, smem, [&] { kernel(args...); });
+  }
+};
+template <typename F>
+Launch(dim3, dim3, size_t, F*) -> Launch<F>;
+
+// The device the launchers ask about: few multiprocessors, so grid-stride loops take several turns.
+inline int sm_count = 4;
+inline int smem_optin = 232448;  // an H100's opt-in limit per block
+inline int cc_major = 9;
 
 template <typename T>
 T exchange(T v, int src, bool keep_own) {
@@ -97,6 +150,17 @@ T exchange(T v, int src, bool keep_own) {
   if (!keep_own) std::memcpy(&r, t_warp->slot[src & 31], sizeof(T));
   t_warp->bar.arrive_and_wait();  // the slots are free again
   return r;
+}
+
+// The warp's predicates as a bit mask (lane l at bit l).
+inline unsigned ballot(bool p) {
+  t_warp->slot[t_lane][0] = p ? 1 : 0;
+  t_warp->bar.arrive_and_wait();
+  unsigned all = 0;
+  for (int l = 0; l < 32; ++l)
+    if (t_warp->slot[l][0]) all |= 1u << l;
+  t_warp->bar.arrive_and_wait();
+  return all;
 }
 
 }  // namespace model
@@ -122,19 +186,17 @@ template <typename T>
 T __shfl_xor_sync(unsigned, T v, int m) { return model::exchange(v, model::t_lane ^ m, false); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
-inline unsigned __ballot_sync(unsigned, int p) {
-  unsigned all = 0;
-  for (int l = 0; l < 32; ++l) {
-    const int q = model::exchange(p, l, false);
-    if (q) all |= 1u << l;
-  }
-  return all;
-}
+inline unsigned __ballot_sync(unsigned, int p) { return model::ballot(p != 0); }
 inline int atomicCAS(int* p, int cmp, int val) {
   __atomic_compare_exchange_n(p, &cmp, val, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
   return cmp;
 }
 inline int atomicExch(int* p, int val) { return __atomic_exchange_n(p, val, __ATOMIC_SEQ_CST); }
+template <typename T>
+T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline bool __all_sync(unsigned, int p) { return model::ballot(p != 0) == 0xffffffffu; }
+template <typename T>
+T __ldg(const T* p) { return *p; }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
@@ -143,6 +205,48 @@ inline float to_float_any(float x) { return x; }
 inline float to_float_any(__half x) { return __half2float(x); }
 inline float to_float_any(__nv_bfloat16 x) { return __bfloat162float(x); }
 }  // namespace model
+
+// ---- the CUDA runtime calls of the launchers, answered for the modelled device
+extern "C" {
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *v = model::sm_count; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = model::smem_optin; break;
+    case cudaDevAttrComputeCapabilityMajor: *v = model::cc_major; break;
+    default: model::fail("cudaDeviceGetAttribute: attribute not modelled");
+  }
+  return cudaSuccess;
+}
+cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
+  if (value < 0 || value > model::smem_optin) return cudaErrorInvalidValue;
+  model::set_smem_limit(f, static_cast<size_t>(value));
+  return cudaSuccess;
+}
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const void*, int, size_t, unsigned) {
+  *n = 2;
+  return cudaSuccess;
+}
+cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  std::memset(p, v, n);
+  return cudaSuccess;
+}
+}
+
+// the C++ overloads cuda_runtime.h declares for nvcc only
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), attr, value);
+}
+template <typename F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F* f, int block, size_t smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(n, reinterpret_cast<const void*>(f), block, smem, 0);
+}
 
 // ---- WMMA (16 x 16 x 16, half / bfloat16 inputs, float accumulator)
 namespace nvcuda {

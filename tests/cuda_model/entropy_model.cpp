@@ -1,0 +1,110 @@
+// Runs the launchers and kernels of csrc/entropy/entropy_cuda.cu (ON counts per neuron, with and
+// without the fused ReLU, vector and scalar paths; binary entropy and its summary) in the CPU
+// model of the CUDA execution model (model.h), against plain loops. Built and run by
+// tests/test_cuda_model.py.
+#define PYENGINE_KERNEL_MODEL
+#include "check.h"
+
+#include "entropy/entropy_cuda.cu"
+
+#include <cmath>
+#include <limits>
+
+using namespace pyengine::cuda;
+using check::expect;
+
+namespace {
+
+// rows x row_len values with exact zeros, negative zeros, NaNs and both signs
+std::vector<float> activations(int64_t count, std::mt19937& g) {
+  std::uniform_int_distribution<int> kind(0, 9);
+  std::uniform_real_distribution<float> mag(0.01f, 3.0f);
+  std::vector<float> a(static_cast<size_t>(count));
+  for (auto& e : a) {
+    const int q = kind(g);
+    e = q == 0 ? 0.0f : q == 1 ? -0.0f : q == 2 ? std::numeric_limits<float>::quiet_NaN() : (q < 6 ? -mag(g) : mag(g));
+  }
+  return a;
+}
+
+template <typename T>
+void counts_case(const char* tname, int64_t rows, int64_t row_len, int64_t div, bool inclusive, bool relu, std::mt19937& g) {
+  const auto xf = activations(rows * row_len, g);
+  const auto x = check::convert<T>(xf);
+  const int64_t neurons = (row_len + div - 1) / div;
+  std::vector<int64_t> counts(static_cast<size_t>(neurons), 5), want(static_cast<size_t>(neurons), 5);  // added into
+  int64_t nan = 2, want_nan = 2;
+  std::vector<T> y(x.size(), check::from_float<T>(77.0f));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < row_len; ++c) {
+      const float v = check::to_float(x[r * row_len + c]);
+      if (std::isnan(v)) ++want_nan;
+      else if (inclusive ? v >= 0.0f : v > 0.0f) ++want[c / div];
+    }
+  const cudaError_t err = entropy_counts_rows(check::dtype_of<T>(), x.data(), relu ? y.data() : nullptr, rows, row_len,
+                                              div, inclusive, counts.data(), &nan, nullptr);
+  bool ok = err == cudaSuccess && counts == want && nan == want_nan;
+  if (relu)
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float v = check::to_float(x[i]), out = check::to_float(y[i]);
+      ok = ok && (std::isnan(v) ? std::isnan(out) : out == (v > 0.0f ? v : 0.0f));
+    }
+  char what[200];
+  std::snprintf(what, sizeof(what), "counts %s rows=%lld row_len=%lld div=%lld inclusive=%d relu=%d", tname, (long long)rows,
+                (long long)row_len, (long long)div, int(inclusive), int(relu));
+  expect(ok, what);
+}
+
+void entropy_case(int64_t numel, int64_t n_samples, double eps, std::mt19937& g) {
+  std::uniform_int_distribution<int64_t> cnt(0, n_samples);
+  std::vector<int64_t> counts(static_cast<size_t>(numel));
+  for (size_t i = 0; i < counts.size(); ++i) counts[i] = i % 7 == 0 ? 0 : (i % 11 == 0 ? n_samples : cnt(g));
+  std::vector<float> h(counts.size(), -1.0f);
+  double summary[4] = {-1, -1, -1, -1};
+  std::vector<double> scratch(kEntropyScratchDoubles);
+  const cudaError_t err = entropy_from_counts(counts.data(), numel, n_samples, eps, h.data(), summary, scratch.data(), nullptr);
+  double sum = 0, sum_nc = 0, n_nc = 0, on = 0, off = 0;
+  bool ok = err == cudaSuccess;
+  for (size_t i = 0; i < counts.size(); ++i) {
+    const double p = static_cast<double>(counts[i]) / n_samples;
+    const bool constant = counts[i] == 0 || counts[i] == n_samples;
+    auto plogq = [](double a, double b) { return a != 0.0 ? a * std::log(b) : 0.0; };
+    const double hv = constant ? 0.0 : -(plogq(p, p + eps) + plogq(1 - p, 1 - p + eps)) / std::log(2.0);
+    ok = ok && std::fabs(h[i] - hv) <= 1e-6;
+    sum += hv;
+    if (counts[i] == n_samples) ++on;
+    else if (counts[i] == 0) ++off;
+    else {
+      sum_nc += hv;
+      ++n_nc;
+    }
+  }
+  const double want[4] = {numel ? sum / numel : 0.0, n_nc ? sum_nc / n_nc : 0.0, on, off};
+  for (int i = 0; i < 4; ++i) ok = ok && std::fabs(summary[i] - want[i]) <= 1e-12 * std::max(1.0, std::fabs(want[i]));
+  expect(ok, "entropy numel=" + std::to_string(numel) + " n_samples=" + std::to_string(n_samples));
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 g(5);
+  if (check::quick()) {  // each kernel and path once, small
+    counts_case<float>("fp32", 2, 64 * 16, 16, false, true, g);
+    counts_case<__nv_bfloat16>("bf16", 3, 5 * 21, 21, true, false, g);
+    counts_case<float>("fp32", 2, 3000, 1000, false, false, g);
+    entropy_case(1000, 64, 1e-10, g);
+    return check::finish();
+  }
+  for (bool inclusive : {false, true})
+    for (bool relu : {false, true}) {
+      counts_case<float>("fp32", 4, 64 * 16, 16, inclusive, relu, g);         // NCHW-like, vector loads
+      counts_case<__nv_bfloat16>("bf16", 6, 5 * 21, 21, inclusive, relu, g);  // odd length: scalar loads
+    }
+  counts_case<__half>("fp16", 3, 512, 1, false, true, g);     // (B, T, C): a neuron per column
+  counts_case<double>("fp64", 300, 8, 1, true, false, g);     // many narrow rows
+  counts_case<float>("fp32", 2, 3000, 1000, false, false, g); // a warp's columns inside one neuron
+  entropy_case(1000, 64, 1e-10, g);
+  entropy_case(3, 10, 0.0, g);
+  entropy_case(5000, 1000, 1e-8, g);  // 20 blocks of partial sums
+  return check::finish();
+}

@@ -1,0 +1,173 @@
+// Runs the CSR launchers and kernels of csrc/masked/sparse_cuda.cu (pack count and fill, the
+// skinny small-batch product in both x-staging modes, the float32 SpMM, the densify tiles) in the
+// CPU model of the CUDA execution model (model.h), against plain loops; and checks that a bad
+// column index or row pointer is reported, never followed. pack_scan (CUB) is left out of the
+// model; the rows' offsets are computed here. Built and run by tests/test_cuda_model.py.
+#define PYENGINE_KERNEL_MODEL
+#include "check.h"
+
+#include "masked/sparse_cuda.cu"
+
+using namespace pyengine::cuda;
+using check::expect;
+
+namespace {
+
+struct Csr {
+  std::vector<int32_t> rowptr;
+  std::vector<int16_t> col16;
+  std::vector<int32_t> col32;
+  std::vector<float> values;
+};
+
+Csr csr_of(const std::vector<float>& w, int64_t n, int64_t k) {
+  Csr c;
+  c.rowptr.push_back(0);
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t j = 0; j < k; ++j)
+      if (w[r * k + j] != 0.0f) {
+        c.col16.push_back(static_cast<int16_t>(j));
+        c.col32.push_back(static_cast<int32_t>(j));
+        c.values.push_back(w[r * k + j]);
+      }
+    c.rowptr.push_back(static_cast<int32_t>(c.values.size()));
+  }
+  return c;
+}
+
+template <typename T>
+void pack_case(const char* tname, int64_t n, int64_t k, std::mt19937& g) {
+  const auto w = check::sparse_matrix(n, k, 0.2, g);
+  const auto wt = check::convert<T>(w);
+  const Csr ref = csr_of(w, n, k);
+  std::vector<int32_t> counts(static_cast<size_t>(n), -1);
+  bool ok = pack_count_rows(check::dtype_of<T>(), wt.data(), n, k, counts.data(), nullptr) == cudaSuccess;
+  for (int64_t r = 0; r < n; ++r) ok = ok && counts[r] == ref.rowptr[r + 1] - ref.rowptr[r];
+  const bool idx16 = k < 32768;
+  std::vector<int16_t> c16(ref.values.size(), -1);
+  std::vector<int32_t> c32(ref.values.size(), -1);
+  std::vector<T> vals(ref.values.size(), check::from_float<T>(99.0f));
+  ok = ok && pack_fill(check::dtype_of<T>(), wt.data(), n, k, ref.rowptr.data(), idx16 ? static_cast<void*>(c16.data()) : c32.data(),
+                       idx16, vals.data(), nullptr) == cudaSuccess;
+  for (size_t i = 0; i < ref.values.size(); ++i) {
+    ok = ok && (idx16 ? c16[i] == ref.col16[i] : c32[i] == ref.col32[i]);
+    ok = ok && check::to_float(vals[i]) == ref.values[i];
+  }
+  expect(ok, std::string("pack count + fill ") + tname + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+}
+
+// sparse_linear_skinny in mode 1 (x staged in shared memory) or 2 (a transposed copy of x)
+template <typename T>
+void skinny_case(const char* tname, int64_t m, int64_t k, int64_t n, int mode, std::mt19937& g) {
+  const auto w = check::sparse_matrix(n, k, 0.1, g);
+  const auto x = check::small_ints(static_cast<size_t>(m * k), -1, 1, g);
+  const auto b = check::small_ints(static_cast<size_t>(n), -3, 3, g);
+  const Csr c = csr_of(w, n, k);
+  const auto xt = check::convert<T>(x), vt = check::convert<T>(c.values), bt = check::convert<T>(b);
+  std::vector<T> out(static_cast<size_t>(m * n), check::from_float<T>(-999.0f));
+  std::vector<T> scratch(static_cast<size_t>(std::max<int64_t>(1, sparse_skinny_scratch_elems(m, k))));
+  DeviceErrorRecord rec{};
+  const bool idx16 = k < 32768;
+  const cudaError_t err = sparse_linear_skinny(check::dtype_of<T>(), xt.data(), m, k, c.rowptr.data(),
+                                               idx16 ? static_cast<const void*>(c.col16.data()) : c.col32.data(), idx16,
+                                               vt.data(), static_cast<int64_t>(c.values.size()), bt.data(), out.data(), n, n,
+                                               sparse_skinny_scratch_elems(m, k) > 0 ? scratch.data() : nullptr, mode, &rec,
+                                               nullptr);
+  const int64_t bad = check::first_mismatch(out, check::linear(w, x, &b, m, k, n));
+  expect(err == cudaSuccess && bad < 0 && rec.code == kDevErrNone,
+         std::string("skinny ") + tname + " mode " + std::to_string(mode) + " m=" + std::to_string(m) + " k=" +
+             std::to_string(k) + " n=" + std::to_string(n));
+}
+
+void spmm_case(int64_t m, int64_t k, int64_t n, std::mt19937& g) {
+  const auto w = check::sparse_matrix(n, k, 0.05, g);
+  const auto x = check::small_ints(static_cast<size_t>(m * k), -1, 1, g);
+  const auto b = check::small_ints(static_cast<size_t>(n), -3, 3, g);
+  const Csr c = csr_of(w, n, k);
+  std::vector<float> out_t(static_cast<size_t>(n * m), -999.0f);
+  DeviceErrorRecord rec{};
+  const cudaError_t err = sparse_linear_spmm_t(DType::kFloat32, x.data(), m, k, c.rowptr.data(), c.col16.data(), true,
+                                               c.values.data(), static_cast<int64_t>(c.values.size()), b.data(),
+                                               out_t.data(), n, &rec, nullptr);
+  const auto ref = check::linear(w, x, &b, m, k, n);
+  bool same = err == cudaSuccess && rec.code == kDevErrNone;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = 0; r < n; ++r) same = same && static_cast<double>(out_t[r * m + i]) == ref[i * n + r];
+  expect(same, "spmm_t float32 m=" + std::to_string(m) + " k=" + std::to_string(k) + " n=" + std::to_string(n));
+}
+
+void densify_case(int64_t n, int64_t k, int64_t row0, int64_t rows, std::mt19937& g) {
+  const auto w = check::sparse_matrix(n, k, 0.2, g);
+  const Csr c = csr_of(w, n, k);
+  std::vector<float> tile(static_cast<size_t>(rows * k), -5.0f);
+  DeviceErrorRecord rec{};
+  const cudaError_t err = sparse_densify_rows(DType::kFloat32, c.rowptr.data(), c.col32.data(), false, c.values.data(),
+                                              static_cast<int64_t>(c.values.size()), row0, rows, k, tile.data(), &rec,
+                                              nullptr);
+  bool same = err == cudaSuccess && rec.code == kDevErrNone;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < k; ++j) same = same && tile[r * k + j] == w[(row0 + r) * k + j];
+  expect(same, "densify rows [" + std::to_string(row0) + ", " + std::to_string(row0 + rows) + ") of " + std::to_string(n) +
+                   " x " + std::to_string(k));
+}
+
+// A column index past k, and a decreasing row pointer: reported with the position, never read.
+void bad_index_cases(std::mt19937& g) {
+  const int64_t m = 3, k = 500, n = 20;
+  const auto w = check::sparse_matrix(n, k, 0.1, g);
+  const auto x = check::small_ints(static_cast<size_t>(m * k), -1, 1, g);
+  Csr c = csr_of(w, n, k);
+  std::vector<float> out(static_cast<size_t>(m * n));
+  for (int mode : {1, 2}) {
+    Csr bad = c;
+    bad.col16[7] = 20000;
+    std::vector<float> scratch(static_cast<size_t>(sparse_skinny_scratch_elems(m, k)));
+    DeviceErrorRecord rec{};
+    sparse_linear_skinny(DType::kFloat32, x.data(), m, k, bad.rowptr.data(), bad.col16.data(), true, bad.values.data(),
+                         static_cast<int64_t>(bad.values.size()), nullptr, out.data(), n, n, scratch.data(), mode, &rec, nullptr);
+    expect(rec.code == kDevErrColidx && rec.position == 7 && rec.value == 20000 && rec.bound == k,
+           "skinny mode " + std::to_string(mode) + " reports colidx 20000 at position 7");
+  }
+  {
+    Csr bad = c;
+    bad.rowptr[4] = bad.rowptr[3] - 1;
+    DeviceErrorRecord rec{};
+    std::vector<float> out_t(static_cast<size_t>(n * 40));
+    const auto x40 = check::small_ints(static_cast<size_t>(40 * k), -1, 1, g);
+    sparse_linear_spmm_t(DType::kFloat32, x40.data(), 40, k, bad.rowptr.data(), bad.col16.data(), true, bad.values.data(),
+                         static_cast<int64_t>(bad.values.size()), nullptr, out_t.data(), n, &rec, nullptr);
+    expect(rec.code == kDevErrRowptrOrder, "spmm_t reports a decreasing row pointer");
+  }
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 g(11);
+  if (check::quick()) {  // every kernel and x-staging path once, small
+    pack_case<float>("fp32", 10, 300, g);
+    for (int mode : {1, 2}) skinny_case<__nv_bfloat16>("bf16", 3, 300, 20, mode, g);
+    skinny_case<float>("fp32", 20, 100, 20, 1, g);  // more than 16 rows: chunks
+    spmm_case(40, 64, 17, g);
+    densify_case(20, 100, 0, 20, g);
+    return check::finish();
+  }
+  pack_case<float>("fp32", 37, 300, g);
+  pack_case<__nv_bfloat16>("bf16", 20, 1000, g);
+  pack_case<double>("fp64", 9, 40000, g);  // int32 column indices
+  for (int mode : {1, 2}) {
+    for (int64_t m : {1, 3, 16}) {
+      skinny_case<__nv_bfloat16>("bf16", m, 1000, 40, mode, g);
+      skinny_case<float>("fp32", m, 300, 33, mode, g);
+    }
+    skinny_case<__half>("fp16", 5, 40000, 9, mode, g);  // int32 column indices
+  }
+  skinny_case<__nv_bfloat16>("bf16", 40, 300, 20, 1, g);  // more than 16 rows: x staged in chunks
+  skinny_case<double>("fp64", 7, 200, 20, 1, g);
+  spmm_case(40, 700, 50, g);
+  spmm_case(100, 64, 17, g);
+  densify_case(40, 300, 0, 40, g);
+  densify_case(50, 130, 16, 24, g);
+  bad_index_cases(g);
+  return check::finish();
+}
