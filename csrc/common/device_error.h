@@ -1,9 +1,10 @@
 // Index checks on the GPU without a host sync.
 //
 // A kernel that reads memory at an index taken from user data (CSR column indices and row
-// pointers, bitmap tile offsets, the winning direction of sliced Wasserstein) checks the index itself: a bad one is
-// skipped (never a wild read) and described in a DeviceErrorRecord - one per device, in mapped
-// pinned host memory, so the host can read it without synchronising. The first error wins.
+// pointers, bitmap tile offsets, the winning direction of sliced Wasserstein) checks the index
+// itself: a bad one is skipped (never a wild read) and described in a DeviceErrorRecord - one per
+// device, in mapped pinned host memory, so the host can read it without synchronising. The first
+// error wins.
 // The torch glue raises it as a ValueError at the next natural sync point: the entry of the next
 // pyengine CUDA op, pyengine.ops.check_device_errors() (which synchronises), or the construction
 // of a PackedWeight. No torch headers here: included by .cu and glue files alike.

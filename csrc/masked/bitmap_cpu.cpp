@@ -20,8 +20,8 @@ namespace {
 constexpr int64_t kRows = 16, kCols = 64, kWords = 32;  // as masked/bitmap_kernels.h
 constexpr int64_t kWalkMaxRows = 8;  // beyond this many rows of x: densify W block by block for the GEMM
 
-// Set bits of a word (plain arithmetic: the baseline build has no popcnt instruction, and the
-// library call __builtin_popcount becomes there costs more than the walk over the tile).
+// Set bits of a word, in plain arithmetic: the baseline build has no popcnt instruction, and there
+// __builtin_popcount becomes a library call that costs more than the walk over the tile.
 inline int64_t popcount32(uint32_t v) {
   v = v - ((v >> 1) & 0x55555555u);
   v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);

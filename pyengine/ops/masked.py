@@ -229,12 +229,10 @@ def _padding_bits(n: int, k: int, device) -> torch.Tensor:
     """(tiles * 32,) int64: the bits of each word that lie outside an (n, k) matrix."""
     nt, kt = _bitmap_tiles(n, k)
     rows = torch.arange(nt * TILE_ROWS, device=device).view(nt, 1, TILE_ROWS, 1)
-    cols = torch.arange(kt * TILE_COLS, device=device).view(1, kt, 2, 32)
-    row_out = (rows >= n).expand(nt, kt, TILE_ROWS, 1)
-    col_out = (cols >= k).view(1, kt, 1, 2, 32)
-    out = (row_out.unsqueeze(-1) | col_out).expand(nt, kt, TILE_ROWS, 2, 32)
-    weights = torch.ones(32, dtype=torch.int64, device=device) << torch.arange(32, device=device)
-    return (out.long() * weights).sum(-1).reshape(-1)
+    first_col = torch.arange(kt * 2, device=device).view(1, kt, 1, 2) * 32  # each word's first column
+    inside = (k - first_col).clamp(0, 32)  # columns of the word inside the matrix
+    col_pad = (0xFFFFFFFF ^ ((torch.ones_like(inside) << inside) - 1)) & 0xFFFFFFFF
+    return torch.where(rows >= n, torch.full_like(col_pad, 0xFFFFFFFF), col_pad).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -299,9 +297,10 @@ class BitmapWeight(_Packed):
     def to_dense(self) -> torch.Tensor:
         n, k = self.shape
         nt, kt = _bitmap_tiles(n, k)
-        bits = (self.bitmap.long().view(nt, kt, TILE_ROWS, 2, 1) >> torch.arange(32, device=self.bitmap.device)) & 1
+        shifts = torch.arange(32, dtype=torch.int32, device=self.bitmap.device)
+        bits = ((self.bitmap.view(nt, kt, TILE_ROWS, 2, 1) >> shifts) & 1).bool()  # bit j of each word
         tiles = torch.zeros(nt, kt, TILE_ROWS, TILE_COLS, dtype=self.values.dtype, device=self.values.device)
-        tiles[bits.view(nt, kt, TILE_ROWS, TILE_COLS).bool()] = self.values
+        tiles[bits.view(nt, kt, TILE_ROWS, TILE_COLS)] = self.values
         return tiles.permute(0, 2, 1, 3).reshape(nt * TILE_ROWS, kt * TILE_COLS)[:n, :k].contiguous()
 
 
