@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -74,6 +75,12 @@ std::vector<int64_t> check_grouped(at::TensorList xs, at::TensorList ys, const a
   return dims;
 }
 
+// PYENGINE_SPLIT_K_ON_CPU=1: split long reductions on the CPU as on CUDA (for tests; read per call).
+bool split_on_cpu() {
+  const char* v = std::getenv("PYENGINE_SPLIT_K_ON_CPU");
+  return v != nullptr && v[0] == '1';
+}
+
 struct Forward {
   at::Tensor dist, cx, cy, win, scale;  // scale (G, K): 1 / |block g of direction k| (normalize only)
 };
@@ -92,8 +99,9 @@ Forward grouped_forward(at::TensorList xs, at::TensorList ys, const at::Tensor& 
   for (int64_t g = 0; g < G; ++g) {
     const at::Tensor tg = th.narrow(1, off, dims[g]);  // (K, d_g), rows strided by sum d
     // on CUDA a long reduction is split as the single-pair op splits it; on the CPU one GEMM in this
-    // orientation (1.75x faster than z @ tg^T with BLAS here)
-    const int64_t s = xs[g].is_cuda() ? split_k_pieces(dims[g], 64) : 1;
+    // orientation (1.75x faster than z @ tg^T with BLAS here) - unless PYENGINE_SPLIT_K_ON_CPU=1,
+    // with which the tests run the CUDA path's split arithmetic on the CPU
+    const int64_t s = (xs[g].is_cuda() || split_on_cpu()) ? split_k_pieces(dims[g], 64) : 1;
     project_into(P.select(0, 0).select(0, g), tg, xs[g].detach().contiguous(), s);
     project_into(P.select(0, 1).select(0, g), tg, ys[g].detach().contiguous(), s);
     if (normalize) {
