@@ -12,12 +12,13 @@
 #include <cstdint>
 #include <optional>
 
+#include "masked/bitmap_format.h"
 #include "masked/masked_args.h"
 
 namespace pyengine {
 namespace {
 
-constexpr int64_t kRows = 16, kCols = 64, kWords = 32;  // as masked/bitmap_kernels.h
+constexpr int64_t kRows = kBmRows, kCols = kBmCols, kWords = kBmWords;
 constexpr int64_t kWalkMaxRows = 8;  // beyond this many rows of x: densify W block by block for the GEMM
 
 // Set bits of a word, in plain arithmetic: the baseline build has no popcnt instruction, and there

@@ -58,7 +58,7 @@ at::Tensor sparse_linear_bitmap_cuda(const at::Tensor& x_, const at::Tensor& bit
         C10_CUDA_CHECK(pc::bitmap_densify_rows(dt, bm, off, values.data_ptr(), nnz, n, k, n0, rows, buf.data_ptr(),
                                                rec, s));
       },
-      pc::kBmRows);
+      kBmRows);
   return out;
 }
 

@@ -20,13 +20,10 @@
 
 #include "common/device_error.h"
 #include "common/dtype.h"
+#include "masked/bitmap_format.h"
 
 namespace pyengine {
 namespace cuda {
-
-constexpr int kBmRows = 16;
-constexpr int kBmCols = 64;
-constexpr int kBmWords = kBmRows * kBmCols / 32;
 
 // Whether sparse_linear_bitmap_mma runs for this dtype on `device`: float16 / bfloat16 on compute
 // capability 8.0 or newer (tensor cores through WMMA).

@@ -95,13 +95,14 @@ Forward grouped_forward(at::TensorList xs, at::TensorList ys, const at::Tensor& 
   at::Tensor P = at::empty({2, G, K, n}, th.options());  // P[t, g] = block g of theta @ (x or y)_g^T
   Forward f;
   if (normalize) f.scale = at::empty({G, K}, th.options());
+  // on CUDA a long reduction is split as the single-pair op splits it; on the CPU one GEMM in this
+  // orientation (1.75x faster than z @ tg^T with BLAS here) - unless PYENGINE_SPLIT_K_ON_CPU=1,
+  // with which the tests run the CUDA path's split arithmetic on the CPU
+  const bool split = xs[0].is_cuda() || split_on_cpu();
   int64_t off = 0;
   for (int64_t g = 0; g < G; ++g) {
     const at::Tensor tg = th.narrow(1, off, dims[g]);  // (K, d_g), rows strided by sum d
-    // on CUDA a long reduction is split as the single-pair op splits it; on the CPU one GEMM in this
-    // orientation (1.75x faster than z @ tg^T with BLAS here) - unless PYENGINE_SPLIT_K_ON_CPU=1,
-    // with which the tests run the CUDA path's split arithmetic on the CPU
-    const int64_t s = (xs[g].is_cuda() || split_on_cpu()) ? split_k_pieces(dims[g], 64) : 1;
+    const int64_t s = split ? split_k_pieces(dims[g], 64) : 1;
     project_into(P.select(0, 0).select(0, g), tg, xs[g].detach().contiguous(), s);
     project_into(P.select(0, 1).select(0, g), tg, ys[g].detach().contiguous(), s);
     if (normalize) {

@@ -181,11 +181,7 @@ def sliced_wasserstein(
     b, n, d = x.shape
     k = int(n_directions) if directions is None else int(directions.shape[0]) if isinstance(directions, torch.Tensor) else 0
     _check_work(b, n, d, k, work, f"{b} pair(s) of {n} points in {d} dims")
-    if directions is None:
-        if generator is not None and not same_device(generator.device, x.device):
-            raise ValueError(
-                f"generator is on {generator.device} but x is on {x.device}; pass a generator on the data's device"
-            )
+    if directions is None:  # random_directions refuses a generator on another device than x
         theta = random_directions(n_directions, d, generator=generator, device=x.device, dtype=work)
     else:
         check_tensor("directions", directions, ndim=2)
