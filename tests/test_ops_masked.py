@@ -12,7 +12,7 @@ from pyengine.ops import (
 )
 from pyengine.ops.masked import _pack_reference
 
-from conftest import rel_err
+from conftest import CUDA_OK, rel_err
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(1, 1, 1), (7, 13, 5), (33, 64, 17), (128, 300, 257), (0, 8, 4), (5, 8, 0), (4, 0, 3)]
@@ -368,6 +368,27 @@ def test_pack_bitmap_and_sparse_linear(device, poison, dtype, m, k, n, density):
     _check_close(y_nobias.cpu(), F.linear(xd, wd).cpu(), F.linear(x, w), dtype)
     if device.type == "cuda":
         pyengine.ops.check_device_errors(device)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels in this build")
+@pytest.mark.parametrize("blocks", ["1", "2"])
+def test_bitmap_tensor_core_kernel_both_register_budgets(monkeypatch, blocks):
+    # PYENGINE_BITMAP_BLOCKS_PER_SM picks the kernel built for one or two blocks per SM (75 / 64
+    # registers); both against float64, with a row-tile count above one wave of 16-warp blocks
+    monkeypatch.setenv("PYENGINE_BITMAP_BLOCKS_PER_SM", blocks)
+    g = torch.Generator().manual_seed(11)
+    n, k = 16 * 300, 1000
+    w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < 0.1)
+    for m in (1, 16, 40):
+        x = torch.randn(m, k, generator=g, dtype=torch.float64)
+        for dtype in (torch.bfloat16, torch.float16):
+            wd, xd = w.to("cuda", dtype), x.to("cuda", dtype)
+            with torch.no_grad():
+                y = sparse_linear(xd, pack_sparse(wd, format="bitmap"))
+                low = F.linear(xd, wd)
+            _check_close(y.cpu(), low.cpu(), F.linear(x, w), dtype)
+    pyengine.ops.check_device_errors(torch.device("cuda"))
 
 
 def test_sparse_linear_bitmap_batched_and_non_contiguous(device):

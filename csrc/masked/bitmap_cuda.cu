@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 
 #include "common/device.cuh"
 #include "masked/bitmap_kernels.h"
@@ -82,8 +83,12 @@ __device__ __forceinline__ uint32_t inside_bits(int64_t c0, int64_t k, bool row_
 // tile expanded into a dense 16 x 64 block in shared memory, and 4 WMMA 16x16x16 products
 // accumulate C[i][j] = sum_c W[row0 + i, c] x[m0 + j, c] in fp32. The warps' C are summed through
 // shared memory at the end and written with the bias.
-template <typename T>
-__global__ void __launch_bounds__(kMaxWarps * 32)
+//
+// MinBlocks = 2 holds the kernel to 64 registers (ptxas: 12 bytes spilled) so that two 16-warp
+// blocks fit an SM: 256 row tiles (a 4096-row W) then run in one wave on an H100 / H200. With 1 it
+// takes 75 registers, one block per SM, and that W in two waves (0.74x of dense on an H200).
+template <typename T, int MinBlocks>
+__global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
     bitmap_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint32_t* __restrict__ bitmap,
                       const int32_t* __restrict__ offsets, const T* __restrict__ values, int64_t nnz,
                       const T* __restrict__ bias, T* __restrict__ out, int64_t ldo, int64_t n, int64_t kt_count,
@@ -254,10 +259,10 @@ __global__ void __launch_bounds__(kDensifyThreads)
 // ============================================================================ launchers
 namespace {
 
-template <typename T>
-cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
-                         const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
-                         DeviceErrorRecord* rec, cudaStream_t stream) {
+template <typename T, int MinBlocks>
+cudaError_t bitmap_mma_launch(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
+                              const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
+                              DeviceErrorRecord* rec, cudaStream_t stream) {
   const int dev = current_device();
   const int64_t nt = ceil_div(n, kBmRows), kt = ceil_div(k, kBmCols);
   // as many warps as there are column tiles, up to 16 and to what the device's shared memory holds
@@ -265,7 +270,7 @@ cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap
   const int max_warps = static_cast<int>(std::min<int64_t>(kMaxWarps, fit));
   const int warps = static_cast<int>(std::min<int64_t>(max_warps, kt));
   const size_t smem = static_cast<size_t>(warps) * sizeof(WarpBuf<T>);
-  auto kernel = bitmap_mma_kernel<T>;
+  auto kernel = bitmap_mma_kernel<T, MinBlocks>;
   // the opt-in limit is set once per device for the largest block (the attribute belongs to the
   // kernel in each device's context)
   static std::atomic<uint64_t> opted{0};
@@ -287,6 +292,18 @@ cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+// PYENGINE_BITMAP_BLOCKS_PER_SM = 2 (default) | 1: which register budget the product kernel has
+// (see bitmap_mma_kernel; 1 is kept for comparison in benchmarks/bench_gpu.py). Read per call.
+template <typename T>
+cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
+                         const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
+                         DeviceErrorRecord* rec, cudaStream_t stream) {
+  const char* v = std::getenv("PYENGINE_BITMAP_BLOCKS_PER_SM");
+  if (v != nullptr && v[0] == '1' && v[1] == '\0')
+    return bitmap_mma_launch<T, 1>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
+  return bitmap_mma_launch<T, 2>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
 }
 
 template <int Bytes>
