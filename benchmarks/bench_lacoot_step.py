@@ -5,6 +5,8 @@
   max-sliced Wasserstein distance with K = 50 directions drawn afresh each step, exactly as
   ``--method lacoot`` trains (its StepCallback: hooks, seeded generator, and the four pairs in one
   native call with one autograd node, ``sliced_wasserstein_grouped``);
+- pyengine ATen (CUDA only): the grouped op with its projections and backward as ATen calls
+  (``PYENGINE_GROUPED_ATEN=1``: per-pair GEMMs, split-K sums, norms) instead of its CUDA kernels;
 - pyengine per pair: the same with one native call per pair (``packed=False``);
 - POT: the same term computed with ``ot.sliced.max_sliced_wasserstein_distance`` (torch backend,
   ``seed=None``), as the authors' training script does.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 
@@ -73,6 +76,16 @@ class _Variant:
         self.steps = 0
 
     def step(self, x, y):
+        if self.name == "pyengine ATen":
+            os.environ["PYENGINE_GROUPED_ATEN"] = "1"
+            try:
+                self._step(x, y)
+            finally:
+                os.environ.pop("PYENGINE_GROUPED_ATEN", None)
+        else:
+            self._step(x, y)
+
+    def _step(self, x, y):
         import ot
 
         if self.cb is not None:
@@ -96,7 +109,7 @@ def run(device, batch, steps, repeats, maxpool, lam=5.0, k=50):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    names = ["plain", "pyengine", "pyengine per pair"]
+    names = ["plain", "pyengine"] + (["pyengine ATen"] if device.type == "cuda" else []) + ["pyengine per pair"]
     if importlib.util.find_spec("ot") is not None:
         names.append("POT")
     else:
@@ -149,6 +162,13 @@ def _term_alone(v, x, device, k, names, repeats):
         m, _ = lc.lacoot_regulariser(pairs, n_directions=k, generator=gen, packed=packed, check_nan=False)
         torch.autograd.grad(m, leaves)
 
+    def aten(i):
+        os.environ["PYENGINE_GROUPED_ATEN"] = "1"
+        try:
+            ours(i)
+        finally:
+            os.environ.pop("PYENGINE_GROUPED_ATEN", None)
+
     def pot(i):
         import ot
 
@@ -157,7 +177,8 @@ def _term_alone(v, x, device, k, names, repeats):
         torch.autograd.grad(torch.stack(d).mean(), leaves)
 
     out = {"plain": 0.0}
-    for name, fn in (("pyengine", ours), ("pyengine per pair", lambda i: ours(i, packed=False)), ("POT", pot)):
+    for name, fn in (("pyengine", ours), ("pyengine ATen", aten), ("pyengine per pair", lambda i: ours(i, packed=False)),
+                     ("POT", pot)):
         if name not in names:
             continue
         fn(0)

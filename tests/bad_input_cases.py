@@ -328,6 +328,10 @@ def good_calls(dev: torch.device) -> None:
         xs = [torch.randn(9, d, device=dev, generator=g, requires_grad=True) for d in (5, 300, 9000)]
         ys = [torch.randn(9, d, device=dev, generator=g) for d in (5, 300, 9000)]
         ops.sliced_wasserstein_grouped(xs, ys, n_directions=7, reduce=reduce, generator=g).sum().backward()
+        # two tiles of 64 points and of 64 directions, pairs cut into several chunks (CUDA kernels)
+        xs = [torch.randn(130, d, device=dev, generator=g, requires_grad=True) for d in (70, 2100)]
+        ys = [torch.randn(130, d, device=dev, generator=g, requires_grad=True) for d in (70, 2100)]
+        ops.sliced_wasserstein_grouped(xs, ys, n_directions=70, reduce=reduce, generator=g).sum().backward()
     xl = torch.randn(1, 8, 16384, device=dev, generator=g, requires_grad=True)
     ops.sliced_wasserstein(xl, torch.randn(1, 8, 16384, device=dev, generator=g), n_directions=3, generator=g).backward()
     if dev.type == "cpu":

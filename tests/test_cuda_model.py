@@ -1,14 +1,14 @@
 """CUDA kernel sources run without a GPU: tests/cuda_model/model.h models the CUDA execution model
 on the CPU (a std::thread per CUDA thread, block and warp barriers, shuffles and ballots, WMMA
 with opaque fragments, exact-size dynamic shared memory, the runtime calls the launchers make),
-and the launchers and kernels of csrc/masked/bitmap_cuda.cu, sparse_cuda.cu, masked_cuda.cu and
-csrc/entropy/entropy_cuda.cu run in it against plain loops - under AddressSanitizer + UBSan
+and the launchers and kernels of csrc/masked/bitmap_cuda.cu, sparse_cuda.cu, masked_cuda.cu,
+csrc/entropy/entropy_cuda.cu and csrc/sliced/sliced_grouped_cuda.cu run in it against plain loops - under AddressSanitizer + UBSan
 (out-of-bounds global and shared memory, misaligned vector accesses) and under ThreadSanitizer
 (a missing __syncwarp / __syncthreads shows as a race; a smaller case set, MODEL_QUICK=1).
 
 This checks indexing, synchronisation, launch configuration and error reporting, not the compiler
-or the hardware: the CUDA tests (``-k cuda``) still have to pass on a GPU. The sliced kernels
-(CUB block sorts) are not modelled.
+or the hardware: the CUDA tests (``-k cuda``) still have to pass on a GPU. The other sliced
+kernels (CUB block sorts) are not modelled.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "cuda_model"
-DRIVERS = ["bitmap_model", "sparse_model", "entropy_model", "masked_model"]
+DRIVERS = ["bitmap_model", "sparse_model", "entropy_model", "masked_model", "grouped_model"]
 SANITIZERS = ["address,undefined", "thread"]
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import pyengine
+from conftest import CUDA_OK
 from pyengine.ops import random_directions, sliced_wasserstein, sliced_wasserstein_reference
 
 ot = pytest.importorskip("ot")
@@ -348,6 +349,53 @@ def test_grouped_split_reduction_equals_one_gemm(monkeypatch, reduce):
     for i, blk in enumerate(theta.split(dims, dim=1)):
         want = fn(xs[i].detach().numpy(), ys[i].detach().numpy(), p=2, projections=blk.T.numpy())
         np.testing.assert_allclose(runs["1"][0][i].item(), want, rtol=1e-10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels in this build")
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_grouped_cuda_kernels_match_the_cpu_at_lacoot_sizes(reduce):
+    # the CUDA projections (chunked partial products, their ordered sum, the block norms) and the
+    # max's one-launch backward against the ATen path on the CPU in float64: LaCoOT's ResNet-18
+    # pairs (n = 128, d = 16384 ... 2048, K = 50), and more than one 64-wide tile of points and
+    # directions (n = 130, K = 70); float32 values within 1e-4
+    g = torch.Generator().manual_seed(3)
+    for n, dims, k in ((128, [16384, 8192, 4096, 2048], 50), (130, [700, 3, 2500], 70)):
+        xs = [torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True) for d in dims]
+        ys = [(x.detach() * 0.7 + torch.randn(n, d, generator=g, dtype=torch.float64)).requires_grad_() for x, d in
+              zip(xs, dims)]
+        theta = torch.randn(k, sum(dims), generator=g, dtype=torch.float64)
+        op = torch.ops.pyengine.sliced_wasserstein_grouped
+        use_max = reduce == "max"
+        for normalize in (True, False):
+            ref = op(xs, ys, theta, 2.0, use_max, normalize)
+            gref = torch.autograd.grad(ref.sum(), xs + ys)
+            xc = [x.detach().cuda().requires_grad_() for x in xs]
+            yc = [y.detach().cuda().requires_grad_() for y in ys]
+            got = op(xc, yc, theta.cuda(), 2.0, use_max, normalize)
+            ggot = torch.autograd.grad(got.sum(), xc + yc)
+            assert torch.allclose(got.cpu(), ref, rtol=1e-10, atol=1e-12)
+            for a, b in zip(ggot, gref):
+                assert torch.allclose(a.cpu(), b, rtol=1e-9, atol=1e-12)
+            with torch.no_grad():
+                f32 = op([x.float().cuda() for x in xs], [y.float().cuda() for y in ys], theta.float().cuda(), 2.0,
+                         use_max, normalize)
+            assert torch.allclose(f32.cpu().double(), ref.detach(), rtol=1e-4)
+    pyengine.ops.check_device_errors(torch.device("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels in this build")
+def test_grouped_cuda_more_pairs_than_one_launch_takes():
+    # 40 pairs (the kernels take up to 32 per launch): the ATen path, the same values
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(6, 3 + i % 5, generator=g, dtype=torch.float64) for i in range(40)]
+    ys = [torch.randn_like(x) for x in xs]
+    theta = torch.randn(9, sum(x.shape[1] for x in xs), generator=g, dtype=torch.float64)
+    ref = torch.ops.pyengine.sliced_wasserstein_grouped(xs, ys, theta, 2.0, True, True)
+    got = torch.ops.pyengine.sliced_wasserstein_grouped([x.cuda() for x in xs], [y.cuda() for y in ys], theta.cuda(),
+                                                        2.0, True, True)
+    assert torch.allclose(got.cpu(), ref, rtol=1e-12)
 
 
 @pytest.mark.parametrize("reduce", ["max", "mean"])

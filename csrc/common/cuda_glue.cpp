@@ -63,6 +63,7 @@ std::string describe(const DeviceErrorRecord& r) {
   const char* op = r.op == kOpSparseLinear         ? "sparse_linear"
                    : r.op == kOpSlicedBwd          ? "sliced_wasserstein_bwd"
                    : r.op == kOpSparseLinearBitmap ? "sparse_linear_bitmap"
+                   : r.op == kOpSlicedGrouped      ? "sliced_wasserstein_grouped"
                                                    : "op";
   std::string m = std::string("pyengine.") + op + ": ";
   switch (r.code) {

@@ -26,7 +26,12 @@ enum DeviceErrorCode : int32_t {
   kDevErrTileCount = 7,    // position = tile t, value = offsets[t + 1] - offsets[t], bound = the tile's set bits
 };
 
-enum DeviceErrorOp : int32_t { kOpSparseLinear = 1, kOpSlicedBwd = 2, kOpSparseLinearBitmap = 3 };
+enum DeviceErrorOp : int32_t {
+  kOpSparseLinear = 1,
+  kOpSlicedBwd = 2,
+  kOpSparseLinearBitmap = 3,
+  kOpSlicedGrouped = 4,
+};
 
 struct DeviceErrorRecord {
   int32_t code;     // written last (after a system fence): non-zero means the fields are valid

@@ -8,6 +8,7 @@
 
 #include "common/cuda_glue.h"
 #include "sliced/sliced_args.h"
+#include "sliced/sliced_compare.h"
 #include "sliced/sliced_kernels.h"
 #include "sliced/sliced_project.h"
 
@@ -35,64 +36,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
   pc::cuda_entry(op, x_, "x");
   check_sw_fwd(op, x_, y_, theta_, p);
   c10::cuda::CUDAGuard guard(x_.device());
-  const pc::DType dt = pc::kernel_dtype(x_);
   const int64_t B = x_.size(0), n = x_.size(1), K = theta_.size(0);
-  const int64_t kg = use_max ? 1 : K;
-  const auto opts = x_.options();
-  at::Tensor dist = at::empty({B}, opts);
-  at::Tensor cx = need_grad ? at::empty({B, n, kg}, opts) : at::empty({0}, opts);
-  at::Tensor cy = need_grad ? at::empty({B, n, kg}, opts) : at::empty({0}, opts);
-  at::Tensor win = at::empty({(need_grad && use_max) ? B : 0}, opts.dtype(at::kLong));
-  if (B == 0) return {dist, cx, cy, win};
-  const int64_t segs = B * K;
-  if (2 * segs > 0x7fffffffLL) op.value_error("B * K = ", segs, " (pair, direction) rows is too many for one call");
+  if (B == 0) return sw_compare_cuda(op, at::empty({2, K, 0}, x_.options()), 0, n, K, p, use_max, need_grad);
   const at::Tensor x = x_.contiguous();
   const at::Tensor y = y_.contiguous();
   const at::Tensor theta = theta_.contiguous();
-  const cudaStream_t stream = pc::current_stream();
-
   at::Tensor P = project(theta, x, y, B * n);  // segment s = k B + b: direction k of pair b
-  at::Tensor S = at::empty({B, K}, opts.dtype(at::kDouble));
-  at::Tensor coef = at::empty({B}, opts.dtype(at::kDouble));
-  const bool block = pc::sw_block_sort_supported(dt, n);
-  if (block && (use_max || !need_grad)) {
-    // sort + cost fused; for the max's gradient only the winning direction is sorted again
-    C10_CUDA_CHECK(pc::sw_sort_cost(dt, P.data_ptr(), n, B, K, p, S.data_ptr<double>(), stream));
-    at::Tensor w = need_grad ? win : at::empty({B}, opts.dtype(at::kLong));
-    C10_CUDA_CHECK(pc::sw_reduce(dt, S.data_ptr<double>(), B, K, p, use_max, dist.data_ptr(),
-                                 use_max ? w.data_ptr<int64_t>() : nullptr, coef.data_ptr<double>(), stream));
-    if (need_grad) {
-      C10_CUDA_CHECK(pc::sw_winner_grad(dt, P.data_ptr(), n, B, K, p, win.data_ptr<int64_t>(),
-                                        coef.data_ptr<double>(), cx.data_ptr(), cy.data_ptr(), stream));
-    }
-    return {dist, cx, cy, win};
-  }
-  at::Tensor perm = need_grad ? at::empty({2 * segs * n}, opts.dtype(at::kInt)) : at::Tensor();
-  int32_t* perm_p = need_grad ? perm.data_ptr<int32_t>() : nullptr;
-  at::Tensor sorted;
-  if (block) {  // the mean's gradient: every direction's permutation
-    C10_CUDA_CHECK(pc::sw_block_sort(dt, P.data_ptr(), n, 2 * segs, perm_p, stream));
-    sorted = P;
-  } else {
-    if (2 * segs * n >= 0x7fffffffLL)
-      op.value_error("2 * B * K * n = ", 2 * segs * n,
-                     " projections is too many for one call (limit 2**31 - 1); split the batch or use fewer directions");
-    sorted = at::empty_like(P);
-    const size_t bytes = std::max<size_t>(pc::sw_segmented_sort_temp_bytes(dt, n, 2 * segs, need_grad), 16);
-    at::Tensor temp = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
-    at::Tensor idx = at::empty({2 * segs * n + 2 * segs + 1}, opts.dtype(at::kInt));
-    C10_CUDA_CHECK(pc::sw_segmented_sort(dt, temp.data_ptr(), bytes, P.data_ptr(), sorted.data_ptr(), perm_p,
-                                         idx.data_ptr<int32_t>(), n, 2 * segs, stream));
-  }
-  C10_CUDA_CHECK(pc::sw_pair_cost(dt, sorted.data_ptr(), n, B, K, p, S.data_ptr<double>(), stream));
-  int64_t* win_p = (need_grad && use_max) ? win.data_ptr<int64_t>() : nullptr;
-  C10_CUDA_CHECK(pc::sw_reduce(dt, S.data_ptr<double>(), B, K, p, use_max, dist.data_ptr(), win_p,
-                               coef.data_ptr<double>(), stream));
-  if (need_grad) {
-    C10_CUDA_CHECK(pc::sw_grad(dt, sorted.data_ptr(), perm_p, win_p, coef.data_ptr<double>(), B, K, n, p, use_max,
-                               cx.data_ptr(), cy.data_ptr(), stream));
-  }
-  return {dist, cx, cy, win};
+  return sw_compare_cuda(op, P, B, n, K, p, use_max, need_grad);
 }
 
 // Gradients to the point sets from the forward's cx / cy (see module.cpp): for the max a rank-1
@@ -135,6 +85,63 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cuda(const at::Tensor&
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sw_compare_cuda(const OpChecks& op, at::Tensor P, int64_t B,
+                                                                         int64_t n, int64_t K, double p, bool use_max,
+                                                                         bool need_grad) {
+  const pc::DType dt = pc::kernel_dtype(P);
+  const int64_t kg = use_max ? 1 : K;
+  const auto opts = P.options();
+  at::Tensor dist = at::empty({B}, opts);
+  at::Tensor cx = need_grad ? at::empty({B, n, kg}, opts) : at::empty({0}, opts);
+  at::Tensor cy = need_grad ? at::empty({B, n, kg}, opts) : at::empty({0}, opts);
+  at::Tensor win = at::empty({(need_grad && use_max) ? B : 0}, opts.dtype(at::kLong));
+  if (B == 0) return {dist, cx, cy, win};
+  const int64_t segs = B * K;
+  if (2 * segs > 0x7fffffffLL) op.value_error("B * K = ", segs, " (pair, direction) rows is too many for one call");
+  const cudaStream_t stream = pc::current_stream();
+  at::Tensor S = at::empty({B, K}, opts.dtype(at::kDouble));
+  at::Tensor coef = at::empty({B}, opts.dtype(at::kDouble));
+  const bool block = pc::sw_block_sort_supported(dt, n);
+  if (block && (use_max || !need_grad)) {
+    // sort + cost fused; for the max's gradient only the winning direction is sorted again
+    C10_CUDA_CHECK(pc::sw_sort_cost(dt, P.data_ptr(), n, B, K, p, S.data_ptr<double>(), stream));
+    at::Tensor w = need_grad ? win : at::empty({B}, opts.dtype(at::kLong));
+    C10_CUDA_CHECK(pc::sw_reduce(dt, S.data_ptr<double>(), B, K, p, use_max, dist.data_ptr(),
+                                 use_max ? w.data_ptr<int64_t>() : nullptr, coef.data_ptr<double>(), stream));
+    if (need_grad) {
+      C10_CUDA_CHECK(pc::sw_winner_grad(dt, P.data_ptr(), n, B, K, p, win.data_ptr<int64_t>(),
+                                        coef.data_ptr<double>(), cx.data_ptr(), cy.data_ptr(), stream));
+    }
+    return {dist, cx, cy, win};
+  }
+  at::Tensor perm = need_grad ? at::empty({2 * segs * n}, opts.dtype(at::kInt)) : at::Tensor();
+  int32_t* perm_p = need_grad ? perm.data_ptr<int32_t>() : nullptr;
+  at::Tensor sorted;
+  if (block) {  // the mean's gradient: every direction's permutation
+    C10_CUDA_CHECK(pc::sw_block_sort(dt, P.data_ptr(), n, 2 * segs, perm_p, stream));
+    sorted = P;
+  } else {
+    if (2 * segs * n >= 0x7fffffffLL)
+      op.value_error("2 * B * K * n = ", 2 * segs * n,
+                     " projections is too many for one call (limit 2**31 - 1); split the batch or use fewer directions");
+    sorted = at::empty_like(P);
+    const size_t bytes = std::max<size_t>(pc::sw_segmented_sort_temp_bytes(dt, n, 2 * segs, need_grad), 16);
+    at::Tensor temp = at::empty({static_cast<int64_t>(bytes)}, opts.dtype(at::kByte));
+    at::Tensor idx = at::empty({2 * segs * n + 2 * segs + 1}, opts.dtype(at::kInt));
+    C10_CUDA_CHECK(pc::sw_segmented_sort(dt, temp.data_ptr(), bytes, P.data_ptr(), sorted.data_ptr(), perm_p,
+                                         idx.data_ptr<int32_t>(), n, 2 * segs, stream));
+  }
+  C10_CUDA_CHECK(pc::sw_pair_cost(dt, sorted.data_ptr(), n, B, K, p, S.data_ptr<double>(), stream));
+  int64_t* win_p = (need_grad && use_max) ? win.data_ptr<int64_t>() : nullptr;
+  C10_CUDA_CHECK(pc::sw_reduce(dt, S.data_ptr<double>(), B, K, p, use_max, dist.data_ptr(), win_p,
+                               coef.data_ptr<double>(), stream));
+  if (need_grad) {
+    C10_CUDA_CHECK(pc::sw_grad(dt, sorted.data_ptr(), perm_p, win_p, coef.data_ptr<double>(), B, K, n, p, use_max,
+                               cx.data_ptr(), cy.data_ptr(), stream));
+  }
+  return {dist, cx, cy, win};
+}
 
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
   m.impl("sliced_wasserstein_fwd", &sliced_wasserstein_fwd_cuda);

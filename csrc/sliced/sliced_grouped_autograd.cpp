@@ -23,9 +23,16 @@
 #include <vector>
 
 #include "sliced/sliced_args.h"
+#include "sliced/sliced_grouped.h"
 #include "sliced/sliced_project.h"
 
 namespace pyengine {
+
+GroupedCudaImpl& grouped_cuda_impl() {
+  static GroupedCudaImpl impl;
+  return impl;
+}
+
 namespace {
 
 using torch::autograd::AutogradContext;
@@ -81,15 +88,26 @@ bool split_on_cpu() {
   return v != nullptr && v[0] == '1';
 }
 
-struct Forward {
-  at::Tensor dist, cx, cy, win, scale;  // scale (G, K): 1 / |block g of direction k| (normalize only)
-};
+using Forward = GroupedForward;
 
-// Below autograd. The projections, then the device's sliced_wasserstein_fwd on them.
+// PYENGINE_GROUPED_ATEN=1: the ATen path on CUDA too (benchmarks/bench_lacoot_step.py times both
+// on one card; read per call).
+bool aten_only() {
+  const char* v = std::getenv("PYENGINE_GROUPED_ATEN");
+  return v != nullptr && v[0] == '1';
+}
+
+// Below autograd. The projections, then the device's sliced_wasserstein_fwd on them (on CUDA the
+// kernels of sliced_grouped_cuda.cu through grouped_cuda_impl(), where they apply).
 Forward grouped_forward(at::TensorList xs, at::TensorList ys, const at::Tensor& theta, const std::vector<int64_t>& dims,
                         double p, bool use_max, bool normalize, bool need_grad) {
   // never autocast's reduced precision: the distance is computed in the inputs' dtype
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const GroupedCudaImpl& impl = grouped_cuda_impl();
+  if (xs[0].is_cuda() && impl.forward != nullptr && !aten_only()) {
+    Forward f;
+    if (impl.forward(xs, ys, theta, dims, p, use_max, normalize, need_grad, f)) return f;
+  }
   const int64_t G = static_cast<int64_t>(xs.size()), n = xs[0].size(0), K = theta.size(0);
   const at::Tensor th = theta.detach();
   at::Tensor P = at::empty({2, G, K, n}, th.options());  // P[t, g] = block g of theta @ (x or y)_g^T
@@ -159,6 +177,11 @@ class GroupedFn : public torch::autograd::Function<GroupedFn> {
     const int64_t G = static_cast<int64_t>(dims.size()), K = theta.size(0);
     const at::Tensor grad = grads[0].to(theta.scalar_type()).contiguous();  // (G,)
     variable_list out(2 * G + 5);  // xs..., ys..., theta, p, use_max, normalize, need_grad
+    const GroupedCudaImpl& impl = grouped_cuda_impl();
+    if (use_max && theta.is_cuda() && impl.max_backward != nullptr && !aten_only() &&
+        impl.max_backward(grad, theta, cx, cy, win, scale, dims, need, out)) {
+      return out;
+    }
     if (use_max) {
       // d dist_g / d x_g[i] = cx[g, i] * (unit) winning direction's block g: one row per pair
       const at::Tensor rows = theta.index_select(0, win);  // (G, sum d)

@@ -68,5 +68,51 @@ cudaError_t sw_bwd_rank1(DType dt, const void* grad, const void* cx, const void*
                          const int64_t* win, int64_t B, int64_t n, int64_t d, int64_t K, void* gx, void* gy,
                          DeviceErrorRecord* rec, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------- grouped pairs
+// sliced_wasserstein_grouped on CUDA (sliced_grouped_cuda.cu): G pairs of point sets with one count
+// n and dimensions d_g, pair g projected on its column block [col[g], col[g] + dim[g]) of one
+// (K, ldt) direction matrix. Up to kGroupedMaxPairs pairs per launch (the pointers travel in the
+// kernel parameters); the glue takes the ATen path beyond.
+constexpr int kGroupedMaxPairs = 32;
+
+struct GroupedPairs {
+  int32_t G = 0;
+  const void* z[2][kGroupedMaxPairs] = {};  // x_g, y_g: (n, dim[g]) contiguous
+  int64_t dim[kGroupedMaxPairs] = {};
+  int64_t col[kGroupedMaxPairs] = {};
+  // filled by sw_grouped_plan: the reduction is cut into chunks of `chunk` columns; pair g owns
+  // chunks [chunk0[g], chunk0[g + 1])
+  int64_t chunk = 0;
+  int64_t chunk0[kGroupedMaxPairs + 1] = {};
+};
+
+// Whether the kernels take G pairs of n points on K directions (else the ATen path).
+bool sw_grouped_supported(int64_t G, int64_t K, int64_t n);
+
+// Chooses the chunks (enough blocks to fill the device, a workspace of a few MB) and returns the
+// workspace size in bytes for sw_grouped_project.
+size_t sw_grouped_plan(DType dt, GroupedPairs& pairs, int64_t K, int64_t n);
+
+// P (2, K, G, n) contiguous - the x segments, then the y segments, segment s = k * G + g, as the
+// sort / cost functions above take them with B = G - holds z_{t,g} . theta_k over pair g's block,
+// divided by that block's norm when normalize; scale (G, K) = 1 / max(|block g of theta_k|, the
+// dtype's smallest normal) (normalize only; may be nullptr otherwise). Deterministic: partial
+// products per chunk in a workspace, summed in a fixed order by a second kernel.
+cudaError_t sw_grouped_project(DType dt, const GroupedPairs& pairs, const void* theta, int64_t ldt, int64_t K,
+                               int64_t n, bool normalize, void* workspace, void* P, void* scale,
+                               cudaStream_t stream);
+
+// The max's backward for all pairs in one launch: out[t][g] (n, dim[g]) =
+// grad[g] * c_t[g, i] * theta[win[g], col[g] + j] (* scale[g, win[g]] when scale != nullptr),
+// with c_0 = cx, c_1 = cy (G, n) contiguous; outputs that are nullptr are skipped. A win[g]
+// outside [0, K) is reported in rec and its rows are written as zeros.
+struct GroupedGrads {
+  void* out[2][kGroupedMaxPairs] = {};
+};
+cudaError_t sw_grouped_rank1(DType dt, const GroupedPairs& pairs, const GroupedGrads& grads, const void* grad,
+                             const void* cx, const void* cy, const void* theta, int64_t ldt, const void* scale,
+                             const int64_t* win, int64_t K, int64_t n, DeviceErrorRecord* rec,
+                             cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace pyengine

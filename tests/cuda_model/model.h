@@ -46,6 +46,8 @@
 #undef __shared__
 #define __shared__ static
 #define __launch_bounds__(...)
+#undef __grid_constant__
+#define __grid_constant__
 #define PYENGINE_DYNAMIC_SMEM(name, align) unsigned char* name = ::model::t_smem
 #define PYENGINE_LAUNCH(grid, block, smem, stream, ...) ::model::Launch(grid, block, smem, __VA_ARGS__)
 
@@ -199,6 +201,16 @@ template <typename T>
 T __ldg(const T* p) { return *p; }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline float __int_as_float(int v) {
+  float f;
+  std::memcpy(&f, &v, sizeof(f));
+  return f;
+}
+inline double __longlong_as_double(long long v) {
+  double d;
+  std::memcpy(&d, &v, sizeof(d));
+  return d;
+}
 
 namespace model {
 inline float to_float_any(float x) { return x; }
