@@ -11,6 +11,7 @@
 // Registered for Autograd (a C++ autograd Function) and for CompositeExplicitAutograd (no
 // gradient: inference mode). No double backward.
 #include <ATen/ATen.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
@@ -97,6 +98,15 @@ bool aten_only() {
   return v != nullptr && v[0] == '1';
 }
 
+// The raw kernels read data pointers: under tracing (torch.compile / AOT autograd hand this
+// autograd kernel FunctionalTensor / FakeTensor subclasses with a dispatch mode active) or with any
+// tensor subclass, the ATen path runs, which every mode and subclass can follow.
+bool real_tensors(std::initializer_list<at::TensorList> lists) {
+  for (at::TensorList l : lists)
+    if (at::areAnyTensorSubclassLike(l)) return false;
+  return true;
+}
+
 // Below autograd. The projections, then the device's sliced_wasserstein_fwd on them (on CUDA the
 // kernels of sliced_grouped_cuda.cu through grouped_cuda_impl(), where they apply).
 Forward grouped_forward(at::TensorList xs, at::TensorList ys, const at::Tensor& theta, const std::vector<int64_t>& dims,
@@ -104,7 +114,7 @@ Forward grouped_forward(at::TensorList xs, at::TensorList ys, const at::Tensor& 
   // never autocast's reduced precision: the distance is computed in the inputs' dtype
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const GroupedCudaImpl& impl = grouped_cuda_impl();
-  if (xs[0].is_cuda() && impl.forward != nullptr && !aten_only()) {
+  if (xs[0].is_cuda() && impl.forward != nullptr && !aten_only() && real_tensors({xs, ys, theta})) {
     Forward f;
     if (impl.forward(xs, ys, theta, dims, p, use_max, normalize, need_grad, f)) return f;
   }
@@ -179,6 +189,7 @@ class GroupedFn : public torch::autograd::Function<GroupedFn> {
     variable_list out(2 * G + 5);  // xs..., ys..., theta, p, use_max, normalize, need_grad
     const GroupedCudaImpl& impl = grouped_cuda_impl();
     if (use_max && theta.is_cuda() && impl.max_backward != nullptr && !aten_only() &&
+        real_tensors({grad, theta, cx, cy, win}) &&
         impl.max_backward(grad, theta, cx, cy, win, scale, dims, need, out)) {
       return out;
     }
