@@ -8,6 +8,11 @@
 // backward writes each pair's gradient directly: for the max a rank-1 product with the winning
 // direction's block, for the mean one (n, K) x (K, d_g) GEMM per pair.
 //
+// On CUDA (a CUDA build sets grouped_cuda_impl(), sliced_grouped_glue.cpp) the projections of all
+// pairs and the max's backward run as the kernels of sliced_grouped_cuda.cu instead: two launches
+// and one, in place of about twenty ATen calls and twelve. The ATen path stays for the CPU, for
+// more pairs than one launch takes, under tracing, and with PYENGINE_GROUPED_ATEN=1.
+//
 // Registered for Autograd (a C++ autograd Function) and for CompositeExplicitAutograd (no
 // gradient: inference mode). No double backward.
 #include <ATen/ATen.h>

@@ -18,6 +18,11 @@ namespace {
 struct Case {
   std::vector<int64_t> dims;
   int64_t K, n, pad;  // pad: extra columns of theta past the pairs' blocks (ldt = sum d + pad)
+  int64_t ldt() const {
+    int64_t D = pad;
+    for (int64_t d : dims) D += d;
+    return D;
+  }
 };
 
 std::string name_of(const char* tname, const Case& c, bool normalize) {
@@ -31,9 +36,7 @@ std::string name_of(const char* tname, const Case& c, bool normalize) {
 template <typename T>
 void project_case(const char* tname, const Case& c, bool normalize, int zero_pair, std::mt19937& g) {
   const int64_t G = static_cast<int64_t>(c.dims.size()), K = c.K, n = c.n;
-  int64_t D = 0;
-  for (int64_t d : c.dims) D += d;
-  const int64_t ldt = D + c.pad;
+  const int64_t ldt = c.ldt();
   std::vector<float> thf = check::small_ints(static_cast<size_t>(K * ldt), -2, 2, g);
   for (auto& v : thf)
     if (v == 0.0f) v = 1.0f;
@@ -91,9 +94,7 @@ void project_case(const char* tname, const Case& c, bool normalize, int zero_pai
 template <typename T>
 void rank1_case(const char* tname, const Case& c, bool with_scale, int bad, std::mt19937& g) {
   const int64_t G = static_cast<int64_t>(c.dims.size()), K = c.K, n = c.n;
-  int64_t D = 0;
-  for (int64_t d : c.dims) D += d;
-  const int64_t ldt = D + c.pad;
+  const int64_t ldt = c.ldt();
   const std::vector<T> theta = check::convert<T>(check::small_ints(static_cast<size_t>(K * ldt), -3, 3, g));
   const std::vector<T> cx = check::convert<T>(check::small_ints(static_cast<size_t>(G * n), -4, 4, g));
   const std::vector<T> cy = check::convert<T>(check::small_ints(static_cast<size_t>(G * n), -4, 4, g));
