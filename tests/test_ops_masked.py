@@ -374,7 +374,7 @@ def test_pack_bitmap_and_sparse_linear(device, poison, dtype, m, k, n, density):
 @pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels in this build")
 @pytest.mark.parametrize("blocks", ["1", "2"])
 def test_bitmap_tensor_core_kernel_both_register_budgets(monkeypatch, blocks):
-    # PYENGINE_BITMAP_BLOCKS_PER_SM picks the kernel built for one or two blocks per SM (75 / 64
+    # PYENGINE_BITMAP_BLOCKS_PER_SM picks the kernel built for one or two blocks per SM (87 / 64
     # registers); both against float64, with a row-tile count above one wave of 16-warp blocks
     monkeypatch.setenv("PYENGINE_BITMAP_BLOCKS_PER_SM", blocks)
     g = torch.Generator().manual_seed(11)

@@ -85,8 +85,9 @@ __device__ __forceinline__ uint32_t inside_bits(int64_t c0, int64_t k, bool row_
 // shared memory at the end and written with the bias.
 //
 // MinBlocks = 2 holds the kernel to 64 registers (ptxas: 12 bytes spilled) so that two 16-warp
-// blocks fit an SM: 256 row tiles (a 4096-row W) then run in one wave on an H100 / H200. With 1 it
-// takes 75 registers, one block per SM, and that W in two waves (0.74x of dense on an H200).
+// blocks fit an SM: 256 row tiles (a 4096-row W) then run in one wave on an H100 / H200. With 1
+// (87 registers from nvcc 13.0; 75 with no minimum given, as first written) one block fits an SM
+// and that W takes two waves (0.74x of dense on an H200).
 template <typename T, int MinBlocks>
 __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
     bitmap_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint32_t* __restrict__ bitmap,
