@@ -23,6 +23,7 @@ so the pairs have d = 64*16*16, 128*8*8, 256*4*4 and 512*2*2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -41,6 +42,18 @@ def _model(device, maxpool):
 
     torch.manual_seed(0)
     return build_model("resnet18", num_classes=10, maxpool=maxpool).to(device)
+
+
+@contextlib.contextmanager
+def _grouped_aten(on):
+    """PYENGINE_GROUPED_ATEN=1 while on: the grouped op takes its ATen path on CUDA."""
+    if on:
+        os.environ["PYENGINE_GROUPED_ATEN"] = "1"
+    try:
+        yield
+    finally:
+        if on:
+            os.environ.pop("PYENGINE_GROUPED_ATEN", None)
 
 
 def _sync(device):
@@ -76,13 +89,7 @@ class _Variant:
         self.steps = 0
 
     def step(self, x, y):
-        if self.name == "pyengine ATen":
-            os.environ["PYENGINE_GROUPED_ATEN"] = "1"
-            try:
-                self._step(x, y)
-            finally:
-                os.environ.pop("PYENGINE_GROUPED_ATEN", None)
-        else:
+        with _grouped_aten(self.name == "pyengine ATen"):
             self._step(x, y)
 
     def _step(self, x, y):
@@ -163,11 +170,8 @@ def _term_alone(v, x, device, k, names, repeats):
         torch.autograd.grad(m, leaves)
 
     def aten(i):
-        os.environ["PYENGINE_GROUPED_ATEN"] = "1"
-        try:
+        with _grouped_aten(True):
             ours(i)
-        finally:
-            os.environ.pop("PYENGINE_GROUPED_ATEN", None)
 
     def pot(i):
         import ot

@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "common/checks.h"
+#include "masked/bitmap_format.h"
 
 namespace pyengine {
 
@@ -65,10 +66,10 @@ inline int64_t check_bitmap_linear_args(const OpChecks& op, const at::Tensor& x,
   op.same_device(values, "values", x, "x");
   if (out_features < 0) op.value_error("out_features must be >= 0, got ", out_features);
   const int64_t k = x.size(1);
-  const int64_t tiles = ((out_features + 15) / 16) * ((k + 63) / 64);
-  if (bitmap.numel() != tiles * 32)
-    op.value_error("bitmap holds ", bitmap.numel(), " words but a (", out_features, ", ", k,
-                   ") weight in 16 x 64 tiles needs ", tiles * 32, " (32 per tile)");
+  const int64_t tiles = ((out_features + kBmRows - 1) / kBmRows) * ((k + kBmCols - 1) / kBmCols);
+  if (bitmap.numel() != tiles * kBmWords)
+    op.value_error("bitmap holds ", bitmap.numel(), " words but a (", out_features, ", ", k, ") weight in ", kBmRows,
+                   " x ", kBmCols, " tiles needs ", tiles * kBmWords, " (", kBmWords, " per tile)");
   if (offsets.numel() != tiles + 1)
     op.value_error("offsets holds ", offsets.numel(), " entries but ", tiles, " tiles need ", tiles + 1);
   if (values.numel() >= (int64_t(1) << 31)) op.value_error("more than 2**31 - 1 stored entries");

@@ -16,7 +16,8 @@ struct GroupedForward {
 
 struct GroupedCudaImpl {
   // Each returns false where it does not apply (too many pairs for one launch, sizes past the
-  // grid) and the caller takes the ATen path. Arguments are checked by the caller.
+  // grid) and the caller takes the ATen path. Called for CUDA tensors whose arguments the caller
+  // has checked.
   bool (*forward)(at::TensorList xs, at::TensorList ys, const at::Tensor& theta, const std::vector<int64_t>& dims,
                   double p, bool use_max, bool normalize, bool need_grad, GroupedForward& out) = nullptr;
   // out[g] / out[G + g]: the gradients to xs[g] / ys[g] where need[g] / need[G + g]

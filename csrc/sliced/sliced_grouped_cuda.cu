@@ -11,6 +11,7 @@
 // blocks are summed (in float64) by the blocks that stage theta for the x side.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "sliced/sliced_device.cuh"
 
@@ -30,17 +31,6 @@ constexpr int kThreads = 256;      // 16 x 16 threads, 4 x 4 outputs each
 constexpr int64_t kMinChunk = 512;  // reduction columns per chunk, at least
 constexpr int kReduceThreads = 128;
 constexpr int kRank1Threads = 256;
-
-template <typename T>
-struct Tiny;  // the smallest normal number: a zero block gives zero projections, not 0 * inf
-template <>
-struct Tiny<float> {
-  static constexpr double value = 1.17549435082228750797e-38;
-};
-template <>
-struct Tiny<double> {
-  static constexpr double value = 2.22507385850720138309e-308;
-};
 
 __device__ __forceinline__ int pair_of_chunk(const GroupedPairs& pairs, int64_t c) {
   int g = 0;
@@ -133,7 +123,8 @@ __global__ void __launch_bounds__(kReduceThreads)
   if (normalize) {
     double q = 0.0;
     for (int64_t c = c0; c < c1; ++c) q += nsq[c * K + k];
-    const double norm = sqrt(q), tiny = Tiny<T>::value;
+    // the smallest normal number: a zero block gives zero projections, not 0 * inf
+    const double norm = sqrt(q), tiny = static_cast<double>(std::numeric_limits<T>::min());
     s = static_cast<T>(1.0 / (norm > tiny ? norm : tiny));
     if (threadIdx.x == 0) scale[g * K + k] = s;
   }
@@ -178,10 +169,10 @@ __global__ void __launch_bounds__(kRank1Threads)
   }
 }
 
-bool grid_ok(const GroupedPairs& pairs, int64_t K, int64_t n) {
-  return pairs.G >= 1 && pairs.G <= kGroupedMaxPairs && K >= 1 && n >= 1 && ceil_div(K, kTile) <= 65535 &&
-         ceil_div(n, kTile) <= 65535 && static_cast<int64_t>(pairs.G) * K <= 0x7fffffffLL &&
-         2 * pairs.chunk0[pairs.G] <= 0x7fffffffLL;
+// Workspace layout: the partial products (chunks, 2, K, n) of element size es, padded to 8 bytes,
+// then the squared norms (chunks, K) in float64.
+size_t partial_bytes(int64_t chunks, int64_t K, int64_t n, size_t es) {
+  return static_cast<size_t>(ceil_div(static_cast<int64_t>(chunks * 2 * K * n * static_cast<int64_t>(es)), 8) * 8);
 }
 
 }  // namespace
@@ -203,22 +194,20 @@ size_t sw_grouped_plan(DType dt, GroupedPairs& pairs, int64_t K, int64_t n) {
   pairs.chunk0[0] = 0;
   for (int g = 0; g < G; ++g) pairs.chunk0[g + 1] = pairs.chunk0[g] + ceil_div(pairs.dim[g], pairs.chunk);
   const int64_t chunks = pairs.chunk0[G];
-  const size_t es = dtype_size(dt);
-  const size_t part = ceil_div(static_cast<int64_t>(chunks * 2 * K * n * es), 8) * 8;
-  return part + static_cast<size_t>(chunks * K) * sizeof(double);
+  return partial_bytes(chunks, K, n, dtype_size(dt)) + static_cast<size_t>(chunks * K) * sizeof(double);
 }
 
 cudaError_t sw_grouped_project(DType dt, const GroupedPairs& pairs, const void* theta, int64_t ldt, int64_t K,
                                int64_t n, bool normalize, void* workspace, void* P, void* scale,
                                cudaStream_t stream) {
-  if (!grid_ok(pairs, K, n) || pairs.chunk < kStep) return cudaErrorInvalidConfiguration;
+  if (!sw_grouped_supported(pairs.G, K, n) || pairs.chunk < kStep) return cudaErrorInvalidConfiguration;
   if (normalize && scale == nullptr) return cudaErrorInvalidValue;
   const int64_t chunks = pairs.chunk0[pairs.G];
+  if (2 * chunks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   return dispatch_sw(dt, [&](auto tag) {
     using T = decltype(tag);
     T* part = static_cast<T*>(workspace);
-    const size_t part_bytes = ceil_div(static_cast<int64_t>(chunks * 2 * K * n * sizeof(T)), 8) * 8;
-    double* nsq = reinterpret_cast<double*>(static_cast<unsigned char*>(workspace) + part_bytes);
+    double* nsq = reinterpret_cast<double*>(static_cast<unsigned char*>(workspace) + partial_bytes(chunks, K, n, sizeof(T)));
     const dim3 grid(static_cast<unsigned>(2 * chunks), static_cast<unsigned>(ceil_div(K, kTile)),
                     static_cast<unsigned>(ceil_div(n, kTile)));
     PYENGINE_LAUNCH(grid, kThreads, 0, stream, grouped_partial_kernel<T>)(pairs, static_cast<const T*>(theta), ldt, K,
@@ -235,7 +224,7 @@ cudaError_t sw_grouped_rank1(DType dt, const GroupedPairs& pairs, const GroupedG
                              const void* cx, const void* cy, const void* theta, int64_t ldt, const void* scale,
                              const int64_t* win, int64_t K, int64_t n, DeviceErrorRecord* rec,
                              cudaStream_t stream) {
-  if (pairs.G < 1 || pairs.G > kGroupedMaxPairs || K < 1 || n < 1) return cudaErrorInvalidConfiguration;
+  if (!sw_grouped_supported(pairs.G, K, n)) return cudaErrorInvalidConfiguration;
   int64_t dmax = 1;
   for (int g = 0; g < pairs.G; ++g) dmax = std::max(dmax, pairs.dim[g]);
   const int64_t rows = 2 * int64_t(pairs.G) * n;

@@ -33,7 +33,7 @@ void describe_pairs(pc::GroupedPairs& pairs, const std::vector<int64_t>& dims) {
 bool forward(at::TensorList xs, at::TensorList ys, const at::Tensor& theta, const std::vector<int64_t>& dims,
              double p, bool use_max, bool normalize, bool need_grad, GroupedForward& f) {
   const int64_t G = static_cast<int64_t>(xs.size()), n = xs[0].size(0), K = theta.size(0);
-  if (!xs[0].is_cuda() || !pc::sw_grouped_supported(G, K, n)) return false;
+  if (!pc::sw_grouped_supported(G, K, n)) return false;
   pc::cuda_entry(kOp, xs[0], "xs[0]");
   c10::cuda::CUDAGuard guard(xs[0].device());
   const pc::DType dt = pc::kernel_dtype(xs[0]);
@@ -63,7 +63,7 @@ bool max_backward(const at::Tensor& grad, const at::Tensor& theta, const at::Ten
                   const at::Tensor& win, const at::Tensor& scale, const std::vector<int64_t>& dims,
                   const std::vector<int64_t>& need, std::vector<at::Tensor>& out) {
   const int64_t G = static_cast<int64_t>(dims.size()), n = cx.size(1), K = theta.size(0);
-  if (!theta.is_cuda() || !pc::sw_grouped_supported(G, K, n)) return false;
+  if (!pc::sw_grouped_supported(G, K, n)) return false;
   c10::cuda::CUDAGuard guard(theta.device());
   const pc::DType dt = pc::kernel_dtype(theta);
   pc::GroupedPairs pairs;
