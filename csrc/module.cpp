@@ -42,6 +42,11 @@ TORCH_LIBRARY(pyengine, m) {
   m.def(
       "entropy_counts_add_(Tensor(a!) counts, Tensor(b!) nan_count, Tensor x, int channel_dim, "
       "bool per_position, bool inclusive) -> ()");
+  // entropy_counts_add_ for many tensors in one call (one launch per dtype on CUDA): counts[i] +=
+  // ON counts of xs[i] along channel_dims[i], nan_count += NaNs of all (a collector's per-forward flush).
+  m.def(
+      "entropy_counts_add_many_(Tensor(a!)[] counts, Tensor(b!) nan_count, Tensor[] xs, int[] channel_dims, "
+      "bool per_position, bool inclusive) -> ()");
   // relu(x), with the ON counts of x added into counts / nan_count in the same pass over x.
   m.def(
       "relu_count(Tensor x, Tensor(a!) counts, Tensor(b!) nan_count, int channel_dim, bool per_position, "

@@ -195,6 +195,19 @@ def cases(dev: torch.device):
         ("entropy_counts_add_ nan_count size",
          lambda: P.entropy_counts_add_(counts, torch.zeros(2, dtype=torch.int64, device=dev), act, 1, False, False), ValueError, "one element"),
         ("relu_count counts shape", lambda: P.relu_count(act, counts[:1], nanc, 1, False, False), ValueError, "counts has shape"),
+        ("entropy_counts_add_many_ lengths", lambda: P.entropy_counts_add_many_([counts], nanc, [act, act], [1, 1], False, False),
+         ValueError, "counts has 1 tensors and channel_dims 2 entries for 2 tensors"),
+        ("entropy_counts_add_many_ counts shape",
+         lambda: P.entropy_counts_add_many_([counts, counts[:2]], nanc, [act, act], [1, 1], False, False), ValueError,
+         r"counts\[1\] has shape \(2,\) but must have shape \(3,\) \(one entry per channel of xs\[1\]\)"),
+        ("entropy_counts_add_many_ channel_dim",
+         lambda: P.entropy_counts_add_many_([counts, counts], nanc, [act, act], [1, 9], False, False), ValueError,
+         r"channel_dims\[1\]=9 is out of range for xs\[1\]"),
+        ("entropy_counts_add_many_ int x",
+         lambda: P.entropy_counts_add_many_([counts], nanc, [act.int()], [1], False, False), TypeError, r"xs\[0\] has dtype int32"),
+        ("entropy_counts_add_many_ nan_count size",
+         lambda: P.entropy_counts_add_many_([counts], torch.zeros(2, dtype=torch.int64, device=dev), [act], [1], False, False),
+         ValueError, "one element"),
         ("entropy_from_counts float counts", lambda: P.entropy_from_counts(counts.float(), 4, 0.0), TypeError, "counts has dtype float32"),
         ("entropy_from_counts n_samples", lambda: P.entropy_from_counts(counts, 0, 0.0), ValueError, "n_samples must be positive"),
         ("entropy_from_counts eps", lambda: P.entropy_from_counts(counts, 4, 0.7), ValueError, "eps must be"),
@@ -202,7 +215,10 @@ def cases(dev: torch.device):
     ]
     if cuda:
         out += [("entropy_counts_add_ counts on cpu", lambda: P.entropy_counts_add_(counts.cpu(), nanc, act, 1, False, False),
-                 ValueError, "counts is on cpu")]
+                 ValueError, "counts is on cpu"),
+                ("entropy_counts_add_many_ x on cpu",
+                 lambda: P.entropy_counts_add_many_([counts, counts.cpu()], nanc, [act, act.cpu()], [1, 1], False, False),
+                 ValueError, r"xs\[1\] is on cpu but xs\[0\] is on cuda")]
 
     # ---- sliced Wasserstein
     th = ops.random_directions(4, 6, device=dev, dtype=torch.float64)
@@ -318,6 +334,7 @@ def good_calls(dev: torch.device) -> None:
         ops.entropy_counts(a, per_position=True)
         c = torch.zeros(5, dtype=torch.int64, device=dev)
         ops.entropy_counts_add_(c, a)
+        ops.entropy_counts_add_many_([c, c, c], [a, a.to(memory_format=torch.channels_last), a[:, :, 1:]], [1, 1, 1])
         ops.relu_count(a, c)
         ops.entropy_from_counts(c, 6 * 7 * 3 * 3)
     for reduce in ("max", "mean"):

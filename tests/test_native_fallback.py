@@ -23,6 +23,20 @@ def test_import_without_extension_falls_back_with_clear_message():
         assert len(msgs) == 1, msgs
         assert "pip install --no-build-isolation -e ." in msgs[0], msgs[0]
         assert torch.equal(c, ops.entropy_counts_reference(x))
+        cs = [torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)]
+        ops.entropy_counts_add_many_(cs, [x, x], [1, -1])
+        assert torch.equal(cs[0], c) and torch.equal(cs[1], ops.entropy_counts_reference(x, 3))
+        try:
+            ops.entropy_counts_add_many_(cs, [x, x], [1, 1])
+        except ValueError as e:
+            assert "counts[1] has shape" in str(e), e
+        else:
+            raise AssertionError("a wrong counts shape was accepted")
+        from pyengine.nn import EntropyCollector
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
+        with EntropyCollector(net) as col:
+            net(x).sum().backward()  # batched: counted at the end of the forward
+        assert torch.equal(col.counts["1"], ops.entropy_counts_reference(net[0](x)))
         wt, m = torch.randn(5, 3), torch.rand(5, 3) > 0.5
         assert torch.allclose(ops.masked_linear(torch.ones(2, 3), wt, m), torch.ones(2, 3) @ (wt * m).T, atol=1e-6)
         p = ops.pack_sparse(wt * m)

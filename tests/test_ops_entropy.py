@@ -246,3 +246,58 @@ def test_counts_add_opcheck(device):
     # with a gradient: the op's C++ autograd node
     torch.library.opcheck(torch.ops.pyengine.relu_count.default,
                           (x.double().requires_grad_(), c, n, 1, False, True))
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+@pytest.mark.parametrize("per_position", [False, True])
+def test_counts_add_many_matches_one_by_one(device, poison, inclusive, per_position):
+    """entropy_counts_add_many_ over a forward pass's worth of tensors - NCHW, channels-last,
+    (B, T, C), strided, unaligned, empty, four dtypes, more than one launch's worth - adds exactly
+    what entropy_counts_reference gives for each, and every NaN once."""
+    from pyengine.ops import entropy_counts_add_many_
+
+    torch.manual_seed(3)
+    xs, dims = [], []
+    for i in range(40):  # > 32 tensors of one dtype: two launches
+        dtype = DTYPES[i % 4] if i < 8 else torch.float32
+        kind = i % 6
+        if kind == 0:
+            x, d = _sample((3 + i % 4, 5, 4, 3), dtype, device), 1
+        elif kind == 1:
+            x, d = _sample((2, 6, 3, 5), dtype, device).to(memory_format=torch.channels_last), 1
+        elif kind == 2:
+            x, d = _sample((3, 7, 8 + i % 3), dtype, device), -1
+        elif kind == 3:
+            x, d = _sample((4, 12, 3, 3), dtype, device)[:, ::2], 1
+        elif kind == 4:
+            x, d = _sample((31,), dtype, device)[1:].view(5, 6), 1  # one element in: not 16-byte aligned
+        else:
+            x, d = _sample((0, 4, 2), dtype, device), 1
+        xs.append(x)
+        dims.append(d)
+    xs[0][0, 0, 0, 0] = float("nan")
+    xs[3][1, 1] = float("nan")
+    refs = [entropy_counts_reference(x, 1 if per_position else d % x.dim(), per_position, inclusive) for x, d in zip(xs, dims)]
+    counts = [torch.full_like(r, 2) for r in refs]
+    nan = torch.full((), 5, dtype=torch.int64, device=device)
+    entropy_counts_add_many_(counts, xs, dims, per_position, inclusive, nan_count=nan)
+    for i, (c, r) in enumerate(zip(counts, refs)):
+        assert torch.equal(c, r + 2), i
+    assert int(nan) == 5 + 1 + (xs[3][1, 1].numel())
+    # nothing is counted when one argument is bad
+    before = [c.clone() for c in counts]
+    with pytest.raises(ValueError, match=r"counts\[2\] has shape"):
+        entropy_counts_add_many_(counts[:2] + [counts[2][:1]] + counts[3:], xs, dims, per_position, inclusive, nan)
+    assert all(torch.equal(a, b) for a, b in zip(before, counts))
+
+
+def test_counts_add_many_opcheck(device):
+    import pyengine
+
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    xs = [torch.randn(4, 6, 3, 3, device=device), torch.randn(2, 5, 7, device=device, dtype=torch.bfloat16)]
+    cs = [torch.zeros(6, dtype=torch.int64, device=device), torch.zeros(7, dtype=torch.int64, device=device)]
+    n = torch.zeros((), dtype=torch.int64, device=device)
+    torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_many_.default, (cs, n, xs, [1, -1], False, True))
+    torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_many_.default, ([], n, [], [], False, False))

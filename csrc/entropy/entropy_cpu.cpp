@@ -165,6 +165,20 @@ void entropy_counts_add_cpu(const at::Tensor& counts, const at::Tensor& nan_coun
   add_counts(OpChecks{"entropy_counts_add_"}, counts, nan_count, x, channel_dim, per_position, inclusive);
 }
 
+// Every tensor's counts into its accumulator, the NaNs of all into nan_count; all arguments are
+// checked before anything is counted.
+void entropy_counts_add_many_cpu(at::TensorList counts, const at::Tensor& nan_count, at::TensorList xs,
+                                 at::IntArrayRef channel_dims, bool per_position, bool inclusive) {
+  const OpChecks op{"entropy_counts_add_many_"};
+  const std::vector<int64_t> cds = check_count_many(op, counts, nan_count, xs, channel_dims, per_position);
+  int64_t nans = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    at::Tensor c = counts[i];
+    count_into(xs[i], cds[i], per_position, inclusive, c, &nans);
+  }
+  if (nans) nan_count.add_(nans);
+}
+
 // On the CPU the count and the ReLU are two passes (the count pass is the cheap one).
 at::Tensor relu_count_cpu(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& nan_count,
                           int64_t channel_dim, bool per_position, bool inclusive) {
@@ -215,6 +229,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cpu(const at::Tensor& cou
 TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
   m.impl("entropy_counts", &entropy_counts_cpu);
   m.impl("entropy_counts_add_", &entropy_counts_add_cpu);
+  m.impl("entropy_counts_add_many_", &entropy_counts_add_many_cpu);
   m.impl("relu_count", &relu_count_cpu);
   m.impl("entropy_from_counts", &entropy_from_counts_cpu);
 }

@@ -7,11 +7,13 @@
 // channel_div = H*W), channels-last and (B, T, C) (row = one position's C channels,
 // channel_div = 1) and per-position neurons (row = one sample, channel_div = 1).
 //
-// Work split: the columns are cut into tiles of tile_w 16-byte vectors; the (tile, row) pairs
-// form one flat work space that a persistent grid (every block resident at once) splits into
-// equal contiguous shares, so no block waits on a straggler. In a share, each thread owns one
-// vector column of a tile and walks down its rows with kUnroll independent 16-byte loads in
-// flight, counting in registers; at the end of each tile piece a block merges its counts per
+// Work split: the columns are cut into tiles of tile_w 16-byte vectors and the rows into groups of
+// rows_par rows (tile_w * rows_par <= the block's threads); the (tile, row group) units of all the
+// tensors of a launch form one flat work space that a persistent grid (every block resident at
+// once) splits into equal contiguous shares, so no block waits on a straggler, and counting every
+// activation of a forward pass takes one launch (entropy_counts_rows_many). In a share, each thread
+// owns one vector column of a tile and walks down its rows with kUnroll independent 16-byte loads
+// in flight, counting in registers; at the end of each tile piece a block merges its counts per
 // neuron (one warp-wide sum when the warp's columns are one neuron, else shared atomics) and adds
 // them to the int64 output with one atomic per neuron.
 #include <algorithm>
@@ -49,42 +51,71 @@ __device__ __forceinline__ void load_pack(Pack<T, VEC>& dst, const Pack<T, VEC>*
   }
 }
 
+// One tensor of a launch: its (tile, row group) work units are work_begin .. work_begin +
+// ntiles * groups - 1 of the launch's flat work space (a row group: the rows_par rows a block
+// covers in one step, so every unit is tile_w * rows_par <= kCountThreads vectors, whatever the
+// tensor's shape, and tensors of different shapes share a launch evenly).
+struct RowSeg {
+  const void* x;
+  void* y;  // relu(x) goes here when the kernel is the fused one
+  unsigned long long* counts;
+  int64_t rows, row_len, cvec, channel_div;
+  int64_t groups;      // ceil(rows / rows_par)
+  int64_t work_begin;  // the tensor's first unit in the launch
+  int32_t tile_w, rows_par;
+};
+constexpr int kMaxRowSegs = 32;
+struct RowBatch {  // the kernel's parameter (~2.6 KB), passed by value
+  int32_t count;
+  int32_t pad;
+  int64_t total_work;
+  unsigned long long* nan_count;
+  RowSeg s[kMaxRowSegs];
+};
+
 template <typename T, int VEC, bool INCLUSIVE, bool RELU>
-__global__ void __launch_bounds__(kCountThreads)
-    entropy_rows_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t row_len,
-                        int64_t cvec, int tile_w, int rows_par, int64_t total_work,
-                        int64_t channel_div, unsigned long long* __restrict__ counts,
-                        unsigned long long* __restrict__ nan_count) {
+__global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __grid_constant__ RowBatch b) {
   using P = Pack<T, VEC>;
   using A = typename Num<T>::acc;
   __shared__ unsigned s_cnt[kCountThreads * VEC];
   __shared__ unsigned s_nan;
 
-  const int tcol = threadIdx.x % tile_w;
-  const int trow = threadIdx.x / tile_w;
   const int lane = threadIdx.x & 31;
-  const bool lane_rows = trow < rows_par;
   const int64_t G = gridDim.x;
-  const int64_t w_begin = static_cast<int64_t>((static_cast<unsigned long long>(total_work) * blockIdx.x) / G);
-  const int64_t w_end = static_cast<int64_t>((static_cast<unsigned long long>(total_work) * (blockIdx.x + 1)) / G);
+  const int64_t w_begin = static_cast<int64_t>((static_cast<unsigned long long>(b.total_work) * blockIdx.x) / G);
+  const int64_t w_end = static_cast<int64_t>((static_cast<unsigned long long>(b.total_work) * (blockIdx.x + 1)) / G);
 
+  int seg = 0;  // the block's share runs through the tensors in order
   for (int64_t w = w_begin; w < w_end;) {  // block-uniform: one tile piece per iteration
-    const int64_t tile = w / rows;
-    const int64_t rs = w - tile * rows;
-    int64_t re = rs + (w_end - w);
-    if (re > rows) re = rows;
-    if (re > rs + kMaxSegRows) re = rs + kMaxSegRows;
-    w += re - rs;
+    while (seg + 1 < b.count && b.s[seg + 1].work_begin <= w) ++seg;
+    const RowSeg& sg = b.s[seg];
+    const int64_t seg_end = seg + 1 < b.count ? b.s[seg + 1].work_begin : b.total_work;
+    const int64_t lw = w - sg.work_begin;
+    const int64_t tile = lw / sg.groups;
+    const int64_t gs = lw - tile * sg.groups;
+    int64_t ge = gs + ((w_end < seg_end ? w_end : seg_end) - w);
+    if (ge > sg.groups) ge = sg.groups;
+    const int64_t max_groups = kMaxSegRows / sg.rows_par;
+    if (ge > gs + max_groups) ge = gs + max_groups;
+    w += ge - gs;
+    const int tile_w = sg.tile_w;
+    const int rows_par = sg.rows_par;
+    const int64_t rows = sg.rows;
+    const int64_t cvec = sg.cvec;
+    const int64_t rs = gs * rows_par;
+    const int64_t re = ge * rows_par < rows ? ge * rows_par : rows;
+    const int tcol = threadIdx.x % tile_w;
+    const int trow = threadIdx.x / tile_w;
 
     const int64_t v = tile * tile_w + tcol;  // this thread's vector column
-    const bool active = lane_rows && v < cvec;
+    const bool active = trow < rows_par && v < cvec;
     unsigned cnt[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) cnt[j] = 0;
     unsigned nans = 0;
     if (active) {
-      const P* base = reinterpret_cast<const P*>(x) + v;
-      P* ybase = RELU ? reinterpret_cast<P*>(y) + v : nullptr;
+      const P* base = static_cast<const P*>(sg.x) + v;
+      P* ybase = RELU ? static_cast<P*>(sg.y) + v : nullptr;
       for (int64_t r = rs + trow; r < re; r += static_cast<int64_t>(kUnroll) * rows_par) {
         P a[kUnroll];
         bool ok[kUnroll];
@@ -111,9 +142,10 @@ __global__ void __launch_bounds__(kCountThreads)
     }
 
     // merge this piece's counts per neuron
+    const int64_t channel_div = sg.channel_div;
     const int64_t col_first = tile * static_cast<int64_t>(tile_w) * VEC;
     int64_t col_last = (tile + 1) * static_cast<int64_t>(tile_w) * VEC;
-    if (col_last > row_len) col_last = row_len;
+    if (col_last > sg.row_len) col_last = sg.row_len;
     col_last -= 1;
     const int64_t ch_first = col_first / channel_div;
     const int nch = static_cast<int>(col_last / channel_div - ch_first + 1);  // <= tile_w * VEC
@@ -144,25 +176,40 @@ __global__ void __launch_bounds__(kCountThreads)
     nans = detail::warp_sum(nans);
     if (lane == 0 && nans) atomicAdd(&s_nan, nans);
     __syncthreads();
+    unsigned long long* counts = sg.counts;
     for (int i = threadIdx.x; i < nch; i += kCountThreads) {
       const unsigned c = s_cnt[i];
       if (c) atomicAdd(counts + ch_first + i, static_cast<unsigned long long>(c));
     }
-    if (threadIdx.x == 0 && s_nan) atomicAdd(nan_count, static_cast<unsigned long long>(s_nan));
+    if (threadIdx.x == 0 && s_nan) atomicAdd(b.nan_count, static_cast<unsigned long long>(s_nan));
   }
 }
 
+// Appends one tensor (VEC elements per load) to the batch; returns the units it adds.
+int64_t add_segment(RowBatch& b, int vec, const void* x, void* y, int64_t rows, int64_t row_len, int64_t channel_div,
+                    int64_t* counts) {
+  RowSeg& sg = b.s[b.count++];
+  sg.x = x;
+  sg.y = y;
+  sg.counts = reinterpret_cast<unsigned long long*>(counts);
+  sg.rows = rows;
+  sg.row_len = row_len;
+  sg.cvec = row_len / vec;
+  sg.channel_div = channel_div;
+  sg.tile_w = static_cast<int32_t>(std::min<int64_t>(sg.cvec, kCountThreads));
+  sg.rows_par = kCountThreads / sg.tile_w;
+  sg.groups = ceil_div(rows, static_cast<int64_t>(sg.rows_par));
+  sg.work_begin = b.total_work;
+  const int64_t units = ceil_div(sg.cvec, static_cast<int64_t>(sg.tile_w)) * sg.groups;
+  b.total_work += units;
+  return units;
+}
+
 template <typename T, int VEC, bool INCLUSIVE, bool RELU>
-cudaError_t launch_rows(const T* x, T* y, int64_t rows, int64_t row_len, int64_t channel_div,
-                        unsigned long long* counts, unsigned long long* nan_count,
-                        cudaStream_t stream) {
+cudaError_t launch_rows(const RowBatch& b, cudaStream_t stream) {
+  if (b.count == 0 || b.total_work == 0) return cudaSuccess;
   auto kernel = entropy_rows_kernel<T, VEC, INCLUSIVE, RELU>;
-  const int64_t cvec = row_len / VEC;
-  const int tile_w = static_cast<int>(std::min<int64_t>(cvec, kCountThreads));
-  const int rows_par = kCountThreads / tile_w;
-  const int64_t ntiles = ceil_div(cvec, tile_w);
-  const int64_t total_work = ntiles * rows;  // (tile, row) pairs
-  // blocks per multiprocessor, asked once per kernel (a training step calls this per activation)
+  // blocks per multiprocessor, asked once per kernel (a training step may call this per activation)
   static std::atomic<int> occ_cache{0};
   int occ = occ_cache.load(std::memory_order_relaxed);
   if (occ <= 0) {
@@ -171,34 +218,64 @@ cudaError_t launch_rows(const T* x, T* y, int64_t rows, int64_t row_len, int64_t
     if (occ < 1) occ = 1;
     occ_cache.store(occ, std::memory_order_relaxed);
   }
-  // every block resident at once, each with at least kUnroll rows per thread
+  // every block resident at once, each thread with at least kUnroll rows
   const int64_t resident = static_cast<int64_t>(sm_count(current_device())) * occ;
-  const int64_t useful = std::max<int64_t>(1, total_work / (static_cast<int64_t>(kUnroll) * rows_par));
+  const int64_t useful = std::max<int64_t>(1, b.total_work / kUnroll);
   const int64_t grid = std::max<int64_t>(1, std::min(resident, useful));
-  PYENGINE_LAUNCH(static_cast<unsigned>(grid), kCountThreads, 0, stream, kernel)(
-      x, y, rows, row_len, cvec, tile_w, rows_par, total_work, channel_div, counts, nan_count);
+  PYENGINE_LAUNCH(static_cast<unsigned>(grid), kCountThreads, 0, stream, kernel)(b);
   return cudaGetLastError();
 }
 
 template <typename T, int VEC, bool RELU>
-cudaError_t launch_incl(const T* x, T* y, int64_t rows, int64_t row_len, int64_t channel_div, bool inclusive,
-                        unsigned long long* counts, unsigned long long* nan_count, cudaStream_t stream) {
-  return inclusive ? launch_rows<T, VEC, true, RELU>(x, y, rows, row_len, channel_div, counts, nan_count, stream)
-                   : launch_rows<T, VEC, false, RELU>(x, y, rows, row_len, channel_div, counts, nan_count, stream);
+cudaError_t launch_incl(const RowBatch& b, bool inclusive, cudaStream_t stream) {
+  return inclusive ? launch_rows<T, VEC, true, RELU>(b, stream) : launch_rows<T, VEC, false, RELU>(b, stream);
+}
+
+// Loads of 16 bytes need 16-byte aligned rows: x (and y) aligned, row_len a multiple of VEC.
+template <typename T>
+bool vector_loads(const void* x, const void* y, int64_t row_len) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  return aligned_to(x, 16) && (y == nullptr || aligned_to(y, 16)) && row_len % VEC == 0;
 }
 
 template <typename T>
 cudaError_t entropy_rows_t(const T* x, T* y, int64_t rows, int64_t row_len, int64_t channel_div,
-                           bool inclusive, unsigned long long* counts,
-                           unsigned long long* nan_count, cudaStream_t stream) {
+                           bool inclusive, int64_t* counts, unsigned long long* nan_count, cudaStream_t stream) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
-  const bool vec = aligned_to(x, 16) && (y == nullptr || aligned_to(y, 16)) && row_len % VEC == 0;
-  if (y != nullptr) {
-    return vec ? launch_incl<T, VEC, true>(x, y, rows, row_len, channel_div, inclusive, counts, nan_count, stream)
-               : launch_incl<T, 1, true>(x, y, rows, row_len, channel_div, inclusive, counts, nan_count, stream);
+  const bool vec = vector_loads<T>(x, y, row_len);
+  RowBatch b;
+  b.count = 0;
+  b.pad = 0;
+  b.total_work = 0;
+  b.nan_count = nan_count;
+  add_segment(b, vec ? VEC : 1, x, y, rows, row_len, channel_div, counts);
+  if (y != nullptr)
+    return vec ? launch_incl<T, VEC, true>(b, inclusive, stream) : launch_incl<T, 1, true>(b, inclusive, stream);
+  return vec ? launch_incl<T, VEC, false>(b, inclusive, stream) : launch_incl<T, 1, false>(b, inclusive, stream);
+}
+
+// The tensors of `descs` with element type T and the given load width, kMaxRowSegs per launch.
+template <typename T>
+cudaError_t entropy_rows_many_t(const CountRowsDesc* descs, int64_t n, DType dt, bool vec, bool inclusive,
+                                unsigned long long* nan_count, cudaStream_t stream) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  RowBatch b;
+  b.pad = 0;
+  b.nan_count = nan_count;
+  int64_t i = 0;
+  while (i < n) {
+    b.count = 0;
+    b.total_work = 0;
+    for (; i < n && b.count < kMaxRowSegs; ++i) {
+      const CountRowsDesc& d = descs[i];
+      if (d.dtype != dt || d.rows <= 0 || d.row_len <= 0 || vector_loads<T>(d.x, nullptr, d.row_len) != vec) continue;
+      add_segment(b, vec ? VEC : 1, d.x, nullptr, d.rows, d.row_len, d.channel_div, d.counts);
+    }
+    const cudaError_t err = vec ? launch_incl<T, VEC, false>(b, inclusive, stream)
+                                : launch_incl<T, 1, false>(b, inclusive, stream);
+    if (err != cudaSuccess) return err;
   }
-  return vec ? launch_incl<T, VEC, false>(x, nullptr, rows, row_len, channel_div, inclusive, counts, nan_count, stream)
-             : launch_incl<T, 1, false>(x, nullptr, rows, row_len, channel_div, inclusive, counts, nan_count, stream);
+  return cudaSuccess;
 }
 
 // ---------------------------------------------------------------------------- entropy
@@ -288,13 +365,32 @@ cudaError_t entropy_counts_rows(DType dt, const void* x, void* y, int64_t rows, 
                                 int64_t* nan_count, cudaStream_t stream) {
   if (rows <= 0 || row_len <= 0) return cudaSuccess;
   if (channel_div <= 0) return cudaErrorInvalidValue;
-  auto* c = reinterpret_cast<unsigned long long*>(counts);
   auto* nc = reinterpret_cast<unsigned long long*>(nan_count);
   return detail::dispatch_float(dt, [&](auto tag) {
     using T = decltype(tag);
     return entropy_rows_t<T>(static_cast<const T*>(x), static_cast<T*>(y), rows, row_len, channel_div,
-                             inclusive, c, nc, stream);
+                             inclusive, counts, nc, stream);
   });
+}
+
+cudaError_t entropy_counts_rows_many(const CountRowsDesc* descs, int64_t n, bool inclusive, int64_t* nan_count,
+                                     cudaStream_t stream) {
+  for (int64_t i = 0; i < n; ++i)
+    if (descs[i].rows > 0 && descs[i].row_len > 0 && descs[i].channel_div <= 0) return cudaErrorInvalidValue;
+  auto* nc = reinterpret_cast<unsigned long long*>(nan_count);
+  for (DType dt : {DType::kFloat32, DType::kBFloat16, DType::kFloat16, DType::kFloat64}) {
+    bool present = false;
+    for (int64_t i = 0; i < n && !present; ++i) present = descs[i].dtype == dt;
+    if (!present) continue;
+    for (bool vec : {true, false}) {
+      const cudaError_t err = detail::dispatch_float(dt, [&](auto tag) {
+        using T = decltype(tag);
+        return entropy_rows_many_t<T>(descs, n, dt, vec, inclusive, nc, stream);
+      });
+      if (err != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
 }
 
 cudaError_t entropy_from_counts(const int64_t* counts, int64_t numel, int64_t n_samples,

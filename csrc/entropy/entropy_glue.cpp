@@ -13,39 +13,54 @@ namespace {
 
 namespace pc = pyengine::cuda;
 
+// x as the kernels' rows view without a copy: `rows` rows of `row_len` contiguous elements, neuron
+// = column / div. False for the layouts that need a copy or a scratch buffer first (not dense,
+// dense but neither contiguous nor channel-innermost, channels-last per position).
+bool rows_view(const at::Tensor& x, int64_t cd, bool per_position, int64_t* rows, int64_t* row_len, int64_t* div) {
+  if (x.is_contiguous()) {
+    if (per_position) {
+      *rows = x.size(0);
+      *row_len = *rows ? x.numel() / *rows : 0;
+      *div = 1;
+      return true;
+    }
+    int64_t outer = 1, inner = 1;
+    for (int64_t i = 0; i < cd; ++i) outer *= x.size(i);
+    for (int64_t i = cd + 1; i < x.dim(); ++i) inner *= x.size(i);
+    *rows = outer;
+    *row_len = x.size(cd) * inner;
+    *div = inner;
+    return true;
+  }
+  if (per_position || !x.is_non_overlapping_and_dense()) return false;
+  const int64_t c = x.size(cd);
+  if (c != 1 && x.stride(cd) != 1) return false;
+  // channels-last and friends: memory holds numel / C positions of C contiguous channels
+  *row_len = c;
+  *rows = c ? x.numel() / c : 0;
+  *div = 1;
+  return true;
+}
+
 // Adds the counts of x into counts (contiguous int64, counts_shape) and the NaN count into
 // nan_count; with y defined also writes y = relu(x) (y laid out like x's memory).
 void count_into_cuda(const at::Tensor& x_, int64_t cd, bool per_position, bool inclusive, at::Tensor& counts,
                      const at::Tensor& nan_count, const at::Tensor& y) {
   if (x_.numel() == 0) return;
-  const pc::DType dt = pc::kernel_dtype(x_);
   at::Tensor x = x_;
   int64_t rows = 0, row_len = 0, div = 1;
   at::Tensor target = counts;  // where the kernel adds (a permuted buffer for cl per-position)
-  const bool dense_strided = !x_.is_contiguous() && x_.is_non_overlapping_and_dense();
-  if (per_position) {
-    const bool cl = x_.dim() == 4 && dense_strided && x_.is_contiguous(at::MemoryFormat::ChannelsLast);
-    if (cl) {  // count in memory order (H, W, C) into a scratch buffer, then add as (C, H, W)
+  if (!rows_view(x_, cd, per_position, &rows, &row_len, &div)) {
+    const bool cl_pp = per_position && x_.dim() == 4 && x_.is_non_overlapping_and_dense() &&
+                       x_.is_contiguous(at::MemoryFormat::ChannelsLast);
+    if (cl_pp) {  // count in memory order (H, W, C) into a scratch buffer, then add as (C, H, W)
       target = at::zeros({x_.size(2), x_.size(3), x_.size(1)}, counts.options());
-    } else if (!x_.is_contiguous()) {
-      x = x_.contiguous();
-    }
-    rows = x.size(0);
-    row_len = x.numel() / rows;
-  } else {
-    const int64_t c = x_.size(cd);
-    if (dense_strided && (c == 1 || x_.stride(cd) == 1)) {
-      // channels-last and friends: memory holds numel / C positions of C contiguous channels
-      row_len = c;
-      rows = x_.numel() / c;
+      rows = x_.size(0);
+      row_len = x_.numel() / rows;
+      div = 1;
     } else {
-      if (!x_.is_contiguous()) x = x_.contiguous();
-      int64_t outer = 1, inner = 1;
-      for (int64_t i = 0; i < cd; ++i) outer *= x.size(i);
-      for (int64_t i = cd + 1; i < x.dim(); ++i) inner *= x.size(i);
-      rows = outer;
-      row_len = c * inner;
-      div = inner;
+      x = x_.contiguous();
+      rows_view(x, cd, per_position, &rows, &row_len, &div);
     }
   }
   if (rows == 0 || row_len == 0) return;
@@ -54,7 +69,7 @@ void count_into_cuda(const at::Tensor& x_, int64_t cd, bool per_position, bool i
     TORCH_CHECK(y.strides() == x.strides(), "pyengine.relu_count: internal error (output layout)");
     yp = y.data_ptr();
   }
-  C10_CUDA_CHECK(pc::entropy_counts_rows(dt, x.data_ptr(), yp, rows, row_len, div, inclusive,
+  C10_CUDA_CHECK(pc::entropy_counts_rows(pc::kernel_dtype(x), x.data_ptr(), yp, rows, row_len, div, inclusive,
                                          target.data_ptr<int64_t>(), nan_count.data_ptr<int64_t>(),
                                          pc::current_stream()));
   if (!target.is_same(counts)) counts.add_(target.permute({2, 0, 1}));
@@ -82,6 +97,35 @@ void entropy_counts_add_cuda(const at::Tensor& counts, const at::Tensor& nan_cou
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor c = counts;
   count_into_cuda(x, cd, per_position, inclusive, c, nan_count, at::Tensor());
+}
+
+// One launch per dtype for the tensors whose memory is the rows view as it is; the others one by one.
+void entropy_counts_add_many_cuda(at::TensorList counts, const at::Tensor& nan_count, at::TensorList xs,
+                                  at::IntArrayRef channel_dims, bool per_position, bool inclusive) {
+  const OpChecks op{"entropy_counts_add_many_"};
+  if (xs.empty()) {
+    check_count_many(op, counts, nan_count, xs, channel_dims, per_position);
+    return;
+  }
+  pc::cuda_entry(op, xs[0], "xs[0]");
+  const std::vector<int64_t> cds = check_count_many(op, counts, nan_count, xs, channel_dims, per_position);
+  c10::cuda::CUDAGuard guard(xs[0].device());
+  std::vector<pc::CountRowsDesc> descs;
+  descs.reserve(xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    if (x.numel() == 0) continue;
+    int64_t rows = 0, row_len = 0, div = 1;
+    if (rows_view(x, cds[i], per_position, &rows, &row_len, &div)) {
+      descs.push_back({pc::kernel_dtype(x), x.data_ptr(), rows, row_len, div, counts[i].data_ptr<int64_t>()});
+    } else {
+      at::Tensor c = counts[i];
+      count_into_cuda(x, cds[i], per_position, inclusive, c, nan_count, at::Tensor());
+    }
+  }
+  if (descs.empty()) return;
+  C10_CUDA_CHECK(pc::entropy_counts_rows_many(descs.data(), static_cast<int64_t>(descs.size()), inclusive,
+                                              nan_count.data_ptr<int64_t>(), pc::current_stream()));
 }
 
 at::Tensor relu_count_cuda(const at::Tensor& x, const at::Tensor& counts, const at::Tensor& nan_count,
@@ -131,6 +175,7 @@ std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cuda(const at::Tensor& co
 TORCH_LIBRARY_IMPL(pyengine, CUDA, m) {
   m.impl("entropy_counts", &entropy_counts_cuda);
   m.impl("entropy_counts_add_", &entropy_counts_add_cuda);
+  m.impl("entropy_counts_add_many_", &entropy_counts_add_many_cuda);
   m.impl("relu_count", &relu_count_cuda);
   m.impl("entropy_from_counts", &entropy_from_counts_cuda);
 }

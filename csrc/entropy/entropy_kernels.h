@@ -21,6 +21,21 @@ cudaError_t entropy_counts_rows(DType dt, const void* x, void* y, int64_t rows, 
                                 int64_t channel_div, bool inclusive, int64_t* counts,
                                 int64_t* nan_count, cudaStream_t stream);
 
+// One tensor of entropy_counts_rows_many: x (dtype) seen as `rows` rows of `row_len` contiguous
+// elements, neuron = column / channel_div, counts its int64 accumulator.
+struct CountRowsDesc {
+  DType dtype;
+  const void* x;
+  int64_t rows, row_len, channel_div;
+  int64_t* counts;
+};
+
+// entropy_counts_rows (without the ReLU) for n tensors, all NaNs into *nan_count: one launch for
+// the tensors of one dtype and load width (up to 32 of them), so a forward pass's activations
+// are counted in one or two launches however many there are.
+cudaError_t entropy_counts_rows_many(const CountRowsDesc* descs, int64_t n, bool inclusive, int64_t* nan_count,
+                                     cudaStream_t stream);
+
 // h[i] = binary entropy (bits) of p = counts[i] / n_samples with eps inside the logarithms:
 // -(p log2(p + eps) + (1 - p) log2(1 - p + eps)), exactly 0 for a constant neuron (count 0 or
 // n_samples); summary[4] = {mean h, mean h over non-constant neurons (0 if none), #count == n,

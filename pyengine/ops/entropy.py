@@ -11,6 +11,9 @@
   accumulators in place: one kernel, no allocation, no host sync - what a collector running during
   training needs (keep the counts and a NaN count on the device; check the NaN count once per
   epoch).
+* ``entropy_counts_add_many_(counts, xs, channel_dims, ...)`` is ``entropy_counts_add_`` for a
+  list of tensors in one call: one CUDA launch per dtype however many tensors there are (how
+  ``pyengine.nn.EntropyCollector`` counts a whole forward pass during training).
 * ``relu_count(x, counts, ...)`` returns ``relu(x)`` and adds x's ON counts into ``counts`` in
   the same pass over x (differentiable in x like ``torch.relu``).
 * ``entropy_from_counts(counts, n_samples, eps)`` gives per-neuron binary entropy in bits with eps
@@ -22,7 +25,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -128,6 +131,43 @@ def entropy_counts_add_(
     nan_count += torch.isnan(x).sum()
 
 
+def entropy_counts_add_many_(
+    counts: Sequence[torch.Tensor],
+    xs: Sequence[torch.Tensor],
+    channel_dims: Sequence[int],
+    per_position: bool = False,
+    inclusive: bool = False,
+    nan_count: torch.Tensor | None = None,
+) -> None:
+    """``counts[i] += entropy_counts(xs[i], channel_dims[i], ...)`` for every i, and ``nan_count +=``
+    the NaNs of all, in place: one native call (one kernel launch per dtype on CUDA), no
+    allocation, no host synchronisation. Every argument is checked before anything is counted.
+    """
+    counts, xs, channel_dims = list(counts), list(xs), [int(d) for d in channel_dims]
+    for name, seq in (("counts", counts), ("xs", xs)):
+        for i, t in enumerate(seq):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    if nan_count is None:
+        dev = xs[0].device if xs else torch.device("cpu")
+        nan_count = torch.zeros((), dtype=torch.int64, device=dev)
+    xs = [x.detach() for x in xs]
+    if _native.native_available(xs[0].device if xs else nan_count.device):
+        torch.ops.pyengine.entropy_counts_add_many_(counts, nan_count, xs, channel_dims, per_position, inclusive)
+        return
+    if len(counts) != len(xs) or len(channel_dims) != len(xs):
+        raise ValueError(f"counts has {len(counts)} tensors and channel_dims {len(channel_dims)} entries for "
+                         f"{len(xs)} tensors in xs; they must match")
+    for i, (c, x, d) in enumerate(zip(counts, xs, channel_dims)):  # check all, then count
+        check_tensor(f"xs[{i}]", x, min_ndim=2)
+        cd = 1 if per_position else _normalise_dim(d, x.dim())
+        check_tensor(f"counts[{i}]", c, dtypes=(torch.int64,))
+        if tuple(c.shape) != _counts_shape(x, cd, per_position):
+            raise ValueError(f"counts[{i}] has shape {tuple(c.shape)} but must have {_counts_shape(x, cd, per_position)}")
+    for c, x, d in zip(counts, xs, channel_dims):
+        entropy_counts_add_(c, x, d, per_position, inclusive, nan_count)
+
+
 def relu_count(
     x: torch.Tensor,
     counts: torch.Tensor,
@@ -212,6 +252,10 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::entropy_counts_add_")
     def _entropy_counts_add_fake(counts, nan_count, x, channel_dim, per_position, inclusive):
+        return None
+
+    @torch.library.register_fake("pyengine::entropy_counts_add_many_")
+    def _entropy_counts_add_many_fake(counts, nan_count, xs, channel_dims, per_position, inclusive):
         return None
 
     @torch.library.register_fake("pyengine::relu_count")

@@ -8,6 +8,7 @@
 #include "entropy/entropy_cuda.cu"
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 using namespace pyengine::cuda;
@@ -55,6 +56,58 @@ void counts_case(const char* tname, int64_t rows, int64_t row_len, int64_t div, 
   expect(ok, what);
 }
 
+// One tensor of a batched count, in its own dtype; `offset` elements into its buffer, so that an
+// odd offset makes the tensor unaligned (scalar loads).
+struct ManyInput {
+  DType dt;
+  int64_t rows, row_len, div, offset;
+};
+
+template <typename T>
+void fill_many(const ManyInput& in, std::vector<float>& xf, std::vector<unsigned char>& bytes, std::mt19937& g) {
+  xf = activations(in.rows * in.row_len, g);
+  const auto x = check::convert<T>(xf);
+  bytes.assign((x.size() + static_cast<size_t>(in.offset)) * sizeof(T) + 16, 0);
+  if (!x.empty()) std::memcpy(bytes.data() + in.offset * sizeof(T), x.data(), x.size() * sizeof(T));
+}
+
+// entropy_counts_rows_many over tensors of mixed dtypes, alignments and shapes (more than one
+// launch's worth when n > 32), against plain loops over each tensor.
+void many_case(const std::vector<ManyInput>& ins, bool inclusive, std::mt19937& g) {
+  const size_t n = ins.size();
+  std::vector<std::vector<unsigned char>> bufs(n);
+  std::vector<std::vector<float>> xfs(n);
+  std::vector<std::vector<int64_t>> counts(n), want(n);
+  std::vector<CountRowsDesc> descs(n);
+  int64_t nan = 3, want_nan = 3;
+  for (size_t t = 0; t < n; ++t) {
+    const ManyInput& in = ins[t];
+    size_t esize = 4;
+    switch (in.dt) {
+      case DType::kFloat32: fill_many<float>(in, xfs[t], bufs[t], g); esize = 4; break;
+      case DType::kFloat64: fill_many<double>(in, xfs[t], bufs[t], g); esize = 8; break;
+      case DType::kFloat16: fill_many<__half>(in, xfs[t], bufs[t], g); esize = 2; break;
+      case DType::kBFloat16: fill_many<__nv_bfloat16>(in, xfs[t], bufs[t], g); esize = 2; break;
+    }
+    const int64_t neurons = (in.row_len + in.div - 1) / in.div;
+    counts[t].assign(static_cast<size_t>(neurons), 7);
+    want[t] = counts[t];
+    for (int64_t i = 0; i < in.rows * in.row_len; ++i) {
+      // the reference classifies the value the kernel sees (rounded to the tensor's dtype)
+      float v = xfs[t][i];
+      if (in.dt == DType::kFloat16) v = check::to_float(check::from_float<__half>(v));
+      if (in.dt == DType::kBFloat16) v = check::to_float(check::from_float<__nv_bfloat16>(v));
+      if (std::isnan(v)) ++want_nan;
+      else if (inclusive ? v >= 0.0f : v > 0.0f) ++want[t][(i % in.row_len) / in.div];
+    }
+    descs[t] = {in.dt, bufs[t].data() + in.offset * esize, in.rows, in.row_len, in.div, counts[t].data()};
+  }
+  const cudaError_t err = entropy_counts_rows_many(descs.data(), static_cast<int64_t>(n), inclusive, &nan, nullptr);
+  bool ok = err == cudaSuccess && nan == want_nan;
+  for (size_t t = 0; t < n; ++t) ok = ok && counts[t] == want[t];
+  expect(ok, "counts_many n=" + std::to_string(n) + " inclusive=" + std::to_string(int(inclusive)));
+}
+
 void entropy_case(int64_t numel, int64_t n_samples, double eps, std::mt19937& g) {
   std::uniform_int_distribution<int64_t> cnt(0, n_samples);
   std::vector<int64_t> counts(static_cast<size_t>(numel));
@@ -92,6 +145,7 @@ int main() {
     counts_case<float>("fp32", 2, 64 * 16, 16, false, true, g);
     counts_case<__nv_bfloat16>("bf16", 3, 5 * 21, 21, true, false, g);
     counts_case<float>("fp32", 2, 3000, 1000, false, false, g);
+    many_case({{DType::kFloat32, 3, 64, 16, 0}, {DType::kFloat32, 5, 12, 1, 1}, {DType::kBFloat16, 2, 40, 8, 0}}, true, g);
     entropy_case(1000, 64, 1e-10, g);
     return check::finish();
   }
@@ -103,6 +157,17 @@ int main() {
   counts_case<__half>("fp16", 3, 512, 1, false, true, g);     // (B, T, C): a neuron per column
   counts_case<double>("fp64", 300, 8, 1, true, false, g);     // many narrow rows
   counts_case<float>("fp32", 2, 3000, 1000, false, false, g); // a warp's columns inside one neuron
+  // a forward pass's worth: NCHW-like and (B, T, C) tensors, aligned and not, four dtypes
+  for (bool inclusive : {false, true}) {
+    many_case({{DType::kFloat32, 4, 64 * 16, 16, 0}, {DType::kFloat32, 3, 1000, 1, 0}, {DType::kFloat32, 2, 96, 3, 1},
+               {DType::kBFloat16, 5, 8 * 9, 9, 0}, {DType::kFloat16, 3, 21, 7, 1}, {DType::kFloat64, 40, 6, 1, 0},
+               {DType::kFloat32, 0, 64, 1, 0}, {DType::kFloat32, 700, 4, 2, 0}},
+              inclusive, g);
+  }
+  std::vector<ManyInput> many;  // 70 tensors: three launches of one kind
+  for (int i = 0; i < 70; ++i) many.push_back({DType::kFloat32, 1 + i % 5, 16 * (1 + i % 3), 4, 0});
+  many_case(many, false, g);
+  many_case({}, false, g);
   entropy_case(1000, 64, 1e-10, g);
   entropy_case(3, 10, 0.0, g);
   entropy_case(5000, 1000, 1e-8, g);  // 20 blocks of partial sums
