@@ -454,8 +454,9 @@ def _resnet():
 
 def case_train(timer, args):
     """Entropy collection on all 17 activations of a ResNet-18 CIFAR step (batch 128), as a ratio
-    to the plain step. The variants are interleaved (plain, collector, collector with hooks only,
-    add_ hooks, plain, ...) and
+    to the plain step. The variants are interleaved (plain, collector (batched: one count per
+    forward), collector counting as it runs with fused ReLUs, the same with hooks only, add_ hooks,
+    plain, ...) and
     each round's ratio is taken against the plain steps of the same round, so drift of the clock
     or of the host between variants does not enter the ratio. (LaCoOT's regulariser in the same
     step: benchmarks/bench_lacoot_step.py, which gpu_check.sh runs, with POT beside it.)"""
@@ -476,16 +477,15 @@ def case_train(timer, args):
         return step
 
     steps = {"plain": make_step(_resnet())}
-    # (a) the collector as pyengine's methods use it (pyengine.nn.EntropyCollector)
-    m_col = _resnet()
-    col = EntropyCollector(m_col)
-    col.__enter__()
-    steps["collector"] = make_step(m_col)
-    # (a') the same with pre-hooks on every activation (ReLUs not swapped for the fused relu_count)
-    m_hk = _resnet()
-    col_hk = EntropyCollector(m_hk, fused=False)
-    col_hk.__enter__()
-    steps["collector hooks"] = make_step(m_hk)
+    # (a) the collector as pyengine's methods use it (pyengine.nn.EntropyCollector): activations
+    # taken as the forward runs, all counted in one entropy_counts_add_many_ call at its end
+    collectors = []
+    for label, kw in (("collector", {}), ("collector fused", dict(batched=False)),
+                      ("collector hooks", dict(batched=False, fused=False))):
+        # (a') counting as each activation runs: the fused relu_count ReLUs; (a'') pre-hooks only
+        m_col = _resnet()
+        collectors.append(EntropyCollector(m_col, **kw).__enter__())
+        steps[label] = make_step(m_col)
     # (b) the bare op in a hook: one kernel per activation, no allocation
     m = _resnet()
     sites = activation_map(m)
@@ -511,8 +511,8 @@ def case_train(timer, args):
     for _ in range(rounds):
         for k, f in steps.items():
             times[k].append(steps_time(f, n=10, warmup=1))
-    col.__exit__(None, None, None)
-    col_hk.__exit__(None, None, None)
+    for c in collectors:
+        c.__exit__(None, None, None)
     for h in hs:
         h.remove()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -530,15 +530,19 @@ def case_train(timer, args):
             m(x)
         for h in hs:
             h.remove()
+    with EntropyCollector(m) as batched:  # with autograd: taken, then counted in one call
+        m(x)
     check("entropy_counts_add_ hooks on ResNet-18 == plain counts", all(torch.equal(acc[k], ref[k]) for k in ref),
           f"{len(ref)} activations")
     check("EntropyCollector (fused ReLUs) on ResNet-18 == plain counts",
           set(fresh.counts) == set(ref) and all(torch.equal(fresh.counts[k], ref[k]) for k in ref), f"{len(ref)} activations")
+    check("EntropyCollector (batched, in a training forward) on ResNet-18 == plain counts",
+          set(batched.counts) == set(ref) and all(torch.equal(batched.counts[k], ref[k]) for k in ref), f"{len(ref)} activations")
     row(f"entropy collection, {len(sites)} activations, ResNet-18 CIFAR step b128 (x plain step)",
         None, ratio["collector"], "<= 1.02", None,
-        f"plain {med['plain']:.3f} ms; EntropyCollector x{ratio['collector']:.3f} (fused ReLUs; hooks only "
-        f"x{ratio['collector hooks']:.3f}); bare add_ hooks x{ratio['add_ hooks']:.3f} (medians of {rounds} "
-        "interleaved rounds' ratios)")
+        f"plain {med['plain']:.3f} ms; EntropyCollector x{ratio['collector']:.3f} (batched: one count per forward; "
+        f"counting as it runs: fused ReLUs x{ratio['collector fused']:.3f}, hooks only x{ratio['collector hooks']:.3f}); "
+        f"bare add_ hooks x{ratio['add_ hooks']:.3f} (medians of {rounds} interleaved rounds' ratios)")
 
 
 def print_table(dev_name, copy_bw):

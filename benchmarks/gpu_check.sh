@@ -6,7 +6,8 @@
 #      tests/test_crash_isolation.py),
 #   3. runs the CUDA op tests (pytest-xdist: a crash takes one worker down, not the run),
 #   4. runs compute-sanitizer (memcheck) over every op on small valid and on bad inputs,
-#   5. times LaCoOT's regulariser in a ResNet-18 step (benchmarks/bench_lacoot_step.py, issue 8),
+#   5. times LaCoOT's regulariser in a ResNet-18 step (benchmarks/bench_lacoot_step.py, issue 8)
+#      and the host cost of entropy collection per activation (benchmarks/bench_collector_host.py),
 #   6. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
 #      with a torch.compile column),
 #   7. runs memcheck over the CUDA op tests (one process) with the time that is left,
@@ -90,7 +91,8 @@ $PY -c "import ot; print('POT', ot.__version__)" 2>/dev/null || echo "POT not in
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   step "bad-input cases on CPU, crash-isolated" 300 "$L/crash.log" $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
   step "valid + bad inputs in one process (sanitizer script) on CPU" 120 "$L/sanitizer.log" $PY tests/bad_input_cases.py --device cpu --good
-  step "benchmark scripts compile" 60 "$L/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py
+  step "benchmark scripts compile" 60 "$L/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py \
+    benchmarks/bench_collector_host.py
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
   exit $status
 fi
@@ -166,6 +168,11 @@ fi
 # issue 8's GPU target: LaCoOT's regulariser inside a ResNet-18 CIFAR step, batch 128 (<= x1.10)
 step "LaCoOT regulariser in a ResNet-18 step, batch 128" ${LACOOT_LIMIT:-90} "$L/lacoot.log" \
   $PY benchmarks/bench_lacoot_step.py --device cuda --steps 5 --repeats 9 --profile --json "$OUT/lacoot_step_cuda.json"
+
+# the host cost of entropy collection per activation (launch-bound: tiny tensors), batched vs
+# counting as each activation runs
+step "entropy collection host cost per activation" ${COLLECT_LIMIT:-40} "$L/collector_host.log" \
+  $PY benchmarks/bench_collector_host.py --device cuda --rounds 7 --steps 100 --json "$OUT/collector_host_cuda.json"
 
 left=$(( 400 - $(elapsed) ))
 [[ $left -lt 60 ]] && left=60

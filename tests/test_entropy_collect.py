@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from pyengine.models import build_model
+from pyengine.ops import entropy_counts_reference
 from pyengine.nn.entropy import EntropyCollector, measure_entropy
 
 
@@ -118,8 +120,6 @@ def test_nan_in_a_later_batch_is_reported_once_when_results_are_read():
         bad = torch.randn(5, 3)
         bad[2, 1] = float("nan")
         model(bad)  # no error here: the count stays on the device
-    import pytest
-
     with pytest.raises(ValueError, match="NaN"):
         col.results()
 
@@ -153,39 +153,152 @@ def test_collector_reset_and_reload_start_over_cleanly():
     assert torch.equal(c.counts["1"], ref_b.counts["1"]) and c.samples == ref_b.samples
 
 
-def test_fused_relu_sites_count_and_train_exactly_like_hooks(device):
-    """nn.ReLU sites run the fused relu_count op while collecting, the others (GELU here) keep a
-    pre-hook: the counts, the sample numbers, the outputs and every gradient of a training step
-    equal the hook-only collector's, and the modules get their own forward back on exit."""
-    import copy
+MODES = {  # EntropyCollector keyword arguments of each way of collecting
+    "hooks": dict(batched=False, fused=False),
+    "fused": dict(batched=False, fused=True),
+    "batched": dict(batched=True),
+}
 
+
+def _step_net(device):
     import torch.nn as nn
 
     torch.manual_seed(0)
-    base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
                          nn.Conv2d(6, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 6 * 6, 7), nn.GELU(),
                          nn.Linear(7, 3)).to(device)
+
+
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_every_way_of_collecting_counts_and_trains_exactly_like_plain_pytorch(device, inclusive):
+    """Pre-hooks, the fused relu_count ReLUs and the batched collection (one count per forward):
+    in training steps each gives the counts of plain PyTorch counting of the activation inputs,
+    the same sample numbers, and the outputs and gradients of the model without a collector; the
+    modules get their own forward back on exit."""
+    import copy
+
+    base = _step_net(device)
     xs = [torch.randn(n, 3, 6, 6, device=device) for n in (4, 2)]
-    runs = {}
-    for fused in (False, True):
+    xs[1][0, 0, 0, 0] = 0.0  # exact zeros reach the first ReLU only through the conv: make some
+    with torch.no_grad():
+        base[0].bias.zero_()
+
+    def plain():
         model = copy.deepcopy(base).train()
-        col = EntropyCollector(model, fused=fused, inclusive=True)
+        seen, grads = {}, []
+        hs = [m.register_forward_pre_hook(
+            lambda mod, a, name=name: seen.setdefault(name, []).append(a[0].detach().clone()))
+            for name, m in model.named_modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU))]
+        for x in xs:
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            out.square().sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()] + [out.detach()])
+        for h in hs:
+            h.remove()
+        cdim = {"2": 1, "4": 1, "7": 1}
+        counts = {k: sum(entropy_counts_reference(z, cdim[k], False, inclusive) for z in v) for k, v in seen.items()}
+        return counts, grads
+
+    ref_counts, ref_grads = plain()
+    for mode, kw in MODES.items():
+        model = copy.deepcopy(base).train()
+        col = EntropyCollector(model, inclusive=inclusive, **kw)
         grads = []
         with col:
-            if fused:
-                assert sum("forward" in vars(m) for m in model.modules()) == 2  # the two ReLUs
+            assert sum("forward" in vars(m) for m in model.modules()) == (0 if mode == "hooks" else 2)
             for x in xs:
                 model.zero_grad(set_to_none=True)
                 out = model(x)
                 out.square().sum().backward()
                 grads.append([p.grad.clone() for p in model.parameters()] + [out.detach()])
-        assert not any("forward" in vars(m) for m in model.modules())
-        runs[fused] = (dict(col.counts), dict(col.samples), grads, col.results())
-    (c0, s0, g0, r0), (c1, s1, g1, r1) = runs[False], runs[True]
-    assert set(c0) == set(c1) == {"2", "4", "7"} and s0 == s1
-    for k in c0:
-        assert torch.equal(c0[k], c1[k]), k
-        assert r0[k].mean == r1[k].mean
-    for a, b in zip(g0, g1):
-        for u, v in zip(a, b):
-            assert torch.equal(u, v)
+        assert not any("forward" in vars(m) for m in model.modules()), mode
+        assert set(col.counts) == set(ref_counts) == {"2", "4", "7"}, mode
+        for k in ref_counts:
+            assert torch.equal(col.counts[k], ref_counts[k]), (mode, k)
+        assert col.samples == {"2": 6 * 36, "4": 6 * 36, "7": 6}, mode
+        for a, b in zip(grads, ref_grads):
+            for u, v in zip(a, b):
+                assert torch.equal(u, v), mode
+
+
+def _pyengine_ops_called(fn):
+    """The pyengine ops that run below autograd while fn() runs, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    called = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "pyengine":
+                called.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return called
+
+
+def test_a_training_step_is_counted_in_one_native_call_and_a_measurement_as_it_runs():
+    import pyengine
+
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    model = _step_net("cpu").train()
+    x = torch.randn(4, 3, 6, 6)
+    with EntropyCollector(model) as col:
+        step = _pyengine_ops_called(lambda: model(x).sum().backward())
+        assert step == ["entropy_counts_add_many_"]  # three activations, one call at the forward's end
+        assert not col._pending
+        with torch.no_grad():
+            measure = _pyengine_ops_called(lambda: model(x))
+        assert measure == ["relu_count", "relu_count", "entropy_counts_add_"]  # as each activation runs
+    with EntropyCollector(model, batched=False) as col2:
+        assert _pyengine_ops_called(lambda: model(x).sum().backward()) == ["relu_count", "relu_count", "entropy_counts_add_"]
+    for k in col.counts:
+        assert torch.equal(col.counts[k], 2 * col2.counts[k])
+
+
+def test_batched_collection_refuses_an_activation_changed_before_its_count():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+    class ChangesItsInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            z = self.net[0](x)
+            y = self.net[1](z)
+            z.mul_(2)  # legal for autograd: an out-of-place ReLU does not keep z
+            return self.net[2](y)
+
+    model = ChangesItsInput()
+    x = torch.randn(5, 3)
+    col = EntropyCollector(model, inclusive=True)  # inclusive: z itself is taken
+    with pytest.raises(RuntimeError, match=r"activation taken at 'net.1' was modified in place.*batched=False"):
+        with col:
+            model(x)
+    with EntropyCollector(model, inclusive=True, batched=False) as col2:  # counted as it runs: before the change
+        model(x)
+    assert torch.equal(col2.counts["net.1"], entropy_counts_reference(net[0](x).detach(), 1, False, True))
+
+
+def test_batched_collection_counts_early_when_the_waiting_activations_pass_the_limit():
+    """max_pending_mb bounds what waits for its count: with a tiny limit every activation is
+    counted as soon as it is taken, and the counts are those of an unlimited collection."""
+    model = _step_net("cpu").train()
+    x = torch.randn(4, 3, 6, 6)
+    runs = {}
+    for mb in (1e-6, 1024):
+        with EntropyCollector(model, inclusive=True, max_pending_mb=mb) as col:
+            calls = _pyengine_ops_called(lambda: model(x).sum().backward())
+        runs[mb] = (col, calls)
+    import pyengine
+
+    if pyengine.HAS_NATIVE:
+        assert runs[1e-6][1] == ["entropy_counts_add_many_"] * 3 and runs[1024][1] == ["entropy_counts_add_many_"]
+    for k in runs[1024][0].counts:
+        assert torch.equal(runs[1e-6][0].counts[k], runs[1024][0].counts[k])
+    with pytest.raises(ValueError, match="max_pending_mb must be positive"):
+        EntropyCollector(model, max_pending_mb=0)

@@ -17,8 +17,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from pyengine import _native
 from pyengine.graph import activation_map
-from pyengine.ops import entropy_counts_add_, entropy_from_counts, relu_count, samples_per_neuron
+from pyengine.ops import (
+    entropy_counts_add_,
+    entropy_counts_add_many_,
+    entropy_from_counts,
+    relu_count,
+    samples_per_neuron,
+)
 from pyengine.ops.entropy import _counts_shape
 
 
@@ -59,16 +66,26 @@ class EntropyCollector:
 
     inclusive: count ``z >= 0`` as ON (EASIER) instead of ``z > 0`` (EGP).
     per_position: neuron = channel x position (DSD2) instead of channel.
-    fused: an ``nn.ReLU`` site runs the fused ``relu_count`` op while collecting (its forward is
+    batched: while autograd records (a training step), the activations are only taken as the
+    forward runs and all of them are counted at the end of the model's forward in one native call
+    (``entropy_counts_add_many_``: one CUDA launch per dtype), so a step with 17 activations pays
+    one launch instead of 17 - what matters when the step is bound by launch and host time. The
+    counts are the same. Exclusive counts (z > 0) are taken from the ReLU's output (relu(z) > 0
+    exactly where z > 0), which autograd keeps for the backward anyway; inclusive counts need z
+    itself, so the ReLU runs out of place and z stays alive until the count: at most
+    ``max_pending_mb`` of taken activations wait before a count is forced. A taken tensor changed
+    in place before its count raises RuntimeError (use ``batched=False`` for such a model). Without
+    autograd (measurement passes under ``no_grad``) every activation is counted as it runs.
+    fused: counted as it runs, an ``nn.ReLU`` site runs the fused ``relu_count`` op (its forward is
     swapped for one op that applies the ReLU and counts in the same pass, with ReLU's own gradient;
     not in place, even for ``inplace=True``); every other activation gets a forward pre-hook that
-    counts its input. Both give the same counts; the fused way reads each activation once and adds
-    one op per activation instead of a hook and a second op.
+    counts its input. Both give the same counts.
     Counts stay on the device: no host synchronisation per activation or per batch.
     """
 
     def __init__(self, model: nn.Module, names: list[str] | None = None, *, inclusive: bool = False,
-                 per_position: bool = False, sites=None, fused: bool = True):
+                 per_position: bool = False, sites=None, fused: bool = True, batched: bool = True,
+                 max_pending_mb: float = 1024.0):
         self.model = model
         sites = sites if sites is not None else activation_map(model)
         if names is not None:
@@ -78,68 +95,131 @@ class EntropyCollector:
         self.inclusive = inclusive
         self.per_position = per_position
         self.fused = fused
+        self.batched = batched
+        if not max_pending_mb > 0:
+            raise ValueError(f"max_pending_mb must be positive, got {max_pending_mb}")
+        self._max_pending = int(max_pending_mb * 2**20)
         self.counts: dict[str, torch.Tensor] = {}
         self.samples: dict[str, int] = {}
         self._dims: dict[str, int] = {}
         self._handles = []
         self._swapped: list[tuple[nn.Module, object]] = []
-        self._nan_count: torch.Tensor | None = None
+        self._nan_counts: dict[torch.device, torch.Tensor] = {}
+        self._devices: set[torch.device] = set()  # where the counts are
+        # taken, not yet counted: (tensor, its counts, neuron dim, its version when taken, site)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int, str]] = []
+        self._pending_bytes = 0
 
     def _nan(self, device) -> torch.Tensor:
-        if self._nan_count is None:
-            self._nan_count = torch.zeros((), dtype=torch.int64, device=device)
-        return self._nan_count
+        t = self._nan_counts.get(device)
+        if t is None:
+            t = self._nan_counts[device] = torch.zeros((), dtype=torch.int64, device=device)
+        return t
 
     def _prepare(self, site):
-        """For one site: z -> (its counts tensor, neuron dim), recording the samples z adds."""
+        """For one site: z -> (its counts tensor, neuron dim), recording the samples z adds. The
+        counts and the samples per call are looked up once per input shape (this runs on every
+        activation of every training step)."""
         name = site.name
-        per_call: dict = {}  # samples one call adds per neuron, by input shape
+        cache = [None, None, None, 0]  # input shape, counts, neuron dim, samples per call
 
         def prepare(z):
-            cdim = self._dims.get(name)
-            if cdim is None:
-                cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
+            shape = z.shape
             counts = self.counts.get(name)
-            if counts is None:
-                counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
-                                                         dtype=torch.int64, device=z.device)
-            n = per_call.get(z.shape)
-            if n is None:
-                n = per_call[z.shape] = samples_per_neuron(z.shape, cdim % z.dim(), self.per_position)
-            self.samples[name] = self.samples.get(name, 0) + n
-            return counts, cdim
+            if counts is None or shape != cache[0] or counts is not cache[1]:
+                cdim = self._dims.get(name)
+                if cdim is None:
+                    cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
+                if counts is None:
+                    counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
+                                                             dtype=torch.int64, device=z.device)
+                    self._devices.add(z.device)
+                cache[:] = shape, counts, cdim, samples_per_neuron(shape, cdim % z.dim(), self.per_position)
+            samples = self.samples
+            samples[name] = samples.get(name, 0) + cache[3]
+            return counts, cache[2]
 
         return prepare
 
+    def _take(self, t: torch.Tensor, counts: torch.Tensor, cdim: int, name: str) -> None:
+        self._pending.append((t, counts, cdim, t._version, name))
+        self._pending_bytes += t.nbytes
+        if self._pending_bytes >= self._max_pending:
+            self.flush()
+
+    def flush(self) -> None:
+        """Counts every activation taken since the last count: one native call (per device)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending, self._pending_bytes = [], 0
+        for t, _, _, version, name in pending:
+            if t._version != version:
+                raise RuntimeError(
+                    f"the activation taken at '{name}' was modified in place before the entropy collector counted "
+                    "it; collect with EntropyCollector(..., batched=False) for this model")
+        if len(self._devices) == 1:
+            groups = [(next(iter(self._devices)), pending)]
+        else:  # a model spread over devices: one call per device
+            by_device: dict[torch.device, list] = {}
+            for p in pending:
+                by_device.setdefault(p[1].device, []).append(p)
+            groups = list(by_device.items())
+        for dev, group in groups:
+            cs, xs, ds = [p[1] for p in group], [p[0] for p in group], [p[2] for p in group]
+            if _native.native_available(dev):  # below autograd: no detach needed
+                torch.ops.pyengine.entropy_counts_add_many_(cs, self._nan(dev), xs, ds, self.per_position, self.inclusive)
+            else:
+                entropy_counts_add_many_(cs, xs, ds, self.per_position, self.inclusive, self._nan(dev))
+
     def _hook(self, site):
         prepare = self._prepare(site)
+        name = site.name
 
         def hook(module, args):
             z = args[0]
             counts, cdim = prepare(z)
+            if self.batched and torch.is_grad_enabled():
+                self._take(z, counts, cdim, name)
+                return
             # one in-place kernel: no allocation after the first batch, no host synchronisation
             entropy_counts_add_(counts, z, cdim, self.per_position, self.inclusive, nan_count=self._nan(z.device))
 
         return hook
 
-    def _fused_forward(self, site):
+    def _relu_forward(self, site, module: nn.ReLU):
         prepare = self._prepare(site)
+        name = site.name
+        inplace = module.inplace
 
         def forward(input):  # nn.ReLU.forward's own signature  # noqa: A002
             counts, cdim = prepare(input)
-            return relu_count(input, counts, self._nan(input.device), cdim, self.per_position, self.inclusive)
+            if self.batched and torch.is_grad_enabled():
+                if self.inclusive:  # z >= 0 needs z itself: it must survive the ReLU
+                    y = torch.relu(input)
+                    self._take(input, counts, cdim, name)
+                else:  # relu(z) > 0 exactly where z > 0 (and NaN stays NaN): count the output
+                    y = torch.relu_(input) if inplace else torch.relu(input)
+                    self._take(y, counts, cdim, name)
+                return y
+            if self.fused:
+                return relu_count(input, counts, self._nan(input.device), cdim, self.per_position, self.inclusive)
+            entropy_counts_add_(counts, input, cdim, self.per_position, self.inclusive, nan_count=self._nan(input.device))
+            return torch.relu_(input) if inplace else torch.relu(input)
 
         return forward
 
     def __enter__(self):
         for s in self.sites:
             m = s.module
-            if self.fused and type(m) is nn.ReLU and "forward" not in vars(m):
-                fwd = self._fused_forward(s)
+            if (self.fused or self.batched) and type(m) is nn.ReLU and "forward" not in vars(m):
+                fwd = self._relu_forward(s, m)
                 m.forward = fwd  # an instance attribute: the class's forward comes back when it is deleted
                 self._swapped.append((m, fwd))
             else:
                 self._handles.append(m.register_forward_pre_hook(self._hook(s)))
+        if self.batched:  # the taken activations are counted when the model's forward returns
+            self._handles.append(self.model.register_forward_hook(lambda mod, args, out: self.flush()))
         return self
 
     def __exit__(self, *exc):
@@ -150,16 +230,20 @@ class EntropyCollector:
             if vars(m).get("forward") is fwd:
                 del m.forward
         self._swapped.clear()
+        self.flush()
 
     def reset(self) -> None:
+        self._devices.clear()
         self.counts.clear()
         self.samples.clear()
-        self._nan_count = None
+        self._nan_counts.clear()
+        self._pending, self._pending_bytes = [], 0
 
     def all_reduce(self) -> None:
         """Sum counts and sample numbers over torch.distributed ranks."""
         import torch.distributed as dist
 
+        self.flush()
         if not (dist.is_available() and dist.is_initialized()):
             return
         for name in sorted(self.counts):
@@ -170,17 +254,22 @@ class EntropyCollector:
 
     def state_dict(self) -> dict:
         """Counts and sample numbers, to carry a collection across a checkpoint."""
+        self.flush()
         return {"counts": {k: v.detach().cpu() for k, v in self.counts.items()}, "samples": dict(self.samples)}
 
     def load_state_dict(self, state: dict, device=None) -> None:
+        self._pending, self._pending_bytes = [], 0
         self.counts = {k: v.to(device) if device is not None else v.clone() for k, v in state["counts"].items()}
+        self._devices = {v.device for v in self.counts.values()}
         self.samples = {k: int(v) for k, v in state["samples"].items()}
 
     def results(self, eps: float = 0.0) -> dict[str, LayerEntropy]:
         """Per-activation entropy; raises ValueError when an activation input held NaN (checked
         here, once, not per batch)."""
-        if self._nan_count is not None and int(self._nan_count) > 0:
-            raise ValueError(f"{int(self._nan_count)} NaN value(s) reached the activations while measuring entropy; "
+        self.flush()
+        nans = sum(int(t) for t in self._nan_counts.values())
+        if nans > 0:
+            raise ValueError(f"{nans} NaN value(s) reached the activations while measuring entropy; "
                              "the model or its input diverged")
         out = {}
         for s in self.sites:
