@@ -16,22 +16,38 @@ using check::expect;
 
 namespace {
 
-// rows x row_len values with exact zeros, negative zeros, NaNs and both signs
+// rows x row_len values with exact zeros, negative zeros, NaNs of both signs, infinities, values
+// that are subnormal in fp16 / bf16, and both signs
 std::vector<float> activations(int64_t count, std::mt19937& g) {
-  std::uniform_int_distribution<int> kind(0, 9);
+  std::uniform_int_distribution<int> kind(0, 15);
   std::uniform_real_distribution<float> mag(0.01f, 3.0f);
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
   std::vector<float> a(static_cast<size_t>(count));
   for (auto& e : a) {
     const int q = kind(g);
-    e = q == 0 ? 0.0f : q == 1 ? -0.0f : q == 2 ? std::numeric_limits<float>::quiet_NaN() : (q < 6 ? -mag(g) : mag(g));
+    e = q == 0 ? 0.0f : q == 1 ? -0.0f : q == 2 ? nan : q == 3 ? -nan : q == 4 ? inf : q == 5 ? -inf
+      : q == 6 ? 3e-8f : q == 7 ? -3e-8f : q == 8 ? 1e-39f : (q < 12 ? -mag(g) : mag(g));
   }
   return a;
 }
 
+// For fp16 / bf16: every 13th value becomes the NaN next to infinity (bits inf + 1, either sign),
+// which a conversion from float never makes and an off-by-one in a raw-bit test would count as ON.
+template <typename T>
+std::vector<T> with_edge_nans(std::vector<T> x) {
+  if constexpr (sizeof(T) == 2) {
+    const uint16_t inf = std::is_same_v<T, __half> ? 0x7C00 : 0x7F80;
+    for (size_t i = 0; i < x.size(); i += 13) {
+      const uint16_t bits = static_cast<uint16_t>((inf + 1) | ((i / 13) % 2 ? 0x8000 : 0));
+      std::memcpy(&x[i], &bits, 2);
+    }
+  }
+  return x;
+}
+
 template <typename T>
 void counts_case(const char* tname, int64_t rows, int64_t row_len, int64_t div, bool inclusive, bool relu, std::mt19937& g) {
-  const auto xf = activations(rows * row_len, g);
-  const auto x = check::convert<T>(xf);
+  const auto x = with_edge_nans(check::convert<T>(activations(rows * row_len, g)));
   const int64_t neurons = (row_len + div - 1) / div;
   std::vector<int64_t> counts(static_cast<size_t>(neurons), 5), want(static_cast<size_t>(neurons), 5);  // added into
   int64_t nan = 2, want_nan = 2;
@@ -144,6 +160,7 @@ int main() {
   if (check::quick()) {  // each kernel and path once, small
     counts_case<float>("fp32", 2, 64 * 16, 16, false, true, g);
     counts_case<__nv_bfloat16>("bf16", 3, 5 * 21, 21, true, false, g);
+    counts_case<__half>("fp16", 3, 8 * 40, 20, false, false, g);
     counts_case<float>("fp32", 2, 3000, 1000, false, false, g);
     many_case({{DType::kFloat32, 3, 64, 16, 0}, {DType::kFloat32, 5, 12, 1, 1}, {DType::kBFloat16, 2, 40, 8, 0}}, true, g);
     entropy_case(1000, 64, 1e-10, g);
@@ -153,6 +170,10 @@ int main() {
     for (bool relu : {false, true}) {
       counts_case<float>("fp32", 4, 64 * 16, 16, inclusive, relu, g);         // NCHW-like, vector loads
       counts_case<__nv_bfloat16>("bf16", 6, 5 * 21, 21, inclusive, relu, g);  // odd length: scalar loads
+      // 16-byte vectors of 8: one neuron per vector (raw-bit path), and vectors across neurons
+      counts_case<__nv_bfloat16>("bf16", 5, 64 * 24, 24, inclusive, relu, g);
+      counts_case<__half>("fp16", 4, 8 * 100, 20, inclusive, relu, g);
+      counts_case<__nv_bfloat16>("bf16", 300, 16, 8, inclusive, relu, g);  // many rows, kUnroll batches
     }
   counts_case<__half>("fp16", 3, 512, 1, false, true, g);     // (B, T, C): a neuron per column
   counts_case<double>("fp64", 300, 8, 1, true, false, g);     // many narrow rows

@@ -187,6 +187,19 @@ T __shfl_up_sync(unsigned, T v, unsigned d) {
 template <typename T>
 T __shfl_xor_sync(unsigned, T v, int m) { return model::exchange(v, model::t_lane ^ m, false); }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+// SIMD video intrinsics on the two 16-bit halves of a 32-bit word (as CUDA defines them)
+namespace model {
+template <typename F>
+inline unsigned per_half(unsigned a, unsigned b, F f) {
+  const unsigned lo = f(a & 0xffffu, b & 0xffffu) & 0xffffu, hi = f(a >> 16, b >> 16) & 0xffffu;
+  return lo | (hi << 16);
+}
+}  // namespace model
+inline unsigned __vsub2(unsigned a, unsigned b) { return model::per_half(a, b, [](unsigned x, unsigned y) { return x - y; }); }
+inline unsigned __vmaxu2(unsigned a, unsigned b) { return model::per_half(a, b, [](unsigned x, unsigned y) { return x > y ? x : y; }); }
+inline unsigned __vsetleu2(unsigned a, unsigned b) { return model::per_half(a, b, [](unsigned x, unsigned y) { return x <= y ? 1u : 0u; }); }
+inline unsigned __vsetgtu2(unsigned a, unsigned b) { return model::per_half(a, b, [](unsigned x, unsigned y) { return x > y ? 1u : 0u; }); }
+inline unsigned __vseteq2(unsigned a, unsigned b) { return model::per_half(a, b, [](unsigned x, unsigned y) { return x == y ? 1u : 0u; }); }
 inline int __ffs(int v) { return __builtin_ffs(v); }
 inline unsigned __ballot_sync(unsigned, int p) { return model::ballot(p != 0); }
 inline int atomicCAS(int* p, int cmp, int val) {
