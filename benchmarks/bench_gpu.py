@@ -238,8 +238,17 @@ def case_entropy(timer, args, copy_bw):
         t_add = timer.time(lambda: torch.ops.pyengine.entropy_counts_add_(c, nan, x, 1, False, False))
         t_relu = timer.time(lambda: torch.relu(x))
         t_fused = timer.time(lambda: torch.ops.pyengine.relu_count(x, c, nan, 1, False, False))
-        row(name, t_ref, t_ours, goal, compiled_time(timer, ref, args),
-            f"floor {floor:.3f}; add_ {t_add:.4f}; relu {t_relu:.4f} vs relu_count {t_fused:.4f}")
+        note = f"floor {floor:.3f}; add_ {t_add:.4f}; relu {t_relu:.4f} vs relu_count {t_fused:.4f}"
+        if dt == torch.bfloat16:  # the raw-bit count of 16-bit vectors against the value-by-value one
+            os.environ["PYENGINE_ENTROPY_RAW_BITS"] = "0"
+            try:
+                same = torch.equal(ops.entropy_counts(x, 1, check_nan=False), ops.entropy_counts_reference(x, 1))
+                check(f"{name} value by value (PYENGINE_ENTROPY_RAW_BITS=0)", same, "exact")
+                t_values = timer.time(lambda: ops.entropy_counts(x, 1, check_nan=False))
+            finally:
+                os.environ.pop("PYENGINE_ENTROPY_RAW_BITS", None)
+            note += f"; value by value {t_values:.4f}"
+        row(name, t_ref, t_ours, goal, compiled_time(timer, ref, args), note)
         del x
 
 

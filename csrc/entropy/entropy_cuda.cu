@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/device.cuh"
@@ -68,7 +69,7 @@ struct RowSeg {
 constexpr int kMaxRowSegs = 32;
 struct RowBatch {  // the kernel's parameter (~2.6 KB), passed by value
   int32_t count;
-  int32_t pad;
+  int32_t packed;  // fp16 / bf16: count one-neuron vectors on raw bits (raw_bits_enabled())
   int64_t total_work;
   unsigned long long* nan_count;
   RowSeg s[kMaxRowSegs];
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __gri
           if (ok[u]) load_pack(a[u], base + (r + static_cast<int64_t>(u) * rows_par) * cvec);
         }
         if constexpr (kPackedHalf<T, VEC> && !RELU) {
-          if (c0 == c1) {  // the vector is one neuron's: count on raw bits, the total into cnt[0]
+          if (b.packed && c0 == c1) {  // the vector is one neuron's: count on raw bits, the total into cnt[0]
             constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
             unsigned pk = 0, mx = 0;  // per-half sums (at most 4 * kUnroll each), per-half max of |bits|
 #pragma unroll
@@ -297,6 +298,13 @@ bool vector_loads(const void* x, const void* y, int64_t row_len) {
   return aligned_to(x, 16) && (y == nullptr || aligned_to(y, 16)) && row_len % VEC == 0;
 }
 
+// PYENGINE_ENTROPY_RAW_BITS = 1 (default) | 0: whether fp16 / bf16 vectors are counted on raw
+// bits or value by value (0 is kept for comparison in benchmarks/bench_gpu.py). Read per call.
+bool raw_bits_enabled() {
+  const char* v = std::getenv("PYENGINE_ENTROPY_RAW_BITS");
+  return !(v != nullptr && v[0] == '0' && v[1] == '\0');
+}
+
 template <typename T>
 cudaError_t entropy_rows_t(const T* x, T* y, int64_t rows, int64_t row_len, int64_t channel_div,
                            bool inclusive, int64_t* counts, unsigned long long* nan_count, cudaStream_t stream) {
@@ -304,7 +312,7 @@ cudaError_t entropy_rows_t(const T* x, T* y, int64_t rows, int64_t row_len, int6
   const bool vec = vector_loads<T>(x, y, row_len);
   RowBatch b;
   b.count = 0;
-  b.pad = 0;
+  b.packed = raw_bits_enabled() ? 1 : 0;
   b.total_work = 0;
   b.nan_count = nan_count;
   add_segment(b, vec ? VEC : 1, x, y, rows, row_len, channel_div, counts);
@@ -319,7 +327,7 @@ cudaError_t entropy_rows_many_t(const CountRowsDesc* descs, int64_t n, DType dt,
                                 unsigned long long* nan_count, cudaStream_t stream) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   RowBatch b;
-  b.pad = 0;
+  b.packed = raw_bits_enabled() ? 1 : 0;
   b.nan_count = nan_count;
   int64_t i = 0;
   while (i < n) {

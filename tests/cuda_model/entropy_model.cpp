@@ -8,6 +8,7 @@
 #include "entropy/entropy_cuda.cu"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -175,6 +176,9 @@ int main() {
       counts_case<__half>("fp16", 4, 8 * 100, 20, inclusive, relu, g);
       counts_case<__nv_bfloat16>("bf16", 300, 16, 8, inclusive, relu, g);  // many rows, kUnroll batches
     }
+  setenv("PYENGINE_ENTROPY_RAW_BITS", "0", 1);  // the value-by-value count of 16-bit vectors (kept to compare)
+  counts_case<__nv_bfloat16>("bf16 values", 5, 64 * 24, 24, true, false, g);
+  unsetenv("PYENGINE_ENTROPY_RAW_BITS");
   counts_case<__half>("fp16", 3, 512, 1, false, true, g);     // (B, T, C): a neuron per column
   counts_case<double>("fp64", 300, 8, 1, true, false, g);     // many narrow rows
   counts_case<float>("fp32", 2, 3000, 1000, false, false, g); // a warp's columns inside one neuron
