@@ -302,3 +302,21 @@ def test_batched_collection_counts_early_when_the_waiting_activations_pass_the_l
         assert torch.equal(runs[1e-6][0].counts[k], runs[1024][0].counts[k])
     with pytest.raises(ValueError, match="max_pending_mb must be positive"):
         EntropyCollector(model, max_pending_mb=0)
+
+
+def test_batched_collection_counts_an_in_place_activation_before_it_overwrites_its_input():
+    """A pre-hook site whose activation works in place (ReLU6(inplace=True), LeakyReLU(inplace=True))
+    cannot wait for the end of the forward: it is counted as it runs, and the counts are those of
+    plain counting of its input."""
+    import torch.nn as nn
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU6(inplace=True), nn.Linear(6, 4), nn.LeakyReLU(0.1, inplace=True))
+    x = torch.randn(9, 5)
+    with torch.no_grad():
+        z1 = model[0](x)
+        z2 = model[2](torch.clamp(z1, 0, 6))
+    with EntropyCollector(model, names=["1", "3"]) as col:
+        model(x).sum().backward()
+    assert torch.equal(col.counts["1"], entropy_counts_reference(z1, 1))
+    assert torch.equal(col.counts["3"], entropy_counts_reference(z2, 1))

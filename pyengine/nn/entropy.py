@@ -73,8 +73,9 @@ class EntropyCollector:
     counts are the same. Exclusive counts (z > 0) are taken from the ReLU's output (relu(z) > 0
     exactly where z > 0), which autograd keeps for the backward anyway; inclusive counts need z
     itself, so the ReLU runs out of place and z stays alive until the count: at most
-    ``max_pending_mb`` of taken activations wait before a count is forced. A taken tensor changed
-    in place before its count raises RuntimeError (use ``batched=False`` for such a model). Without
+    ``max_pending_mb`` of taken activations wait before a count is forced. Other in-place
+    activations (``ReLU6(inplace=True)``, ...) are counted as they run. A taken tensor changed in
+    place before its count raises RuntimeError (use ``batched=False`` for such a model). Without
     autograd (measurement passes under ``no_grad``) every activation is counted as it runs.
     fused: counted as it runs, an ``nn.ReLU`` site runs the fused ``relu_count`` op (its forward is
     swapped for one op that applies the ReLU and counts in the same pass, with ReLU's own gradient;
@@ -179,7 +180,8 @@ class EntropyCollector:
         def hook(module, args):
             z = args[0]
             counts, cdim = prepare(z)
-            if self.batched and torch.is_grad_enabled():
+            # an in-place activation (ReLU6(inplace=True), ...) is about to overwrite z: count it now
+            if self.batched and torch.is_grad_enabled() and not getattr(module, "inplace", False):
                 self._take(z, counts, cdim, name)
                 return
             # one in-place kernel: no allocation after the first batch, no host synchronisation
