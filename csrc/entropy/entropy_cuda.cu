@@ -161,29 +161,25 @@ __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __gri
         if constexpr (kPackedHalf<T, VEC> && !RELU) {
           if (b.packed && c0 == c1) {  // the vector is one neuron's: count on raw bits, the total into cnt[0]
             constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
-            unsigned pk = 0, mx = 0;  // per-half sums (at most 4 * kUnroll each), per-half max of |bits|
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-              if (!ok[u]) continue;
-              const uint4 q = *reinterpret_cast<const uint4*>(&a[u]);
-              const unsigned w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-              for (int k = 0; k < 4; ++k) {
-                pk += on_pairs<T, INCLUSIVE>(w[k]);
-                mx = __vmaxu2(mx, w[k] & 0x7FFF7FFFu);
-              }
-            }
-            cnt[0] += (pk & 0xFFFFu) + (pk >> 16);
-            if (__vsetgtu2(mx, inf2) != 0u) {  // a NaN in this batch: count them exactly
+            auto each_word = [&](auto&& f) {  // the batch's loaded vectors as 32-bit words
 #pragma unroll
               for (int u = 0; u < kUnroll; ++u) {
                 if (!ok[u]) continue;
                 const uint4 q = *reinterpret_cast<const uint4*>(&a[u]);
-                const unsigned w[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-                for (int k = 0; k < 4; ++k) nans += __popc(__vsetgtu2(w[k] & 0x7FFF7FFFu, inf2));
+                f(q.x);
+                f(q.y);
+                f(q.z);
+                f(q.w);
               }
-            }
+            };
+            unsigned pk = 0, mx = 0;  // per-half sums (at most 4 * kUnroll each), per-half max of |bits|
+            each_word([&](unsigned w) {
+              pk += on_pairs<T, INCLUSIVE>(w);
+              mx = __vmaxu2(mx, w & 0x7FFF7FFFu);
+            });
+            cnt[0] += (pk & 0xFFFFu) + (pk >> 16);
+            if (__vsetgtu2(mx, inf2) != 0u)  // a NaN in this batch: count them exactly
+              each_word([&](unsigned w) { nans += __popc(__vsetgtu2(w & 0x7FFF7FFFu, inf2)); });
             continue;
           }
         }
