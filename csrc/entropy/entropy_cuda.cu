@@ -241,8 +241,8 @@ __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __gri
   }
 }
 
-// Appends one tensor (VEC elements per load) to the batch; returns the units it adds.
-int64_t add_segment(RowBatch& b, int vec, const void* x, void* y, int64_t rows, int64_t row_len, int64_t channel_div,
+// Appends one tensor (`vec` elements per load) to the batch.
+void add_segment(RowBatch& b, int vec, const void* x, void* y, int64_t rows, int64_t row_len, int64_t channel_div,
                     int64_t* counts) {
   RowSeg& sg = b.s[b.count++];
   sg.x = x;
@@ -256,9 +256,7 @@ int64_t add_segment(RowBatch& b, int vec, const void* x, void* y, int64_t rows, 
   sg.rows_par = kCountThreads / sg.tile_w;
   sg.groups = ceil_div(rows, static_cast<int64_t>(sg.rows_par));
   sg.work_begin = b.total_work;
-  const int64_t units = ceil_div(sg.cvec, static_cast<int64_t>(sg.tile_w)) * sg.groups;
-  b.total_work += units;
-  return units;
+  b.total_work += ceil_div(sg.cvec, static_cast<int64_t>(sg.tile_w)) * sg.groups;
 }
 
 template <typename T, int VEC, bool INCLUSIVE, bool RELU>
