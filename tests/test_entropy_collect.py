@@ -320,3 +320,20 @@ def test_batched_collection_counts_an_in_place_activation_before_it_overwrites_i
         model(x).sum().backward()
     assert torch.equal(col.counts["1"], entropy_counts_reference(z1, 1))
     assert torch.equal(col.counts["3"], entropy_counts_reference(z2, 1))
+
+
+def test_batched_flush_groups_by_the_device_of_each_activations_counts():
+    """With counts on more than one device the flush makes one call per device (a model spread
+    over devices); here the second device is only declared, so every activation stays in the CPU
+    group and the counts must still be exact."""
+    model = _step_net("cpu").train()
+    x = torch.randn(3, 3, 6, 6)
+    with EntropyCollector(model) as ref:
+        model(x).sum().backward()
+    col = EntropyCollector(model)
+    with col:
+        model(x).sum().backward()  # one device: one call
+        col._devices.add(torch.device("meta"))
+        model(x).sum().backward()  # two declared devices: grouped by device
+    for k in ref.counts:
+        assert torch.equal(col.counts[k], 2 * ref.counts[k]), k
