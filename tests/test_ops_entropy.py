@@ -258,9 +258,9 @@ def test_counts_add_many_matches_one_by_one(device, poison, inclusive, per_posit
 
     torch.manual_seed(3)
     xs, dims = [], []
-    for i in range(40):  # > 32 tensors of one dtype: two launches
-        dtype = DTYPES[i % 4] if i < 8 else torch.float32
-        kind = i % 6
+    for i in range(48):  # 12 of every kind and dtype, then 36 aligned float32 NCHW: two launches of 32 at most
+        dtype = DTYPES[i % 4] if i < 12 else torch.float32
+        kind = i % 6 if i < 12 else 0
         if kind == 0:
             x, d = _sample((3 + i % 4, 5, 4, 3), dtype, device), 1
         elif kind == 1:
