@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from pyengine import _native
 from pyengine.graph import activation_map
 from pyengine.ops import (
     entropy_counts_add_,
@@ -106,7 +105,6 @@ class EntropyCollector:
         self._handles = []
         self._swapped: list[tuple[nn.Module, object]] = []
         self._nan_counts: dict[torch.device, torch.Tensor] = {}
-        self._devices: set[torch.device] = set()  # where the counts are
         # taken, not yet counted: (tensor, its counts, neuron dim, its version when taken, site)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int, str]] = []
         self._pending_bytes = 0
@@ -134,7 +132,6 @@ class EntropyCollector:
                 if counts is None:
                     counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
                                                              dtype=torch.int64, device=z.device)
-                    self._devices.add(z.device)
                 cache[:] = shape, counts, cdim, samples_per_neuron(shape, cdim % z.dim(), self.per_position)
             samples = self.samples
             samples[name] = samples.get(name, 0) + cache[3]
@@ -159,19 +156,12 @@ class EntropyCollector:
                 raise RuntimeError(
                     f"the activation taken at '{name}' was modified in place before the entropy collector counted "
                     "it; collect with EntropyCollector(..., batched=False) for this model")
-        if len(self._devices) == 1:
-            groups = [(next(iter(self._devices)), pending)]
-        else:  # a model spread over devices: one call per device
-            by_device: dict[torch.device, list] = {}
-            for p in pending:
-                by_device.setdefault(p[1].device, []).append(p)
-            groups = list(by_device.items())
-        for dev, group in groups:
-            cs, xs, ds = [p[1] for p in group], [p[0] for p in group], [p[2] for p in group]
-            if _native.native_available(dev):  # below autograd: no detach needed
-                torch.ops.pyengine.entropy_counts_add_many_(cs, self._nan(dev), xs, ds, self.per_position, self.inclusive)
-            else:
-                entropy_counts_add_many_(cs, xs, ds, self.per_position, self.inclusive, self._nan(dev))
+        by_device: dict[torch.device, list] = {}  # a model spread over devices: one call per device
+        for p in pending:
+            by_device.setdefault(p[1].device, []).append(p)
+        for dev, group in by_device.items():
+            entropy_counts_add_many_([p[1] for p in group], [p[0] for p in group], [p[2] for p in group],
+                                     self.per_position, self.inclusive, self._nan(dev))
 
     def _hook(self, site):
         prepare = self._prepare(site)
@@ -235,7 +225,6 @@ class EntropyCollector:
         self.flush()
 
     def reset(self) -> None:
-        self._devices.clear()
         self.counts.clear()
         self.samples.clear()
         self._nan_counts.clear()
@@ -262,7 +251,6 @@ class EntropyCollector:
     def load_state_dict(self, state: dict, device=None) -> None:
         self._pending, self._pending_bytes = [], 0
         self.counts = {k: v.to(device) if device is not None else v.clone() for k, v in state["counts"].items()}
-        self._devices = {v.device for v in self.counts.values()}
         self.samples = {k: int(v) for k, v in state["samples"].items()}
 
     def results(self, eps: float = 0.0) -> dict[str, LayerEntropy]:
