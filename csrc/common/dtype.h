@@ -7,6 +7,11 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
+// +inf of the 16-bit formats as raw bits: a positive value's bits are 1 .. inf, a NaN's bits
+// without the sign are above inf (the raw-bit ON / NaN tests of the entropy kernels).
+constexpr unsigned kFloat16InfBits = 0x7C00u;
+constexpr unsigned kBFloat16InfBits = 0x7F80u;
+
 inline int dtype_size(DType d) {
   switch (d) {
     case DType::kFloat32: return 4;

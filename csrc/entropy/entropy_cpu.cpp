@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "common/dtype.h"
 #include "entropy/entropy_args.h"
 
 #define PYENGINE_SIMD_KERNELS "entropy/entropy_simd.inc"
@@ -36,8 +37,8 @@ struct HalfBitsClass {
   static inline int nan(raw v) { return (v & 0x7FFF) > kInfBits; }
 };
 
-using HalfClass = HalfBitsClass<0x7C00>;
-using BF16Class = HalfBitsClass<0x7F80>;
+using HalfClass = HalfBitsClass<cuda::kFloat16InfBits>;
+using BF16Class = HalfBitsClass<cuda::kBFloat16InfBits>;
 
 // x is a contiguous (O, C, I) block; counts[c] += #ON over (o, i).
 template <typename Cls, bool kInclusive>

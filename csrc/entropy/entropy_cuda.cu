@@ -83,11 +83,11 @@ template <typename T>
 struct HalfBits;
 template <>
 struct HalfBits<__half> {
-  static constexpr unsigned kInf = 0x7C00u;
+  static constexpr unsigned kInf = kFloat16InfBits;
 };
 template <>
 struct HalfBits<__nv_bfloat16> {
-  static constexpr unsigned kInf = 0x7F80u;
+  static constexpr unsigned kInf = kBFloat16InfBits;
 };
 
 // Per half of w: 1 where the value is ON, else 0.
