@@ -121,6 +121,52 @@ class Timer:
         sync()
         return statistics.median(x.elapsed_time(y) for x, y in ts)
 
+    def time_rotating(self, fns, reps=30, warmup=3, busy_ms=1.0):
+        """Median GPU milliseconds per call of a CUDA graph that calls fns[0], fns[1], ... in turn.
+
+        Each fn reads its own inputs and together they are several times the L2 cache, so every call
+        finds its inputs cold - with no flush before it (a flush by writes leaves the L2 full of dirty
+        lines that the next reads must first write back) and with one graph launch shared by
+        len(fns) calls (METHOD.md: rotate among input sets; capture many small launches in a graph).
+        """
+        if DRY:
+            reps, warmup = 2, 1
+        if DEV.type == "cuda":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for fn in fns:
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for fn in fns:
+                    fn()
+            call = g.replay
+        else:
+            def call():
+                for fn in fns:
+                    fn()
+        for _ in range(warmup):
+            call()
+        sync()
+        ts = []
+        for _ in range(reps):
+            self._busy(busy_ms)
+            a, b = Event(), Event()
+            a.record()
+            call()
+            b.record()
+            ts.append((a, b))
+        sync()
+        return statistics.median(x.elapsed_time(y) for x, y in ts) / len(fns)
+
+
+def rotation_sets(nbytes: int) -> int:
+    """How many input sets of nbytes each make three L2 caches (at least 2)."""
+    l2 = getattr(torch.cuda.get_device_properties(DEV), "L2_cache_size", 50 << 20) if DEV.type == "cuda" else 4 << 20
+    return max(2, -(-3 * l2 // max(nbytes, 1)))
+
 
 def steps_time(step, n=20, warmup=3):
     """Milliseconds per training step, steps run back to back (throughput)."""
@@ -308,6 +354,58 @@ def case_sparse(timer, args):
         row(name, d_cold, b_cold, f"<= {d_cold / 2.5:.4f}", None,
             f"warm {b_warm:.4f} (dense warm {d_warm:.4f}); speedup {d_cold / b_cold:.2f}x; "
             f"1 block/SM: {one_warm:.4f} warm / {one_cold:.4f} cold-graph")
+    case_sparse_rotated(timer, g, n, k)
+
+
+def case_sparse_rotated(timer, g, n, k):
+    """The same products, each call on its own weight of a rotation three L2 caches large, one graph
+    launch for the whole rotation (Timer.time_rotating): cold inputs without a flush's dirty lines,
+    and launch costs shared - the dense baseline timed exactly like the sparse kernels."""
+    fmt_bytes = {}
+    dense_w, packs = [], {"csr": [], "bitmap": []}
+    w = (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+    fmt_bytes["dense"] = w.nbytes
+    fmt_bytes["csr"] = ops.pack_sparse(w).nbytes()
+    fmt_bytes["bitmap"] = ops.pack_sparse(w, format="bitmap").nbytes()
+    want = {f: rotation_sets(b) for f, b in fmt_bytes.items()}
+    for i in range(max(want.values())):
+        if i:
+            w = (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+        if i < want["dense"]:
+            dense_w.append(w)
+        for f in packs:
+            if i < want[f]:
+                packs[f].append(ops.pack_sparse(w, format=f))
+    del w
+    print(f"  rotation: {want['dense']} dense weights, {want['csr']} CSR, {want['bitmap']} bitmap "
+          f"(each set three L2 caches or more)", flush=True)
+    for m in (1, 16):
+        x = torch.randn(m, k, device=DEV, generator=g).bfloat16()
+        with torch.no_grad():
+            t_dense = timer.time_rotating([lambda w=w: F.linear(x, w) for w in dense_w])
+            one = torch.zeros(1, device=DEV)
+            t_floor = timer.time_rotating([one.zero_] * len(dense_w))  # one tiny kernel per call
+            print(f"  M={m}: dense {t_dense:.4f} ms per call; a one-element kernel in the same graph "
+                  f"{t_floor:.4f} ms", flush=True)
+            for f, ps in packs.items():
+                name = f"sparse linear bf16 4096^2 90% M={m}, {f} (rotated weights, graph)"
+                wl = ps[-1].to_dense()
+                ref64 = F.linear(x.double(), wl.double())
+                low = rel(F.linear(x, wl), ref64)
+                with Poison():
+                    got = ops.sparse_linear(x, ps[-1])
+                    ops.check_device_errors(x.device)
+                err = rel(got, ref64)
+                if not check(f"sparse_linear {f} bf16 M={m} (rotation)", err <= 2 * low + 1e-3,
+                             f"err {err:.2e} (dense bf16 {low:.2e})"):
+                    row(name, t_dense, "FAIL", f"<= {t_dense / 2.5:.4f}", note="check failed: not timed")
+                    continue
+                t = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps])
+                row(name, t_dense, t, f"<= {t_dense / 2.5:.4f}", None,
+                    f"{len(ps)} weights of {fmt_bytes[f] / 2**20:.1f} MiB against {len(dense_w)} dense of "
+                    f"{fmt_bytes['dense'] / 2**20:.1f} MiB; speedup {t_dense / t:.2f}x; dense at "
+                    f"{fmt_bytes['dense'] / t_dense / 1e9:.2f} TB/s, {f} at {fmt_bytes[f] / t / 1e9:.2f} TB/s; "
+                    f"one-element kernel {t_floor:.4f}")
 
 
 def case_masked(timer, args):

@@ -78,16 +78,23 @@ __device__ __forceinline__ uint32_t inside_bits(int64_t c0, int64_t k, bool row_
 
 // ============================================================================ product
 // Block = one row tile (16 rows of W) and 16 rows of x (grid.y); warp w takes column tiles w,
-// w + nwarps, ... For each: the next tile's word and offsets are requested, this tile's x slice
-// loaded into registers and its values staged in shared memory (both in flight together), the
-// tile expanded into a dense 16 x 64 block in shared memory, and 4 WMMA 16x16x16 products
-// accumulate C[i][j] = sum_c W[row0 + i, c] x[m0 + j, c] in fp32. The warps' C are summed through
-// shared memory at the end and written with the bias.
+// w + nwarps, ... in groups of up to kGroup. For a group, every tile's bitmap word and offsets are
+// requested at once; the tiles whose values fit the warp's value buffer together (the first always
+// does: a tile holds at most 16 x 64 values) are checked and their values staged with one round of
+// coalesced loads, so a warp waits for memory about twice per group instead of twice per tile.
+// Then per tile: the x slice is stored in shared memory, the lane's 32 entries of the W tile are
+// zeroed and its set bits alone are written (a loop over set bits: about 3 at 90% sparsity instead
+// of 32 selects), and 4 WMMA 16x16x16 products accumulate C[i][j] = sum_c W[row0 + i, c]
+// x[m0 + j, c] in fp32. The warps' C are summed through shared memory at the end and written with
+// the bias.
 //
-// MinBlocks = 2 holds the kernel to 64 registers (ptxas: 12 bytes spilled) so that two 16-warp
-// blocks fit an SM: 256 row tiles (a 4096-row W) then run in one wave on an H100 / H200. With 1
-// (87 registers from nvcc 13.0; 75 with no minimum given, as first written) one block fits an SM
-// and that W takes two waves (0.74x of dense on an H200).
+// MinBlocks = 2 caps the registers so that two 16-warp blocks fit an SM: 256 row tiles (a 4096-row
+// W) then run in one wave on an H100 / H200. With 1 one block fits an SM and that W takes two
+// waves (0.74x of dense on an H200 with the kernel before the groups).
+constexpr int kGroup = 4;                    // column tiles a warp stages together
+constexpr int kValueCap = kBmRows * kBmCols;  // values the warp's buffer holds
+constexpr int kStageBatch = 4;               // value loads per lane in flight
+
 template <typename T, int MinBlocks>
 __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
     bitmap_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint32_t* __restrict__ bitmap,
@@ -110,98 +117,128 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
   const int r = lane >> 1, h = lane & 1;
   const bool row_inside = row0 + r < n;
   const T zero = Num<T>::from_acc(0.0f);
+  T* const a_mine = buf.a + r * kLd + 32 * h;  // the lane's 32 entries of the expanded tile
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
   wmma::fill_fragment(acc, 0.0f);
 
-  int64_t kt = warp;
-  uint32_t word = 0;
-  int32_t o0 = 0, o1 = 0;
-  if (kt < kt_count) {
-    const int64_t t = rt * kt_count + kt;
-    word = bitmap[t * kBmWords + lane];
-    o0 = offsets[t];
-    o1 = offsets[t + 1];
-  }
-  for (; kt < kt_count; kt += nwarps) {
-    const int64_t t = rt * kt_count + kt;
-    const int64_t c0 = kt * kBmCols + 32 * h;  // this lane's first column
-    uint32_t nword = 0;
-    int32_t no0 = 0, no1 = 0;
-    if (kt + nwarps < kt_count) {
-      const int64_t tn = t + nwarps;
-      nword = bitmap[tn * kBmWords + lane];
-      no0 = offsets[tn];
-      no1 = offsets[tn + 1];
-    }
-    // x[m0 + r, c0 .. c0 + 31] into registers (the lane's row of the B buffer)
-    XP xr[4];
-    if (r < mv && c0 < k) {
-      const T* xp = x + (m0 + r) * k + c0;
-      if (x_vec && c0 + 32 <= k) {
+  for (int64_t kt0 = warp; kt0 < kt_count;) {
+    uint32_t words[kGroup];
+    int32_t o0s[kGroup], o1s[kGroup];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) xr[q] = reinterpret_cast<const XP*>(xp)[q];
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
+      words[j] = 0;
+      o0s[j] = 0;
+      o1s[j] = 0;
+      if (kt < kt_count) {
+        const int64_t t = rt * kt_count + kt;
+        words[j] = bitmap[t * kBmWords + lane];
+        o0s[j] = offsets[t];
+        o1s[j] = offsets[t + 1];
+      }
+    }
+    // which tiles join (warp-uniform) and each one's place in buf.v; a bad tile joins with no values
+    // (reported once, here) and is multiplied as zero
+    int bases[kGroup];
+    unsigned good = 0;  // bit j: tile j's values are staged
+    int count = 0, used = 0;
+    bool open = true;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
+      const int total = (open && kt < kt_count) ? detail::warp_sum(__popc(words[j])) : 0;  // uniform condition
+      open = open && kt < kt_count && used + total <= kValueCap;
+      bases[j] = used;
+      if (open) {
+        ++count;
+        if (tile_ok(rt * kt_count + kt, o0s[j], o1s[j], total, nnz, rec, lane)) {
+          good |= 1u << j;
+          used += total;
+        }
+      }
+    }
+    // stage the group's values: element i of buf.v comes from the last good tile whose base <= i
+    // (offsets are int32 and a good tile lies inside [0, nnz], so int32 indices suffice)
+    for (int i0 = 0; i0 < used; i0 += 32 * kStageBatch) {
+      T vr[kStageBatch];
+#pragma unroll
+      for (int u = 0; u < kStageBatch; ++u) {
+        const int i = i0 + 32 * u + lane;
+        int src = 0;
+#pragma unroll
+        for (int j = 0; j < kGroup; ++j) {
+          if (((good >> j) & 1u) && i >= bases[j]) src = o0s[j] + (i - bases[j]);
+        }
+        vr[u] = i < used ? values[src] : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < kStageBatch; ++u) {
+        const int i = i0 + 32 * u + lane;
+        if (i < used) buf.v[i] = vr[u];
+      }
+    }
+    __syncwarp();
+    // the tiles in turn, each taking the front of words / bases / good, which then shift down (a
+    // run-time index would put the arrays in local memory)
+    for (int j = 0; j < count; ++j) {  // warp-uniform
+      const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
+      const int64_t c0 = kt * kBmCols + 32 * h;  // this lane's first column
+      // x[m0 + r, c0 .. c0 + 31] into the lane's row of the B buffer (0 past m and k), and the lane's
+      // 32 entries of the W tile cleared
+      XP zp;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) zp.v[e] = zero;
+      T* const b_mine = buf.b + r * kLd + 32 * h;
+      const bool x_row = r < mv && c0 < k;
+      const T* xp = x_row ? x + (m0 + r) * k + c0 : x;
+      if (x_row && x_vec && c0 + 32 <= k) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) reinterpret_cast<XP*>(b_mine)[q] = reinterpret_cast<const XP*>(xp)[q];
       } else {
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
+        for (int q = 0; q < 4; ++q) {
+          XP v = zp;
+          if (x_row) {
 #pragma unroll
-          for (int e = 0; e < 8; ++e) xr[q].v[e] = (c0 + 8 * q + e < k) ? xp[8 * q + e] : zero;
-      }
-    } else {
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) xr[q].v[e] = zero;
-    }
-    int pre, total;
-    tile_scan(word, lane, pre, total);
-    const bool ok = tile_ok(t, o0, o1, total, nnz, rec, lane);
-    if (ok) {  // the tile's values, 4 coalesced loads in flight per lane per round
-      for (int base = 0; base < total; base += 128) {
-        T vr[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = base + 32 * u + lane;
-          vr[u] = i < total ? values[static_cast<int64_t>(o0) + i] : zero;
-        }
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int i = base + 32 * u + lane;
-          if (i < total) buf.v[i] = vr[u];
+            for (int e = 0; e < 8; ++e) v.v[e] = (c0 + 8 * q + e < k) ? xp[8 * q + e] : zero;
+          }
+          reinterpret_cast<XP*>(b_mine)[q] = v;
         }
       }
-    }
 #pragma unroll
-    for (int q = 0; q < 4; ++q) *reinterpret_cast<XP*>(&buf.b[r * kLd + 32 * h + 8 * q]) = xr[q];
-    __syncwarp();
-    // expand the lane's 32 entries; a set bit outside the matrix takes its value slot but stays 0
-    const uint32_t keep = ok ? inside_bits(c0, k, row_inside) : 0u;
-    int p = pre;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      XP a;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int j = 8 * q + e;
-        const bool set = (word >> j) & 1u;
-        a.v[e] = (set && ((keep >> j) & 1u)) ? buf.v[p] : zero;
-        p += set ? 1 : 0;
+      for (int q = 0; q < 4; ++q) reinterpret_cast<XP*>(a_mine)[q] = zp;
+      // the lane's set bits; one outside the matrix takes its value slot but stays 0
+      const bool ok = good & 1u;
+      int pre = 0, total = 0;
+      tile_scan(words[0], lane, pre, total);
+      const uint32_t keep = ok ? inside_bits(c0, k, row_inside) : 0u;
+      uint32_t bits = ok ? words[0] : 0u;
+      int p = bases[0] + pre;
+      while (bits != 0u) {
+        const int b = __ffs(static_cast<int>(bits)) - 1;
+        if ((keep >> b) & 1u) a_mine[b] = buf.v[p];
+        ++p;
+        bits &= bits - 1u;
       }
-      *reinterpret_cast<XP*>(&buf.a[r * kLd + 32 * h + 8 * q]) = a;
-    }
-    __syncwarp();
+      __syncwarp();
 #pragma unroll
-    for (int kk = 0; kk < kBmCols / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-      wmma::load_matrix_sync(fa, buf.a + 16 * kk, kLd);
-      wmma::load_matrix_sync(fb, buf.b + 16 * kk, kLd);
-      wmma::mma_sync(acc, fa, fb, acc);
+      for (int kk = 0; kk < kBmCols / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fa, buf.a + 16 * kk, kLd);
+        wmma::load_matrix_sync(fb, buf.b + 16 * kk, kLd);
+        wmma::mma_sync(acc, fa, fb, acc);
+      }
+      __syncwarp();  // the buffers are rewritten by the next tile (or group)
+#pragma unroll
+      for (int q = 0; q + 1 < kGroup; ++q) {
+        words[q] = words[q + 1];
+        bases[q] = bases[q + 1];
+      }
+      good >>= 1;
     }
-    __syncwarp();  // the buffers are rewritten by the next tile
-    word = nword;
-    o0 = no0;
-    o1 = no1;
+    kt0 += static_cast<int64_t>(count) * nwarps;
   }
   // sum the warps' C (each stored in its own, now idle, buffer) and write out[m0 + j, row0 + i]
   float* cw = reinterpret_cast<float*>(&buf);

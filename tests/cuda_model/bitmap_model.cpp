@@ -145,6 +145,7 @@ int main() {
   if (check::quick()) {  // each path once: one and several tiles per warp, chunks of x rows
     product_case<__nv_bfloat16>("bf16", 1, 300, 40, 0.1, true, g);
     product_case<__half>("fp16", 17, 1100, 20, 0.3, false, g);
+    product_case<__half>("fp16", 2, 5000, 20, 0.6, true, g);
     bad_tile_cases(g);
     densify_case(40, 300, 0, 40, g);
     return check::finish();
@@ -153,6 +154,12 @@ int main() {
     product_case<__nv_bfloat16>("bf16", s[0], s[1], s[2], 0.1, true, g);
     product_case<__half>("fp16", s[0], s[1], s[2], 0.3, false, g);
   }
+  // a warp's column tiles in groups: k = 4100 and 5000 give warps 4 or 5 tiles (two groups); the
+  // densities cut groups short where the values overflow the warp's buffer (0.3: three tiles a
+  // group, 0.6 and 1.0: one). bf16 stays at low densities: its 8-bit significand cannot hold the
+  // exact sums of the dense rows, which this check compares to
+  for (double density : {0.1, 0.3, 0.6, 1.0}) product_case<__half>("fp16", 16, 4100, 17, density, false, g);
+  for (double density : {0.1, 0.3}) product_case<__nv_bfloat16>("bf16", 2, 5000, 20, density, true, g);
   product_case<__nv_bfloat16>("bf16", 4, 200, 40, 0.0, true, g);
   product_case<__half>("fp16", 4, 128, 32, 1.0, true, g);
   bad_tile_cases(g);
