@@ -10,14 +10,16 @@
 #      and the host cost of entropy collection per activation (benchmarks/bench_collector_host.py),
 #   6. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
 #      with a torch.compile column),
-#   7. runs memcheck over the CUDA op tests (one process) with the time that is left,
+#   7. profiles the kernels behind the unmet rows with Nsight Compute (benchmarks/profile_kernels.py),
+#   8. runs memcheck over the CUDA op tests (one process) with the time that is left,
 # and prints a summary. Logs (packed) and the JSON records go to $OUT (default /tmp/pyengine_gpu);
 # the exit status is non-zero when any step failed. Each step has its own time limit so the whole
 # call fits in about 480 s (about 300 s when nothing fails).
 #   SKIP_BUILD=1       use the installed build
 #   DRY_RUN=1          on a machine without a GPU: run what can run (CPU crash cases, script syntax)
 #   BENCH_ONLY=a,b     pass --only a,b to the benchmark (entropy,sparse,masked,sliced,train)
-#   SKIP_SAN_TESTS=1   leave out step 7 (memcheck over the test files, the longest step: ~150 s)
+#   SKIP_PROFILE=1     leave out step 7 (PROFILE_ONLY=sparse,entropy,sliced picks its families)
+#   SKIP_SAN_TESTS=1   leave out step 8 (memcheck over the test files, the longest step: ~150 s)
 # POT (the authors' sliced-Wasserstein library, the LaCoOT baseline) is not on the device image: a
 # wheel in .whl/ is installed into /tmp/site first. Fetch it where pip works (Python 3.12 there):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -92,7 +94,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   step "bad-input cases on CPU, crash-isolated" 300 "$L/crash.log" $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
   step "valid + bad inputs in one process (sanitizer script) on CPU" 120 "$L/sanitizer.log" $PY tests/bad_input_cases.py --device cpu --good
   step "benchmark scripts compile" 60 "$L/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py \
-    benchmarks/bench_collector_host.py
+    benchmarks/bench_collector_host.py benchmarks/profile_kernels.py
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
   exit $status
 fi
@@ -182,6 +184,20 @@ step "GPU benchmark (checks, then timings)" "$left" "$L/bench.log" \
   $PY benchmarks/bench_gpu.py --json "$OUT/bench_gpu.json" --budget-s $(( left * 2 / 3 )) "${only[@]}"
 sed -n '/^## issue 11 GPU table/,$p' "$L/bench.log"
 grep -E "^FAIL" "$L/bench.log" | head -n 20 || true
+
+# hardware counters of the kernels behind the unmet rows (ncu, cold caches, clocks left alone):
+# each kernel's own time without launch costs, and what bounds it
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+if [[ "${SKIP_PROFILE:-0}" != "1" ]]; then
+  step "ncu profile (sparse, entropy, sliced kernels)" ${PROFILE_LIMIT:-90} "$L/ncu.log" \
+    "$NCU" -f -o "$L/prof" --profile-from-start off --clock-control none --section SpeedOfLight \
+    --section LaunchStats --section Occupancy --section WarpStateStats \
+    $PY benchmarks/profile_kernels.py --only "${PROFILE_ONLY:-sparse,entropy,sliced}"
+  if [[ -f "$L/prof.ncu-rep" ]]; then
+    "$NCU" --import "$L/prof.ncu-rep" --csv --page raw >"$L/ncu_raw.csv" 2>>"$L/ncu.log" \
+      && $PY benchmarks/profile_kernels.py --summarize "$L/ncu_raw.csv" | tee "$OUT/ncu_summary.md"
+  fi
+fi
 
 # memcheck over the CUDA op tests themselves, last: it gets what is left of about 470 s. One process
 # (on 2026-11-27, 8 xdist workers under memcheck reported no test in 295 s); -v names each test as it
