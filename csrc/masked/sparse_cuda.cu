@@ -253,11 +253,18 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
   cudaError_t err;
   if (!use_smem) {  // one chunk (m <= MT): transposed copy in global memory
     auto kernel = sparse_skinny_kernel<T, IdxT, MT, false>;
-    auto* xt = static_cast<Pack<T, MT>*>(xt_scratch);
-    const int64_t tgrid = std::min<int64_t>(ceil_div(k, 256), static_cast<int64_t>(sm_count(dev)) * 8);
-    PYENGINE_LAUNCH(static_cast<unsigned>(tgrid), 256, 0, stream, transpose_x_kernel<T, MT>)(x, k, static_cast<int>(m), k, xt);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
+    const Pack<T, MT>* xt = nullptr;
+    if constexpr (MT == 1) {
+      // one row of x is its own transpose (Pack<T, 1> is laid out as T): read it in place
+      xt = reinterpret_cast<const Pack<T, 1>*>(x);
+    } else {
+      auto* xt_w = static_cast<Pack<T, MT>*>(xt_scratch);
+      const int64_t tgrid = std::min<int64_t>(ceil_div(k, 256), static_cast<int64_t>(sm_count(dev)) * 8);
+      PYENGINE_LAUNCH(static_cast<unsigned>(tgrid), 256, 0, stream, transpose_x_kernel<T, MT>)(x, k, static_cast<int>(m), k, xt_w);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      xt = xt_w;
+    }
     static std::atomic<int> occ_cache{0};  // asked once per kernel
     int occ = occ_cache.load(std::memory_order_relaxed);
     if (occ <= 0) {
@@ -324,12 +331,14 @@ cudaError_t skinny_t(const T* x, int64_t m, int64_t k, const int32_t* rowptr, co
   // shared-memory staging costs every block a copy of x: fine while it is small; otherwise the
   // transposed global copy (one chunk of <= 16 rows) is read through the caches instead
   const int64_t bytes = k * mt * static_cast<int64_t>(sizeof(T));
+  // (one row of x needs no transposed copy: the global variant reads it in place)
+  const bool have_xt = xt_scratch != nullptr || m == 1;
   bool use_smem = mode == 1 || (mode == 0 && bytes <= 48 * 1024);
-  if (m > 16 || xt_scratch == nullptr) use_smem = true;
+  if (m > 16 || !have_xt) use_smem = true;
   if (use_smem) {
     while (mt > 1 && k * mt * static_cast<int64_t>(sizeof(T)) > smem_cap) mt /= 2;
     if (k * mt * static_cast<int64_t>(sizeof(T)) > smem_cap) {
-      if (xt_scratch == nullptr || m > 16) return cudaErrorInvalidValue;  // the glue prevents this
+      if (!have_xt || m > 16) return cudaErrorInvalidValue;  // the glue prevents this
       use_smem = false;
       mt = skinny_mt(m);
     }
@@ -588,7 +597,7 @@ cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, 
   });
 }
 
-int64_t sparse_skinny_scratch_elems(int64_t m, int64_t k) { return m <= 16 ? k * skinny_mt(m) : 0; }
+int64_t sparse_skinny_scratch_elems(int64_t m, int64_t k) { return m > 1 && m <= 16 ? k * skinny_mt(m) : 0; }
 
 bool sparse_linear_spmm_supported(DType dt) { return dt == DType::kFloat32; }
 

@@ -118,16 +118,18 @@ void bad_index_cases(std::mt19937& g) {
   const auto x = check::small_ints(static_cast<size_t>(m * k), -1, 1, g);
   Csr c = csr_of(w, n, k);
   std::vector<float> out(static_cast<size_t>(m * n));
-  for (int mode : {1, 2}) {
-    Csr bad = c;
-    bad.col16[7] = 20000;
-    std::vector<float> scratch(static_cast<size_t>(sparse_skinny_scratch_elems(m, k)));
-    DeviceErrorRecord rec{};
-    sparse_linear_skinny(DType::kFloat32, x.data(), m, k, bad.rowptr.data(), bad.col16.data(), true, bad.values.data(),
-                         static_cast<int64_t>(bad.values.size()), nullptr, out.data(), n, n, scratch.data(), mode, &rec, nullptr);
-    expect(rec.code == kDevErrColidx && rec.position == 7 && rec.value == 20000 && rec.bound == k,
-           "skinny mode " + std::to_string(mode) + " reports colidx 20000 at position 7");
-  }
+  for (int mode : {1, 2})
+    for (int64_t mm : {m, int64_t(1)}) {  // m = 1 in mode 2: x read in place, no scratch
+      Csr bad = c;
+      bad.col16[7] = 20000;
+      std::vector<float> scratch(static_cast<size_t>(sparse_skinny_scratch_elems(mm, k)));
+      DeviceErrorRecord rec{};
+      sparse_linear_skinny(DType::kFloat32, x.data(), mm, k, bad.rowptr.data(), bad.col16.data(), true,
+                           bad.values.data(), static_cast<int64_t>(bad.values.size()), nullptr, out.data(), n, n,
+                           scratch.empty() ? nullptr : scratch.data(), mode, &rec, nullptr);
+      expect(rec.code == kDevErrColidx && rec.position == 7 && rec.value == 20000 && rec.bound == k,
+             "skinny mode " + std::to_string(mode) + " m=" + std::to_string(mm) + " reports colidx 20000 at position 7");
+    }
   {
     Csr bad = c;
     bad.rowptr[4] = bad.rowptr[3] - 1;
@@ -147,6 +149,7 @@ int main() {
   if (check::quick()) {  // every kernel and x-staging path once, small
     pack_case<float>("fp32", 10, 300, g);
     for (int mode : {1, 2}) skinny_case<__nv_bfloat16>("bf16", 3, 300, 20, mode, g);
+    skinny_case<__nv_bfloat16>("bf16", 1, 300, 20, 2, g);  // one row of x, read in place
     skinny_case<float>("fp32", 20, 100, 20, 1, g);  // more than 16 rows: chunks
     spmm_case(40, 64, 17, g);
     densify_case(20, 100, 0, 20, g);
