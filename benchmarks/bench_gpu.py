@@ -163,9 +163,9 @@ class Timer:
 
 
 def rotation_sets(nbytes: int) -> int:
-    """How many input sets of nbytes each make three L2 caches (at least 2)."""
+    """How many input sets of nbytes each make three L2 caches (at least 2, at most 64)."""
     l2 = getattr(torch.cuda.get_device_properties(DEV), "L2_cache_size", 50 << 20) if DEV.type == "cuda" else 4 << 20
-    return max(2, -(-3 * l2 // max(nbytes, 1)))
+    return max(2, min(64, -(-3 * l2 // max(nbytes, 1))))
 
 
 def steps_time(step, n=20, warmup=3):
@@ -401,11 +401,21 @@ def case_sparse_rotated(timer, g, n, k):
                     row(name, t_dense, "FAIL", f"<= {t_dense / 2.5:.4f}", note="check failed: not timed")
                     continue
                 t = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps])
+                extra = ""
+                if f == "csr":  # x read through the caches instead of staged per block (M=1: in place)
+                    os.environ["PYENGINE_SPARSE_SKINNY"] = "global"
+                    try:
+                        with Poison():
+                            same = rel(ops.sparse_linear(x, ps[-1]), ref64) <= 2 * low + 1e-3
+                        if check(f"sparse_linear csr bf16 M={m} mode=global (rotation)", same, "vs float64"):
+                            extra = f"; global mode {timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps]):.4f}"
+                    finally:
+                        os.environ["PYENGINE_SPARSE_SKINNY"] = "auto"
                 row(name, t_dense, t, f"<= {t_dense / 2.5:.4f}", None,
                     f"{len(ps)} weights of {fmt_bytes[f] / 2**20:.1f} MiB against {len(dense_w)} dense of "
                     f"{fmt_bytes['dense'] / 2**20:.1f} MiB; speedup {t_dense / t:.2f}x; dense at "
                     f"{fmt_bytes['dense'] / t_dense / 1e9:.2f} TB/s, {f} at {fmt_bytes[f] / t / 1e9:.2f} TB/s; "
-                    f"one-element kernel {t_floor:.4f}")
+                    f"one-element kernel {t_floor:.4f}{extra}")
 
 
 def case_masked(timer, args):
