@@ -357,6 +357,14 @@ def case_sparse(timer, args):
     case_sparse_rotated(timer, g, n, k)
 
 
+# the other builds / modes of each sparse kernel, timed beside the default: label -> (variable, value)
+VARIANTS = {
+    "csr": {"global mode": ("PYENGINE_SPARSE_SKINNY", "global")},  # x through the caches (M=1: in place)
+    "bitmap": {"2 row tiles per block": ("PYENGINE_BITMAP_ROW_TILES", "2"),
+               "1 block/SM": ("PYENGINE_BITMAP_BLOCKS_PER_SM", "1")},
+}
+
+
 def case_sparse_rotated(timer, g, n, k):
     """The same products, each call on its own weight of a rotation three L2 caches large, one graph
     launch for the whole rotation (Timer.time_rotating): cold inputs without a flush's dirty lines,
@@ -402,15 +410,21 @@ def case_sparse_rotated(timer, g, n, k):
                     continue
                 t = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps])
                 extra = ""
-                if f == "csr":  # x read through the caches instead of staged per block (M=1: in place)
-                    os.environ["PYENGINE_SPARSE_SKINNY"] = "global"
+                for label, (var, val) in VARIANTS[f].items():  # other builds / modes, same rotation
+                    old = os.environ.get(var)
+                    os.environ[var] = val
                     try:
                         with Poison():
                             same = rel(ops.sparse_linear(x, ps[-1]), ref64) <= 2 * low + 1e-3
-                        if check(f"sparse_linear csr bf16 M={m} mode=global (rotation)", same, "vs float64"):
-                            extra = f"; global mode {timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps]):.4f}"
+                            ops.check_device_errors(x.device)
+                        if check(f"sparse_linear {f} bf16 M={m} {label} (rotation)", same, "vs float64"):
+                            tv = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps])
+                            extra += f"; {label} {tv:.4f} ({t_dense / tv:.2f}x)"
                     finally:
-                        os.environ["PYENGINE_SPARSE_SKINNY"] = "auto"
+                        if old is None:
+                            os.environ.pop(var, None)
+                        else:
+                            os.environ[var] = old
                 row(name, t_dense, t, f"<= {t_dense / 2.5:.4f}", None,
                     f"{len(ps)} weights of {fmt_bytes[f] / 2**20:.1f} MiB against {len(dense_w)} dense of "
                     f"{fmt_bytes['dense'] / 2**20:.1f} MiB; speedup {t_dense / t:.2f}x; dense at "

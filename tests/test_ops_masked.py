@@ -372,22 +372,24 @@ def test_pack_bitmap_and_sparse_linear(device, poison, dtype, m, k, n, density):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels in this build")
-@pytest.mark.parametrize("blocks", ["1", "2"])
-def test_bitmap_tensor_core_kernel_both_register_budgets(monkeypatch, blocks):
-    # PYENGINE_BITMAP_BLOCKS_PER_SM picks the kernel built for one or two blocks per SM (87 / 64
-    # registers); both against float64, with a row-tile count above one wave of 16-warp blocks
-    monkeypatch.setenv("PYENGINE_BITMAP_BLOCKS_PER_SM", blocks)
+@pytest.mark.parametrize("build", [("PYENGINE_BITMAP_BLOCKS_PER_SM", "1"), ("PYENGINE_BITMAP_BLOCKS_PER_SM", "2"),
+                                   ("PYENGINE_BITMAP_ROW_TILES", "2")])
+def test_bitmap_tensor_core_kernel_every_build(monkeypatch, build):
+    # the kernel built for one or two blocks per SM, and the one with two row tiles per block, each
+    # against float64: a row-tile count above one wave of 16-warp blocks and odd (the last block of
+    # the two-row-tile build has one), k with 1 and with 5 column tiles per warp (two groups)
+    monkeypatch.setenv(*build)
     g = torch.Generator().manual_seed(11)
-    n, k = 16 * 300, 1000
-    w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < 0.1)
-    for m in (1, 16, 40):
-        x = torch.randn(m, k, generator=g, dtype=torch.float64)
-        for dtype in (torch.bfloat16, torch.float16):
-            wd, xd = w.to("cuda", dtype), x.to("cuda", dtype)
-            with torch.no_grad():
-                y = sparse_linear(xd, pack_sparse(wd, format="bitmap"))
-                low = F.linear(xd, wd)
-            _check_close(y.cpu(), low.cpu(), F.linear(x, w), dtype)
+    for n, k in ((16 * 301, 1000), (16 * 41 - 5, 5000)):
+        w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < 0.1)
+        for m in (1, 16, 40):
+            x = torch.randn(m, k, generator=g, dtype=torch.float64)
+            for dtype in (torch.bfloat16, torch.float16):
+                wd, xd = w.to("cuda", dtype), x.to("cuda", dtype)
+                with torch.no_grad():
+                    y = sparse_linear(xd, pack_sparse(wd, format="bitmap"))
+                    low = F.linear(xd, wd)
+                _check_close(y.cpu(), low.cpu(), F.linear(x, w), dtype)
     pyengine.ops.check_device_errors(torch.device("cuda"))
 
 

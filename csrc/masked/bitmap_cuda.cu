@@ -28,13 +28,14 @@ namespace {
 constexpr int kLd = kBmCols + 8;  // row pitch (elements) of the staged W tile and x slice
 constexpr int kMaxWarps = 16;     // warps per block of the product kernel
 
-// One warp's shared memory in the product kernel. Offsets 0, 2304 and 4608 bytes and the size
-// (6656 bytes) are multiples of 32 bytes, as WMMA loads and stores need.
-template <typename T>
+// One warp's shared memory in the product kernel, for R row tiles that share each x slice. Offsets
+// (multiples of 2304 bytes) and the size (6656 bytes for R = 1, 11008 for R = 2) are multiples of 32
+// bytes, as WMMA loads and stores need.
+template <typename T, int R>
 struct WarpBuf {
-  T a[kBmRows * kLd];       // the expanded W tile, row-major: a[r * kLd + c] = W[row0 + r, k0 + c]
-  T b[kBmRows * kLd];       // the x slice: b[i * kLd + c] = x[m0 + i, k0 + c] (0 past m or k)
-  T v[kBmRows * kBmCols];   // the tile's stored values, staged by coalesced loads
+  T a[R][kBmRows * kLd];      // the expanded W tiles, row-major: a[rr][r * kLd + c] = W[row, k0 + c]
+  T b[kBmRows * kLd];         // the x slice: b[i * kLd + c] = x[m0 + i, k0 + c] (0 past m or k)
+  T v[R * kBmRows * kBmCols];  // the group's stored values, staged by coalesced loads
 };
 
 // Lane's share of one tile: its word (row lane / 2, columns 32 (lane % 2) ...), the exclusive prefix
@@ -77,25 +78,27 @@ __device__ __forceinline__ uint32_t inside_bits(int64_t c0, int64_t k, bool row_
 #endif
 
 // ============================================================================ product
-// Block = one row tile (16 rows of W) and 16 rows of x (grid.y); warp w takes column tiles w,
-// w + nwarps, ... in groups of up to kGroup. For a group, every tile's bitmap word and offsets are
-// requested at once; the tiles whose values fit the warp's value buffer together (the first always
-// does: a tile holds at most 16 x 64 values) are checked and their values staged with one round of
+// Block = R row tiles (16 R rows of W) and 16 rows of x (grid.y); warp w takes column tiles w,
+// w + nwarps, ... in groups of up to kGroup, each column tile for all R row tiles at once (one load
+// of the x slice serves R tiles). For a group, every tile's bitmap word and offsets are requested at
+// once; the column tiles whose values fit the warp's value buffer together (the first always does:
+// R tiles hold at most R x 16 x 64 values) are checked and their values staged with one round of
 // coalesced loads, so a warp waits for memory about twice per group instead of twice per tile.
-// Then per tile: the x slice is stored in shared memory, the lane's 32 entries of the W tile are
-// zeroed and its set bits alone are written (a loop over set bits: about 3 at 90% sparsity instead
-// of 32 selects), and 4 WMMA 16x16x16 products accumulate C[i][j] = sum_c W[row0 + i, c]
-// x[m0 + j, c] in fp32. The warps' C are summed through shared memory at the end and written with
-// the bias.
+// Then per column tile: the x slice is stored in shared memory, the lane's 32 entries of each W
+// tile are zeroed and its set bits alone are written (a loop over set bits: about 3 at 90% sparsity
+// instead of 32 selects), and 4 WMMA 16x16x16 products per row tile accumulate
+// C[rr][i][j] = sum_c W[row0 + 16 rr + i, c] x[m0 + j, c] in fp32. The warps' C are summed through
+// shared memory at the end and written with the bias.
 //
-// MinBlocks = 2 caps the registers so that two 16-warp blocks fit an SM: 256 row tiles (a 4096-row
-// W) then run in one wave on an H100 / H200. With 1 one block fits an SM and that W takes two
-// waves (0.74x of dense on an H200 with the kernel before the groups).
+// R = 1, MinBlocks = 2 (the default) caps the registers so that two 16-warp blocks fit an SM: 256
+// row tiles (a 4096-row W) then run in one wave on an H100 / H200. MinBlocks = 1 fits one block per
+// SM (two waves for that W: 0.74x of dense on an H200 with the kernel before the groups). R = 2 (one
+// block per SM, 128 blocks for that W) halves the reads of x, which at 16 rows of x are 2 KB per
+// W tile of about 0.3 KB: 32 MB from L2 for that W at R = 1.
 constexpr int kGroup = 4;                    // column tiles a warp stages together
-constexpr int kValueCap = kBmRows * kBmCols;  // values the warp's buffer holds
 constexpr int kStageBatch = 4;               // value loads per lane in flight
 
-template <typename T, int MinBlocks>
+template <typename T, int MinBlocks, int R>
 __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
     bitmap_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint32_t* __restrict__ bitmap,
                       const int32_t* __restrict__ offsets, const T* __restrict__ values, int64_t nnz,
@@ -106,55 +109,64 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
 #else
   namespace wmma = nvcuda::wmma;
   using XP = Pack<T, 8>;
+  constexpr int kValueCap = R * kBmRows * kBmCols;  // values the warp's buffer holds
   PYENGINE_DYNAMIC_SMEM(smem_raw, 128);
   const int warp = static_cast<int>(threadIdx.x >> 5), lane = static_cast<int>(threadIdx.x & 31);
   const int nwarps = static_cast<int>(blockDim.x >> 5);
-  WarpBuf<T>& buf = reinterpret_cast<WarpBuf<T>*>(smem_raw)[warp];
-  const int64_t rt = blockIdx.x;
-  const int64_t row0 = rt * kBmRows;
+  WarpBuf<T, R>& buf = reinterpret_cast<WarpBuf<T, R>*>(smem_raw)[warp];
+  const int64_t rt0 = static_cast<int64_t>(blockIdx.x) * R;  // the block's first row tile
+  const int64_t nt = (n + kBmRows - 1) / kBmRows;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 16;
   const int mv = static_cast<int>(m - m0 < 16 ? m - m0 : 16);
   const int r = lane >> 1, h = lane & 1;
-  const bool row_inside = row0 + r < n;
   const T zero = Num<T>::from_acc(0.0f);
-  T* const a_mine = buf.a + r * kLd + 32 * h;  // the lane's 32 entries of the expanded tile
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-  wmma::fill_fragment(acc, 0.0f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[R];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) wmma::fill_fragment(acc[rr], 0.0f);
 
   for (int64_t kt0 = warp; kt0 < kt_count;) {
-    uint32_t words[kGroup];
-    int32_t o0s[kGroup], o1s[kGroup];
+    uint32_t words[kGroup][R];
+    int32_t o0s[kGroup][R], o1s[kGroup][R];
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
-      words[j] = 0;
-      o0s[j] = 0;
-      o1s[j] = 0;
-      if (kt < kt_count) {
-        const int64_t t = rt * kt_count + kt;
-        words[j] = bitmap[t * kBmWords + lane];
-        o0s[j] = offsets[t];
-        o1s[j] = offsets[t + 1];
+    for (int j = 0; j < kGroup; ++j)
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
+        words[j][rr] = 0;
+        o0s[j][rr] = 0;
+        o1s[j][rr] = 0;
+        if (kt < kt_count && rt0 + rr < nt) {
+          const int64_t t = (rt0 + rr) * kt_count + kt;
+          words[j][rr] = bitmap[t * kBmWords + lane];
+          o0s[j][rr] = offsets[t];
+          o1s[j][rr] = offsets[t + 1];
+        }
       }
-    }
-    // which tiles join (warp-uniform) and each one's place in buf.v; a bad tile joins with no values
-    // (reported once, here) and is multiplied as zero
-    int bases[kGroup];
-    unsigned good = 0;  // bit j: tile j's values are staged
+    // which column tiles join (warp-uniform) and each tile's place in buf.v; a bad tile joins with no
+    // values (reported once, here) and is multiplied as zero; a row tile past n has no bits
+    int bases[kGroup][R];
+    unsigned good = 0;  // bit j R + rr: tile (j, rr)'s values are staged
     int count = 0, used = 0;
     bool open = true;
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
       const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
-      const int total = (open && kt < kt_count) ? detail::warp_sum(__popc(words[j])) : 0;  // uniform condition
-      open = open && kt < kt_count && used + total <= kValueCap;
-      bases[j] = used;
-      if (open) {
-        ++count;
-        if (tile_ok(rt * kt_count + kt, o0s[j], o1s[j], total, nnz, rec, lane)) {
-          good |= 1u << j;
-          used += total;
+      int totals[R], need = 0;
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        totals[rr] = (open && kt < kt_count) ? detail::warp_sum(__popc(words[j][rr])) : 0;  // uniform
+        need += totals[rr];
+      }
+      open = open && kt < kt_count && used + need <= kValueCap;
+      if (open) ++count;
+#pragma unroll
+      for (int rr = 0; rr < R; ++rr) {
+        bases[j][rr] = used;
+        if (open && rt0 + rr < nt &&
+            tile_ok((rt0 + rr) * kt_count + kt, o0s[j][rr], o1s[j][rr], totals[rr], nnz, rec, lane)) {
+          good |= 1u << (j * R + rr);
+          used += totals[rr];
         }
       }
     }
@@ -167,9 +179,11 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
         const int i = i0 + 32 * u + lane;
         int src = 0;
 #pragma unroll
-        for (int j = 0; j < kGroup; ++j) {
-          if (((good >> j) & 1u) && i >= bases[j]) src = o0s[j] + (i - bases[j]);
-        }
+        for (int j = 0; j < kGroup; ++j)
+#pragma unroll
+          for (int rr = 0; rr < R; ++rr) {
+            if (((good >> (j * R + rr)) & 1u) && i >= bases[j][rr]) src = o0s[j][rr] + (i - bases[j][rr]);
+          }
         vr[u] = i < used ? values[src] : zero;
       }
 #pragma unroll
@@ -179,13 +193,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
       }
     }
     __syncwarp();
-    // the tiles in turn, each taking the front of words / bases / good, which then shift down (a
-    // run-time index would put the arrays in local memory)
+    // the column tiles in turn, each taking the front of words / bases / good, which then shift
+    // down (a run-time index would put the arrays in local memory)
     for (int j = 0; j < count; ++j) {  // warp-uniform
       const int64_t kt = kt0 + static_cast<int64_t>(j) * nwarps;
       const int64_t c0 = kt * kBmCols + 32 * h;  // this lane's first column
-      // x[m0 + r, c0 .. c0 + 31] into the lane's row of the B buffer (0 past m and k), and the lane's
-      // 32 entries of the W tile cleared
+      // x[m0 + r, c0 .. c0 + 31] into the lane's row of the B buffer (0 past m and k)
       XP zp;
 #pragma unroll
       for (int e = 0; e < 8; ++e) zp.v[e] = zero;
@@ -207,51 +220,64 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
         }
       }
 #pragma unroll
-      for (int q = 0; q < 4; ++q) reinterpret_cast<XP*>(a_mine)[q] = zp;
-      // the lane's set bits; one outside the matrix takes its value slot but stays 0
-      const bool ok = good & 1u;
-      int pre = 0, total = 0;
-      tile_scan(words[0], lane, pre, total);
-      const uint32_t keep = ok ? inside_bits(c0, k, row_inside) : 0u;
-      uint32_t bits = ok ? words[0] : 0u;
-      int p = bases[0] + pre;
-      while (bits != 0u) {
-        const int b = __ffs(static_cast<int>(bits)) - 1;
-        if ((keep >> b) & 1u) a_mine[b] = buf.v[p];
-        ++p;
-        bits &= bits - 1u;
+      for (int rr = 0; rr < R; ++rr) {
+        // the lane's 32 entries of row tile rr cleared, then its set bits written; a set bit outside
+        // the matrix takes its value slot but stays 0
+        T* const a_mine = buf.a[rr] + r * kLd + 32 * h;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) reinterpret_cast<XP*>(a_mine)[q] = zp;
+        const bool ok = (good >> rr) & 1u;
+        int pre = 0, total = 0;
+        tile_scan(words[0][rr], lane, pre, total);
+        const uint32_t keep = ok ? inside_bits(c0, k, (rt0 + rr) * kBmRows + r < n) : 0u;
+        uint32_t bits = ok ? words[0][rr] : 0u;
+        int p = bases[0][rr] + pre;
+        while (bits != 0u) {
+          const int b = __ffs(static_cast<int>(bits)) - 1;
+          if ((keep >> b) & 1u) a_mine[b] = buf.v[p];
+          ++p;
+          bits &= bits - 1u;
+        }
       }
       __syncwarp();
 #pragma unroll
       for (int kk = 0; kk < kBmCols / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fa, buf.a + 16 * kk, kLd);
         wmma::load_matrix_sync(fb, buf.b + 16 * kk, kLd);
-        wmma::mma_sync(acc, fa, fb, acc);
-      }
-      __syncwarp();  // the buffers are rewritten by the next tile (or group)
 #pragma unroll
-      for (int q = 0; q + 1 < kGroup; ++q) {
-        words[q] = words[q + 1];
-        bases[q] = bases[q + 1];
+        for (int rr = 0; rr < R; ++rr) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, buf.a[rr] + 16 * kk, kLd);
+          wmma::mma_sync(acc[rr], fa, fb, acc[rr]);
+        }
       }
-      good >>= 1;
+      __syncwarp();  // the buffers are rewritten by the next column tile (or group)
+#pragma unroll
+      for (int q = 0; q + 1 < kGroup; ++q)
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) {
+          words[q][rr] = words[q + 1][rr];
+          bases[q][rr] = bases[q + 1][rr];
+        }
+      good >>= R;
     }
     kt0 += static_cast<int64_t>(count) * nwarps;
   }
-  // sum the warps' C (each stored in its own, now idle, buffer) and write out[m0 + j, row0 + i]
+  // sum the warps' C (each stored in its own, now idle, buffer) and write out[m0 + j, row]
   float* cw = reinterpret_cast<float*>(&buf);
-  wmma::store_matrix_sync(cw, acc, 16, wmma::mem_row_major);  // cw[i * 16 + j] = C[i][j]
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr)  // cw[rr * 256 + i * 16 + j] = C[rr][i][j]
+    wmma::store_matrix_sync(cw + rr * 256, acc[rr], 16, wmma::mem_row_major);
   __syncthreads();
-  for (int e = static_cast<int>(threadIdx.x); e < 256; e += static_cast<int>(blockDim.x)) {
-    const int j = e >> 4, i = e & 15;  // consecutive threads write consecutive output columns
-    if (j < mv && row0 + i < n) {
+  for (int e = static_cast<int>(threadIdx.x); e < R * 256; e += static_cast<int>(blockDim.x)) {
+    const int rr = e >> 8, j = (e >> 4) & 15, i = e & 15;  // consecutive threads: consecutive columns
+    const int64_t row = (rt0 + rr) * kBmRows + i;
+    if (j < mv && row < n) {
       float s = 0.0f;
       for (int w = 0; w < nwarps; ++w)
-        s += reinterpret_cast<const float*>(smem_raw + static_cast<size_t>(w) * sizeof(WarpBuf<T>))[i * 16 + j];
-      if (bias != nullptr) s += Num<T>::to_acc(bias[row0 + i]);
-      out[(m0 + j) * ldo + row0 + i] = Num<T>::from_acc(s);
+        s += reinterpret_cast<const float*>(smem_raw + static_cast<size_t>(w) * sizeof(WarpBuf<T, R>))[(rr << 8) + i * 16 + j];
+      if (bias != nullptr) s += Num<T>::to_acc(bias[row]);
+      out[(m0 + j) * ldo + row] = Num<T>::from_acc(s);
     }
   }
 #endif
@@ -297,25 +323,26 @@ __global__ void __launch_bounds__(kDensifyThreads)
 // ============================================================================ launchers
 namespace {
 
-template <typename T, int MinBlocks>
+template <typename T, int MinBlocks, int R>
 cudaError_t bitmap_mma_launch(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
                               const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
                               DeviceErrorRecord* rec, cudaStream_t stream) {
+  using Buf = WarpBuf<T, R>;
   const int dev = current_device();
   const int64_t nt = ceil_div(n, kBmRows), kt = ceil_div(k, kBmCols);
   // as many warps as there are column tiles, up to 16 and to what the device's shared memory holds
-  const int64_t fit = std::max<int64_t>(1, detail::max_smem_optin(dev) / static_cast<int64_t>(sizeof(WarpBuf<T>)));
+  const int64_t fit = std::max<int64_t>(1, detail::max_smem_optin(dev) / static_cast<int64_t>(sizeof(Buf)));
   const int max_warps = static_cast<int>(std::min<int64_t>(kMaxWarps, fit));
   const int warps = static_cast<int>(std::min<int64_t>(max_warps, kt));
-  const size_t smem = static_cast<size_t>(warps) * sizeof(WarpBuf<T>);
-  auto kernel = bitmap_mma_kernel<T, MinBlocks>;
+  const size_t smem = static_cast<size_t>(warps) * sizeof(Buf);
+  auto kernel = bitmap_mma_kernel<T, MinBlocks, R>;
   // the opt-in limit is set once per device for the largest block (the attribute belongs to the
   // kernel in each device's context)
   static std::atomic<uint64_t> opted{0};
   const uint64_t bit = (dev >= 0 && dev < 64) ? (uint64_t(1) << dev) : 0;
   if (smem > 48 * 1024 && (bit == 0 || (opted.load(std::memory_order_relaxed) & bit) == 0)) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(static_cast<size_t>(max_warps) * sizeof(WarpBuf<T>)));
+                                           static_cast<int>(static_cast<size_t>(max_warps) * sizeof(Buf)));
     if (err != cudaSuccess) return err;
     opted.fetch_or(bit, std::memory_order_relaxed);
   }
@@ -323,7 +350,7 @@ cudaError_t bitmap_mma_launch(const T* x, int64_t m, int64_t k, const int32_t* b
   constexpr int64_t kMaxGridY = 65535;
   for (int64_t mb = 0; mb < m; mb += kMaxGridY * 16) {
     const int64_t rows = std::min<int64_t>(m - mb, kMaxGridY * 16);
-    const dim3 grid(static_cast<unsigned>(nt), static_cast<unsigned>(ceil_div(rows, 16)));
+    const dim3 grid(static_cast<unsigned>(ceil_div(nt, R)), static_cast<unsigned>(ceil_div(rows, 16)));
     PYENGINE_LAUNCH(grid, warps * 32, smem, stream, kernel)(x + mb * k, rows, k, reinterpret_cast<const uint32_t*>(bitmap),
                                                offsets, values, nnz, bias, out + mb * ldo, ldo, n, kt, x_vec, rec);
     const cudaError_t err = cudaGetLastError();
@@ -332,16 +359,24 @@ cudaError_t bitmap_mma_launch(const T* x, int64_t m, int64_t k, const int32_t* b
   return cudaSuccess;
 }
 
-// PYENGINE_BITMAP_BLOCKS_PER_SM = 2 (default) | 1: which register budget the product kernel has
-// (see bitmap_mma_kernel; 1 is kept for comparison in benchmarks/bench_gpu.py). Read per call.
+// Which build of the product kernel runs, read per call (bench_gpu.py times the three side by side):
+//   PYENGINE_BITMAP_ROW_TILES = 1 (default) | 2: row tiles per block sharing each x slice (2: one
+//     block per SM);
+//   PYENGINE_BITMAP_BLOCKS_PER_SM = 2 (default) | 1: the register budget of the one-row-tile build.
+inline bool env_is(const char* name, char c) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == c && v[1] == '\0';
+}
+
 template <typename T>
 cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
                          const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
                          DeviceErrorRecord* rec, cudaStream_t stream) {
-  const char* v = std::getenv("PYENGINE_BITMAP_BLOCKS_PER_SM");
-  if (v != nullptr && v[0] == '1' && v[1] == '\0')
-    return bitmap_mma_launch<T, 1>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
-  return bitmap_mma_launch<T, 2>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
+  if (env_is("PYENGINE_BITMAP_ROW_TILES", '2'))
+    return bitmap_mma_launch<T, 1, 2>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
+  if (env_is("PYENGINE_BITMAP_BLOCKS_PER_SM", '1'))
+    return bitmap_mma_launch<T, 1, 1>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
+  return bitmap_mma_launch<T, 2, 1>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
 }
 
 template <int Bytes>

@@ -7,6 +7,8 @@
 
 #include "masked/bitmap_cuda.cu"
 
+#include <cstdlib>
+
 
 using namespace pyengine::cuda;
 
@@ -147,6 +149,10 @@ int main() {
     product_case<__half>("fp16", 17, 1100, 20, 0.3, false, g);
     product_case<__half>("fp16", 2, 5000, 20, 0.6, true, g);
     bad_tile_cases(g);
+    setenv("PYENGINE_BITMAP_ROW_TILES", "2", 1);  // two row tiles per block sharing each x slice
+    product_case<__nv_bfloat16>("bf16 2 row tiles", 17, 1100, 40, 0.1, true, g);
+    bad_tile_cases(g);
+    unsetenv("PYENGINE_BITMAP_ROW_TILES");
     densify_case(40, 300, 0, 40, g);
     return check::finish();
   }
@@ -163,6 +169,14 @@ int main() {
   product_case<__nv_bfloat16>("bf16", 4, 200, 40, 0.0, true, g);
   product_case<__half>("fp16", 4, 128, 32, 1.0, true, g);
   bad_tile_cases(g);
+  // the build with two row tiles per block: an odd number of row tiles (the last block has one),
+  // rows past n inside a tile, groups cut short, several chunks of x rows, corrupt tiles
+  setenv("PYENGINE_BITMAP_ROW_TILES", "2", 1);
+  for (const auto& s : shapes) product_case<__nv_bfloat16>("bf16 2 row tiles", s[0], s[1], s[2], 0.1, true, g);
+  for (double density : {0.1, 0.3, 0.6, 1.0}) product_case<__half>("fp16 2 row tiles", 16, 4100, 40, density, false, g);
+  product_case<__half>("fp16 2 row tiles", 1, 5000, 33, 0.3, true, g);
+  bad_tile_cases(g);
+  unsetenv("PYENGINE_BITMAP_ROW_TILES");
   densify_case(40, 300, 0, 40, g);
   densify_case(100, 130, 32, 48, g);
   densify_case(50, 70, 48, 16, g);
