@@ -129,37 +129,11 @@ class Timer:
         lines that the next reads must first write back) and with one graph launch shared by
         len(fns) calls (METHOD.md: rotate among input sets; capture many small launches in a graph).
         """
-        if DRY:
-            reps, warmup = 2, 1
-        if DEV.type == "cuda":
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for fn in fns:
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for fn in fns:
-                    fn()
-            call = g.replay
-        else:
-            def call():
-                for fn in fns:
-                    fn()
-        for _ in range(warmup):
-            call()
-        sync()
-        ts = []
-        for _ in range(reps):
-            self._busy(busy_ms)
-            a, b = Event(), Event()
-            a.record()
-            call()
-            b.record()
-            ts.append((a, b))
-        sync()
-        return statistics.median(x.elapsed_time(y) for x, y in ts) / len(fns)
+        def in_turn():
+            for fn in fns:
+                fn()
+
+        return self.time(in_turn, reps=reps, warmup=warmup, graph=True, busy_ms=busy_ms) / len(fns)
 
 
 def rotation_sets(nbytes: int) -> int:
