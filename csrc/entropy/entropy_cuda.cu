@@ -419,7 +419,20 @@ __global__ void __launch_bounds__(kEntThreads)
   }
 }
 
+__global__ void __launch_bounds__(kEntThreads) zero_counts_kernel(int64_t* __restrict__ counts, int64_t n,
+                                                                  int64_t* __restrict__ nan_count) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kEntThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kEntThreads + threadIdx.x; i < n; i += stride) counts[i] = 0;
+  if (blockIdx.x == 0 && threadIdx.x == 0) *nan_count = 0;
+}
+
 }  // namespace
+
+cudaError_t zero_counts(int64_t* counts, int64_t n, int64_t* nan_count, cudaStream_t stream) {
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kEntThreads), kEntropyMaxBlocks));
+  PYENGINE_LAUNCH(static_cast<unsigned>(nb), kEntThreads, 0, stream, zero_counts_kernel)(counts, n, nan_count);
+  return cudaGetLastError();
+}
 
 cudaError_t entropy_counts_rows(DType dt, const void* x, void* y, int64_t rows, int64_t row_len,
                                 int64_t channel_div, bool inclusive, int64_t* counts,

@@ -82,8 +82,10 @@ std::tuple<at::Tensor, at::Tensor> entropy_counts_cuda(const at::Tensor& x, int6
   const int64_t cd = check_count_input(op, x, channel_dim, per_position);
   c10::cuda::CUDAGuard guard(x.device());
   const auto lopts = x.options().dtype(at::kLong);
-  at::Tensor counts = at::zeros(counts_shape(x, cd, per_position), lopts);
-  at::Tensor nan_count = at::zeros({}, lopts);
+  at::Tensor counts = at::empty(counts_shape(x, cd, per_position), lopts);
+  at::Tensor nan_count = at::empty({}, lopts);
+  C10_CUDA_CHECK(pc::zero_counts(counts.data_ptr<int64_t>(), counts.numel(), nan_count.data_ptr<int64_t>(),
+                                 pc::current_stream()));
   count_into_cuda(x, cd, per_position, inclusive, counts, nan_count, at::Tensor());
   return {counts, nan_count};
 }

@@ -12,6 +12,10 @@
 namespace pyengine {
 namespace cuda {
 
+// counts[0 .. n) = 0 and *nan_count = 0 in one launch (the fresh outputs of entropy_counts: one
+// kernel where two zero fills were).
+cudaError_t zero_counts(int64_t* counts, int64_t n, int64_t* nan_count, cudaStream_t stream);
+
 // x viewed as `rows` rows of `row_len` contiguous elements. Column c belongs to neuron
 // c / channel_div. Adds, per neuron, the number of its elements that are ON (x > 0, or x >= 0
 // when inclusive; NaN never) into counts[neuron] (int64) and the number of NaNs into *nan_count.

@@ -156,9 +156,20 @@ void entropy_case(int64_t numel, int64_t n_samples, double eps, std::mt19937& g)
 
 }  // namespace
 
+// zero_counts: every count and the NaN count set to 0 (they start as garbage), nothing past n touched
+void zero_case(int64_t n) {
+  std::vector<int64_t> counts(static_cast<size_t>(n + 1), -7);
+  int64_t nan_count = 99;
+  if (zero_counts(counts.data(), n, &nan_count, nullptr) != cudaSuccess) model::fail("zero_counts returned an error");
+  bool ok = nan_count == 0 && counts[static_cast<size_t>(n)] == -7;
+  for (int64_t i = 0; i < n; ++i) ok = ok && counts[static_cast<size_t>(i)] == 0;
+  expect(ok, "zero_counts n=" + std::to_string(n));
+}
+
 int main() {
   std::mt19937 g(5);
   if (check::quick()) {  // each kernel and path once, small
+    zero_case(1000);
     counts_case<float>("fp32", 2, 64 * 16, 16, false, true, g);
     counts_case<__nv_bfloat16>("bf16", 3, 5 * 21, 21, true, false, g);
     counts_case<__half>("fp16", 3, 8 * 40, 20, false, false, g);
@@ -193,6 +204,7 @@ int main() {
   for (int i = 0; i < 70; ++i) many.push_back({DType::kFloat32, 1 + i % 5, 16 * (1 + i % 3), 4, 0});
   many_case(many, false, g);
   many_case({}, false, g);
+  for (int64_t n : {0, 1, 1000}) zero_case(n);
   entropy_case(1000, 64, 1e-10, g);
   entropy_case(3, 10, 0.0, g);
   entropy_case(5000, 1000, 1e-8, g);  // 20 blocks of partial sums
