@@ -91,6 +91,18 @@ void product_case(const char* tname, int64_t m, int64_t k, int64_t n, double den
                 y[bad], ref[bad]);
 }
 
+// Random shapes and densities (fp16: its 11-bit significand holds these exact sums).
+void fuzz_cases(const char* tname, std::mt19937& g) {
+  std::uniform_int_distribution<int64_t> dm(1, 20), dk(1, 5000), dn(1, 80);
+  const double densities[] = {0.02, 0.1, 0.3, 0.7, 1.0};
+  std::uniform_int_distribution<int> dd(0, 4), db(0, 1);
+  for (int i = 0; i < 8; ++i) {
+    const int64_t m = dm(g), k = dk(g), n = dn(g);
+    const double density = densities[dd(g)];
+    product_case<__half>(tname, m, k, n, density, db(g) == 1, g);
+  }
+}
+
 // A corrupt tile is reported (with the tile and the values the CPU check would print) and its
 // values are never read; every other tile still counts.
 void bad_tile_cases(std::mt19937& g) {
@@ -166,6 +178,7 @@ int main() {
   // exact sums of the dense rows, which this check compares to
   for (double density : {0.1, 0.3, 0.6, 1.0}) product_case<__half>("fp16", 16, 4100, 17, density, false, g);
   for (double density : {0.1, 0.3}) product_case<__nv_bfloat16>("bf16", 2, 5000, 20, density, true, g);
+  fuzz_cases("fp16", g);
   product_case<__nv_bfloat16>("bf16", 4, 200, 40, 0.0, true, g);
   product_case<__half>("fp16", 4, 128, 32, 1.0, true, g);
   bad_tile_cases(g);
@@ -173,6 +186,7 @@ int main() {
   // rows past n inside a tile, groups cut short, several chunks of x rows, corrupt tiles
   setenv("PYENGINE_BITMAP_ROW_TILES", "2", 1);
   for (const auto& s : shapes) product_case<__nv_bfloat16>("bf16 2 row tiles", s[0], s[1], s[2], 0.1, true, g);
+  fuzz_cases("fp16 2 row tiles", g);
   for (double density : {0.1, 0.3, 0.6, 1.0}) product_case<__half>("fp16 2 row tiles", 16, 4100, 40, density, false, g);
   product_case<__half>("fp16 2 row tiles", 1, 5000, 33, 0.3, true, g);
   bad_tile_cases(g);
