@@ -19,10 +19,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "common/device.cuh"
+#include "common/env.h"
 #include "entropy/entropy_kernels.h"
 
 namespace pyengine {
@@ -294,10 +294,7 @@ bool vector_loads(const void* x, const void* y, int64_t row_len) {
 
 // PYENGINE_ENTROPY_RAW_BITS = 1 (default) | 0: whether fp16 / bf16 vectors are counted on raw
 // bits or value by value (0 is kept for comparison in benchmarks/bench_gpu.py). Read per call.
-bool raw_bits_enabled() {
-  const char* v = std::getenv("PYENGINE_ENTROPY_RAW_BITS");
-  return !(v != nullptr && v[0] == '0' && v[1] == '\0');
-}
+bool raw_bits_enabled() { return !env_equals("PYENGINE_ENTROPY_RAW_BITS", "0"); }
 
 template <typename T>
 cudaError_t entropy_rows_t(const T* x, T* y, int64_t rows, int64_t row_len, int64_t channel_div,

@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 
 #include "common/device.cuh"
+#include "common/env.h"
 #include "masked/bitmap_kernels.h"
 
 namespace pyengine {
@@ -363,18 +363,13 @@ cudaError_t bitmap_mma_launch(const T* x, int64_t m, int64_t k, const int32_t* b
 //   PYENGINE_BITMAP_ROW_TILES = 1 (default) | 2: row tiles per block sharing each x slice (2: one
 //     block per SM);
 //   PYENGINE_BITMAP_BLOCKS_PER_SM = 2 (default) | 1: the register budget of the one-row-tile build.
-inline bool env_is(const char* name, char c) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] == c && v[1] == '\0';
-}
-
 template <typename T>
 cudaError_t bitmap_mma_t(const T* x, int64_t m, int64_t k, const int32_t* bitmap, const int32_t* offsets,
                          const T* values, int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n,
                          DeviceErrorRecord* rec, cudaStream_t stream) {
-  if (env_is("PYENGINE_BITMAP_ROW_TILES", '2'))
+  if (env_equals("PYENGINE_BITMAP_ROW_TILES", "2"))
     return bitmap_mma_launch<T, 1, 2>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
-  if (env_is("PYENGINE_BITMAP_BLOCKS_PER_SM", '1'))
+  if (env_equals("PYENGINE_BITMAP_BLOCKS_PER_SM", "1"))
     return bitmap_mma_launch<T, 1, 1>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
   return bitmap_mma_launch<T, 2, 1>(x, m, k, bitmap, offsets, values, nnz, bias, out, ldo, n, rec, stream);
 }

@@ -6,11 +6,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 
 #include "common/cuda_glue.h"
+#include "common/env.h"
 #include "masked/masked_args.h"
 #include "masked/sparse_kernels.h"
 #include "masked/tiled_linear.h"
@@ -54,10 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_sparse_cuda(const at::Tensor
 
 // PYENGINE_SPARSE_SKINNY = smem | global | auto (default): how the small-batch kernel reads x.
 int skinny_mode() {
-  const char* v = std::getenv("PYENGINE_SPARSE_SKINNY");
-  if (v == nullptr) return 0;
-  if (std::strcmp(v, "smem") == 0) return 1;
-  if (std::strcmp(v, "global") == 0) return 2;
+  if (env_equals("PYENGINE_SPARSE_SKINNY", "smem")) return 1;
+  if (env_equals("PYENGINE_SPARSE_SKINNY", "global")) return 2;
   return 0;
 }
 
