@@ -16,6 +16,7 @@ way issue 11 times the dense baseline. Training steps are timed back to back (th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -164,6 +165,25 @@ def rel(a, b):
     return float((a - b).norm() / d) if d > 0 else float((a - b).norm())
 
 
+@contextlib.contextmanager
+def env_set(var, value):
+    """The kernel variant that environment variable `var` = value selects, for the block's calls."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+def sparse_weight(n, k, g):
+    """A random (n, k) bf16 weight with 90% zeros."""
+    return (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+
+
 class Poison:
     """NaN-fill every fresh allocation while checking, so an unwritten output element fails."""
 
@@ -260,13 +280,10 @@ def case_entropy(timer, args, copy_bw):
         t_fused = timer.time(lambda: torch.ops.pyengine.relu_count(x, c, nan, 1, False, False))
         note = f"floor {floor:.3f}; add_ {t_add:.4f}; relu {t_relu:.4f} vs relu_count {t_fused:.4f}"
         if dt == torch.bfloat16:  # the raw-bit count of 16-bit vectors against the value-by-value one
-            os.environ["PYENGINE_ENTROPY_RAW_BITS"] = "0"
-            try:
+            with env_set("PYENGINE_ENTROPY_RAW_BITS", "0"):
                 same = torch.equal(ops.entropy_counts(x, 1, check_nan=False), ops.entropy_counts_reference(x, 1))
                 check(f"{name} value by value (PYENGINE_ENTROPY_RAW_BITS=0)", same, "exact")
                 t_values = timer.time(lambda: ops.entropy_counts(x, 1, check_nan=False))
-            finally:
-                os.environ.pop("PYENGINE_ENTROPY_RAW_BITS", None)
             note += f"; value by value {t_values:.4f}"
         row(name, t_ref, t_ours, goal, compiled_time(timer, ref, args), note)
         del x
@@ -275,7 +292,7 @@ def case_entropy(timer, args, copy_bw):
 def case_sparse(timer, args):
     g = torch.Generator(device=DEV).manual_seed(1)
     n = k = sz(4096)
-    w = (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+    w = sparse_weight(n, k, g)
     p = ops.pack_sparse(w)
     pb = ops.pack_sparse(w, format="bitmap")
     print(f"  sparse formats: dense {w.nbytes / 2**20:.1f} MiB, csr {p.nbytes() / 2**20:.1f} MiB, "
@@ -320,11 +337,8 @@ def case_sparse(timer, args):
             fn = lambda: ops.sparse_linear(x, pb)  # noqa: E731
             b_warm, b_cold = timer.time(fn), timer.time(fn, cold=True, graph=True)
             # the kernel with its register budget for one block per SM (two waves for 256 row tiles)
-            os.environ["PYENGINE_BITMAP_BLOCKS_PER_SM"] = "1"
-            try:
+            with env_set("PYENGINE_BITMAP_BLOCKS_PER_SM", "1"):
                 one_warm, one_cold = timer.time(fn), timer.time(fn, cold=True, graph=True)
-            finally:
-                os.environ.pop("PYENGINE_BITMAP_BLOCKS_PER_SM", None)
         row(name, d_cold, b_cold, f"<= {d_cold / 2.5:.4f}", None,
             f"warm {b_warm:.4f} (dense warm {d_warm:.4f}); speedup {d_cold / b_cold:.2f}x; "
             f"1 block/SM: {one_warm:.4f} warm / {one_cold:.4f} cold-graph")
@@ -345,14 +359,14 @@ def case_sparse_rotated(timer, g, n, k):
     and launch costs shared - the dense baseline timed exactly like the sparse kernels."""
     fmt_bytes = {}
     dense_w, packs = [], {"csr": [], "bitmap": []}
-    w = (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+    w = sparse_weight(n, k, g)
     fmt_bytes["dense"] = w.nbytes
     fmt_bytes["csr"] = ops.pack_sparse(w).nbytes()
     fmt_bytes["bitmap"] = ops.pack_sparse(w, format="bitmap").nbytes()
     want = {f: rotation_sets(b) for f, b in fmt_bytes.items()}
     for i in range(max(want.values())):
         if i:
-            w = (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+            w = sparse_weight(n, k, g)
         if i < want["dense"]:
             dense_w.append(w)
         for f in packs:
@@ -385,20 +399,13 @@ def case_sparse_rotated(timer, g, n, k):
                 t = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps])
                 extra = ""
                 for label, (var, val) in VARIANTS[f].items():  # other builds / modes, same rotation
-                    old = os.environ.get(var)
-                    os.environ[var] = val
-                    try:
+                    with env_set(var, val):
                         with Poison():
                             same = rel(ops.sparse_linear(x, ps[-1]), ref64) <= 2 * low + 1e-3
                             ops.check_device_errors(x.device)
                         if check(f"sparse_linear {f} bf16 M={m} {label} (rotation)", same, "vs float64"):
                             tv = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in ps])
                             extra += f"; {label} {tv:.4f} ({t_dense / tv:.2f}x)"
-                    finally:
-                        if old is None:
-                            os.environ.pop(var, None)
-                        else:
-                            os.environ[var] = old
                 row(name, t_dense, t, f"<= {t_dense / 2.5:.4f}", None,
                     f"{len(ps)} weights of {fmt_bytes[f] / 2**20:.1f} MiB against {len(dense_w)} dense of "
                     f"{fmt_bytes['dense'] / 2**20:.1f} MiB; speedup {t_dense / t:.2f}x; dense at "
