@@ -155,7 +155,6 @@ def entropy_counts_add_many_(
         # an op without an autograd formula or outputs: tensors that require grad need no detach
         torch.ops.pyengine.entropy_counts_add_many_(counts, nan_count, xs, channel_dims, per_position, inclusive)
         return
-    xs = [x.detach() for x in xs]
     if len(counts) != len(xs) or len(channel_dims) != len(xs):
         raise ValueError(f"counts has {len(counts)} tensors and channel_dims {len(channel_dims)} entries for "
                          f"{len(xs)} tensors in xs; they must match")
