@@ -536,9 +536,14 @@ def case_sliced(timer, args):
             torch.backends.cuda.matmul.allow_tf32 = True
             try:
                 with torch.no_grad():
-                    e32 = rel(ops.sliced_wasserstein(x, y, th), ops.sliced_wasserstein_reference(x.double(), y.double(), th.double()))
+                    d32 = ops.sliced_wasserstein(x, y, th)
+                    r64 = ops.sliced_wasserstein_reference(x.double(), y.double(), th.double())
+                    e32 = rel(d32, r64)
+                    # the documented a-priori bound (ops.projection_error_bound), as a fraction of it
+                    frac = float(((d32.double() - r64).abs() / ops.projection_error_bound(x, y, th)).max())
+                check(f"{name} TF32 error within the bound", frac <= 1.0, f"{frac:.2e} of the bound")
                 note = (f"TF32 projections: pytorch {timer.time(ref, reps=15):.4f}, pyengine {timer.time(ours, reps=15):.4f}, "
-                        f"dist error vs float64 {e32:.1e}")
+                        f"dist error vs float64 {e32:.1e} ({frac:.1e} of the a-priori bound)")
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = False
         row(name, t_ref, t_ours, goal, compiled_time(timer, ref, args) if not bwd else None, note)

@@ -480,3 +480,88 @@ def test_grouped_zero_direction_block_gives_zero_not_nan(device):
         assert torch.isfinite(d).all() and float(d[1].detach()) == 0.0
         d.sum().backward()
         assert all(torch.isfinite(t.grad).all() for t in xs + ys)
+
+
+# ------------------------------------------------ reduced-precision projections: the documented bound
+
+def _round_mantissa(t: torch.Tensor, bits: int, nearest: bool) -> torch.Tensor:
+    """float32 values rounded to ``bits`` explicit mantissa bits (TF32: 10), by truncation or to
+    nearest - what a tensor core does to a GEMM operand - returned as float64."""
+    drop = 23 - bits
+    i = t.float().contiguous().view(torch.int32)
+    if nearest:
+        i = i + (1 << (drop - 1))
+    return (i & ~((1 << drop) - 1)).view(torch.float32).double()
+
+
+def _parallel_points(d=1024, n=16):
+    """The bound's worst case: one direction with every coordinate just under a TF32 step above a
+    power of two (truncation loses almost u of each), points that are multiples of it (Cauchy-Schwarz
+    is an equality) and y = 0 (its projections are exact)."""
+    step = 1.0 + 2.0**-10 - 2.0**-20
+    theta = torch.full((1, d), step * 2.0**-5, dtype=torch.float32)
+    x = (torch.full((n, d), step, dtype=torch.float32) * 2.0 ** torch.zeros(n, 1)).unsqueeze(0)
+    return x, torch.zeros_like(x), theta
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_projection_error_bound_holds_and_is_tight(reduce, p):
+    from pyengine.ops import projection_error_bound
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 50, 300, generator=g) * torch.rand(3, 50, 1, generator=g) * 4
+    y = torch.randn(3, 50, 300, generator=g) + 0.7
+    theta = random_directions(20, 300, generator=g)
+    exact = sliced_wasserstein_reference(x.double(), y.double(), theta.double(), p, reduce)
+    bound = projection_error_bound(x, y, theta)
+    assert bound.shape == (3,) and bound.dtype == torch.float64
+    for nearest in (False, True):
+        for bits in (10, 7):  # TF32, bfloat16
+            r = lambda t: _round_mantissa(t, bits, nearest)  # noqa: E731
+            got = sliced_wasserstein_reference(r(x), r(y), r(theta), p, reduce)
+            err = (got - exact).abs()
+            assert (err <= projection_error_bound(x, y, theta, mantissa_bits=bits)).all(), (bits, nearest, err)
+            assert (err > 0).all()  # the rounding did change the result: the check is not vacuous
+    # the worst case comes within 4% of the bound (the rest is the float32 summation term, not
+    # emulated here), so a smaller bound would fail here
+    x, y, theta = _parallel_points()
+    exact = sliced_wasserstein_reference(x.double(), y.double(), theta.double(), p, reduce)
+    got = sliced_wasserstein_reference(_round_mantissa(x, 10, False), y.double(), _round_mantissa(theta, 10, False), p, reduce)
+    bound = projection_error_bound(x, y, theta)
+    assert 0.96 * bound <= (got - exact).abs() <= bound
+    with pytest.raises(ValueError, match="mantissa_bits"):
+        projection_error_bound(x, y, theta, mantissa_bits=0)
+    with pytest.raises(ValueError, match="directions"):
+        projection_error_bound(x, y, theta[:, :5])
+
+
+def test_float32_projections_by_default_tf32_within_the_bound(device):
+    # by default the projections are float32: the worst case of TF32 truncation is far from reached;
+    # with TF32 allowed (CUDA) the op stays within the bound on it and on random data
+    from pyengine.ops import projection_error_bound
+
+    x, y, theta = (t.to(device) for t in _parallel_points())
+    g = torch.Generator().manual_seed(3)
+    xr = torch.randn(2, 4096, 512, generator=g).to(device)
+    yr = (torch.randn(2, 4096, 512, generator=g) * 1.3).to(device)
+    tr = random_directions(64, 512, generator=g).to(device)
+    cases = [(x, y, theta), (xr, yr, tr)]
+
+    def errors():
+        out = []
+        for a, b, t in cases:
+            exact = sliced_wasserstein_reference(a.double(), b.double(), t.double())
+            out.append(((sliced_wasserstein(a, b, t) - exact).abs(), projection_error_bound(a, b, t)))
+        return out
+
+    for err, bound in errors():
+        assert (err <= 0.02 * bound).all(), (err, bound)
+    if device.type == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            for err, bound in errors():
+                assert (err <= bound * (1 + 1e-5)).all(), (err, bound)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before

@@ -28,6 +28,7 @@ from pyengine.ops.masked import (
 )
 from pyengine.ops.sliced import (
     grouped_directions,
+    projection_error_bound,
     random_directions,
     sliced_wasserstein,
     sliced_wasserstein_grouped,
@@ -55,6 +56,7 @@ __all__ = [
     "masked_linear",
     "masked_linear_reference",
     "pack_sparse",
+    "projection_error_bound",
     "random_directions",
     "relu_count",
     "samples_per_neuron",
