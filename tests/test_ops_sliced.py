@@ -556,7 +556,7 @@ def test_float32_projections_by_default_tf32_within_the_bound(device):
         return out
 
     for err, bound in errors():
-        assert (err <= 0.02 * bound).all(), (err, bound)
+        assert (err <= 0.1 * bound).all(), (err, bound)  # TF32 truncation would reach 0.97 of it
     if device.type == "cuda":
         before = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = True
