@@ -377,15 +377,20 @@ def test_pack_bitmap_and_sparse_linear(device, poison, dtype, m, k, n, density):
 def test_bitmap_tensor_core_kernel_every_build(monkeypatch, build):
     # the kernel built for one or two blocks per SM, and the one with two row tiles per block, each
     # against float64: a row-tile count above one wave of 16-warp blocks and odd (the last block of
-    # the two-row-tile build has one), k with 1 and with 5 column tiles per warp (two groups)
+    # the two-row-tile build has one), k with 1 and with 5 column tiles per warp (two groups); x
+    # read element by element where k is not a multiple of 8 (k = 1001) or x starts off a 16-byte
+    # boundary (a view one element into its storage)
     monkeypatch.setenv(*build)
     g = torch.Generator().manual_seed(11)
-    for n, k in ((16 * 301, 1000), (16 * 41 - 5, 5000)):
+    for n, k in ((16 * 301, 1000), (16 * 41 - 5, 5000), (16 * 9 + 3, 1001)):
         w = torch.randn(n, k, generator=g, dtype=torch.float64) * (torch.rand(n, k, generator=g) < 0.1)
         for m in (1, 16, 40):
             x = torch.randn(m, k, generator=g, dtype=torch.float64)
-            for dtype in (torch.bfloat16, torch.float16):
+            for dtype, shifted in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
                 wd, xd = w.to("cuda", dtype), x.to("cuda", dtype)
+                if shifted:
+                    xd = torch.cat([xd.new_zeros(1), xd.flatten()])[1:].view(m, k)
+                    assert xd.is_contiguous() and xd.data_ptr() % 16 != 0
                 with torch.no_grad():
                     y = sparse_linear(xd, pack_sparse(wd, format="bitmap"))
                     low = F.linear(xd, wd)

@@ -105,7 +105,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
                       const T* __restrict__ bias, T* __restrict__ out, int64_t ldo, int64_t n, int64_t kt_count,
                       bool x_vec, DeviceErrorRecord* rec) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  // WMMA on these element types needs compute capability 8.0; the host never launches this here.
+  // WMMA on these element types needs compute capability 8.0: the host launches this only on such
+  // a device and only from an image compiled for one (bitmap_mma_launch checks its ptxVersion).
 #else
   namespace wmma = nvcuda::wmma;
   using XP = Pack<T, 8>;
@@ -336,15 +337,23 @@ cudaError_t bitmap_mma_launch(const T* x, int64_t m, int64_t k, const int32_t* b
   const int warps = static_cast<int>(std::min<int64_t>(max_warps, kt));
   const size_t smem = static_cast<size_t>(warps) * sizeof(Buf);
   auto kernel = bitmap_mma_kernel<T, MinBlocks, R>;
-  // the opt-in limit is set once per device for the largest block (the attribute belongs to the
-  // kernel in each device's context)
-  static std::atomic<uint64_t> opted{0};
+  // Once per device (the attributes belong to the kernel in each device's context): the image the
+  // device runs must hold WMMA code - one JIT-compiled from PTX older than compute capability 8.0
+  // (a build for "7.5+PTX" on a newer card) has an empty body and would leave the output unwritten,
+  // so it is refused - and the opt-in shared-memory limit is raised for the largest block.
+  static std::atomic<uint64_t> ready{0};
   const uint64_t bit = (dev >= 0 && dev < 64) ? (uint64_t(1) << dev) : 0;
-  if (smem > 48 * 1024 && (bit == 0 || (opted.load(std::memory_order_relaxed) & bit) == 0)) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(static_cast<size_t>(max_warps) * sizeof(Buf)));
+  if (bit == 0 || (ready.load(std::memory_order_relaxed) & bit) == 0) {
+    cudaFuncAttributes attr{};
+    cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
     if (err != cudaSuccess) return err;
-    opted.fetch_or(bit, std::memory_order_relaxed);
+    if (attr.ptxVersion < 80) return cudaErrorInvalidDeviceFunction;
+    const size_t largest = static_cast<size_t>(max_warps) * sizeof(Buf);
+    if (largest > 48 * 1024) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(largest));
+      if (err != cudaSuccess) return err;
+    }
+    ready.fetch_or(bit, std::memory_order_relaxed);
   }
   const bool x_vec = aligned_to(x, 16) && k % 8 == 0;
   constexpr int64_t kMaxGridY = 65535;

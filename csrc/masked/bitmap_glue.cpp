@@ -43,10 +43,15 @@ at::Tensor sparse_linear_bitmap_cuda(const at::Tensor& x_, const at::Tensor& bit
   const cudaStream_t stream = pc::current_stream();
   pc::DeviceErrorRecord* rec = pc::device_error_record(x.get_device());
   if (m <= kMmaMaxRows && pc::bitmap_mma_supported(dt, x.get_device())) {
-    C10_CUDA_CHECK(pc::sparse_linear_bitmap_mma(dt, x.data_ptr(), m, k, bitmap.data_ptr<int32_t>(),
-                                                offsets.data_ptr<int32_t>(), values.data_ptr(), nnz,
-                                                b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), n, n, rec,
-                                                stream));
+    const cudaError_t err = pc::sparse_linear_bitmap_mma(dt, x.data_ptr(), m, k, bitmap.data_ptr<int32_t>(),
+                                                         offsets.data_ptr<int32_t>(), values.data_ptr(), nnz,
+                                                         b.defined() ? b.data_ptr() : nullptr, out.data_ptr(), n, n,
+                                                         rec, stream);
+    TORCH_CHECK(err != cudaErrorInvalidDeviceFunction, "pyengine.", op.name,
+                ": this build holds no tensor-core code this GPU can run (the kernel's image is older than compute "
+                "capability 8.0, e.g. JIT-compiled from PTX); rebuild with TORCH_CUDA_ARCH_LIST naming this GPU's "
+                "capability");
+    C10_CUDA_CHECK(err);
     return out;
   }
   const std::optional<at::Tensor> bias_c = hb ? std::optional<at::Tensor>(b) : std::nullopt;

@@ -149,8 +149,29 @@ void densify_case(int64_t n, int64_t k, int64_t row0, int64_t nrows, std::mt1993
 
 }  // namespace
 
+// An image older than compute capability 8.0 (PTX JIT-compiled for a newer card) has an empty
+// product kernel: the launcher refuses it, launching nothing, before its first launch on a device.
+void old_image_case(std::mt19937& g) {
+  const int64_t m = 2, k = 64, n = 16;
+  const Tiles t = pack(sparse_matrix(n, k, 0.5, g), n, k);
+  const std::vector<__half> x(static_cast<size_t>(m * k), from_float<__half>(1.0f));
+  std::vector<__half> out(static_cast<size_t>(m * n), from_float<__half>(-7.0f));
+  const auto v = convert<__half>(t.values);
+  DeviceErrorRecord rec{};
+  model::ptx_version = 75;
+  const cudaError_t err = sparse_linear_bitmap_mma(check::dtype_of<__half>(), x.data(), m, k, t.bitmap.data(),
+                                                   t.offsets.data(), v.data(), static_cast<int64_t>(v.size()), nullptr,
+                                                   out.data(), n, n, &rec, nullptr);
+  model::ptx_version = 90;
+  check::expect(err == cudaErrorInvalidDeviceFunction, "an image older than sm_80 is refused");
+  bool untouched = true;
+  for (__half v : out) untouched &= model::to_float_any(v) == -7.0f;
+  check::expect(untouched, "nothing launched for an image older than sm_80");
+}
+
 int main() {
   std::mt19937 g(7);
+  old_image_case(g);  // first: the launcher checks the image once per device
   // shapes: one column tile and a partial one; k not a multiple of 8 (element-wise x loads);
   // more column tiles than 16 warps (a warp takes several: the prefetch path); more than 16 and
   // than 64 rows of x (grid.y); partial row tiles; an empty matrix; a full one

@@ -142,6 +142,7 @@ Launch(dim3, dim3, size_t, F*) -> Launch<F>;
 inline int sm_count = 4;
 inline int smem_optin = 232448;  // an H100's opt-in limit per block
 inline int cc_major = 9;
+inline int ptx_version = 90;  // the PTX architecture of the image a kernel runs (cudaFuncGetAttributes)
 
 template <typename T>
 T exchange(T v, int src, bool keep_own) {
@@ -253,6 +254,11 @@ cudaError_t cudaFuncSetAttribute(const void* f, cudaFuncAttribute attr, int valu
   model::set_smem_limit(f, static_cast<size_t>(value));
   return cudaSuccess;
 }
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, const void*) {
+  *a = cudaFuncAttributes{};
+  a->ptxVersion = a->binaryVersion = model::ptx_version;
+  return cudaSuccess;
+}
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, const void*, int, size_t, unsigned) {
   *n = 2;
   return cudaSuccess;
@@ -264,6 +270,10 @@ cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 }
 
 // the C++ overloads cuda_runtime.h declares for nvcc only
+template <typename F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F* f) {
+  return cudaFuncGetAttributes(a, reinterpret_cast<const void*>(f));
+}
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F* f, cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), attr, value);
