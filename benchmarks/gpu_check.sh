@@ -186,16 +186,30 @@ sed -n '/^## issue 11 GPU table/,$p' "$L/bench.log"
 grep -E "^FAIL" "$L/bench.log" | head -n 20 || true
 
 # hardware counters of the kernels behind the unmet rows (ncu, cold caches, clocks left alone):
-# each kernel's own time without launch costs, and what bounds it
-NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-if [[ "${SKIP_PROFILE:-0}" != "1" ]]; then
-  step "ncu profile (sparse, entropy, sliced kernels)" ${PROFILE_LIMIT:-90} "$L/ncu.log" \
+# each kernel's own time without launch costs, and what bounds it. A profiler that is missing or
+# cannot read the counters (gVisor hosts: KINDS.md) is a WARN, not a failed check.
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -n 1)
+if [[ "${SKIP_PROFILE:-0}" != "1" && -z "$NCU" ]]; then
+  SUMMARY+=("SKIP  ncu profile (no ncu found)")
+elif [[ "${SKIP_PROFILE:-0}" != "1" ]]; then
+  plimit=${PROFILE_LIMIT:-90}
+  before=$status
+  # the script stops profiling new cases 25 s before the limit, so that ncu can write its report
+  step "ncu profile (sparse, entropy, sliced kernels)" "$plimit" "$L/ncu.log" \
     "$NCU" -f -o "$L/prof" --profile-from-start off --clock-control none --section SpeedOfLight \
     --section LaunchStats --section Occupancy --section WarpStateStats \
-    $PY benchmarks/profile_kernels.py --only "${PROFILE_ONLY:-sparse,entropy,sliced}"
+    $PY benchmarks/profile_kernels.py --only "${PROFILE_ONLY:-sparse,entropy,sliced}" \
+    --cases "$L/ncu_cases.json" --deadline-s $(( plimit > 45 ? plimit - 25 : plimit / 2 ))
+  if [[ $status -ne $before ]]; then
+    status=$before
+    SUMMARY[-1]="WARN ${SUMMARY[-1]#* }"
+  fi
   if [[ -f "$L/prof.ncu-rep" ]]; then
-    "$NCU" --import "$L/prof.ncu-rep" --csv --page raw >"$L/ncu_raw.csv" 2>>"$L/ncu.log" \
-      && $PY benchmarks/profile_kernels.py --summarize "$L/ncu_raw.csv" | tee "$OUT/ncu_summary.md"
+    timeout 60 "$NCU" --import "$L/prof.ncu-rep" --csv --page raw --print-units base >"$L/ncu_raw.csv" 2>>"$L/ncu.log" \
+      && $PY benchmarks/profile_kernels.py --summarize "$L/ncu_raw.csv" --cases "$L/ncu_cases.json" \
+        | tee "$OUT/ncu_summary.md"
+  else
+    echo "no ncu report was written (see logs/ncu.log)"
   fi
 fi
 

@@ -11,8 +11,12 @@ whether it is bound by memory, latency or issue).
     ncu -o prof --profile-from-start off --clock-control none --section SpeedOfLight \\
         --section LaunchStats --section Occupancy --section WarpStateStats \\
         python benchmarks/profile_kernels.py [--only sparse,entropy,sliced]
-    ncu --import prof.ncu-rep --csv --page raw > ncu.csv
+    ncu --import prof.ncu-rep --csv --page raw --print-units base > ncu.csv
     python benchmarks/profile_kernels.py --summarize ncu.csv
+
+Each case's launches follow one marker kernel (PyTorch's sleep kernel, a few cycles), so the
+summary labels every kernel with the case that launched it; the run writes the case names, in
+order, to --cases (gpu_check.sh passes the same file to --summarize).
 
 benchmarks/gpu_check.sh runs both. --dry runs the targets on the CPU with small shapes (a check of
 the script without a GPU); --summarize reads the CSV on any machine.
@@ -28,6 +32,21 @@ from collections import OrderedDict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def with_env(var, val, fn):
+    """fn() with the environment variable var set to val, restored after."""
+    import os
+
+    old = os.environ.get(var)
+    os.environ[var] = val
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[var]
+        else:
+            os.environ[var] = old
 
 
 def targets(dev, dry):
@@ -51,6 +70,12 @@ def targets(dev, dry):
             res += [(f"dense linear bf16 M={m}", lambda x=x: F.linear(x, w)),
                     (f"sparse_linear csr M={m}", lambda x=x: ops.sparse_linear(x, csr)),
                     (f"sparse_linear bitmap M={m}", lambda x=x: ops.sparse_linear(x, bm))]
+            # the other builds / modes bench_gpu.py times (read from the environment at each call)
+            for label, var, val, p in (("csr global mode", "PYENGINE_SPARSE_SKINNY", "global", csr),
+                                       ("bitmap 2 row tiles", "PYENGINE_BITMAP_ROW_TILES", "2", bm),
+                                       ("bitmap 1 block/SM", "PYENGINE_BITMAP_BLOCKS_PER_SM", "1", bm)):
+                res.append((f"sparse_linear {label} M={m}",
+                            lambda x=x, var=var, val=val, p=p: with_env(var, val, lambda: ops.sparse_linear(x, p))))
         return res
 
     def entropy():
@@ -73,17 +98,25 @@ def targets(dev, dry):
     return out
 
 
-def run(only, dry):
+MARKER = "spin_kernel"  # torch.cuda._sleep's kernel: the mark ahead of each case's launches
+
+
+def run(only, dry, cases_out=None, deadline_s=None):
+    import json
+    import time
+
     import torch
 
     import pyengine
 
+    t0 = time.monotonic()
     dev = torch.device("cpu" if dry else "cuda")
     if not dry and not (torch.cuda.is_available() and pyengine.CUDA_COMPILED):
         sys.exit("needs a GPU and a build with the CUDA kernels")
     families = targets(dev, dry)
     chosen = [f for f in families if not only or f in only]
     cases = [c for f in chosen for c in families[f]()]
+    done = []
     with torch.no_grad():
         for _, fn in cases:
             for _ in range(3):
@@ -91,13 +124,22 @@ def run(only, dry):
         if not dry:
             torch.cuda.synchronize()
         for name, fn in cases:  # the kernels of each case, in this order, are the summary's rows
+            if deadline_s is not None and time.monotonic() - t0 > deadline_s:
+                # stop while ncu can still write its report (a run killed at the limit loses it)
+                print(f"# deadline of {deadline_s:.0f} s reached: {len(cases) - len(done)} case(s) not profiled",
+                      file=sys.stderr, flush=True)
+                break
             if not dry:
                 torch.cuda.profiler.start()
+                torch.cuda._sleep(1)
             fn()
             if not dry:
                 torch.cuda.synchronize()
                 torch.cuda.profiler.stop()
+            done.append(name)
             print(f"# ran {name}", file=sys.stderr, flush=True)
+    if cases_out:
+        Path(cases_out).write_text(json.dumps(done))
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -123,20 +165,47 @@ def _num(v: str) -> float | None:
         return None
 
 
-def summarize(text: str) -> str:
-    """A table from ncu's `--csv --page raw` output: one line per profiled kernel, in launch order.
-    Metrics the report lacks show as '-'."""
+def short_name(name: str, width: int = 72) -> str:
+    """A kernel's demangled name without its return type, namespaces and parameter list (template
+    arguments kept: they say which build ran), cut to width."""
+    name = re.sub(r"^void ", "", name.strip())
+    depth, cut = 0, len(name)
+    for i, ch in enumerate(name):  # the parameter list: the first '(' outside template brackets
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and not name.startswith("(anonymous", i):
+            cut = i
+            break
+    name = name[:cut]
+    name = re.sub(r"\b[\w]+::|\(anonymous namespace\)::", "", name)
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def summarize(text: str, cases: list[str] | None = None) -> str:
+    """A table from ncu's `--csv --page raw` output: one line per profiled kernel, in launch order,
+    labelled with its case where the marker kernels and the case list agree. Metrics the report
+    lacks show as '-'."""
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
     if len(lines) < 3:
         return "no ncu rows found (did ncu run, and was the range profiled?)"
     rd = list(csv.reader(io.StringIO("\n".join(lines))))
     head, units, body = rd[0], rd[1], rd[2:]
     col = {name: i for i, name in enumerate(head)}
-    out = ["| # | kernel | " + " | ".join(WANT.values()) + " | top stalls (warp cycles per issued instruction) |",
-           "|---" * (len(WANT) + 3) + "|"]
-    for n, r in enumerate(body):
-        name = r[col["Kernel Name"]] if "Kernel Name" in col else "?"
-        name = name if len(name) <= 60 else name[:57] + "..."
+    kname = (lambda r: r[col["Kernel Name"]]) if "Kernel Name" in col else (lambda r: "?")
+    marks = sum(MARKER in kname(r) for r in body)
+    label = cases is not None and marks == len(cases) and bool(body) and MARKER in kname(body[0])
+    out = ["| # | case | kernel | " + " | ".join(WANT.values()) + " | top stalls (warp cycles per issued instruction) |",
+           "|---" * (len(WANT) + 4) + "|"]
+    if cases is not None and not label:
+        out.insert(0, f"(case labels left out: {marks} marker kernels for {len(cases)} cases)\n")
+    case, n, seen = "-", 0, 0
+    for r in body:
+        if label and MARKER in kname(r):
+            case, seen = cases[seen], seen + 1
+            continue
+        name = short_name(kname(r))
         vals = []
         for metric in WANT:
             v = _num(r[col[metric]]) if metric in col else None
@@ -150,7 +219,9 @@ def summarize(text: str) -> str:
             if v is not None and m.group(1) not in ("selected",):
                 stalls.append((m.group(1), v))
         top = sorted(stalls, key=lambda kv: -kv[1])[:3]
-        out.append(f"| {n} | {name} | " + " | ".join(vals) + " | " + ", ".join(f"{a} {b:.1f}" for a, b in top) + " |")
+        out.append(f"| {n} | {case} | {name} | " + " | ".join(vals) + " | "
+                   + ", ".join(f"{a} {b:.1f}" for a, b in top) + " |")
+        n += 1
     return "\n".join(out)
 
 
@@ -159,11 +230,19 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated: sparse,entropy,sliced")
     ap.add_argument("--dry", action="store_true", help="CPU, small shapes: checks the script without a GPU")
     ap.add_argument("--summarize", metavar="CSV", help="print the table of an ncu CSV and exit")
+    ap.add_argument("--cases", metavar="JSON",
+                    help="where the run writes the names of the cases it profiled, in order (and where "
+                         "--summarize reads them)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="profile no further case after this many seconds (so ncu can still write its report)")
     args = ap.parse_args()
     if args.summarize:
-        print(summarize(Path(args.summarize).read_text(errors="replace")))
+        import json
+
+        cases = json.loads(Path(args.cases).read_text()) if args.cases and Path(args.cases).is_file() else None
+        print(summarize(Path(args.summarize).read_text(errors="replace"), cases))
         return 0
-    run(set(filter(None, args.only.split(","))), args.dry)
+    run(set(filter(None, args.only.split(","))), args.dry, args.cases, args.deadline_s)
     return 0
 
 
