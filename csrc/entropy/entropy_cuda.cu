@@ -75,10 +75,14 @@ struct RowBatch {  // the kernel's parameter (~2.6 KB), passed by value
   RowSeg s[kMaxRowSegs];
 };
 
-// fp16 / bf16 on raw bits, two values per 32-bit word (the SIMD video intrinsics): a 16-byte
-// vector of 8 values is classified in about 3 instructions per word instead of about 6 per value
-// (convert, compare, select, NaN test, add). ON: bits in [1, inf] (> 0), or in [0, inf] or -0
-// (>= 0); NaN: bits without the sign above inf.
+// fp16 / bf16 on raw bits, two values per 32-bit word (the SIMD video intrinsics). sm_90 has no
+// video compare instruction: each __vset*2 becomes a few integer instructions (VIADD.16x2, LOP3).
+// In SASS (nvcc 13.0, sm_90, a one-vector test kernel) a 16-byte vector of 8 bf16 values costs
+// about 30 instructions this way (> 0, with the NaN max) against about 40 value by value - not the
+// "3 per word" first guessed; native bf16x2 / half2 compares (HSET2, __hgt2_mask) would take about
+// 16. Issue is not what bounds the count on an H100 by this estimate (40 per vector is ~17 us of
+// issue for the (256, 512, 28, 28) table row against its 68 us of reads); bench_gpu.py times both
+// paths. ON: bits in [1, inf] (> 0), or in [0, inf] or -0 (>= 0); NaN: bits without the sign above inf.
 template <typename T>
 struct HalfBits;
 template <>
