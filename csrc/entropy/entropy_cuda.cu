@@ -245,6 +245,28 @@ __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __gri
   }
 }
 
+// Vectors per row piece of a tensor whose rows are cvec vectors long. A block's 512 threads take
+// rows_par = 512 / tile_w rows of one tile at a time, and the grid's share of the work counts every
+// (tile, row group) unit alike, so the width should keep threads busy in every unit: the widest of
+// min(cvec, 512), 512, 256, ..., 32 whose useful thread share (rows_par * tile_w / 512 threads
+// used, of them cvec / (tiles * tile_w) on real columns) is at least 7/8, else the best of them.
+// E.g. cvec = 640: 512 would give a full and a 128-wide tile (62% useful), 128 gives 5 full ones;
+// cvec = 192 (a (B, T, 768) float32 tensor): 192 leaves 128 threads idle (75%), 64 none.
+int32_t pick_tile_w(int64_t cvec) {
+  const auto useful = [cvec](int64_t tw) {
+    const int64_t rows_par = kCountThreads / tw;
+    return static_cast<double>(rows_par * tw) / kCountThreads * static_cast<double>(cvec) /
+           static_cast<double>(ceil_div(cvec, tw) * tw);
+  };
+  int64_t best = std::min<int64_t>(cvec, kCountThreads);
+  if (useful(best) >= 0.875) return static_cast<int32_t>(best);
+  for (int64_t tw = kCountThreads; tw >= 32; tw /= 2) {
+    if (useful(tw) >= 0.875) return static_cast<int32_t>(tw);
+    if (useful(tw) > useful(best)) best = tw;
+  }
+  return static_cast<int32_t>(best);
+}
+
 // Appends one tensor (`vec` elements per load) to the batch.
 void add_segment(RowBatch& b, int vec, const void* x, void* y, int64_t rows, int64_t row_len, int64_t channel_div,
                     int64_t* counts) {
@@ -256,7 +278,7 @@ void add_segment(RowBatch& b, int vec, const void* x, void* y, int64_t rows, int
   sg.row_len = row_len;
   sg.cvec = row_len / vec;
   sg.channel_div = channel_div;
-  sg.tile_w = static_cast<int32_t>(std::min<int64_t>(sg.cvec, kCountThreads));
+  sg.tile_w = pick_tile_w(sg.cvec);
   sg.rows_par = kCountThreads / sg.tile_w;
   sg.groups = ceil_div(rows, static_cast<int64_t>(sg.rows_par));
   sg.work_begin = b.total_work;

@@ -166,10 +166,25 @@ void zero_case(int64_t n) {
   expect(ok, "zero_counts n=" + std::to_string(n));
 }
 
+// The row-piece width: every thread busy in every (tile, row group) unit where a width allows it.
+void tile_width_case() {
+  const int64_t cases[][2] = {{50176, 512}, {512, 512}, {640, 128}, {192, 64}, {300, 64},
+                              {96, 96}, {513, 64}, {17, 17}, {1, 1}, {1000, 512}};
+  for (const auto& c : cases) {
+    const int32_t tw = pick_tile_w(c[0]);
+    char what[96];
+    std::snprintf(what, sizeof(what), "tile width for rows of %lld vectors: %d (want %lld)", (long long)c[0], tw,
+                  (long long)c[1]);
+    check::expect(tw == c[1], what);
+  }
+}
+
 int main() {
   std::mt19937 g(5);
+  tile_width_case();
   if (check::quick()) {  // each kernel and path once, small
     zero_case(1000);
+    counts_case<float>("fp32", 3, 4 * 640, 1, false, false, g);  // five 128-wide tiles
     counts_case<float>("fp32", 2, 64 * 16, 16, false, true, g);
     counts_case<__nv_bfloat16>("bf16", 3, 5 * 21, 21, true, false, g);
     counts_case<__half>("fp16", 3, 8 * 40, 20, false, false, g);
@@ -193,6 +208,14 @@ int main() {
   counts_case<__half>("fp16", 3, 512, 1, false, true, g);     // (B, T, C): a neuron per column
   counts_case<double>("fp64", 300, 8, 1, true, false, g);     // many narrow rows
   counts_case<float>("fp32", 2, 3000, 1000, false, false, g); // a warp's columns inside one neuron
+  // row pieces narrower than the row: 128 of 640 vectors, 64 of 192 (a (B, T, 768) tensor), 64 of
+  // 300 (and a partial last tile), 64 of 513
+  counts_case<float>("fp32", 9, 4 * 640, 1, false, true, g);
+  counts_case<float>("fp32", 7, 4 * 640, 16, true, false, g);
+  counts_case<float>("fp32", 40, 4 * 192, 1, true, true, g);
+  counts_case<__nv_bfloat16>("bf16", 6, 8 * 300, 24, false, false, g);
+  counts_case<__half>("fp16", 5, 8 * 300, 1, true, false, g);
+  counts_case<float>("fp32", 3, 4 * 513, 4, false, false, g);
   // a forward pass's worth: NCHW-like and (B, T, C) tensors, aligned and not, four dtypes
   for (bool inclusive : {false, true}) {
     many_case({{DType::kFloat32, 4, 64 * 16, 16, 0}, {DType::kFloat32, 3, 1000, 1, 0}, {DType::kFloat32, 2, 96, 3, 1},
