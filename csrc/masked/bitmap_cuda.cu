@@ -267,16 +267,18 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
   // sum the warps' C (each stored in its own, now idle, buffer) and write out[m0 + j, row]
   float* cw = reinterpret_cast<float*>(&buf);
 #pragma unroll
-  for (int rr = 0; rr < R; ++rr)  // cw[rr * 256 + i * 16 + j] = C[rr][i][j]
-    wmma::store_matrix_sync(cw + rr * 256, acc[rr], 16, wmma::mem_row_major);
+  // column-major, so that the threads below, which take consecutive i, read consecutive words (row
+  // major gave them a stride of 16 words: 8-way bank conflicts on every read of the sum)
+  for (int rr = 0; rr < R; ++rr)  // cw[rr * 256 + j * 16 + i] = C[rr][i][j]
+    wmma::store_matrix_sync(cw + rr * 256, acc[rr], 16, wmma::mem_col_major);
   __syncthreads();
   for (int e = static_cast<int>(threadIdx.x); e < R * 256; e += static_cast<int>(blockDim.x)) {
-    const int rr = e >> 8, j = (e >> 4) & 15, i = e & 15;  // consecutive threads: consecutive columns
+    const int rr = e >> 8, j = (e >> 4) & 15, i = e & 15;  // consecutive threads: consecutive rows of W
     const int64_t row = (rt0 + rr) * kBmRows + i;
     if (j < mv && row < n) {
       float s = 0.0f;
       for (int w = 0; w < nwarps; ++w)
-        s += reinterpret_cast<const float*>(smem_raw + static_cast<size_t>(w) * sizeof(WarpBuf<T, R>))[(rr << 8) + i * 16 + j];
+        s += reinterpret_cast<const float*>(smem_raw + static_cast<size_t>(w) * sizeof(WarpBuf<T, R>))[(rr << 8) + (e & 255)];
       if (bias != nullptr) s += Num<T>::to_acc(bias[row]);
       out[(m0 + j) * ldo + row] = Num<T>::from_acc(s);
     }
