@@ -266,9 +266,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, MinBlocks)
   }
   // sum the warps' C (each stored in its own, now idle, buffer) and write out[m0 + j, row]
   float* cw = reinterpret_cast<float*>(&buf);
-#pragma unroll
   // column-major, so that the threads below, which take consecutive i, read consecutive words (row
   // major gave them a stride of 16 words: 8-way bank conflicts on every read of the sum)
+#pragma unroll
   for (int rr = 0; rr < R; ++rr)  // cw[rr * 256 + j * 16 + i] = C[rr][i][j]
     wmma::store_matrix_sync(cw + rr * 256, acc[rr], 16, wmma::mem_col_major);
   __syncthreads();

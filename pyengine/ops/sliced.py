@@ -90,7 +90,8 @@ def projection_error_bound(
         )
     d = x.shape[-1]
     u = 2.0 ** -mantissa_bits
-    gamma = d * 2.0**-24 / (1.0 - d * 2.0**-24)
+    # float32 sums of 2^24 or more terms have no such bound (gamma_d is infinite)
+    gamma = d * 2.0**-24 / (1.0 - d * 2.0**-24) if d < 2**24 else math.inf
     c = (1.0 + u) ** 2 * (1.0 + gamma) - 1.0
     norm = lambda t: t.detach().double().norm(dim=-1).amax(dim=-1)  # noqa: E731 - the largest row norm
     return c * float(norm(directions)) * (norm(x) + norm(y))
