@@ -6,7 +6,9 @@ with the inputs rotated through several copies when one copy is smaller than the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -59,6 +61,35 @@ def copies_for(device: torch.device, nbytes: int) -> int:
         return 1
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     return max(1, min(8, (2 * l2) // max(1, nbytes) + 1))
+
+
+@contextlib.contextmanager
+def env_set(var: str, value: str):
+    """The kernel variant that environment variable `var` = value selects, for the block's calls
+    (the native ops read these switches at every call)."""
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+# the other builds / modes of each sparse kernel, timed (bench_gpu.py) and profiled
+# (profile_kernels.py) beside the default: format -> label -> (variable, value)
+KERNEL_VARIANTS = {
+    "csr": {"global mode": ("PYENGINE_SPARSE_SKINNY", "global")},  # x through the caches (M=1: in place)
+    "bitmap": {"2 row tiles per block": ("PYENGINE_BITMAP_ROW_TILES", "2"),
+               "1 block/SM": ("PYENGINE_BITMAP_BLOCKS_PER_SM", "1")},
+}
+
+
+def sparse_weight(n: int, k: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A random (n, k) bf16 weight with 90% zeros (the issue's sparse GEMV case)."""
+    return (torch.randn(n, k, device=device, generator=g) * (torch.rand(n, k, device=device, generator=g) < 0.1)).bfloat16()
 
 
 def machine_name(device: torch.device) -> str:

@@ -16,9 +16,7 @@ way issue 11 times the dense baseline. Training steps are timed back to back (th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import pyengine  # noqa: E402
+from _harness import KERNEL_VARIANTS, env_set, sparse_weight  # noqa: E402
 from pyengine import ops  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -165,25 +164,6 @@ def rel(a, b):
     return float((a - b).norm() / d) if d > 0 else float((a - b).norm())
 
 
-@contextlib.contextmanager
-def env_set(var, value):
-    """The kernel variant that environment variable `var` = value selects, for the block's calls."""
-    old = os.environ.get(var)
-    os.environ[var] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
-
-
-def sparse_weight(n, k, g):
-    """A random (n, k) bf16 weight with 90% zeros."""
-    return (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
-
-
 class Poison:
     """NaN-fill every fresh allocation while checking, so an unwritten output element fails."""
 
@@ -292,7 +272,7 @@ def case_entropy(timer, args, copy_bw):
 def case_sparse(timer, args):
     g = torch.Generator(device=DEV).manual_seed(1)
     n = k = sz(4096)
-    w = sparse_weight(n, k, g)
+    w = sparse_weight(n, k, g, DEV)
     p = ops.pack_sparse(w)
     pb = ops.pack_sparse(w, format="bitmap")
     print(f"  sparse formats: dense {w.nbytes / 2**20:.1f} MiB, csr {p.nbytes() / 2**20:.1f} MiB, "
@@ -303,22 +283,19 @@ def case_sparse(timer, args):
         low = rel(F.linear(x, w), ref64)
         modes = {}
         for mode in ("auto", "smem", "global"):
-            os.environ["PYENGINE_SPARSE_SKINNY"] = mode
-            with Poison(), torch.no_grad():
+            with env_set("PYENGINE_SPARSE_SKINNY", mode), Poison(), torch.no_grad():
                 err = rel(ops.sparse_linear(x, p), ref64)
             if check(f"sparse_linear bf16 M={m} mode={mode}", err <= 2 * low + 1e-3, f"err {err:.2e} (dense bf16 {low:.2e})"):
                 modes[mode] = None
-        os.environ["PYENGINE_SPARSE_SKINNY"] = "auto"
         with torch.no_grad():
             dense = lambda: F.linear(x, w)  # noqa: E731
             d_warm = timer.time(dense)
             d_cold = timer.time(dense, cold=True, graph=True)
             res = {}
             for mode in modes:
-                os.environ["PYENGINE_SPARSE_SKINNY"] = mode
                 fn = lambda: ops.sparse_linear(x, p)  # noqa: E731
-                res[mode] = (timer.time(fn), timer.time(fn, cold=True, graph=True))
-            os.environ["PYENGINE_SPARSE_SKINNY"] = "auto"
+                with env_set("PYENGINE_SPARSE_SKINNY", mode):
+                    res[mode] = (timer.time(fn), timer.time(fn, cold=True, graph=True))
         if "auto" not in res:
             row(f"sparse linear bf16 4096^2 90% M={m}", d_cold, "FAIL", ">= 2.5x dense", note="check failed")
         else:
@@ -345,14 +322,6 @@ def case_sparse(timer, args):
     case_sparse_rotated(timer, g, n, k)
 
 
-# the other builds / modes of each sparse kernel, timed beside the default: label -> (variable, value)
-VARIANTS = {
-    "csr": {"global mode": ("PYENGINE_SPARSE_SKINNY", "global")},  # x through the caches (M=1: in place)
-    "bitmap": {"2 row tiles per block": ("PYENGINE_BITMAP_ROW_TILES", "2"),
-               "1 block/SM": ("PYENGINE_BITMAP_BLOCKS_PER_SM", "1")},
-}
-
-
 def case_sparse_rotated(timer, g, n, k):
     """The same products, each call on its own weight of a rotation three L2 caches large, one graph
     launch for the whole rotation (Timer.time_rotating): cold inputs without a flush's dirty lines,
@@ -362,14 +331,14 @@ def case_sparse_rotated(timer, g, n, k):
     through them (each weight comes round again after three L2 caches of others)."""
     fmt_bytes = {}
     dense_w, packs = [], {"csr": [], "bitmap": []}
-    w = sparse_weight(n, k, g)
+    w = sparse_weight(n, k, g, DEV)
     fmt_bytes["dense"] = w.nbytes
     fmt_bytes["csr"] = ops.pack_sparse(w).nbytes()
     fmt_bytes["bitmap"] = ops.pack_sparse(w, format="bitmap").nbytes()
     want = {f: rotation_sets(b) for f, b in fmt_bytes.items()}
     for i in range(max(want.values())):
         if i:
-            w = sparse_weight(n, k, g)
+            w = sparse_weight(n, k, g, DEV)
         if i < want["dense"]:
             dense_w.append(w)
         for f in packs:
@@ -406,7 +375,7 @@ def case_sparse_rotated(timer, g, n, k):
                     continue
                 t = timer.time_rotating([lambda p=p: ops.sparse_linear(x, p) for p in cycle(ps)])
                 extra = ""
-                for label, (var, val) in VARIANTS[f].items():  # other builds / modes, same rotation
+                for label, (var, val) in KERNEL_VARIANTS[f].items():  # other builds / modes, same rotation
                     with env_set(var, val):
                         with Poison():
                             same = rel(ops.sparse_linear(x, ps[-1]), ref64) <= 2 * low + 1e-3

@@ -34,27 +34,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def with_env(var, val, fn):
-    """fn() with the environment variable var set to val, restored after."""
-    import os
-
-    old = os.environ.get(var)
-    os.environ[var] = val
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ[var]
-        else:
-            os.environ[var] = old
-
-
 def targets(dev, dry):
     """(name, fn) pairs; every fn runs one op on inputs made once."""
     import torch
     import torch.nn.functional as F
 
+    from _harness import KERNEL_VARIANTS, env_set, sparse_weight
     from pyengine import ops
+
+    def with_env(var, val, fn):
+        with env_set(var, val):
+            return fn()
 
     s = 16 if dry else 1
     g = torch.Generator(device=dev).manual_seed(0)
@@ -62,8 +52,9 @@ def targets(dev, dry):
 
     def sparse():
         n = k = 4096 // s
-        w = (torch.randn(n, k, device=dev, generator=g) * (torch.rand(n, k, device=dev, generator=g) < 0.1)).bfloat16()
-        csr, bm = ops.pack_sparse(w), ops.pack_sparse(w, format="bitmap")
+        w = sparse_weight(n, k, g, dev)
+        packs = {"csr": ops.pack_sparse(w), "bitmap": ops.pack_sparse(w, format="bitmap")}
+        csr, bm = packs["csr"], packs["bitmap"]
         res = []
         for m in (1, 16):
             x = torch.randn(m, k, device=dev, generator=g).bfloat16()
@@ -71,11 +62,10 @@ def targets(dev, dry):
                     (f"sparse_linear csr M={m}", lambda x=x: ops.sparse_linear(x, csr)),
                     (f"sparse_linear bitmap M={m}", lambda x=x: ops.sparse_linear(x, bm))]
             # the other builds / modes bench_gpu.py times (read from the environment at each call)
-            for label, var, val, p in (("csr global mode", "PYENGINE_SPARSE_SKINNY", "global", csr),
-                                       ("bitmap 2 row tiles", "PYENGINE_BITMAP_ROW_TILES", "2", bm),
-                                       ("bitmap 1 block/SM", "PYENGINE_BITMAP_BLOCKS_PER_SM", "1", bm)):
-                res.append((f"sparse_linear {label} M={m}",
-                            lambda x=x, var=var, val=val, p=p: with_env(var, val, lambda: ops.sparse_linear(x, p))))
+            for f, variants in KERNEL_VARIANTS.items():
+                for label, (var, val) in variants.items():
+                    res.append((f"sparse_linear {f} {label} M={m}",
+                                lambda x=x, var=var, val=val, p=packs[f]: with_env(var, val, lambda: ops.sparse_linear(x, p))))
         return res
 
     def entropy():
