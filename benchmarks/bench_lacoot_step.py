@@ -26,14 +26,13 @@ import argparse
 import contextlib
 import importlib.util
 import json
-import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from _harness import machine_name
+from _harness import env_set, machine_name
 from pyengine.methods.depth.lacoot import BlockCapture
 
 
@@ -44,16 +43,9 @@ def _model(device, maxpool):
     return build_model("resnet18", num_classes=10, maxpool=maxpool).to(device)
 
 
-@contextlib.contextmanager
 def _grouped_aten(on):
     """PYENGINE_GROUPED_ATEN=1 while on: the grouped op takes its ATen path on CUDA."""
-    if on:
-        os.environ["PYENGINE_GROUPED_ATEN"] = "1"
-    try:
-        yield
-    finally:
-        if on:
-            os.environ.pop("PYENGINE_GROUPED_ATEN", None)
+    return env_set("PYENGINE_GROUPED_ATEN", "1") if on else contextlib.nullcontext()
 
 
 def _sync(device):

@@ -496,11 +496,11 @@ def _round_mantissa(t: torch.Tensor, bits: int, nearest: bool) -> torch.Tensor:
 
 def _parallel_points(d=1024, n=16):
     """The bound's worst case: one direction with every coordinate just under a TF32 step above a
-    power of two (truncation loses almost u of each), points that are multiples of it (Cauchy-Schwarz
-    is an equality) and y = 0 (its projections are exact)."""
+    power of two (truncation loses almost u of each), points along it (Cauchy-Schwarz is an equality)
+    and y = 0 (its projections are exact)."""
     step = 1.0 + 2.0**-10 - 2.0**-20
     theta = torch.full((1, d), step * 2.0**-5, dtype=torch.float32)
-    x = (torch.full((n, d), step, dtype=torch.float32) * 2.0 ** torch.zeros(n, 1)).unsqueeze(0)
+    x = torch.full((1, n, d), step, dtype=torch.float32)
     return x, torch.zeros_like(x), theta
 
 

@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "common/env.h"
+
 namespace pyengine {
 namespace {
 namespace cpu_base {
@@ -40,7 +42,7 @@ namespace cpu_avx2 {
 // PYENGINE_DISABLE_AVX2=1 in the environment forces the baseline kernels (tests compare the two).
 inline bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         !(std::getenv("PYENGINE_DISABLE_AVX2") && std::getenv("PYENGINE_DISABLE_AVX2")[0] == '1');
+                         !env_equals("PYENGINE_DISABLE_AVX2", "1");
   return ok;
 }
 #else

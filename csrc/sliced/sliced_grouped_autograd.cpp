@@ -28,6 +28,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/env.h"
 #include "sliced/sliced_args.h"
 #include "sliced/sliced_grouped.h"
 #include "sliced/sliced_project.h"
@@ -89,19 +90,13 @@ std::vector<int64_t> check_grouped(at::TensorList xs, at::TensorList ys, const a
 }
 
 // PYENGINE_SPLIT_K_ON_CPU=1: split long reductions on the CPU as on CUDA (for tests; read per call).
-bool split_on_cpu() {
-  const char* v = std::getenv("PYENGINE_SPLIT_K_ON_CPU");
-  return v != nullptr && v[0] == '1';
-}
+bool split_on_cpu() { return env_equals("PYENGINE_SPLIT_K_ON_CPU", "1"); }
 
 using Forward = GroupedForward;
 
 // PYENGINE_GROUPED_ATEN=1: the ATen path on CUDA too (benchmarks/bench_lacoot_step.py times both
 // on one card; read per call).
-bool aten_only() {
-  const char* v = std::getenv("PYENGINE_GROUPED_ATEN");
-  return v != nullptr && v[0] == '1';
-}
+bool aten_only() { return env_equals("PYENGINE_GROUPED_ATEN", "1"); }
 
 // The raw kernels read data pointers: under tracing (torch.compile / AOT autograd hand this
 // autograd kernel FunctionalTensor / FakeTensor subclasses with a dispatch mode active) or with any
