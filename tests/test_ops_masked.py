@@ -374,7 +374,7 @@ def test_pack_bitmap_and_sparse_linear(device, poison, dtype, m, k, n, density):
 @pytest.mark.skipif(not CUDA_OK, reason="no CUDA device or no CUDA kernels in this build")
 @pytest.mark.parametrize("build", [("PYENGINE_BITMAP_BLOCKS_PER_SM", "1"), ("PYENGINE_BITMAP_BLOCKS_PER_SM", "2"),
                                    ("PYENGINE_BITMAP_ROW_TILES", "2")])
-def test_bitmap_tensor_core_kernel_every_build(monkeypatch, build):
+def test_bitmap_tensor_core_kernel_every_build_on_cuda(monkeypatch, build):
     # the kernel built for one or two blocks per SM, and the one with two row tiles per block, each
     # against float64: a row-tile count above one wave of 16-warp blocks and odd (the last block of
     # the two-row-tile build has one), k with 1 and with 5 column tiles per warp (two groups); x

@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
     }
     __syncthreads();
   }
-  for (bool first = true; row < n; row += wstride, first = false) {
+  for (; row < n; row += wstride) {
     A acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = A(0);
@@ -164,12 +164,16 @@ __global__ void __launch_bounds__(kSkinnyThreads)
 #pragma unroll
       for (int m = 0; m < MT; ++m) acc[m] += wv * Num<T>::to_acc(xv.v[m]);
     };
-    if (!first) {
-      s0 = rowptr[row];
-      e0 = rowptr[row + 1];
-    }
     int64_t s, e;
     clamp_row(s0, e0, row, nnz, rec, lane == 0, s, e);
+    // the next row's pointers are requested now, so their latency hides behind this row
+    if (row + wstride < n) {
+      s0 = rowptr[row + wstride];
+      e0 = rowptr[row + wstride + 1];
+    }
+    // Every load of a pass is issued before any of its entries is used: a row of up to 64 groups
+    // (512 entries) is one memory round trip, not one per code path. The loads of each pass are
+    // predicated, in code every lane runs; the head and tail entries are added after the groups.
     if (vec_loads) {
       // groups of 8 entries at indices 8g .. 8g+7 are 16-byte aligned in colidx and values
       using CP = Pack<IdxT, 8>;
@@ -189,34 +193,45 @@ __global__ void __launch_bounds__(kSkinnyThreads)
         h = (bnd > a ? bnd : a) + (lane - 8);
         hv = lane < 16 && h < e;
       }
-      if (hv) add(h, colidx[h], Num<T>::to_acc(values[h]));
+      IdxT hc = IdxT(0);
+      T hw = Num<T>::from_acc(A(0));
+      if (hv) {
+        hc = colidx[h];
+        hw = values[h];
+      }
       const int64_t g1 = bnd >> 3;
-      int64_t g = (a >> 3) + lane;
-      for (; g + 32 < g1; g += 64) {
+      for (int64_t g = (a >> 3) + lane; g < g1; g += 64) {
+        const bool two = g + 32 < g1;
         const CP c0 = cp[g];
         const VP v0 = vp[g];
-        const CP c1 = cp[g + 32];
-        const VP v1 = vp[g + 32];
+        CP c1{};
+        VP v1{};
+        if (two) {
+          c1 = cp[g + 32];
+          v1 = vp[g + 32];
+        }
 #pragma unroll
         for (int q = 0; q < 8; ++q) add(g * 8 + q, c0.v[q], Num<T>::to_acc(v0.v[q]));
+        if (two) {
 #pragma unroll
-        for (int q = 0; q < 8; ++q) add((g + 32) * 8 + q, c1.v[q], Num<T>::to_acc(v1.v[q]));
+          for (int q = 0; q < 8; ++q) add((g + 32) * 8 + q, c1.v[q], Num<T>::to_acc(v1.v[q]));
+        }
       }
-      if (g < g1) {
-        const CP c0 = cp[g];
-        const VP v0 = vp[g];
-#pragma unroll
-        for (int q = 0; q < 8; ++q) add(g * 8 + q, c0.v[q], Num<T>::to_acc(v0.v[q]));
-      }
+      if (hv) add(h, hc, Num<T>::to_acc(hw));
     } else {
-      int64_t j = s + lane;
-      for (; j + 32 < e; j += 64) {
-        const IdxT c0 = colidx[j], c1 = colidx[j + 32];
-        const A v0 = Num<T>::to_acc(values[j]), v1 = Num<T>::to_acc(values[j + 32]);
-        add(j, c0, v0);
-        add(j + 32, c1, v1);
+      for (int64_t j = s + lane; j < e; j += 64) {
+        const bool two = j + 32 < e;
+        const IdxT c0 = colidx[j];
+        const T v0 = values[j];
+        IdxT c1 = IdxT(0);
+        T v1 = Num<T>::from_acc(A(0));
+        if (two) {
+          c1 = colidx[j + 32];
+          v1 = values[j + 32];
+        }
+        add(j, c0, Num<T>::to_acc(v0));
+        if (two) add(j + 32, c1, Num<T>::to_acc(v1));
       }
-      if (j < e) add(j, colidx[j], Num<T>::to_acc(values[j]));
     }
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = detail::warp_sum(acc[m]);

@@ -164,6 +164,11 @@ int main() {
       skinny_case<float>("fp32", m, 300, 33, mode, g);
     }
     skinny_case<__half>("fp16", 5, 40000, 9, mode, g);  // int32 column indices
+    // rows of ~400 and ~800 entries: lanes with one and with two groups per pass, two passes,
+    // head and tail entries (the one-round-trip load order of the skinny kernel)
+    skinny_case<__nv_bfloat16>("bf16", 1, 2000, 24, mode, g);
+    skinny_case<__nv_bfloat16>("bf16", 16, 4096, 12, mode, g);
+    skinny_case<float>("fp32", 2, 4096, 12, mode, g);
   }
   skinny_case<__nv_bfloat16>("bf16", 40, 300, 20, 1, g);  // more than 16 rows: x staged in chunks
   skinny_case<double>("fp64", 7, 200, 20, 1, g);
