@@ -134,10 +134,13 @@ def run(only, dry, cases_out=None, deadline_s=None):
 
 # ------------------------------------------------------------------------------------ summary
 
-# ncu's raw metric names (the four sections collect them): column of the summary, scale
+# ncu's raw metric names (the four sections collect them): column of the summary, scale. A column
+# may list other names for the same metric, in the order tried: the ncu on the device machines
+# (2026-11) writes gpu__dram_throughput where older versions wrote dram__throughput.
 WANT = OrderedDict([
     ("gpu__time_duration.sum", "us"),
-    ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "dram %"),
+    (("dram__throughput.avg.pct_of_peak_sustained_elapsed",
+      "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"), "dram %"),
     ("sm__throughput.avg.pct_of_peak_sustained_elapsed", "sm %"),
     ("sm__warps_active.avg.pct_of_peak_sustained_active", "occ %"),
     ("launch__registers_per_thread", "regs"),
@@ -197,8 +200,9 @@ def summarize(text: str, cases: list[str] | None = None) -> str:
             continue
         name = short_name(kname(r))
         vals = []
-        for metric in WANT:
-            v = _num(r[col[metric]]) if metric in col else None
+        for names in WANT:
+            metric = next((m for m in ((names,) if isinstance(names, str) else names) if m in col), None)
+            v = _num(r[col[metric]]) if metric is not None else None
             if v is not None and metric == "gpu__time_duration.sum":
                 v *= TIME_UNITS.get(units[col[metric]].strip(), 1.0)
             vals.append("-" if v is None else f"{v:.1f}")

@@ -62,3 +62,18 @@ def test_short_name():
                          "std::array<char *, 1>>(int, T2, T3)") == (
         "vectorized_elementwise_kernel<4, FillFunctor<float>, array<char *, 1>>")
     assert len(pk.short_name("k<" + "a" * 200 + ">(int)")) == 72
+
+
+def test_dram_column_under_either_metric_name():
+    # the device machines' ncu (2026-11) names it gpu__dram_throughput; older ones dram__throughput
+    for name in ("gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                 "dram__throughput.avg.pct_of_peak_sustained_elapsed"):
+        text = _csv([[GEMV, "12,345", "40", "5.5", "0.5", "1"]]).replace(
+            '"launch__registers_per_thread"', f'"{name}","launch__registers_per_thread"', 1)
+        lines = text.splitlines()
+        # the units row and the data row gain a value in the same column
+        lines[2] = lines[2].replace('"register/thread"', '"%","register/thread"', 1)
+        lines[3] = lines[3].replace('"40"', '"71.5","40"', 1)
+        rows = _table_rows(pk.summarize("\n".join(lines)))
+        assert rows[0][4] == "71.5", (name, rows)
+        assert rows[0][7] == "40.0"  # the registers column is still the registers
