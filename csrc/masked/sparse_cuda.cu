@@ -99,11 +99,16 @@ __device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, i
   clamp_row(rowptr[row], rowptr[row + 1], row, nnz, rec, reporter, s, e);
 }
 
-// A column index usable for a row of x with k entries; a bad one is reported (never read).
+// Whether c is a column of a row of x with k entries.
+template <typename IdxT>
+__device__ __forceinline__ bool col_in_range(IdxT c, int64_t k) {
+  return static_cast<uint64_t>(static_cast<int64_t>(c)) < static_cast<uint64_t>(k);
+}
+// The same test; a bad one is reported (and must not be read).
 template <typename IdxT>
 __device__ __forceinline__ bool col_ok(IdxT c, int64_t j, int64_t k, DeviceErrorRecord* rec) {
   const int64_t v = static_cast<int64_t>(c);
-  if (static_cast<uint64_t>(v) < static_cast<uint64_t>(k)) return true;
+  if (col_in_range(c, k)) return true;
   report_device_error(rec, kOpSparseLinear, kDevErrColidx, j, v, k);
   return false;
 }
@@ -111,7 +116,11 @@ __device__ __forceinline__ bool col_ok(IdxT c, int64_t j, int64_t k, DeviceError
 // ---- skinny: one warp per output row; x (at most MT rows) read as xs[col] = {x[0, col], ...,
 // x[MT-1, col]} so one nonzero needs one vector load - from shared memory (SMEM: staged by each
 // block) or from a transposed copy in global memory (L1/L2-resident; for wide x that would fill
-// shared memory and cost every block a full copy).
+// shared memory and cost every block a full copy). Both copies hold k + 1 columns, the last one
+// zero: a column index out of range reads it with a zero weight, with no branch in the products
+// (a branch per entry kept the gathers of a row from overlapping: on an H200, M = 1, 4096^2 bf16
+// at 90% zeros, 6.20 us with it against 5.34 us without the check, benchmarks/micro/), and the
+// row is scanned again for the report only when one was out of range.
 constexpr int kSkinnyThreads = 512;
 constexpr int kSkinnyWarps = kSkinnyThreads / 32;
 
@@ -127,6 +136,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   PYENGINE_DYNAMIC_SMEM(smem_raw, 16);
   XP* xs = reinterpret_cast<XP*>(smem_raw);
   const int lane = threadIdx.x & 31;
+  const uint32_t k32 = k < (int64_t(1) << 31) ? static_cast<uint32_t>(k) : (uint32_t(1) << 31);
   const int64_t wstride = static_cast<int64_t>(gridDim.x) * kSkinnyWarps;
   int64_t row = static_cast<int64_t>(blockIdx.x) * kSkinnyWarps + (threadIdx.x >> 5);
   // the first row's pointers are requested before x is staged, so the two latencies overlap
@@ -138,6 +148,12 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   if constexpr (SMEM) {
     // kStage columns per thread per batch, every load of a batch in flight before any store
     constexpr int kStage = MT <= 4 ? 8 : 4;
+    if (threadIdx.x == 0) {  // the zero column that an out-of-range index reads
+      XP z;
+#pragma unroll
+      for (int m = 0; m < MT; ++m) z.v[m] = Num<T>::from_acc(A(0));
+      xs[k] = z;
+    }
     for (int64_t c0 = threadIdx.x; c0 < k; c0 += static_cast<int64_t>(kSkinnyThreads) * kStage) {
       XP v[kStage];
 #pragma unroll
@@ -158,9 +174,21 @@ __global__ void __launch_bounds__(kSkinnyThreads)
     A acc[MT];
 #pragma unroll
     for (int m = 0; m < MT; ++m) acc[m] = A(0);
-    auto add = [&](int64_t j, IdxT col, A wv) {
-      if (!col_ok(col, j, k, rec)) return;
-      const XP xv = SMEM ? xs[static_cast<int64_t>(col)] : xt[static_cast<int64_t>(col)];
+    bool bad = false;  // an index of this lane's entries was out of range
+    auto add = [&](IdxT col, A wv) {
+      // 32-bit test: a negative index is >= 2^31 as unsigned, and with k >= 2^31 every
+      // non-negative one (IdxT has at most 32 bits) is in range
+      const bool ok = static_cast<uint32_t>(static_cast<int32_t>(col)) < k32;
+      bad = bad || !ok;
+      XP xv;
+      if constexpr (SMEM || MT > 1) {  // the copy's zero column k
+        const uint32_t c = ok ? static_cast<uint32_t>(col) : static_cast<uint32_t>(k);
+        xv = SMEM ? xs[c] : xt[c];
+      } else {  // one row of x read in place: no zero column, a select instead
+        xv = xt[ok ? static_cast<uint32_t>(col) : 0u];
+        if (!ok) xv.v[0] = Num<T>::from_acc(A(0));
+      }
+      wv = ok ? wv : A(0);
 #pragma unroll
       for (int m = 0; m < MT; ++m) acc[m] += wv * Num<T>::to_acc(xv.v[m]);
     };
@@ -200,24 +228,32 @@ __global__ void __launch_bounds__(kSkinnyThreads)
         hw = values[h];
       }
       const int64_t g1 = bnd >> 3;
-      for (int64_t g = (a >> 3) + lane; g < g1; g += 64) {
-        const bool two = g + 32 < g1;
-        const CP c0 = cp[g];
-        const VP v0 = vp[g];
-        CP c1{};
-        VP v1{};
+      // One warp-uniform pass per 64 groups with both halves predicated: with the loop bound per
+      // lane (g = first + lane while g < g1), ptxas put the second group's loads after the first
+      // group's gathers - two memory round trips per row (SASS of nvcc 13.0, sm_90)
+      for (int64_t gb = a >> 3; gb < g1; gb += 64) {
+        const int64_t g = gb + lane;
+        const bool one = g < g1, two = g + 32 < g1;
+        CP c0{}, c1{};
+        VP v0{}, v1{};
+        if (one) {
+          c0 = cp[g];
+          v0 = vp[g];
+        }
         if (two) {
           c1 = cp[g + 32];
           v1 = vp[g + 32];
         }
+        if (one) {
 #pragma unroll
-        for (int q = 0; q < 8; ++q) add(g * 8 + q, c0.v[q], Num<T>::to_acc(v0.v[q]));
+          for (int q = 0; q < 8; ++q) add(c0.v[q], Num<T>::to_acc(v0.v[q]));
+        }
         if (two) {
 #pragma unroll
-          for (int q = 0; q < 8; ++q) add((g + 32) * 8 + q, c1.v[q], Num<T>::to_acc(v1.v[q]));
+          for (int q = 0; q < 8; ++q) add(c1.v[q], Num<T>::to_acc(v1.v[q]));
         }
       }
-      if (hv) add(h, hc, Num<T>::to_acc(hw));
+      if (hv) add(hc, Num<T>::to_acc(hw));
     } else {
       for (int64_t j = s + lane; j < e; j += 64) {
         const bool two = j + 32 < e;
@@ -229,8 +265,13 @@ __global__ void __launch_bounds__(kSkinnyThreads)
           c1 = colidx[j + 32];
           v1 = values[j + 32];
         }
-        add(j, c0, Num<T>::to_acc(v0));
-        if (two) add(j + 32, c1, Num<T>::to_acc(v1));
+        add(c0, Num<T>::to_acc(v0));
+        if (two) add(c1, Num<T>::to_acc(v1));
+      }
+    }
+    if (__any_sync(kFullMask, bad)) {  // rare: find and report the row's first bad index
+      for (int64_t j = s + lane; j < e; j += 32) {
+        if (!col_ok(colidx[j], j, k, rec)) break;
       }
     }
 #pragma unroll
@@ -247,14 +288,15 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   }
 }
 
-// xt[c] = {x[0, c], ..., x[mv-1, c], 0, ...} for the global-memory variant.
+// xt[c] = {x[0, c], ..., x[mv-1, c], 0, ...} for the global-memory variant, and xt[k] = 0 (the
+// column an out-of-range index reads).
 template <typename T, int MT>
 __global__ void transpose_x_kernel(const T* __restrict__ x, int64_t ldx, int mv, int64_t k, Pack<T, MT>* __restrict__ xt) {
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < k;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c <= k;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     Pack<T, MT> v;
 #pragma unroll
-    for (int m = 0; m < MT; ++m) v.v[m] = (m < mv) ? x[m * ldx + c] : Num<T>::from_acc(typename Num<T>::acc(0));
+    for (int m = 0; m < MT; ++m) v.v[m] = (m < mv && c < k) ? x[m * ldx + c] : Num<T>::from_acc(typename Num<T>::acc(0));
     xt[c] = v;
   }
 }
@@ -274,7 +316,7 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
       xt = reinterpret_cast<const Pack<T, 1>*>(x);
     } else {
       auto* xt_w = static_cast<Pack<T, MT>*>(xt_scratch);
-      const int64_t tgrid = std::min<int64_t>(ceil_div(k, 256), static_cast<int64_t>(sm_count(dev)) * 8);
+      const int64_t tgrid = std::min<int64_t>(ceil_div(k + 1, 256), static_cast<int64_t>(sm_count(dev)) * 8);
       PYENGINE_LAUNCH(static_cast<unsigned>(tgrid), 256, 0, stream, transpose_x_kernel<T, MT>)(x, k, static_cast<int>(m), k, xt_w);
       err = cudaGetLastError();
       if (err != cudaSuccess) return err;
@@ -294,7 +336,7 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
     return cudaGetLastError();
   }
   auto kernel = sparse_skinny_kernel<T, IdxT, MT, true>;
-  const size_t smem = static_cast<size_t>(k) * sizeof(Pack<T, MT>);
+  const size_t smem = static_cast<size_t>(k + 1) * sizeof(Pack<T, MT>);
   // the opt-in shared memory limit only ever grows; the occupancy is kept for the last size asked
   // (per device: the attribute belongs to the kernel in each device's context)
   static std::atomic<int64_t> smem_set[64];
@@ -335,32 +377,47 @@ inline int skinny_mt(int64_t m) {
   return mt;
 }
 
-template <typename T, typename IdxT>
-cudaError_t skinny_t(const T* x, int64_t m, int64_t k, const int32_t* rowptr, const IdxT* colidx, const T* values,
-                     int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n, void* xt_scratch, int mode,
-                     DeviceErrorRecord* rec, cudaStream_t stream) {
-  if (m <= 0 || n <= 0) return cudaSuccess;
-  const int dev = current_device();
+// How the skinny kernel reads x for m rows of k columns of es-byte elements: chunks of mt rows,
+// staged in shared memory (smem) or read from a transposed copy in global memory (one chunk;
+// m = 1 reads x in place). have_xt: a scratch for the copy exists (or is not needed, m = 1).
+// The glue sizes the scratch by this same plan (sparse_skinny_scratch_elems), so it allocates one
+// only when the kernel will read it.
+struct SkinnyPlan {
+  int mt;
+  bool smem;
+  bool ok;  // false: x does not fit shared memory and no copy was given (the glue prevents this)
+};
+inline SkinnyPlan skinny_plan(int64_t m, int64_t k, int64_t es, int mode, bool have_xt, int dev) {
   const int64_t smem_cap = std::min<int64_t>(detail::max_smem_optin(dev), 200 * 1024);
+  auto staged_bytes = [&](int mt) { return (k + 1) * mt * es; };
   int mt = skinny_mt(m);
   // shared-memory staging costs every block a copy of x: fine while it is small, and for a chunk
   // of 16 rows whenever it fits (the global-memory build of that kernel holds 74-86 registers, so one
   // block per SM as with staging; on an H100, 2026-11-27, bf16 4096 x 4096 at 90% zeros, M = 16:
   // staged 0.0187 ms warm / 0.0212 cold, global 0.0217 / 0.0239); otherwise the transposed global
   // copy (one chunk of <= 16 rows) is read through the caches instead
-  const int64_t bytes = k * mt * static_cast<int64_t>(sizeof(T));
-  // (one row of x needs no transposed copy: the global variant reads it in place)
-  const bool have_xt = xt_scratch != nullptr || m == 1;
-  bool use_smem = mode == 1 || (mode == 0 && (bytes <= 48 * 1024 || (mt == 16 && bytes <= smem_cap)));
+  bool use_smem = mode == 1 || (mode == 0 && (staged_bytes(mt) <= 48 * 1024 || (mt == 16 && staged_bytes(mt) <= smem_cap)));
   if (m > 16 || !have_xt) use_smem = true;
   if (use_smem) {
-    while (mt > 1 && k * mt * static_cast<int64_t>(sizeof(T)) > smem_cap) mt /= 2;
-    if (k * mt * static_cast<int64_t>(sizeof(T)) > smem_cap) {
-      if (!have_xt || m > 16) return cudaErrorInvalidValue;  // the glue prevents this
+    while (mt > 1 && staged_bytes(mt) > smem_cap) mt /= 2;
+    if (staged_bytes(mt) > smem_cap) {
+      if (!have_xt || m > 16) return {mt, true, false};
       use_smem = false;
       mt = skinny_mt(m);
     }
   }
+  return {mt, use_smem, true};
+}
+
+template <typename T, typename IdxT>
+cudaError_t skinny_t(const T* x, int64_t m, int64_t k, const int32_t* rowptr, const IdxT* colidx, const T* values,
+                     int64_t nnz, const T* bias, T* out, int64_t ldo, int64_t n, void* xt_scratch, int mode,
+                     DeviceErrorRecord* rec, cudaStream_t stream) {
+  if (m <= 0 || n <= 0) return cudaSuccess;
+  const SkinnyPlan plan = skinny_plan(m, k, sizeof(T), mode, xt_scratch != nullptr || m == 1, current_device());
+  if (!plan.ok) return cudaErrorInvalidValue;
+  const int mt = plan.mt;
+  const bool use_smem = plan.smem;
   const bool vec_loads = aligned_to(colidx, 16) && aligned_to(values, 16);
   switch (mt) {
     case 1: return launch_skinny<T, IdxT, 1>(x, m, k, use_smem, xt_scratch, vec_loads, rowptr, colidx, values, nnz, bias, out, ldo, n, rec, stream);
@@ -615,7 +672,11 @@ cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, 
   });
 }
 
-int64_t sparse_skinny_scratch_elems(int64_t m, int64_t k) { return m > 1 && m <= 16 ? k * skinny_mt(m) : 0; }
+int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode) {
+  if (m <= 1 || m > 16) return 0;  // one row is read in place; more than 16 are always staged
+  const SkinnyPlan plan = skinny_plan(m, k, dtype_size(dt), mode, true, current_device());
+  return plan.smem ? 0 : (k + 1) * plan.mt;
+}
 
 bool sparse_linear_spmm_supported(DType dt) { return dt == DType::kFloat32; }
 

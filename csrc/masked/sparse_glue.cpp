@@ -81,11 +81,12 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_, const at::Tensor& rowptr_, c
   const int64_t skinny_max = dt == pc::DType::kFloat32 ? 32 : 64;
   // beyond 16 rows x is staged in shared memory in chunks: each row of x must fit there
   if (m <= skinny_max && (m <= 16 || k * x.element_size() <= (int64_t(96) << 10))) {
-    const int64_t scratch = pc::sparse_skinny_scratch_elems(m, k);
+    const int mode = skinny_mode();
+    const int64_t scratch = pc::sparse_skinny_scratch_elems(dt, m, k, mode);
     at::Tensor xt = scratch > 0 ? at::empty({scratch}, x.options()) : at::Tensor();
     C10_CUDA_CHECK(pc::sparse_linear_skinny(dt, x.data_ptr(), m, k, rowptr.data_ptr<int32_t>(), colidx.data_ptr(), idx16,
                                             values.data_ptr(), nnz, bp, out.data_ptr(), n, n,
-                                            xt.defined() ? xt.data_ptr() : nullptr, skinny_mode(), rec, stream));
+                                            xt.defined() ? xt.data_ptr() : nullptr, mode, rec, stream));
     return out;
   }
   const double density = static_cast<double>(nnz) / (static_cast<double>(n) * static_cast<double>(k));

@@ -31,10 +31,11 @@ cudaError_t pack_fill(DType dt, const void* w, int64_t n, int64_t k, const int32
 // out (m, n) row-major with row stride ldo = x (m, k) contiguous @ W^T (+ bias); fp32
 // accumulation; for m <= 64. x is read per nonzero as one vector of up to 16 rows, staged in
 // shared memory or (m <= 16) from a transposed copy in xt_scratch
-// (sparse_skinny_scratch_elems(m, k) elements of x's dtype, may be nullptr: shared memory only);
-// one row of x (m = 1) is read in place and needs no scratch.
-// mode: 0 picks, 1 shared memory, 2 global (the transposed copy, or x itself for m = 1).
-int64_t sparse_skinny_scratch_elems(int64_t m, int64_t k);
+// (sparse_skinny_scratch_elems(dt, m, k, mode) elements of x's dtype: 0 when the kernel will stage x
+// in shared memory; may be nullptr: shared memory only); one row of x (m = 1) is read in place and
+// needs no scratch. mode: 0 picks, 1 shared memory, 2 global (the transposed copy, or x itself for
+// m = 1). Call it on the device that will run the product (the plan depends on its shared memory).
+int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode);
 cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, const int32_t* rowptr,
                                  const void* colidx, bool colidx16, const void* values, int64_t nnz,
                                  const void* bias, void* out, int64_t ldo, int64_t n, void* xt_scratch, int mode,

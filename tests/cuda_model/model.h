@@ -79,7 +79,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
   const size_t nblocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
   if (nblocks == 0) return;
   unsigned char* smem = smem_bytes ? new (std::align_val_t(128)) unsigned char[smem_bytes] : nullptr;
-  if (smem) std::memset(smem, 0xAB, smem_bytes);  // never zero by luck
+  if (smem) std::memset(smem, 0xFF, smem_bytes);  // never zero by luck: NaN in every float type, -1 in every integer
   std::barrier<> block_bar(static_cast<std::ptrdiff_t>(nthreads));
   std::vector<std::unique_ptr<Warp>> warps;
   for (unsigned w = 0; w < nthreads / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -98,7 +98,7 @@ inline void launch(dim3 grid, dim3 block, size_t smem_bytes, const std::function
                              static_cast<unsigned>(b / (static_cast<size_t>(grid.x) * grid.y)));
         body();
         block_bar.arrive_and_wait();  // the block is done
-        if (t == 0 && smem) std::memset(smem, 0xAB, smem_bytes);
+        if (t == 0 && smem) std::memset(smem, 0xFF, smem_bytes);
         block_bar.arrive_and_wait();  // the next block starts on fresh garbage
       }
     });
@@ -211,6 +211,7 @@ inline int atomicExch(int* p, int val) { return __atomic_exchange_n(p, val, __AT
 template <typename T>
 T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline bool __all_sync(unsigned, int p) { return model::ballot(p != 0) == 0xffffffffu; }
+inline bool __any_sync(unsigned, int p) { return model::ballot(p != 0) != 0u; }
 template <typename T>
 T __ldg(const T* p) { return *p; }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }

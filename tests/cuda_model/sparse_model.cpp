@@ -4,6 +4,8 @@
 // column index or row pointer is reported, never followed. pack_scan (CUB) is left out of the
 // model; the rows' offsets are computed here. Built and run by tests/test_cuda_model.py.
 #define PYENGINE_KERNEL_MODEL
+#include <limits>
+
 #include "check.h"
 
 #include "masked/sparse_cuda.cu"
@@ -65,13 +67,14 @@ void skinny_case(const char* tname, int64_t m, int64_t k, int64_t n, int mode, s
   const Csr c = csr_of(w, n, k);
   const auto xt = check::convert<T>(x), vt = check::convert<T>(c.values), bt = check::convert<T>(b);
   std::vector<T> out(static_cast<size_t>(m * n), check::from_float<T>(-999.0f));
-  std::vector<T> scratch(static_cast<size_t>(std::max<int64_t>(1, sparse_skinny_scratch_elems(m, k))));
+  const int64_t scratch_elems = sparse_skinny_scratch_elems(check::dtype_of<T>(), m, k, mode);
+  std::vector<T> scratch(static_cast<size_t>(std::max<int64_t>(1, scratch_elems)));
   DeviceErrorRecord rec{};
   const bool idx16 = k < 32768;
   const cudaError_t err = sparse_linear_skinny(check::dtype_of<T>(), xt.data(), m, k, c.rowptr.data(),
                                                idx16 ? static_cast<const void*>(c.col16.data()) : c.col32.data(), idx16,
                                                vt.data(), static_cast<int64_t>(c.values.size()), bt.data(), out.data(), n, n,
-                                               sparse_skinny_scratch_elems(m, k) > 0 ? scratch.data() : nullptr, mode, &rec,
+                                               scratch_elems > 0 ? scratch.data() : nullptr, mode, &rec,
                                                nullptr);
   const int64_t bad = check::first_mismatch(out, check::linear(w, x, &b, m, k, n));
   expect(err == cudaSuccess && bad < 0 && rec.code == kDevErrNone,
@@ -112,23 +115,38 @@ void densify_case(int64_t n, int64_t k, int64_t row0, int64_t rows, std::mt19937
 }
 
 // A column index past k, and a decreasing row pointer: reported with the position, never read.
+// The skinny product skips the bad entry exactly: column 0 of W is empty and x's column 0 and the
+// bad entry's weight are infinite, so reading either (even with a zero factor) would give NaN.
 void bad_index_cases(std::mt19937& g) {
   const int64_t m = 3, k = 500, n = 20;
-  const auto w = check::sparse_matrix(n, k, 0.1, g);
-  const auto x = check::small_ints(static_cast<size_t>(m * k), -1, 1, g);
+  auto w = check::sparse_matrix(n, k, 0.1, g);
+  for (int64_t r = 0; r < n; ++r) w[r * k] = 0.0f;
+  const auto x_ref = check::small_ints(static_cast<size_t>(m * k), -1, 1, g);
+  auto x = x_ref;  // the reference's column 0 stays finite: W's column 0 is empty
+  for (int64_t i = 0; i < m; ++i) x[i * k] = std::numeric_limits<float>::infinity();
   Csr c = csr_of(w, n, k);
   std::vector<float> out(static_cast<size_t>(m * n));
-  for (int mode : {1, 2})
+  for (int mode : {0, 1, 2})
     for (int64_t mm : {m, int64_t(1)}) {  // m = 1 in mode 2: x read in place, no scratch
       Csr bad = c;
       bad.col16[7] = 20000;
-      std::vector<float> scratch(static_cast<size_t>(sparse_skinny_scratch_elems(mm, k)));
+      bad.values[7] = std::numeric_limits<float>::infinity();
+      std::vector<float> w_skip = w;  // W without the bad entry
+      int64_t row7 = 0;
+      while (bad.rowptr[row7 + 1] <= 7) ++row7;
+      w_skip[row7 * k + c.col16[7]] = 0.0f;
+      const int64_t se = sparse_skinny_scratch_elems(DType::kFloat32, mm, k, mode);
+      std::vector<float> scratch(static_cast<size_t>(se), std::numeric_limits<float>::quiet_NaN());  // no zero left over
       DeviceErrorRecord rec{};
       sparse_linear_skinny(DType::kFloat32, x.data(), mm, k, bad.rowptr.data(), bad.col16.data(), true,
                            bad.values.data(), static_cast<int64_t>(bad.values.size()), nullptr, out.data(), n, n,
                            scratch.empty() ? nullptr : scratch.data(), mode, &rec, nullptr);
+      const std::string what = "skinny mode " + std::to_string(mode) + " m=" + std::to_string(mm);
       expect(rec.code == kDevErrColidx && rec.position == 7 && rec.value == 20000 && rec.bound == k,
-             "skinny mode " + std::to_string(mode) + " m=" + std::to_string(mm) + " reports colidx 20000 at position 7");
+             what + " reports colidx 20000 at position 7");
+      const std::vector<float> got(out.begin(), out.begin() + mm * n);
+      expect(check::first_mismatch(got, check::linear(w_skip, x_ref, nullptr, mm, k, n)) < 0,
+             what + " skips the bad entry exactly (no NaN from its infinite weight or x's column 0)");
     }
   {
     Csr bad = c;
