@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/device.cuh"
@@ -75,38 +76,107 @@ struct RowBatch {  // the kernel's parameter (~2.6 KB), passed by value
   RowSeg s[kMaxRowSegs];
 };
 
-// fp16 / bf16 on raw bits, two values per 32-bit word (the SIMD video intrinsics). sm_90 has no
-// video compare instruction: each __vset*2 becomes a few integer instructions (VIADD.16x2, LOP3).
-// In SASS (nvcc 13.0, sm_90, a one-vector test kernel) a 16-byte vector of 8 bf16 values costs
-// about 30 instructions this way (> 0, with the NaN max) against about 40 value by value - not the
-// "3 per word" first guessed; native bf16x2 / half2 compares (HSET2, __hgt2_mask) would take about
-// 16. Issue is not what bounds the count on an H100 by this estimate (40 per vector is ~17 us of
-// issue for the (256, 512, 28, 28) table row against its 68 us of reads); bench_gpu.py times both
-// paths. ON: bits in [1, inf] (> 0), or in [0, inf] or -0 (>= 0); NaN: bits without the sign above inf.
+// fp16 / bf16 two values per 32-bit word, compared with the packed half-precision compares
+// (HSET2: bf16x2 needs sm_90, fp16x2 sm_53). ON: > 0 (an ordered compare: NaN and -0 are not ON)
+// or >= 0 (-0 is); a NaN is a value unequal to itself (an unordered compare). The first version
+// compared raw bits with the SIMD video intrinsics, which sm_90 runs as several integer
+// instructions each (about 30 per 16-byte vector against about 16 this way). Measured with
+// benchmarks/micro/ on an H200 (2026-11-27, (256, 512, 28, 28) bf16, count kernel alone): 53.7 us
+// video intrinsics, 53.1 packed compares, 52.5 packed compares with the loads in rotation (below),
+// against 51.8 us for the same loads with no counting.
 template <typename T>
 struct HalfBits;
 template <>
 struct HalfBits<__half> {
   static constexpr unsigned kInf = kFloat16InfBits;
+  using Pair = __half2;
 };
 template <>
 struct HalfBits<__nv_bfloat16> {
   static constexpr unsigned kInf = kBFloat16InfBits;
+  using Pair = __nv_bfloat162;
 };
 
-// Per half of w: 1 where the value is ON, else 0.
+// Per half of w: 0xffff where the value is ON, else 0.
 template <typename T, bool INCLUSIVE>
-__device__ __forceinline__ unsigned on_pairs(unsigned w) {
-  constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
+__device__ __forceinline__ unsigned on_mask(unsigned w) {
+  using P2 = typename HalfBits<T>::Pair;
+  P2 h, zero;
+  static_assert(sizeof(P2) == sizeof(unsigned), "two halves per word");
+  memcpy(&h, &w, sizeof(w));
+  const unsigned z = 0u;
+  memcpy(&zero, &z, sizeof(z));
   if constexpr (INCLUSIVE) {
-    return __vsetleu2(w, inf2) + __vseteq2(w, 0x80008000u);
+    return __hge2_mask(h, zero);
   } else {
-    return __vsetleu2(__vsub2(w, 0x00010001u), inf2 - 0x00010001u);  // 0 - 1 wraps to 0xffff
+    return __hgt2_mask(h, zero);
   }
+}
+// Per half of w: 0xffff where the value is NaN, else 0.
+template <typename T>
+__device__ __forceinline__ unsigned nan_mask(unsigned w) {
+  using P2 = typename HalfBits<T>::Pair;
+  P2 h;
+  memcpy(&h, &w, sizeof(w));
+  return __hneu2_mask(h, h);
 }
 
 template <typename T, int VEC>
 constexpr bool kPackedHalf = (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) && VEC == 8;
+
+// One thread's column of one-neuron fp16 / bf16 vectors, rows r0, r0 + step, ... below re: the
+// loads go in two half batches of kUnroll / 2 in rotation, so the loads of one half are in flight
+// while the other is counted (a thread that loads all kUnroll and then counts has none in flight
+// while it counts; same registers). Adds the ON count to cnt and the NaN count to nans.
+template <typename T, bool INCLUSIVE>
+__device__ __forceinline__ void count_packed_rotating(const uint4* __restrict__ base, int64_t r0, int64_t re,
+                                                      int64_t step, int64_t cvec, unsigned& cnt, unsigned& nans) {
+  constexpr int H = kUnroll / 2;
+  constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
+  uint4 a[H], b[H];
+  auto load_half = [&](uint4 (&d)[H], int64_t r) {
+#pragma unroll
+    for (int u = 0; u < H; ++u) {
+      const int64_t ru = r + static_cast<int64_t>(u) * step;
+      if (ru < re) d[u] = __ldg(base + ru * cvec);
+    }
+  };
+  auto count_half = [&](const uint4 (&d)[H], int64_t r) {
+    unsigned pk = 0, nm = 0;  // per-half ON sums (at most 4 * H each), NaN mask
+#pragma unroll
+    for (int u = 0; u < H; ++u) {
+      if (r + static_cast<int64_t>(u) * step >= re) continue;
+      const unsigned w[4] = {d[u].x, d[u].y, d[u].z, d[u].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pk += on_mask<T, INCLUSIVE>(w[i]) & 0x00010001u;
+        nm |= nan_mask<T>(w[i]);
+      }
+    }
+    cnt += (pk & 0xFFFFu) + (pk >> 16);
+    if (nm != 0u) {  // a NaN in this half batch: count them exactly
+#pragma unroll
+      for (int u = 0; u < H; ++u) {
+        if (r + static_cast<int64_t>(u) * step >= re) continue;
+        const unsigned w[4] = {d[u].x, d[u].y, d[u].z, d[u].w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) nans += __popc(__vsetgtu2(w[i] & 0x7FFF7FFFu, inf2));
+      }
+    }
+  };
+  const int64_t hs = static_cast<int64_t>(H) * step;
+  int64_t r = r0;
+  load_half(a, r);
+  while (r < re) {
+    const int64_t rb = r + hs;
+    load_half(b, rb);
+    count_half(a, r);
+    const int64_t ra = rb + hs;
+    load_half(a, ra);
+    count_half(b, rb);
+    r = ra;
+  }
+}
 
 template <typename T, int VEC, bool INCLUSIVE, bool RELU>
 __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __grid_constant__ RowBatch b) {
@@ -154,38 +224,21 @@ __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __gri
     if (active) {
       const P* base = static_cast<const P*>(sg.x) + v;
       P* ybase = RELU ? static_cast<P*>(sg.y) + v : nullptr;
-      for (int64_t r = rs + trow; r < re; r += static_cast<int64_t>(kUnroll) * rows_par) {
+      bool counted = false;
+      if constexpr (kPackedHalf<T, VEC> && !RELU) {
+        if (b.packed && c0 == c1) {  // the vector is one neuron's: packed compares, the total into cnt[0]
+          count_packed_rotating<T, INCLUSIVE>(reinterpret_cast<const uint4*>(base), rs + trow, re, rows_par, cvec,
+                                              cnt[0], nans);
+          counted = true;
+        }
+      }
+      for (int64_t r = rs + trow; !counted && r < re; r += static_cast<int64_t>(kUnroll) * rows_par) {
         P a[kUnroll];
         bool ok[kUnroll];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {  // every load of the batch issued before any use
           ok[u] = r + static_cast<int64_t>(u) * rows_par < re;
           if (ok[u]) load_pack(a[u], base + (r + static_cast<int64_t>(u) * rows_par) * cvec);
-        }
-        if constexpr (kPackedHalf<T, VEC> && !RELU) {
-          if (b.packed && c0 == c1) {  // the vector is one neuron's: count on raw bits, the total into cnt[0]
-            constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
-            auto each_word = [&](auto&& f) {  // the batch's loaded vectors as 32-bit words
-#pragma unroll
-              for (int u = 0; u < kUnroll; ++u) {
-                if (!ok[u]) continue;
-                const uint4 q = *reinterpret_cast<const uint4*>(&a[u]);
-                f(q.x);
-                f(q.y);
-                f(q.z);
-                f(q.w);
-              }
-            };
-            unsigned pk = 0, mx = 0;  // per-half sums (at most 4 * kUnroll each), per-half max of |bits|
-            each_word([&](unsigned w) {
-              pk += on_pairs<T, INCLUSIVE>(w);
-              mx = __vmaxu2(mx, w & 0x7FFF7FFFu);
-            });
-            cnt[0] += (pk & 0xFFFFu) + (pk >> 16);
-            if (__vsetgtu2(mx, inf2) != 0u)  // a NaN in this batch: count them exactly
-              each_word([&](unsigned w) { nans += __popc(__vsetgtu2(w & 0x7FFF7FFFu, inf2)); });
-            continue;
-          }
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {

@@ -202,6 +202,12 @@ int main() {
       counts_case<__half>("fp16", 4, 8 * 100, 20, inclusive, relu, g);
       counts_case<__nv_bfloat16>("bf16", 300, 16, 8, inclusive, relu, g);  // many rows, kUnroll batches
     }
+  // a thread walking many rows of one-neuron vectors (512-wide tiles, one row per step): the two
+  // half batches in rotation, with a partial last half (4 model SMs: 45 rows -> 11-12 per thread)
+  for (bool inclusive : {false, true}) {
+    counts_case<__nv_bfloat16>("bf16", 45, 8 * 512, 8, inclusive, false, g);
+    counts_case<__half>("fp16", 70, 8 * 512, 16, inclusive, false, g);
+  }
   setenv("PYENGINE_ENTROPY_RAW_BITS", "0", 1);  // the value-by-value count of 16-bit vectors (kept to compare)
   counts_case<__nv_bfloat16>("bf16 values", 5, 64 * 24, 24, true, false, g);
   unsetenv("PYENGINE_ENTROPY_RAW_BITS");
