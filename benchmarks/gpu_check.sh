@@ -8,6 +8,8 @@
 #   4. runs compute-sanitizer (memcheck) over every op on small valid and on bad inputs,
 #   5. times LaCoOT's regulariser in a ResNet-18 step (benchmarks/bench_lacoot_step.py, issue 8)
 #      and the host cost of entropy collection per activation (benchmarks/bench_collector_host.py),
+#      runs the README's main job on the GPU (`pyengine prune --model resnet18 --device cuda`) and
+#      times the variant kernels of benchmarks/micro (each leaves one stage out),
 #   6. runs the GPU benchmark (benchmarks/bench_gpu.py: checks first, then the issue-11 table
 #      with a torch.compile column),
 #   7. profiles the kernels behind the unmet rows with Nsight Compute (benchmarks/profile_kernels.py),
@@ -20,6 +22,7 @@
 #   BENCH_ONLY=a,b     pass --only a,b to the benchmark (entropy,sparse,masked,sliced,train)
 #   SKIP_PROFILE=1     leave out step 7 (PROFILE_ONLY=sparse,entropy,sliced picks its families)
 #   SKIP_SAN_TESTS=1   leave out step 8 (memcheck over the test files, the longest step: ~150 s)
+#   SKIP_PRUNE=1, SKIP_MICRO=1  leave out the main job on the GPU (step 5b) and the variant kernels (5c)
 # POT (the authors' sliced-Wasserstein library, the LaCoOT baseline) is not on the device image: a
 # wheel in .whl/ is installed into /tmp/site first. Fetch it where pip works (Python 3.12 there):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -94,7 +97,10 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   step "bad-input cases on CPU, crash-isolated" 300 "$L/crash.log" $PY -m pytest -q -p no:cacheprovider tests/test_crash_isolation.py
   step "valid + bad inputs in one process (sanitizer script) on CPU" 120 "$L/sanitizer.log" $PY tests/bad_input_cases.py --device cpu --good
   step "benchmark scripts compile" 60 "$L/bench.log" $PY -m py_compile benchmarks/bench_gpu.py benchmarks/bench_lacoot_step.py \
-    benchmarks/bench_collector_host.py benchmarks/profile_kernels.py
+    benchmarks/bench_collector_host.py benchmarks/profile_kernels.py benchmarks/micro/run_variants.py
+  NVCC=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
+  step "variant kernels compile (benchmarks/micro)" 120 "$L/micro.log" \
+    "$NVCC" -O3 -arch=sm_90 -shared -Xcompiler -fPIC -o /tmp/pyengine_variants.so benchmarks/micro/variants.cu
   printf '\nsummary (%ss):\n' "$(elapsed)"; printf '%s\n' "${SUMMARY[@]}"
   exit $status
 fi
@@ -176,6 +182,20 @@ step "LaCoOT regulariser in a ResNet-18 step, batch 128" ${LACOOT_LIMIT:-90} "$L
 # counting as each activation runs
 step "entropy collection host cost per activation" ${COLLECT_LIMIT:-40} "$L/collector_host.log" \
   $PY benchmarks/bench_collector_host.py --device cuda --rounds 7 --steps 100 --json "$OUT/collector_host_cuda.json"
+
+# the README's main job on the GPU (its default needs no download), to its report
+if [[ "${SKIP_PRUNE:-0}" != "1" ]]; then
+  step "pyengine prune --model resnet18 --device cuda" ${PRUNE_LIMIT:-90} "$L/prune.log" \
+    $PY -m pyengine prune --model resnet18 --device cuda --no-progress --out /tmp/pyengine_prune_run
+  mkdir -p "$L/prune_run" && find /tmp/pyengine_prune_run -maxdepth 1 -type f \( -name "*.json" -o -name "*.md" \) \
+    -size -2M -exec cp {} "$L/prune_run/" \; 2>/dev/null || true
+fi
+
+# variant kernels that each leave one stage out (benchmarks/micro: a few seconds to build)
+if [[ "${SKIP_MICRO:-0}" != "1" ]]; then
+  step "variant kernels (benchmarks/micro)" ${MICRO_LIMIT:-60} "$L/micro.log" \
+    env OUT="$L" PYTHON="$PY" bash benchmarks/micro/run.sh
+fi
 
 left=$(( 400 - $(elapsed) ))
 [[ $left -lt 60 ]] && left=60

@@ -1,0 +1,320 @@
+// Variant kernels for placing the time of two unmet issue-11 rows (benchmarks/micro/run_variants.py
+// loads this as a shared library through ctypes and times each variant next to the dense baseline).
+// These are experiments, not pyengine's kernels: each one is a trimmed copy of a production kernel
+// (csrc/masked/sparse_cuda.cu, csrc/entropy/entropy_cuda.cu) with one stage changed or left out.
+//
+// CSR GEMV, M = 1, bf16 values, int16 column indices, one warp per row, x staged in shared memory:
+//   flags (bit): 1 gather x from shared memory (else a constant: no gather), 2 check the column,
+//   4 rows from rowptr (else fixed rows of `fixed` entries: s = row * fixed), 8 read x from global
+//   memory in place (no staging), 16 add the products (else only the loads: a bandwidth floor).
+// Entropy counts, bf16 on raw bits, one neuron per vector, 512 threads, one block per SM:
+//   mode 0 the production order (8 loads, then count), 1 two half batches of 4 in rotation (loads of
+//   one in flight while the other is counted), 2 production order with bf16x2 compares (HSET2),
+//   3 rotation + bf16x2 compares, 4 loads only (xor of the words: the read floor of this access
+//   pattern).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace {
+
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int FLAGS, int THREADS>
+__global__ void __launch_bounds__(THREADS)
+    csr_kernel(const __nv_bfloat16* __restrict__ x, int64_t k, const int32_t* __restrict__ rowptr,
+               const int16_t* __restrict__ colidx, const __nv_bfloat16* __restrict__ values, int64_t nnz,
+               int fixed, __nv_bfloat16* __restrict__ out, int64_t n, int* err) {
+  constexpr bool GATHER = FLAGS & 1, CHECK = FLAGS & 2, ROWPTR = FLAGS & 4, GLOBALX = FLAGS & 8, FMA = FLAGS & 16;
+  constexpr int WARPS = THREADS / 32;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + (threadIdx.x >> 5);
+  int64_t s0 = 0, e0 = 0;
+  if (row < n) {
+    if (ROWPTR) {
+      s0 = rowptr[row];
+      e0 = rowptr[row + 1];
+    } else {
+      s0 = row * fixed;
+      e0 = s0 + fixed;
+    }
+  }
+  if (GATHER && !GLOBALX) {
+    constexpr int kStage = 8;
+    for (int64_t c0 = threadIdx.x; c0 < k; c0 += static_cast<int64_t>(THREADS) * kStage) {
+      __nv_bfloat16 v[kStage];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u) * THREADS;
+        v[u] = c < k ? x[c] : __float2bfloat16(0.f);
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int64_t c = c0 + static_cast<int64_t>(u) * THREADS;
+        if (c < k) xs[c] = v[u];
+      }
+    }
+    __syncthreads();
+  }
+  if (row >= n) return;
+  float acc = 0.f;
+  unsigned bits = 0;
+  auto add = [&](int64_t j, int16_t col, __nv_bfloat16 w) {
+    if (!FMA) {
+      bits ^= static_cast<unsigned short>(col) ^ __bfloat16_as_ushort(w);
+      return;
+    }
+    if (CHECK) {
+      if (static_cast<uint64_t>(static_cast<int64_t>(col)) >= static_cast<uint64_t>(k)) {
+        atomicExch(err, 1);
+        return;
+      }
+    }
+    float xv = 1.f;
+    if (GATHER) xv = __bfloat162float(GLOBALX ? x[col] : xs[col]);
+    acc += __bfloat162float(w) * xv;
+  };
+  int64_t s = s0 < 0 ? 0 : (s0 > nnz ? nnz : s0);
+  int64_t e = e0 < s ? s : (e0 > nnz ? nnz : e0);
+  using CP = Pack<int16_t, 8>;
+  using VP = Pack<__nv_bfloat16, 8>;
+  const CP* cp = reinterpret_cast<const CP*>(colidx);
+  const VP* vp = reinterpret_cast<const VP*>(values);
+  int64_t a = (s + 7) & ~int64_t(7);
+  const int64_t bnd = e & ~int64_t(7);
+  if (a > e) a = e;
+  int64_t h;
+  bool hv;
+  if (lane < 8) {
+    h = s + lane;
+    hv = h < a;
+  } else {
+    h = (bnd > a ? bnd : a) + (lane - 8);
+    hv = lane < 16 && h < e;
+  }
+  int16_t hc = 0;
+  __nv_bfloat16 hw = __float2bfloat16(0.f);
+  if (hv) {
+    hc = colidx[h];
+    hw = values[h];
+  }
+  const int64_t g1 = bnd >> 3;
+  for (int64_t g = (a >> 3) + lane; g < g1; g += 64) {
+    const bool two = g + 32 < g1;
+    const CP c0 = cp[g];
+    const VP v0 = vp[g];
+    CP c1{};
+    VP v1{};
+    if (two) {
+      c1 = cp[g + 32];
+      v1 = vp[g + 32];
+    }
+#pragma unroll
+    for (int q = 0; q < 8; ++q) add(g * 8 + q, c0.v[q], v0.v[q]);
+    if (two) {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) add((g + 32) * 8 + q, c1.v[q], v1.v[q]);
+    }
+  }
+  if (hv) add(h, hc, hw);
+  if (!FMA) acc = static_cast<float>(bits & 1u);
+  acc = warp_sum(acc);
+  if (lane == 0) out[row] = __float2bfloat16(acc);
+}
+
+template <int THREADS>
+__global__ void __launch_bounds__(THREADS) empty_kernel(__nv_bfloat16* __restrict__ out, int64_t n) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + (threadIdx.x >> 5);
+  if (row < n && (threadIdx.x & 31) == 0) out[row] = __float2bfloat16(0.f);
+}
+
+template <int FLAGS, int THREADS>
+int launch_csr(const void* x, int64_t k, const int32_t* rowptr, const void* colidx, const void* values, int64_t nnz,
+               int fixed, void* out, int64_t n, int* err, int occ_blocks, cudaStream_t stream) {
+  auto kern = csr_kernel<FLAGS, THREADS>;
+  const size_t smem = ((FLAGS & 1) && !(FLAGS & 8)) ? static_cast<size_t>(k) * 2 : 0;
+  const int64_t grid = (n + THREADS / 32 - 1) / (THREADS / 32);
+  (void)occ_blocks;
+  kern<<<static_cast<unsigned>(grid), THREADS, smem, stream>>>(
+      static_cast<const __nv_bfloat16*>(x), k, rowptr, static_cast<const int16_t*>(colidx),
+      static_cast<const __nv_bfloat16*>(values), nnz, fixed, static_cast<__nv_bfloat16*>(out), n, err);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------- entropy counts
+constexpr int kThreads = 512;
+constexpr int kUnroll = 8;
+constexpr unsigned kInf2 = 0x7F807F80u;
+
+__device__ __forceinline__ void count_vset(const uint4& q, unsigned& pk, unsigned& mx) {
+  const unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    pk += __vsetleu2(__vsub2(w[i], 0x00010001u), kInf2 - 0x00010001u);
+    mx = __vmaxu2(mx, w[i] & 0x7FFF7FFFu);
+  }
+}
+// bf16x2 compares: > 0 is false for NaN; a NaN is a value unequal to itself (unordered compare)
+__device__ __forceinline__ void count_hset(const uint4& q, unsigned& pk, unsigned& mx) {
+  const unsigned w[4] = {q.x, q.y, q.z, q.w};
+  const __nv_bfloat162 zero = __floats2bfloat162_rn(0.f, 0.f);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 h = *reinterpret_cast<const __nv_bfloat162*>(&w[i]);
+    pk += __hgt2_mask(h, zero) & 0x00010001u;
+    mx |= __hneu2_mask(h, h);
+  }
+}
+
+// rows x cvec vectors of 8 bf16; tile_w = 512 vectors; the flat (tile, row) space split evenly
+template <int MODE>
+__global__ void __launch_bounds__(kThreads) count_kernel(const uint4* __restrict__ x, int64_t rows, int64_t cvec,
+                                                        unsigned long long* __restrict__ total,
+                                                        unsigned long long* __restrict__ nan_flag) {
+  const int64_t ntiles = (cvec + kThreads - 1) / kThreads;
+  const int64_t work = ntiles * rows;
+  const int64_t G = gridDim.x;
+  const int64_t w_begin = work * blockIdx.x / G, w_end = work * (blockIdx.x + 1) / G;
+  unsigned long long cnt = 0;
+  unsigned bad = 0;
+  for (int64_t w = w_begin; w < w_end;) {
+    const int64_t tile = w / rows;
+    const int64_t rs = w - tile * rows;
+    int64_t re = rs + (w_end - w);
+    if (re > rows) re = rows;
+    w += re - rs;
+    const int64_t v = tile * kThreads + threadIdx.x;
+    if (v >= cvec) continue;
+    const uint4* base = x + v;
+    unsigned pk = 0, mx = 0;
+    auto count = [&](const uint4& q) {
+      if constexpr (MODE == 0 || MODE == 1) count_vset(q, pk, mx);
+      else if constexpr (MODE == 2 || MODE == 3) count_hset(q, pk, mx);
+      else pk ^= q.x ^ q.y ^ q.z ^ q.w;
+    };
+    auto flush = [&]() {
+      cnt += (pk & 0xFFFFu) + (pk >> 16);
+      pk = 0;
+    };
+    if constexpr (MODE == 1 || MODE == 3) {
+      constexpr int H = kUnroll / 2;
+      uint4 a[H], b[H];
+      int64_t r = rs;
+#pragma unroll
+      for (int u = 0; u < H; ++u)
+        if (r + u < re) a[u] = __ldg(base + (r + u) * cvec);
+      while (r < re) {
+        const int64_t rb = r + H;
+#pragma unroll
+        for (int u = 0; u < H; ++u)
+          if (rb + u < re) b[u] = __ldg(base + (rb + u) * cvec);
+#pragma unroll
+        for (int u = 0; u < H; ++u)
+          if (r + u < re) count(a[u]);
+        const int64_t ra = rb + H;
+#pragma unroll
+        for (int u = 0; u < H; ++u)
+          if (ra + u < re) a[u] = __ldg(base + (ra + u) * cvec);
+#pragma unroll
+        for (int u = 0; u < H; ++u)
+          if (rb + u < re) count(b[u]);
+        flush();
+        r = ra;
+      }
+    } else {
+      for (int64_t r = rs; r < re; r += kUnroll) {
+        uint4 a[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (r + u < re) a[u] = __ldg(base + (r + u) * cvec);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (r + u < re) count(a[u]);
+        flush();
+      }
+    }
+    if (MODE == 0 || MODE == 1) bad |= __vsetgtu2(mx, kInf2);
+    else bad |= mx;
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    cnt += __shfl_xor_sync(0xffffffffu, cnt, o);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(total, cnt);
+    if (bad) atomicAdd(nan_flag, 1ull);
+  }
+}
+
+template <int MODE>
+int launch_count(const void* x, int64_t rows, int64_t cvec, void* total, void* nan_flag, int grid,
+                 cudaStream_t stream) {
+  count_kernel<MODE><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
+                                                    static_cast<unsigned long long*>(total),
+                                                    static_cast<unsigned long long*>(nan_flag));
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+extern "C" {
+
+// variant ids: see run_variants.py (CSR_VARIANTS)
+int csr_variant(int id, const void* x, int64_t k, const int32_t* rowptr, const void* colidx, const void* values,
+                int64_t nnz, int fixed, void* out, int64_t n, int* err, cudaStream_t stream) {
+  switch (id) {
+    case 0: return launch_csr<1 | 2 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 1: return launch_csr<2 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 2: return launch_csr<1 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 3: return launch_csr<1 | 2 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 4: return launch_csr<1 | 2 | 4 | 8 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 5: return launch_csr<4, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 6: return launch_csr<0, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 7: return launch_csr<1 | 2 | 4 | 16, 128>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 8: return launch_csr<1 | 2 | 4 | 16, 256>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 9: return launch_csr<1 | 2 | 4 | 16, 1024>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 10: return launch_csr<1 | 2 | 4 | 8 | 16, 128>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 11:
+      empty_kernel<512><<<static_cast<unsigned>((n + 15) / 16), 512, 0, stream>>>(static_cast<__nv_bfloat16*>(out), n);
+      return static_cast<int>(cudaGetLastError());
+  }
+  return -1;
+}
+
+int count_variant(int mode, const void* x, int64_t rows, int64_t cvec, void* total, void* nan_flag, int grid,
+                  cudaStream_t stream) {
+  switch (mode) {
+    case 0: return launch_count<0>(x, rows, cvec, total, nan_flag, grid, stream);
+    case 1: return launch_count<1>(x, rows, cvec, total, nan_flag, grid, stream);
+    case 2: return launch_count<2>(x, rows, cvec, total, nan_flag, grid, stream);
+    case 3: return launch_count<3>(x, rows, cvec, total, nan_flag, grid, stream);
+    case 4: return launch_count<4>(x, rows, cvec, total, nan_flag, grid, stream);
+  }
+  return -1;
+}
+
+int count_regs(int mode) {
+  cudaFuncAttributes a{};
+  cudaError_t e = cudaErrorInvalidValue;
+  switch (mode) {
+    case 0: e = cudaFuncGetAttributes(&a, count_kernel<0>); break;
+    case 1: e = cudaFuncGetAttributes(&a, count_kernel<1>); break;
+    case 2: e = cudaFuncGetAttributes(&a, count_kernel<2>); break;
+    case 3: e = cudaFuncGetAttributes(&a, count_kernel<3>); break;
+    case 4: e = cudaFuncGetAttributes(&a, count_kernel<4>); break;
+  }
+  return e == cudaSuccess ? a.numRegs : -1;
+}
+}
