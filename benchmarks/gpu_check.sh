@@ -155,10 +155,11 @@ fi
 
 # the CUDA op tests in pytest-xdist workers: a crashing test takes one worker down, not the run
 step "CUDA op tests (xdist, crash-isolated)" ${PYTEST_LIMIT:-120} "$L/pytest.log" \
-  $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py \
+  env PYENGINE_TEST_CUDA_MEM_LOG="$L/cuda_mem.log" $PY -m pytest -q -p no:cacheprovider -n 8 tests/test_ops_entropy.py tests/test_ops_masked.py \
   tests/test_ops_sliced.py tests/test_buffer_pool.py tests/test_depth_lacoot.py tests/test_entropy_collect.py \
   tests/test_ofa_memory.py -k cuda
 grep -E "FAILED|crashed|node down|\[pyengine\]|_C\.cpython" "$L/pytest.log" | head -n 40 || true
+echo "tests past 1 GiB of CUDA memory:"; sort -rn "$L/cuda_mem.log" 2>/dev/null | head -n 10 || true
 # a native crash anywhere: keep the built library for addr2line on the printed offsets
 if grep -qE "CRASH|crashed|node down" "$L/crash.log" "$L/pytest.log" 2>/dev/null; then cp pyengine/_C*.so "$OUT/" 2>/dev/null || true; fi
 
