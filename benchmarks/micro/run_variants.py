@@ -45,6 +45,9 @@ COUNT_MODES = {
     3: "rotation + bf16x2 compares",
     4: "loads only (xor)",
     5: "contiguous stream, loads only",
+    6: "loads only, strips 2x wider (16 KB)",
+    7: "loads only, strips 4x wider (32 KB)",
+    8: "loads only, strips 8x wider (64 KB)",
 }
 
 
@@ -185,7 +188,7 @@ def count_table(lib, g, results):
     results["count_clone_ms"] = t_copy
     for mode, label in COUNT_MODES.items():
         regs = lib.count_regs(mode)
-        for occ in ((1, 2) if regs <= 64 else (1,)) if mode < 5 else (1, 2, 4):  # production holds 98 registers: one block per SM
+        for occ in ((1, 2) if regs <= 64 else (1,)) if mode < 5 else (1, 2):  # production holds 98 registers: one block per SM
             grid = sms * occ
             total.zero_()
             nan_flag.zero_()
@@ -218,6 +221,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("so")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--only", choices=["csr", "count"], default=None, help="one of the two tables")
     a = ap.parse_args()
     lib = ctypes.CDLL(a.so)
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -228,8 +232,10 @@ def main():
     g.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(DEV), "torch": torch.__version__}
     print(results["device"], "torch", torch.__version__, file=sys.stderr)
-    csr_table(lib, g, results)
-    count_table(lib, g, results)
+    if a.only != "count":
+        csr_table(lib, g, results)
+    if a.only != "csr":
+        count_table(lib, g, results)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

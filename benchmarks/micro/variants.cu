@@ -11,7 +11,8 @@
 //   mode 0 the production order (8 loads, then count), 1 two half batches of 4 in rotation (loads of
 //   one in flight while the other is counted), 2 production order with bf16x2 compares (HSET2),
 //   3 rotation + bf16x2 compares, 4 loads only (xor of the words: the read floor of this access
-//   pattern), 5 the whole tensor read as one contiguous stream (the plain read floor).
+//   pattern), 5 the whole tensor read as one contiguous stream (the plain read floor), 6-8 loads
+//   only with column strips 2, 4 or 8 times wider (16, 32, 64 KB of a row per block step).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -280,6 +281,42 @@ __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint4* __re
   if (acc == 0x12345678u) atomicAdd(total, 1ull);  // keeps the loads
 }
 
+// Loads only, like mode 4, but a block's column strip is V * 512 vectors wide (V * 8 KB per row):
+// each thread loads V vectors 512 apart in a row, kUnroll / V rows per batch.
+template <int V>
+__global__ void __launch_bounds__(kThreads) strip_read_kernel(const uint4* __restrict__ x, int64_t rows, int64_t cvec,
+                                                             unsigned long long* __restrict__ total) {
+  constexpr int R = kUnroll / V;
+  const int64_t tw = static_cast<int64_t>(kThreads) * V;
+  const int64_t ntiles = (cvec + tw - 1) / tw;
+  const int64_t work = ntiles * rows;
+  const int64_t G = gridDim.x;
+  const int64_t w_begin = work * blockIdx.x / G, w_end = work * (blockIdx.x + 1) / G;
+  unsigned acc = 0;
+  for (int64_t w = w_begin; w < w_end;) {
+    const int64_t tile = w / rows;
+    const int64_t rs = w - tile * rows;
+    int64_t re = rs + (w_end - w);
+    if (re > rows) re = rows;
+    w += re - rs;
+    const int64_t v0 = tile * tw + threadIdx.x;
+    for (int64_t r = rs; r < re; r += R) {
+      uint4 a[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + u / V, v = v0 + static_cast<int64_t>(u % V) * kThreads;
+        if (row < re && v < cvec) a[u] = __ldg(x + row * cvec + v);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t row = r + u / V, v = v0 + static_cast<int64_t>(u % V) * kThreads;
+        if (row < re && v < cvec) acc ^= a[u].x ^ a[u].y ^ a[u].z ^ a[u].w;
+      }
+    }
+  }
+  if (acc == 0x12345678u) atomicAdd(total, 1ull);  // keeps the loads
+}
+
 template <int MODE>
 int launch_count(const void* x, int64_t rows, int64_t cvec, void* total, void* nan_flag, int grid,
                  cudaStream_t stream) {
@@ -323,6 +360,18 @@ int count_variant(int mode, const void* x, int64_t rows, int64_t cvec, void* tot
     case 2: return launch_count<2>(x, rows, cvec, total, nan_flag, grid, stream);
     case 3: return launch_count<3>(x, rows, cvec, total, nan_flag, grid, stream);
     case 4: return launch_count<4>(x, rows, cvec, total, nan_flag, grid, stream);
+    case 6:
+      strip_read_kernel<2><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
+                                                           static_cast<unsigned long long*>(total));
+      return static_cast<int>(cudaGetLastError());
+    case 7:
+      strip_read_kernel<4><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
+                                                           static_cast<unsigned long long*>(total));
+      return static_cast<int>(cudaGetLastError());
+    case 8:
+      strip_read_kernel<8><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
+                                                           static_cast<unsigned long long*>(total));
+      return static_cast<int>(cudaGetLastError());
     case 5:
       stream_read_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows * cvec,
                                                         static_cast<unsigned long long*>(total));
@@ -341,6 +390,9 @@ int count_regs(int mode) {
     case 3: e = cudaFuncGetAttributes(&a, count_kernel<3>); break;
     case 4: e = cudaFuncGetAttributes(&a, count_kernel<4>); break;
     case 5: e = cudaFuncGetAttributes(&a, stream_read_kernel); break;
+    case 6: e = cudaFuncGetAttributes(&a, strip_read_kernel<2>); break;
+    case 7: e = cudaFuncGetAttributes(&a, strip_read_kernel<4>); break;
+    case 8: e = cudaFuncGetAttributes(&a, strip_read_kernel<8>); break;
   }
   return e == cudaSuccess ? a.numRegs : -1;
 }
