@@ -48,6 +48,8 @@ COUNT_MODES = {
     6: "loads only, strips 2x wider (16 KB)",
     7: "loads only, strips 4x wider (32 KB)",
     8: "loads only, strips 8x wider (64 KB)",
+    9: "loads only, blocks in step down the rows",
+    10: "loads only, row-major units interleaved",
 }
 
 
@@ -188,8 +190,10 @@ def count_table(lib, g, results):
     results["count_clone_ms"] = t_copy
     for mode, label in COUNT_MODES.items():
         regs = lib.count_regs(mode)
-        for occ in ((1, 2) if regs <= 64 else (1,)) if mode < 5 else (1, 2):  # production holds 98 registers: one block per SM
-            grid = sms * occ
+        ntiles = -(-cvec // 512)
+        # production holds 128 registers: one block per SM; mode 9 takes whole row ranges per tile
+        for occ in ((1, 2) if regs <= 64 else (1,)) if mode < 5 else (1, 2):
+            grid = sms * occ if mode != 9 else ntiles * (occ + 1)
             total.zero_()
             nan_flag.zero_()
             rc = lib.count_variant(mode, p(x), rows, cvec, p(total), p(nan_flag), grid,
@@ -199,9 +203,9 @@ def count_table(lib, g, results):
             t = time_plain(lambda: lib.count_variant(mode, p(x), rows, cvec, p(total), p(nan_flag), grid,
                                                      ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)))
             results.setdefault("count", []).append(
-                {"mode": mode, "label": label, "us": t * 1e3, "ok": ok, "regs": regs, "blocks_per_sm": occ,
+                {"mode": mode, "label": label, "us": t * 1e3, "ok": ok, "regs": regs, "grid": grid,
                  "tb_s": nbytes / t / 1e9})
-            print(f"  {mode} {label:<48} {occ} block/SM {t * 1e3:6.1f} us  {nbytes / t / 1e6:6.0f} GB/s  "
+            print(f"  {mode} {label:<48} grid {grid:4d} {t * 1e3:6.1f} us  {nbytes / t / 1e6:6.0f} GB/s  "
                   f"regs {regs}  {'ok' if ok else 'CHECK FAILED'}")
     # a NaN must be seen by every counting mode
     x.view(-1)[123457] = float("nan")

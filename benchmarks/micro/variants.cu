@@ -12,7 +12,9 @@
 //   one in flight while the other is counted), 2 production order with bf16x2 compares (HSET2),
 //   3 rotation + bf16x2 compares, 4 loads only (xor of the words: the read floor of this access
 //   pattern), 5 the whole tensor read as one contiguous stream (the plain read floor), 6-8 loads
-//   only with column strips 2, 4 or 8 times wider (16, 32, 64 KB of a row per block step).
+//   only with column strips 2, 4 or 8 times wider (16, 32, 64 KB of a row per block step), 9 loads
+//   only with the blocks in step down the rows, 10 loads only over row-major units interleaved
+//   across the blocks.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -317,6 +319,52 @@ __global__ void __launch_bounds__(kThreads) strip_read_kernel(const uint4* __res
   if (acc == 0x12345678u) atomicAdd(total, 1ull);  // keeps the loads
 }
 
+// Loads only, with the blocks in step down the rows: block b takes tile b % ntiles and the b /
+// ntiles-th of gridDim.x / ntiles row ranges, so at any time the blocks read a few rows' worth of
+// addresses (mode 9, grid = a multiple of ntiles); or every block takes the row-major units b,
+// b + G, b + 2G, ... (mode 10: all blocks on the same one or two rows at once).
+template <bool INTERLEAVED>
+__global__ void __launch_bounds__(kThreads) lockstep_read_kernel(const uint4* __restrict__ x, int64_t rows,
+                                                                int64_t cvec, unsigned long long* __restrict__ total) {
+  const int64_t ntiles = (cvec + kThreads - 1) / kThreads;
+  unsigned acc = 0;
+  if constexpr (INTERLEAVED) {
+    const int64_t work = ntiles * rows, G = gridDim.x;
+    for (int64_t u0 = blockIdx.x; u0 < work; u0 += G * kUnroll) {
+      uint4 a[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t unit = u0 + static_cast<int64_t>(u) * G;
+        const int64_t row = unit / ntiles, v = (unit - row * ntiles) * kThreads + threadIdx.x;
+        if (unit < work && v < cvec) a[u] = __ldg(x + row * cvec + v);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t unit = u0 + static_cast<int64_t>(u) * G;
+        const int64_t row = unit / ntiles, v = (unit - row * ntiles) * kThreads + threadIdx.x;
+        if (unit < work && v < cvec) acc ^= a[u].x ^ a[u].y ^ a[u].z ^ a[u].w;
+      }
+    }
+  } else {
+    const int64_t parts = gridDim.x / ntiles;
+    const int64_t tile = blockIdx.x % ntiles, part = blockIdx.x / ntiles;
+    const int64_t rs = rows * part / parts, re = rows * (part + 1) / parts;
+    const int64_t v = tile * kThreads + threadIdx.x;
+    if (part < parts && v < cvec) {
+      for (int64_t r = rs; r < re; r += kUnroll) {
+        uint4 a[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (r + u < re) a[u] = __ldg(x + (r + u) * cvec + v);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (r + u < re) acc ^= a[u].x ^ a[u].y ^ a[u].z ^ a[u].w;
+      }
+    }
+  }
+  if (acc == 0x12345678u) atomicAdd(total, 1ull);  // keeps the loads
+}
+
 template <int MODE>
 int launch_count(const void* x, int64_t rows, int64_t cvec, void* total, void* nan_flag, int grid,
                  cudaStream_t stream) {
@@ -372,6 +420,14 @@ int count_variant(int mode, const void* x, int64_t rows, int64_t cvec, void* tot
       strip_read_kernel<8><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
                                                            static_cast<unsigned long long*>(total));
       return static_cast<int>(cudaGetLastError());
+    case 9:
+      lockstep_read_kernel<false><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
+                                                                  static_cast<unsigned long long*>(total));
+      return static_cast<int>(cudaGetLastError());
+    case 10:
+      lockstep_read_kernel<true><<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows, cvec,
+                                                                 static_cast<unsigned long long*>(total));
+      return static_cast<int>(cudaGetLastError());
     case 5:
       stream_read_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const uint4*>(x), rows * cvec,
                                                         static_cast<unsigned long long*>(total));
@@ -393,6 +449,8 @@ int count_regs(int mode) {
     case 6: e = cudaFuncGetAttributes(&a, strip_read_kernel<2>); break;
     case 7: e = cudaFuncGetAttributes(&a, strip_read_kernel<4>); break;
     case 8: e = cudaFuncGetAttributes(&a, strip_read_kernel<8>); break;
+    case 9: e = cudaFuncGetAttributes(&a, lockstep_read_kernel<false>); break;
+    case 10: e = cudaFuncGetAttributes(&a, lockstep_read_kernel<true>); break;
   }
   return e == cudaSuccess ? a.numRegs : -1;
 }
