@@ -8,7 +8,9 @@ Two questions of issue 11 (see benchmarks/results/gpu_notes.md):
   one stage out, timed by the same rotation as bench_gpu.py (distinct weights three L2 caches
   large, one call per weight, one captured graph; median replay time / calls);
 - whether the bf16 entropy count gains from keeping loads in flight while it counts, or from bf16x2
-  compares, against the read floor of the same access pattern.
+  compares, against the read floor of the same access pattern, and which order of the same loads
+  comes near a contiguous read of the tensor (wider column strips, blocks in step down the rows,
+  row-major units interleaved across blocks).
 Every variant that computes the product or the count is checked against a reference first.
 """
 from __future__ import annotations
