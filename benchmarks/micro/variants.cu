@@ -145,11 +145,10 @@ __global__ void __launch_bounds__(THREADS) empty_kernel(__nv_bfloat16* __restric
 
 template <int FLAGS, int THREADS>
 int launch_csr(const void* x, int64_t k, const int32_t* rowptr, const void* colidx, const void* values, int64_t nnz,
-               int fixed, void* out, int64_t n, int* err, int occ_blocks, cudaStream_t stream) {
+               int fixed, void* out, int64_t n, int* err, cudaStream_t stream) {
   auto kern = csr_kernel<FLAGS, THREADS>;
   const size_t smem = ((FLAGS & 1) && !(FLAGS & 8)) ? static_cast<size_t>(k) * 2 : 0;
   const int64_t grid = (n + THREADS / 32 - 1) / (THREADS / 32);
-  (void)occ_blocks;
   kern<<<static_cast<unsigned>(grid), THREADS, smem, stream>>>(
       static_cast<const __nv_bfloat16*>(x), k, rowptr, static_cast<const int16_t*>(colidx),
       static_cast<const __nv_bfloat16*>(values), nnz, fixed, static_cast<__nv_bfloat16*>(out), n, err);
@@ -382,17 +381,17 @@ extern "C" {
 int csr_variant(int id, const void* x, int64_t k, const int32_t* rowptr, const void* colidx, const void* values,
                 int64_t nnz, int fixed, void* out, int64_t n, int* err, cudaStream_t stream) {
   switch (id) {
-    case 0: return launch_csr<1 | 2 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 1: return launch_csr<2 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 2: return launch_csr<1 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 3: return launch_csr<1 | 2 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 4: return launch_csr<1 | 2 | 4 | 8 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 5: return launch_csr<4, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 6: return launch_csr<0, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 7: return launch_csr<1 | 2 | 4 | 16, 128>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 8: return launch_csr<1 | 2 | 4 | 16, 256>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 9: return launch_csr<1 | 2 | 4 | 16, 1024>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
-    case 10: return launch_csr<1 | 2 | 4 | 8 | 16, 128>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, 0, stream);
+    case 0: return launch_csr<1 | 2 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 1: return launch_csr<2 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 2: return launch_csr<1 | 4 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 3: return launch_csr<1 | 2 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 4: return launch_csr<1 | 2 | 4 | 8 | 16, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 5: return launch_csr<4, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 6: return launch_csr<0, 512>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 7: return launch_csr<1 | 2 | 4 | 16, 128>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 8: return launch_csr<1 | 2 | 4 | 16, 256>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 9: return launch_csr<1 | 2 | 4 | 16, 1024>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
+    case 10: return launch_csr<1 | 2 | 4 | 8 | 16, 128>(x, k, rowptr, colidx, values, nnz, fixed, out, n, err, stream);
     case 11:
       empty_kernel<512><<<static_cast<unsigned>((n + 15) / 16), 512, 0, stream>>>(static_cast<__nv_bfloat16*>(out), n);
       return static_cast<int>(cudaGetLastError());

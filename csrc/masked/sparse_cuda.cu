@@ -99,16 +99,22 @@ __device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, i
   clamp_row(rowptr[row], rowptr[row + 1], row, nnz, rec, reporter, s, e);
 }
 
-// Whether c is a column of a row of x with k entries.
+// The bound of a 32-bit column test for rows of k entries: a negative index is >= 2^31 as
+// unsigned, and with k >= 2^31 every non-negative one (IdxT has at most 32 bits) is in range.
+__device__ __forceinline__ uint32_t col_bound(int64_t k) {
+  return k < (int64_t(1) << 31) ? static_cast<uint32_t>(k) : (uint32_t(1) << 31);
+}
+// Whether c is a column of a row of x (kb = col_bound(k)).
 template <typename IdxT>
-__device__ __forceinline__ bool col_in_range(IdxT c, int64_t k) {
-  return static_cast<uint64_t>(static_cast<int64_t>(c)) < static_cast<uint64_t>(k);
+__device__ __forceinline__ bool col_in_range(IdxT c, uint32_t kb) {
+  static_assert(sizeof(IdxT) <= 4, "column indices of at most 32 bits");
+  return static_cast<uint32_t>(static_cast<int32_t>(c)) < kb;
 }
 // The same test; a bad one is reported (and must not be read).
 template <typename IdxT>
 __device__ __forceinline__ bool col_ok(IdxT c, int64_t j, int64_t k, DeviceErrorRecord* rec) {
   const int64_t v = static_cast<int64_t>(c);
-  if (col_in_range(c, k)) return true;
+  if (col_in_range(c, col_bound(k))) return true;
   report_device_error(rec, kOpSparseLinear, kDevErrColidx, j, v, k);
   return false;
 }
@@ -136,7 +142,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
   PYENGINE_DYNAMIC_SMEM(smem_raw, 16);
   XP* xs = reinterpret_cast<XP*>(smem_raw);
   const int lane = threadIdx.x & 31;
-  const uint32_t k32 = k < (int64_t(1) << 31) ? static_cast<uint32_t>(k) : (uint32_t(1) << 31);
+  const uint32_t kb = col_bound(k);
   const int64_t wstride = static_cast<int64_t>(gridDim.x) * kSkinnyWarps;
   int64_t row = static_cast<int64_t>(blockIdx.x) * kSkinnyWarps + (threadIdx.x >> 5);
   // the first row's pointers are requested before x is staged, so the two latencies overlap
@@ -176,9 +182,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
     for (int m = 0; m < MT; ++m) acc[m] = A(0);
     bool bad = false;  // an index of this lane's entries was out of range
     auto add = [&](IdxT col, A wv) {
-      // 32-bit test: a negative index is >= 2^31 as unsigned, and with k >= 2^31 every
-      // non-negative one (IdxT has at most 32 bits) is in range
-      const bool ok = static_cast<uint32_t>(static_cast<int32_t>(col)) < k32;
+      const bool ok = col_in_range(col, kb);
       bad = bad || !ok;
       XP xv;
       if constexpr (SMEM || MT > 1) {  // the copy's zero column k
@@ -673,7 +677,7 @@ cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, 
 }
 
 int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode) {
-  if (m <= 1 || m > 16) return 0;  // one row is read in place; more than 16 are always staged
+  if (m <= 1) return 0;  // one row is read in place (more than 16 are always staged: the plan says so)
   const SkinnyPlan plan = skinny_plan(m, k, dtype_size(dt), mode, true, current_device());
   return plan.smem ? 0 : (k + 1) * plan.mt;
 }
