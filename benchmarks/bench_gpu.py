@@ -259,6 +259,19 @@ def case_entropy(timer, args, copy_bw):
         t_relu = timer.time(lambda: torch.relu(x))
         t_fused = timer.time(lambda: torch.ops.pyengine.relu_count(x, c, nan, 1, False, False))
         note = f"floor {floor:.3f}; add_ {t_add:.4f}; relu {t_relu:.4f} vs relu_count {t_fused:.4f}"
+        # the flat read order of the single-tensor count (opt-in until measured: entropy_cuda.cu)
+        with env_set("PYENGINE_ENTROPY_ORDER", "stream"):
+            xn = x[:sz(16)].clone()
+            xn.view(-1)[3::1001] = float("nan")
+            c = torch.full((512,), 2, dtype=torch.int64, device=DEV)
+            nan.zero_()
+            ops.entropy_counts_add_(c, xn, nan_count=nan)
+            same = torch.equal(ops.entropy_counts(x, 1, check_nan=False), ops.entropy_counts_reference(x, 1))
+            same &= torch.equal(c, 2 + ops.entropy_counts_reference(xn, 1)) and int(nan) == int(torch.isnan(xn).sum())
+            if check(f"{name} stream order (PYENGINE_ENTROPY_ORDER=stream)", same, "exact"):
+                t_stream = timer.time(lambda: ops.entropy_counts(x, 1, check_nan=False))
+                t_stream_add = timer.time(lambda: torch.ops.pyengine.entropy_counts_add_(c, nan, x, 1, False, False))
+                note += f"; stream order {t_stream:.4f} (add_ {t_stream_add:.4f})"
         if dt == torch.bfloat16:  # the raw-bit count of 16-bit vectors against the value-by-value one
             with env_set("PYENGINE_ENTROPY_RAW_BITS", "0"):
                 same = torch.equal(ops.entropy_counts(x, 1, check_nan=False), ops.entropy_counts_reference(x, 1))

@@ -73,6 +73,8 @@ def targets(dev, dry):
         for dt in (torch.float32, torch.bfloat16):
             x = torch.randn(256 // s, 512, 28, 28, device=dev, generator=g).to(dt)
             res += [(f"entropy_counts {str(dt)[6:]}", lambda x=x: ops.entropy_counts(x, 1, check_nan=False)),
+                    (f"entropy_counts stream order {str(dt)[6:]}",
+                     lambda x=x: with_env("PYENGINE_ENTROPY_ORDER", "stream", lambda: ops.entropy_counts(x, 1, check_nan=False))),
                     (f"reference count {str(dt)[6:]}", lambda x=x: ops.entropy_counts_reference(x, 1))]
         return res
 

@@ -5,6 +5,7 @@ import torch
 
 from pyengine.ops import (
     entropy_counts,
+    entropy_counts_add_,
     entropy_counts_reference,
     entropy_from_counts,
     entropy_from_counts_reference,
@@ -81,6 +82,25 @@ def test_counts_large_plane_and_many_rows(device):
     assert torch.equal(entropy_counts(x, 1), entropy_counts_reference(x, 1))
     r = torch.randn(40000, 3, device=device)
     assert torch.equal(entropy_counts(r, 1), entropy_counts_reference(r, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("inclusive", [False, True])
+def test_counts_stream_order(device, poison, monkeypatch, dtype, inclusive):
+    """PYENGINE_ENTROPY_ORDER=stream (CUDA): the flat-order count of NCHW tensors with planes of
+    >= 32 vectors, rows ending inside a warp's load, NaNs; and shapes it leaves to the strips."""
+    monkeypatch.setenv("PYENGINE_ENTROPY_ORDER", "stream")
+    for shape in ((9, 40, 28, 28), (5, 3, 16, 16), (3, 5, 11, 12), (4, 6, 5, 5), (2, 7, 31, 1)):
+        x = _sample(shape, dtype, device)
+        x.view(-1)[5::97] = float("nan")
+        for cdim, pp in ((1, False), (1, True)):
+            got = entropy_counts(x, cdim, pp, inclusive=inclusive, check_nan=False)
+            assert torch.equal(got, entropy_counts_reference(x, cdim, pp, inclusive=inclusive)), (shape, pp)
+        c = torch.full((shape[1],), 3, dtype=torch.int64, device=device)
+        nan = torch.zeros((), dtype=torch.int64, device=device)
+        entropy_counts_add_(c, x, nan_count=nan, inclusive=inclusive)
+        assert torch.equal(c, 3 + entropy_counts_reference(x, 1, inclusive=inclusive))
+        assert int(nan) == int(torch.isnan(x).sum())
 
 
 def test_counts_reject_nan(device):

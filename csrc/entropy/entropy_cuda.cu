@@ -298,6 +298,187 @@ __global__ void __launch_bounds__(kCountThreads) entropy_rows_kernel(const __gri
   }
 }
 
+// ---- stream order (PYENGINE_ENTROPY_ORDER=stream; the strips above stay the default until it is
+// measured): the tensor read as one flat array the way a plain copy reads it - every block takes
+// 64 KB (kUnroll loads of 16 bytes per thread, 512 vectors apart) and the grid strides over the
+// tensor together. benchmarks/micro/ on an H100 (2026-11-27, (256, 512, 28, 28) bf16, loads only):
+// 69.0-69.9 us for this order against 72.0-72.8 us for the strips and 72.6-74.9 us for strips 2-8x
+// wider; the count kernel took 74.3 us. For neurons of at least 32 whole vectors (channel_div a
+// multiple of VEC and >= 32 * VEC: NCHW planes of >= 512 bytes) and rows of whole neurons, the 32
+// vectors of one warp-wide load belong to at most two neurons: the warp sums its ON counts for
+// each with one reduction (redux.sync) and a lane adds them to the block's shared counters, which
+// are flushed to the output at the end. The neuron of the warp's first vector is tracked, not
+// divided for: each step adds a fixed number of vectors, whose quotient and remainder by the
+// neuron's vector count are worked out on the host (StreamStep).
+constexpr int kStreamMaxNeurons = 4096;
+constexpr int64_t kStreamChunk = static_cast<int64_t>(kCountThreads) * kUnroll;  // vectors per block per step
+
+// Moving a position on by `step` vectors: neuron += q (mod neurons), offset += r (mod div_vec).
+struct StreamStep {
+  uint32_t q, r;
+};
+inline StreamStep stream_step(int64_t step, int64_t div_vec, int64_t neurons) {
+  return {static_cast<uint32_t>((step / div_vec) % neurons), static_cast<uint32_t>(step % div_vec)};
+}
+__device__ __forceinline__ void stream_advance(uint32_t& ch, uint32_t& off, StreamStep s, uint32_t div_vec,
+                                               uint32_t neurons) {
+  off += s.r;  // both < div_vec < 2^31: no wrap
+  uint32_t carry = 0;
+  if (off >= div_vec) {
+    off -= div_vec;
+    carry = 1;
+  }
+  ch += s.q + carry;  // < 2 * neurons
+  if (ch >= neurons) ch -= neurons;
+}
+
+// ON count of one 16-byte vector of T (each value once), and its NaNs flagged in nm.
+template <typename T, bool INCLUSIVE>
+__device__ __forceinline__ unsigned count_vector(const uint4& q, unsigned& nm) {
+  const unsigned w[4] = {q.x, q.y, q.z, q.w};
+  if constexpr (sizeof(T) == 2) {
+    unsigned pk = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      pk += on_mask<T, INCLUSIVE>(w[i]) & 0x00010001u;
+      nm |= nan_mask<T>(w[i]);
+    }
+    return (pk & 0xFFFFu) + (pk >> 16);
+  } else {
+    static_assert(std::is_same<T, float>::value, "16- and 32-bit floats");
+    unsigned c = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float f = __int_as_float(static_cast<int>(w[i]));
+      c += INCLUSIVE ? (f >= 0.0f ? 1u : 0u) : (f > 0.0f ? 1u : 0u);
+      nm |= f != f ? 1u : 0u;
+    }
+    return c;
+  }
+}
+// NaNs of one 16-byte vector of T, counted exactly (only when a batch has one).
+template <typename T>
+__device__ __forceinline__ unsigned count_vector_nans(const uint4& q) {
+  const unsigned w[4] = {q.x, q.y, q.z, q.w};
+  unsigned n = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 2) {
+      n += __popc(__vsetgtu2(w[i] & 0x7FFF7FFFu, HalfBits<T>::kInf * 0x00010001u));
+    } else {
+      n += (w[i] & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+    }
+  }
+  return n;
+}
+
+template <typename T, bool INCLUSIVE>
+__global__ void __launch_bounds__(kCountThreads)
+    entropy_stream_kernel(const uint4* __restrict__ x, int64_t nvec, uint32_t div_vec, uint32_t neurons,
+                          StreamStep in_chunk, StreamStep next_chunk, unsigned long long* __restrict__ counts,
+                          unsigned long long* __restrict__ nan_count) {
+  __shared__ unsigned s_cnt[kStreamMaxNeurons];
+  __shared__ unsigned s_nan;
+  for (uint32_t i = threadIdx.x; i < neurons; i += kCountThreads) s_cnt[i] = 0;
+  if (threadIdx.x == 0) s_nan = 0;
+  __syncthreads();
+  const int lane = threadIdx.x & 31;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kStreamChunk;
+  // the neuron and offset (in vectors) of this warp's first vector of the current load
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kStreamChunk + (threadIdx.x & ~31);
+  uint32_t ch = static_cast<uint32_t>((first / div_vec) % neurons);
+  uint32_t off = static_cast<uint32_t>(first % div_vec);
+  unsigned nans = 0;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kStreamChunk + threadIdx.x; base - threadIdx.x < nvec;
+       base += stride) {
+    uint4 a[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // every load of the step in flight before any count
+      const int64_t i = base + static_cast<int64_t>(u) * kCountThreads;
+      if (i < nvec) a[u] = __ldg(x + i);
+    }
+    unsigned nm = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + static_cast<int64_t>(u) * kCountThreads;
+      const unsigned c = i < nvec ? count_vector<T, INCLUSIVE>(a[u], nm) : 0u;
+      // lanes off + lane < div_vec hold neuron ch, the others (if any) the next neuron
+      const bool in_first = off + static_cast<uint32_t>(lane) < div_vec;
+      const unsigned s0 = __reduce_add_sync(kFullMask, in_first ? c : 0u);
+      const unsigned s1 = __reduce_add_sync(kFullMask, in_first ? 0u : c);
+      if (lane == 0) {
+        if (s0) atomicAdd(&s_cnt[ch], s0);
+        if (s1) atomicAdd(&s_cnt[ch + 1 == neurons ? 0u : ch + 1], s1);
+      }
+      stream_advance(ch, off, u + 1 < kUnroll ? in_chunk : next_chunk, div_vec, neurons);
+    }
+    if (nm != 0u) {  // a NaN in this step: count them exactly
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = base + static_cast<int64_t>(u) * kCountThreads;
+        if (i < nvec) nans += count_vector_nans<T>(a[u]);
+      }
+    }
+  }
+  nans = detail::warp_sum(nans);
+  if (lane == 0 && nans) atomicAdd(&s_nan, nans);
+  __syncthreads();
+  for (uint32_t i = threadIdx.x; i < neurons; i += kCountThreads) {
+    const unsigned c = s_cnt[i];
+    if (c) atomicAdd(counts + i, static_cast<unsigned long long>(c));
+  }
+  if (threadIdx.x == 0 && s_nan) atomicAdd(nan_count, static_cast<unsigned long long>(s_nan));
+}
+
+// PYENGINE_ENTROPY_ORDER = strips (default) | stream: the order of the single-tensor count. Read
+// per call.
+bool stream_order_enabled() { return env_equals("PYENGINE_ENTROPY_ORDER", "stream"); }
+
+// Blocks of entropy_stream_kernel<T, INCLUSIVE> per multiprocessor, asked once.
+template <typename T, bool INCLUSIVE>
+cudaError_t stream_occupancy(int& occ) {
+  static std::atomic<int> cache{0};
+  occ = cache.load(std::memory_order_relaxed);
+  if (occ > 0) return cudaSuccess;
+  const cudaError_t err =
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, entropy_stream_kernel<T, INCLUSIVE>, kCountThreads, 0);
+  if (err != cudaSuccess) return err;
+  if (occ < 1) occ = 1;
+  cache.store(occ, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// The stream-order count of one contiguous, 16-byte aligned tensor, when its shape allows it (see
+// above); false: not taken (the caller counts in strips).
+template <typename T>
+bool launch_stream(const T* x, int64_t rows, int64_t row_len, int64_t channel_div, bool inclusive, int64_t* counts,
+                   unsigned long long* nan_count, cudaStream_t stream, cudaError_t& err) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  if constexpr (sizeof(T) == 8) {
+    return false;
+  } else {
+    if (channel_div % VEC != 0 || row_len % channel_div != 0) return false;
+    const int64_t div_vec = channel_div / VEC, neurons = row_len / channel_div;
+    if (div_vec < 32 || div_vec >= (int64_t(1) << 30) || neurons > kStreamMaxNeurons) return false;
+    const int64_t nvec = rows * (row_len / VEC);
+    auto kernel = inclusive ? entropy_stream_kernel<T, true> : entropy_stream_kernel<T, false>;
+    int occ = 0;
+    err = inclusive ? stream_occupancy<T, true>(occ) : stream_occupancy<T, false>(occ);
+    if (err != cudaSuccess) return true;
+    const int64_t resident = static_cast<int64_t>(sm_count(current_device())) * occ;
+    const int64_t grid = std::max<int64_t>(1, std::min(resident, ceil_div(nvec, kStreamChunk)));
+    // a block's 32-bit shared counters hold at most its share of the values
+    if (ceil_div(nvec, grid * kStreamChunk) * kStreamChunk * VEC >= (int64_t(1) << 31)) return false;
+    const StreamStep in_chunk = stream_step(kCountThreads, div_vec, neurons);
+    const StreamStep next_chunk = stream_step(grid * kStreamChunk - (kUnroll - 1) * kCountThreads, div_vec, neurons);
+    PYENGINE_LAUNCH(static_cast<unsigned>(grid), kCountThreads, 0, stream, kernel)(
+        reinterpret_cast<const uint4*>(x), nvec, static_cast<uint32_t>(div_vec), static_cast<uint32_t>(neurons), in_chunk,
+        next_chunk, reinterpret_cast<unsigned long long*>(counts), nan_count);
+    err = cudaGetLastError();
+    return true;
+  }
+}
+
 // Vectors per row piece of a tensor whose rows are cvec vectors long. A block's 512 threads take
 // rows_par = 512 / tile_w rows of one tile at a time, and the grid's share of the work counts every
 // (tile, row group) unit alike, so the width should keep threads busy in every unit: the widest of
@@ -380,6 +561,10 @@ cudaError_t entropy_rows_t(const T* x, T* y, int64_t rows, int64_t row_len, int6
                            bool inclusive, int64_t* counts, unsigned long long* nan_count, cudaStream_t stream) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   const bool vec = vector_loads<T>(x, y, row_len);
+  if (vec && y == nullptr && stream_order_enabled() && (sizeof(T) == 4 || raw_bits_enabled())) {
+    cudaError_t err = cudaSuccess;
+    if (launch_stream<T>(x, rows, row_len, channel_div, inclusive, counts, nan_count, stream, err)) return err;
+  }
   RowBatch b;
   b.count = 0;
   b.packed = raw_bits_enabled() ? 1 : 0;

@@ -154,6 +154,31 @@ void entropy_case(int64_t numel, int64_t n_samples, double eps, std::mt19937& g)
   expect(ok, "entropy numel=" + std::to_string(numel) + " n_samples=" + std::to_string(n_samples));
 }
 
+// The stream-order count (PYENGINE_ENTROPY_ORDER=stream), called directly so that a shape it
+// should take cannot pass by falling back to the strips: the counts added into, the NaN count, and
+// whether the shape was taken.
+template <typename T>
+void stream_case(const char* tname, int64_t rows, int64_t row_len, int64_t div, bool inclusive, bool taken,
+                 std::mt19937& g) {
+  const auto x = with_edge_nans(check::convert<T>(activations(rows * row_len, g)));  // 16-byte aligned (new)
+  const int64_t neurons = (row_len + div - 1) / div;
+  std::vector<int64_t> counts(static_cast<size_t>(neurons), 3), want(static_cast<size_t>(neurons), 3);
+  int64_t nan = 4, want_nan = 4;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < row_len; ++c) {
+      const float v = check::to_float(x[r * row_len + c]);
+      if (std::isnan(v)) ++want_nan;
+      else if (inclusive ? v >= 0.0f : v > 0.0f) ++want[c / div];
+    }
+  cudaError_t err = cudaSuccess;
+  const bool took = launch_stream<T>(x.data(), rows, row_len, div, inclusive, counts.data(),
+                                     reinterpret_cast<unsigned long long*>(&nan), nullptr, err);
+  char what[200];
+  std::snprintf(what, sizeof(what), "stream count %s rows=%lld row_len=%lld div=%lld inclusive=%d (%s)", tname,
+                (long long)rows, (long long)row_len, (long long)div, int(inclusive), taken ? "taken" : "not taken");
+  expect(took == taken && (!took || (err == cudaSuccess && counts == want && nan == want_nan)), what);
+}
+
 }  // namespace
 
 // zero_counts: every count and the NaN count set to 0 (they start as garbage), nothing past n touched
@@ -208,6 +233,31 @@ int main() {
     counts_case<__nv_bfloat16>("bf16", 45, 8 * 512, 8, inclusive, false, g);
     counts_case<__half>("fp16", 70, 8 * 512, 16, inclusive, false, g);
   }
+  // stream order: neurons of exactly 32 vectors (a warp's load inside one neuron or across two),
+  // of 100 and 33 vectors (rows ending inside a warp's load: the next neuron is 0), several
+  // grid-stride steps per block (model: 8 blocks of 64 KB), the most neurons it takes; and the
+  // shapes it leaves to the strips
+  for (bool inclusive : {false, true}) {
+    stream_case<__nv_bfloat16>("bf16", 5, 3 * 256, 256, inclusive, true, g);
+    stream_case<__nv_bfloat16>("bf16", 9, 40 * 784, 784, inclusive, true, g);
+    stream_case<__half>("fp16", 4, 7 * 800, 800, inclusive, true, g);
+    stream_case<float>("fp32", 3, 5 * 132, 132, inclusive, true, g);
+  }
+  stream_case<float>("fp32", 2, 4096 * 128, 128, false, true, g);
+  stream_case<__nv_bfloat16>("bf16", 3, 4097 * 256, 256, false, false, g);  // too many neurons
+  stream_case<__nv_bfloat16>("bf16", 3, 40 * 248, 248, false, false, g);    // neurons of 31 vectors
+  stream_case<__nv_bfloat16>("bf16", 3, 40 * 260, 260, false, false, g);    // not whole vectors
+  stream_case<float>("fp32", 3, 1000, 200, false, true, g);                 // neurons of 50 vectors
+  stream_case<float>("fp32", 3, 1000, 120, false, false, g);                // the last neuron cut short
+  stream_case<double>("fp64", 3, 4 * 256, 256, false, false, g);
+  // through the public entry point, and with the strips' fallback shapes
+  setenv("PYENGINE_ENTROPY_ORDER", "stream", 1);
+  for (bool inclusive : {false, true}) {
+    counts_case<__nv_bfloat16>("bf16 stream", 9, 40 * 784, 784, inclusive, false, g);
+    counts_case<__nv_bfloat16>("bf16 stream fallback", 5, 64 * 24, 24, inclusive, false, g);
+    counts_case<float>("fp32 stream relu (strips)", 4, 64 * 256, 256, inclusive, true, g);
+  }
+  unsetenv("PYENGINE_ENTROPY_ORDER");
   setenv("PYENGINE_ENTROPY_RAW_BITS", "0", 1);  // the value-by-value count of 16-bit vectors (kept to compare)
   counts_case<__nv_bfloat16>("bf16 values", 5, 64 * 24, 24, true, false, g);
   unsetenv("PYENGINE_ENTROPY_RAW_BITS");

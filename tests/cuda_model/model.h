@@ -212,6 +212,13 @@ template <typename T>
 T atomicAdd(T* p, T v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 inline bool __all_sync(unsigned, int p) { return model::ballot(p != 0) == 0xffffffffu; }
 inline bool __any_sync(unsigned, int p) { return model::ballot(p != 0) != 0u; }
+// redux.sync.add.u32 (sm_80): the sum over the warp, in every lane (full mask only)
+inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
+  if (mask != 0xffffffffu) model::fail("__reduce_add_sync with a partial mask is not modelled");
+  unsigned sum = 0;
+  for (int l = 0; l < 32; ++l) sum += model::exchange(v, l, false);
+  return sum;
+}
 template <typename T>
 T __ldg(const T* p) { return *p; }
 inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
