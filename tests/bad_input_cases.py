@@ -212,6 +212,13 @@ def cases(dev: torch.device):
         ("entropy_from_counts n_samples", lambda: P.entropy_from_counts(counts, 0, 0.0), ValueError, "n_samples must be positive"),
         ("entropy_from_counts eps", lambda: P.entropy_from_counts(counts, 4, 0.7), ValueError, "eps must be"),
         ("entropy_counts wrapper NaN", lambda: ops.entropy_counts(act_nan), ValueError, "NaN"),
+        # a meta tensor among real ones sends the call to the meta kernel, which must refuse it
+        ("relu_count meta nan_count", lambda: P.relu_count(act, counts, nanc.to("meta"), 1, False, False), ValueError,
+         "nan_count is on meta but x is on"),
+        ("entropy_counts_add_ meta nan_count", lambda: P.entropy_counts_add_(counts, nanc.to("meta"), act, 1, False, False),
+         ValueError, "nan_count is on meta"),
+        ("entropy_from_counts fractional n_samples", lambda: ops.entropy_from_counts(counts, 4.5), TypeError,
+         "n_samples must be an integer"),
     ]
     if cuda:
         out += [("entropy_counts_add_ counts on cpu", lambda: P.entropy_counts_add_(counts.cpu(), nanc, act, 1, False, False),
@@ -290,6 +297,19 @@ def cases(dev: torch.device):
          lambda: ops.sliced_wasserstein_grouped(gx, gx, gth[:, :5]), ValueError, "directions have 5 dims but the pairs have 6"),
         ("sliced_wasserstein_grouped huge n_directions",
          lambda: ops.sliced_wasserstein_grouped(gx, gx, n_directions=10**8), ValueError, "working memory"),
+        # not differentiable in the directions: refused at the call (the backward once read an empty
+        # list of saved tensors)
+        ("sliced_wasserstein_grouped theta requires grad",
+         lambda: P.sliced_wasserstein_grouped(gx, gx, gth.clone().requires_grad_(), 2.0, True, True), ValueError,
+         "not differentiable in the directions"),
+        ("sliced_wasserstein directions require grad",
+         lambda: ops.sliced_wasserstein(gx[0], gx[0], gth[:, :4].clone().requires_grad_()), ValueError,
+         "not differentiable in the directions"),
+        ("sliced_wasserstein fractional n_directions",
+         lambda: ops.sliced_wasserstein(gx[0], gx[0], n_directions=2.5), TypeError, "n_directions must be an integer"),
+        ("sliced_wasserstein_fwd meta theta",
+         lambda: P.sliced_wasserstein_fwd(gx[0][None], gx[0][None], gth[:, :4].to("meta"), 2.0, True, False), ValueError,
+         "theta is on meta"),
     ]
     out += [
         ("fill_directions_ 1-D out", lambda: P.fill_directions_(torch.empty(6, **f32), 1, True), ValueError,

@@ -180,6 +180,8 @@ class GroupedFn : public torch::autograd::Function<GroupedFn> {
     if (torch::autograd::GradMode::is_enabled())
       kOp.value_error("double backward (create_graph=True) is not supported; use pyengine.ops.sliced_wasserstein per pair");
     const auto saved = ctx->get_saved_variables();
+    if (saved.size() != 5)  // nothing was saved: no x or y required grad (grouped_autograd refuses the rest)
+      kOp.value_error("backward called but no x or y required grad at the forward");
     const at::Tensor &theta = saved[0], &cx = saved[1], &cy = saved[2], &win = saved[3], &scale = saved[4];
     const std::vector<int64_t> dims = ctx->saved_data["dims"].toIntVector();
     const bool use_max = ctx->saved_data["use_max"].toBool();
@@ -227,6 +229,9 @@ at::Tensor grouped_autograd(at::TensorList xs, at::TensorList ys, const at::Tens
                             bool normalize) {
   bool need_grad = false;
   if (torch::autograd::GradMode::is_enabled()) {
+    if (theta.requires_grad())
+      kOp.value_error("theta requires grad, but the distances are not differentiable in the directions (only in xs "
+                      "and ys); pass theta.detach()");
     for (const auto& t : xs) need_grad = need_grad || (t.defined() && t.requires_grad());
     for (const auto& t : ys) need_grad = need_grad || (t.defined() && t.requires_grad());
   }

@@ -1,6 +1,8 @@
 """Argument checks shared by the op wrappers: each raises a clear error naming the argument."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -16,6 +18,17 @@ def check_tensor(name: str, t, *, dtypes=FLOAT_DTYPES, ndim=None, min_ndim=None)
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def as_int(name: str, v) -> int:
+    """An integer argument (a Python or NumPy int, or a one-element integer tensor); a float such
+    as 2.5 is refused rather than truncated."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, got {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})") from None
 
 
 def same_device(a, b) -> bool:
@@ -42,6 +55,22 @@ def check_same_device(**tensors) -> None:
                 f"{name} is on {t.device} but {first_name} is on {first.device}; "
                 "all arguments must be on the same device"
             )
+
+
+def check_op_devices(op: str, **tensors) -> None:
+    """check_same_device for a registered op's fake (meta) kernel, with lists of tensors: a meta
+    tensor among real ones sends the call there, which must refuse it rather than return an
+    uninitialised result (or do nothing, for an in-place op)."""
+    flat = {}
+    for name, v in tensors.items():
+        if isinstance(v, (list, tuple)):
+            flat.update({f"{name}[{i}]": t for i, t in enumerate(v)})
+        else:
+            flat[name] = v
+    try:
+        check_same_device(**flat)
+    except ValueError as e:
+        raise ValueError(f"pyengine.{op}: {e}") from None
 
 
 def check_same_dtype(**tensors) -> None:

@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from pyengine import _native
-from pyengine.ops._checks import check_tensor
+from pyengine.ops._checks import as_int, check_op_devices, check_tensor
 
 # --------------------------------------------------------------------------- references
 
@@ -225,7 +225,7 @@ class EntropyStats(NamedTuple):
 def entropy_from_counts(counts: torch.Tensor, n_samples: int, eps: float = 0.0) -> EntropyStats:
     """Per-neuron binary entropy and the per-layer summary from ON counts."""
     check_tensor("counts", counts, dtypes=(torch.int64, torch.int32))
-    n_samples = int(n_samples)
+    n_samples = as_int("n_samples", n_samples)
     if n_samples <= 0:
         raise ValueError(f"n_samples must be positive, got {n_samples}")
     eps = float(eps)
@@ -252,14 +252,17 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::entropy_counts_add_")
     def _entropy_counts_add_fake(counts, nan_count, x, channel_dim, per_position, inclusive):
+        check_op_devices("entropy_counts_add_", x=x, counts=counts, nan_count=nan_count)
         return None
 
     @torch.library.register_fake("pyengine::entropy_counts_add_many_")
     def _entropy_counts_add_many_fake(counts, nan_count, xs, channel_dims, per_position, inclusive):
+        check_op_devices("entropy_counts_add_many_", xs=xs, counts=counts, nan_count=nan_count)
         return None
 
     @torch.library.register_fake("pyengine::relu_count")
     def _relu_count_fake(x, counts, nan_count, channel_dim, per_position, inclusive):
+        check_op_devices("relu_count", x=x, counts=counts, nan_count=nan_count)
         return torch.empty_like(x)
 
     @torch.library.register_fake("pyengine::entropy_from_counts")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pyengine import _native
 from pyengine.ops._checks import (
     as_bool_mask,
+    check_op_devices,
     check_same_device,
     check_same_dtype,
     check_tensor,
@@ -380,8 +381,12 @@ def sparse_linear(x: torch.Tensor, packed: PackedWeight | BitmapWeight, bias=Non
         raise ValueError(f"x has {x.shape[-1]} features in its last dimension but the packed weight expects {k}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if x.requires_grad or (bias is not None and bias.requires_grad):
-        raise RuntimeError("sparse_linear is an inference op and has no autograd; call it under torch.no_grad()")
+    if torch.is_grad_enabled() and (x.requires_grad or packed.values.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        which = [n for n, t in (("x", x), ("the packed values", packed.values), ("bias", bias))
+                 if t is not None and t.requires_grad]
+        raise RuntimeError(f"sparse_linear is an inference op with no autograd, but {' and '.join(which)} "
+                           "require(s) grad; call it under torch.no_grad() or torch.inference_mode()")
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), k)
     if not _native.native_available(x.device):
@@ -445,10 +450,12 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::masked_linear")
     def _masked_linear_fake(x, weight, mask, bias):
+        check_op_devices("masked_linear", x=x, weight=weight, mask=mask, bias=bias)
         return x.new_empty((x.shape[0], weight.shape[0]))
 
     @torch.library.register_fake("pyengine::masked_linear_backward")
     def _masked_linear_backward_fake(grad_out, x, weight, mask, need_x, need_w, need_b):
+        check_op_devices("masked_linear_backward", grad_out=grad_out, x=x, weight=weight, mask=mask)
         dx = x.new_empty(x.shape) if need_x else x.new_empty((0,))
         dw = weight.new_empty(weight.shape) if need_w else weight.new_empty((0,))
         db = weight.new_empty((weight.shape[0],)) if need_b else weight.new_empty((0,))
@@ -468,14 +475,17 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::sparse_linear")
     def _sparse_linear_fake(x, rowptr, colidx, values, in_features, bias):
+        check_op_devices("sparse_linear", x=x, rowptr=rowptr, colidx=colidx, values=values, bias=bias)
         return x.new_empty((x.shape[0], rowptr.shape[0] - 1))
 
     @torch.library.register_fake("pyengine::sparse_linear_bitmap")
     def _sparse_linear_bitmap_fake(x, bitmap, offsets, values, out_features, bias):
+        check_op_devices("sparse_linear_bitmap", x=x, bitmap=bitmap, offsets=offsets, values=values, bias=bias)
         return x.new_empty((x.shape[0], out_features))
 
     @torch.library.register_fake("pyengine::apply_masks_")
     def _apply_masks_fake(tensors, masks, mask_index):
+        check_op_devices("apply_masks_", tensors=tensors, masks=masks)
         return None
 
     def _ml_setup(ctx, inputs, output):
@@ -486,9 +496,16 @@ if _native.HAS_NATIVE:
     def _ml_backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         need_x, need_w, _, need_b = ctx.needs_input_grad
+        need_b = bool(need_b and ctx.has_bias)
+        if torch.is_grad_enabled():
+            # create_graph=True: the same gradients as differentiable torch ops (the native
+            # backward writes into its outputs, which autograd cannot record)
+            wm = weight * mask.to(weight.dtype)
+            return (grad @ wm if need_x else None, (grad.T @ x) * mask.to(weight.dtype) if need_w else None, None,
+                    grad.sum(0) if need_b else None)
         dx, dw, db = torch.ops.pyengine.masked_linear_backward(
-            grad.contiguous(), x, weight, mask, need_x, need_w, bool(need_b and ctx.has_bias)
+            grad.contiguous(), x, weight, mask, need_x, need_w, need_b
         )
-        return (dx if need_x else None, dw if need_w else None, None, db if (need_b and ctx.has_bias) else None)
+        return (dx if need_x else None, dw if need_w else None, None, db if need_b else None)
 
     torch.library.register_autograd("pyengine::masked_linear", _ml_backward, setup_context=_ml_setup)

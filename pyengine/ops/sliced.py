@@ -7,7 +7,8 @@ For pairs of point sets X_b, Y_b (n points each, d dims) and K directions theta_
     dist[b] = (max_k S[b, k])^(1/p)     reduce="max"  (POT max_sliced_wasserstein_distance)
     dist[b] = (mean_k S[b, k])^(1/p)    reduce="mean" (POT sliced_wasserstein_distance)
 
-Differentiable in X and Y (not in the directions). The gradient needs only each projection's
+Differentiable in X and Y, once (not in the directions, and no second derivative: a double
+backward raises). The gradient needs only each projection's
 sort permutation (for the max, only the winning direction's); where S = 0 the gradient is taken
 as 0 rather than the infinite derivative of t^(1/p) at 0. Half-precision inputs are computed
 in float32 and the result is float32. p must be finite (p = inf is refused). A NaN in any
@@ -33,7 +34,7 @@ import math
 import torch
 
 from pyengine import _native
-from pyengine.ops._checks import check_same_device, check_tensor, same_device
+from pyengine.ops._checks import as_int, check_op_devices, check_same_device, check_tensor, same_device
 
 _SW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -88,6 +89,9 @@ def projection_error_bound(
             f"x and y must both be (n, d) or (B, n, d) and directions (K, d); got {tuple(x.shape)}, "
             f"{tuple(y.shape)} and {tuple(directions.shape)}"
         )
+    if directions.shape[0] == 0 or x.shape[-2] == 0:
+        raise ValueError(f"directions and points must not be empty; got {directions.shape[0]} direction(s) "
+                         f"and {x.shape[-2]} point(s)")
     d = x.shape[-1]
     u = 2.0 ** -mantissa_bits
     # float32 sums of 2^24 or more terms have no such bound (gamma_d is infinite)
@@ -117,6 +121,12 @@ def _check_p_reduce(p, reduce: str) -> float:
     if not p >= 1.0:
         raise ValueError(f"p must be >= 1, got {p}")
     return p
+
+
+def _check_directions_grad(directions) -> None:
+    if isinstance(directions, torch.Tensor) and directions.requires_grad and torch.is_grad_enabled():
+        raise ValueError("directions require grad, but the distance is not differentiable in the directions "
+                         "(only in x and y); pass directions.detach()")
 
 
 def _check_generator(generator, device):
@@ -154,7 +164,7 @@ def random_directions(n_directions: int, dim: int, *, generator=None, device=Non
     normalisation on one thread, 4.5-6.6x less on two (2-core CPU VM). Elsewhere ``torch.randn``
     draws them on the device.
     """
-    n_directions = int(n_directions)
+    n_directions = as_int("n_directions", n_directions)
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
     if dim < 1:
@@ -167,7 +177,7 @@ def grouped_directions(dims, n_directions: int, *, generator=None, device=None, 
     dimension d_g (normalised Gaussians) - the directions :func:`sliced_wasserstein_grouped` draws
     when given none: the same generator state gives the same values."""
     dims = [int(d) for d in dims]
-    n_directions = int(n_directions)
+    n_directions = as_int("n_directions", n_directions)
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
     if not dims or min(dims) < 1:
@@ -213,6 +223,7 @@ def sliced_wasserstein(
         raise ValueError(
             f"x has shape {tuple(x.shape)}; pass (n, d) or (B, n, d) - flatten per-point features first"
         )
+    _check_directions_grad(directions)
     single = x.dim() == 2
     if single:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
@@ -225,7 +236,7 @@ def sliced_wasserstein(
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     x, y = x.to(work), y.to(work)
     b, n, d = x.shape
-    k = int(n_directions) if directions is None else int(directions.shape[0]) if isinstance(directions, torch.Tensor) else 0
+    k = as_int("n_directions", n_directions) if directions is None else int(directions.shape[0]) if isinstance(directions, torch.Tensor) else 0
     _check_work(b, n, d, k, work, f"{b} pair(s) of {n} points in {d} dims")
     if directions is None:  # random_directions refuses a generator on another device than x
         theta = random_directions(n_directions, d, generator=generator, device=x.device, dtype=work)
@@ -247,7 +258,10 @@ def sliced_wasserstein(
     # cheaper than scanning the inputs (a data-dependent check: eager mode only)
     if check_nan and not torch.compiler.is_compiling() and bool(torch.isnan(out).any()):
         bad = [name for name, t in (("x", x), ("y", y), ("directions", theta)) if bool(torch.isnan(t).any())]
-        raise ValueError(f"{' and '.join(bad) or 'the inputs'} contain{'s' if len(bad) == 1 else ''} NaN")
+        if bad:
+            raise ValueError(f"{' and '.join(bad)} contain{'s' if len(bad) == 1 else ''} NaN")
+        raise ValueError("the distance is NaN though x, y and the directions hold no NaN: an infinity in them, or "
+                         "projections that overflow float32")
     return out[0] if single else out
 
 
@@ -271,12 +285,17 @@ def sliced_wasserstein_grouped(
     g using its column block of every row, or a list of G (K, d_g) tensors, used as given; when
     None, ``n_directions`` rows are drawn from ``generator`` with each block scaled to a unit
     vector (:func:`grouped_directions` gives the same values). check_nan as for
-    :func:`sliced_wasserstein`. No double backward (create_graph=True)."""
+    :func:`sliced_wasserstein`. Like it, differentiable once in xs and ys, not in the directions."""
     if not isinstance(xs, (list, tuple)) or not isinstance(ys, (list, tuple)):
         raise TypeError("xs and ys must be lists of tensors, one per pair")
     if not xs or len(xs) != len(ys):
         raise ValueError(f"xs and ys must hold the same number (>= 1) of pairs, got {len(xs)} and {len(ys)}")
     p = _check_p_reduce(p, reduce)
+    if isinstance(directions, (list, tuple)):
+        for t in directions:
+            _check_directions_grad(t)
+    else:
+        _check_directions_grad(directions)
     for i, (x, y) in enumerate(zip(xs, ys)):
         check_tensor(f"xs[{i}]", x, dtypes=_SW_DTYPES, ndim=2)
         check_tensor(f"ys[{i}]", y, dtypes=_SW_DTYPES, ndim=2)
@@ -287,7 +306,7 @@ def sliced_wasserstein_grouped(
     dims = [x.shape[1] for x in xs]
     normalize = directions is None
     if directions is None:
-        k = int(n_directions)
+        k = as_int("n_directions", n_directions)
         if k < 1:
             raise ValueError(f"n_directions must be at least 1, got {k}")
         _check_work(len(xs), x0.shape[0], sum(dims), k, work,
@@ -329,6 +348,7 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::sliced_wasserstein_fwd")
     def _sw_fake(x, y, theta, p, use_max, need_grad):
+        check_op_devices("sliced_wasserstein_fwd", x=x, y=y, theta=theta)
         b, n, _ = x.shape
         kg = (1 if use_max else theta.shape[0]) if need_grad else 0
         return (
@@ -340,6 +360,7 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::sliced_wasserstein_grouped")
     def _swg_fake(xs, ys, theta, p, use_max, normalize):
+        check_op_devices("sliced_wasserstein_grouped", xs=xs, ys=ys, theta=theta)
         return theta.new_empty((len(xs),))
 
     @torch.library.register_fake("pyengine::fill_directions_")
@@ -348,9 +369,23 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::sliced_wasserstein_bwd")
     def _sw_bwd_fake(grad, cx, cy, theta, win, use_max, need_x, need_y):
+        check_op_devices("sliced_wasserstein_bwd", grad=grad, cx=cx, cy=cy, theta=theta, win=win)
         b, n, _ = cx.shape
         shape = (b, n, theta.shape[1])
         return cx.new_empty(shape if need_x else (0,)), cx.new_empty(shape if need_y else (0,))
+
+    class _FirstOrderOnly(torch.autograd.Function):
+        """Identity whose backward refuses: marks where a second derivative of sliced_wasserstein
+        would be needed."""
+
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("sliced_wasserstein has no second derivative: a gradient of its gradient in x or y "
+                               "(double backward, e.g. a gradient penalty or a Hessian) is not supported")
 
     def _sw_setup(ctx, inputs, output):
         x, y, theta, p, use_max, need_grad = inputs
@@ -361,19 +396,25 @@ if _native.HAS_NATIVE:
 
     def _sw_backward(ctx, g_dist, g_cx, g_cy, g_win):
         theta, cx, cy, win = ctx.saved_tensors
+        if ctx.needs_input_grad[2]:
+            raise ValueError("sliced_wasserstein is not differentiable in the directions (only in x and y); "
+                             "pass directions.detach()")
         if not ctx.need_grad:
-            raise RuntimeError("sliced_wasserstein_fwd was called with need_grad=False")
+            raise RuntimeError("sliced_wasserstein_fwd was called with need_grad=False but x or y requires grad")
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not torch.is_grad_enabled():  # the usual case: one native pass, no graph kept
             gx, gy = torch.ops.pyengine.sliced_wasserstein_bwd(g_dist, cx, cy, theta, win, ctx.use_max, need_x, need_y)
             return (gx if need_x else None), (gy if need_y else None), None, None, None, None
-        # create_graph=True: the same formula in differentiable torch ops
+        # create_graph=True: the same formula in torch ops, differentiable in g_dist; cx / cy enter
+        # through _FirstOrderOnly, so that a gradient of this gradient in x or y raises instead of
+        # coming out 0 (their derivative through the sorts is not provided)
         g = g_dist[:, None, None]
+        cx, cy = _FirstOrderOnly.apply(cx), _FirstOrderOnly.apply(cy)
         if ctx.use_max:
             th = theta[win][:, None, :]  # (B, 1, d): only the winning direction
             gx, gy = (g * cx) * th, (g * cy) * th  # rank-1 products
         else:
             gx, gy = g * (cx @ theta), g * (cy @ theta)
-        return gx, gy, None, None, None, None
+        return (gx if need_x else None), (gy if need_y else None), None, None, None, None
 
     torch.library.register_autograd("pyengine::sliced_wasserstein_fwd", _sw_backward, setup_context=_sw_setup)
