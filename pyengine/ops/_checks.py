@@ -46,6 +46,9 @@ def same_device(a, b) -> bool:
 
 def check_same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
+    for name, t in items:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not items:
         return
     first_name, first = items[0]
