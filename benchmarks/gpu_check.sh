@@ -194,7 +194,7 @@ fi
 
 # variant kernels that each leave one stage out (benchmarks/micro: a few seconds to build)
 if [[ "${SKIP_MICRO:-0}" != "1" ]]; then
-  step "variant kernels (benchmarks/micro)" ${MICRO_LIMIT:-60} "$L/micro.log" \
+  step "variant kernels (benchmarks/micro)" ${MICRO_LIMIT:-120} "$L/micro.log" \
     env OUT="$L" PYTHON="$PY" bash benchmarks/micro/run.sh
 fi
 

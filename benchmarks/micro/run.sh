@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build the variant kernels (no torch headers, a few seconds) and time them.
-#   OUT=/tmp/o bash benchmarks/micro/run.sh        (MICRO_ONLY=csr or count: one of the two tables)
+#   OUT=/tmp/o bash benchmarks/micro/run.sh        (MICRO_ONLY=csr, csr16 or count: one of the tables)
 set -euo pipefail
 OUT=${OUT:-/tmp/pyengine_micro}
 mkdir -p "$OUT"

@@ -3,10 +3,13 @@
     nvcc -O3 -arch=sm_90 -shared -Xcompiler -fPIC -o /tmp/variants.so benchmarks/micro/variants.cu
     python benchmarks/micro/run_variants.py /tmp/variants.so [--json out.json]
 
-Two questions of issue 11 (see benchmarks/results/gpu_notes.md):
+Three questions of issue 11 (see benchmarks/results/gpu_notes.md):
 - where the CSR GEMV's microseconds go (M = 1, bf16 4096 x 4096 at 90% zeros): each variant leaves
   one stage out, timed by the same rotation as bench_gpu.py (distinct weights three L2 caches
   large, one call per weight, one captured graph; median replay time / calls);
+- where the M = 16 product's time goes (staging x in shared memory, the gathers, 16 products and
+  warp sums per entry, the loads), and whether swizzled halves or the first row's loads issued
+  before the staging gain;
 - whether the bf16 entropy count gains from keeping loads in flight while it counts, or from bf16x2
   compares, against the read floor of the same access pattern, and which order of the same loads
   comes near a contiguous read of the tensor (wider column strips, blocks in step down the rows,
@@ -39,6 +42,17 @@ CSR_VARIANTS = {  # id: (label, what it computes: "prod", "rowsum" or None for f
     9: ("production, 1024 threads/block", "prod"),
     10: ("global x, 128 threads/block", "prod"),
     11: ("empty (store only)", None),
+}
+CSR16_VARIANTS = {  # M = 16: id: (label, what it computes: "prod", "rowsum" or None)
+    0: ("production order (x staged, 16 products per entry)", "prod"),
+    1: ("no staging (smem garbage)", None),
+    2: ("staging alone", None),
+    3: ("no gather (x = 1)", "rowsum"),
+    4: ("loads only (x staged)", None),
+    5: ("loads only, no staging", None),
+    6: ("swizzled halves (all 32 banks)", "prod"),
+    7: ("first row's entries loaded before staging", "prod"),
+    8: ("swizzled + first row before staging", "prod"),
 }
 COUNT_MODES = {
     0: "production order (8 loads, then count; vset)",
@@ -177,6 +191,49 @@ def csr_table(lib, g, results):
         del packs
 
 
+def csr16_table(lib, g, results):
+    """Where the M = 16 product's time goes (production: 0.0162 ms rotated on an H100, 1.02x
+    dense): staging x, the gathers, the 16 products and sums per entry, the loads."""
+    n = k = 4096
+    x = torch.randn(16, k, device=DEV, generator=g).bfloat16()
+
+    def random_w():
+        return (torch.randn(n, k, device=DEV, generator=g) * (torch.rand(n, k, device=DEV, generator=g) < 0.1)).bfloat16()
+
+    dense_calls = rotation(n * k * 2)
+    dense_w = [random_w() for _ in range(dense_calls)]
+    t_dense = time_graph([lambda w=w: F.linear(x, w) for w in dense_w])
+    del dense_w
+    results["dense16_ms"] = t_dense
+    w0 = random_w()
+    rp, ci, va = csr_of(w0)
+    nnz = int(va.numel())
+    nbytes = rp.numel() * 4 + ci.numel() * 2 + va.numel() * 2
+    calls = rotation(nbytes)
+    packs = [(rp.clone(), ci.clone(), va.clone()) for _ in range(calls)]
+    out = torch.empty(16, n, dtype=torch.bfloat16, device=DEV)
+    ref = x.double() @ w0.double().t()
+    rowsum = w0.double().sum(1).expand(16, n)
+    print(f"\nCSR M=16 (nnz {nnz}, {calls} packs in rotation): dense F.linear {t_dense * 1e3:.2f} us")
+    stream = lambda: ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)  # noqa: E731
+    for vid, (label, what) in CSR16_VARIANTS.items():
+        out.fill_(float("nan"))
+        rc = lib.csr16_variant(vid, p(x), k, p(rp), p(ci), p(va), nnz, p(out), n, stream())
+        torch.cuda.synchronize()
+        ok = rc == 0
+        rel = float("nan")
+        if ok and what is not None:
+            want = ref if what == "prod" else rowsum
+            rel = float((out.double() - want).norm() / want.norm())
+            ok = rel < 1e-2
+        t = time_graph([lambda pk=pk, vid=vid: lib.csr16_variant(vid, p(x), k, p(pk[0]), p(pk[1]), p(pk[2]), nnz,
+                                                                  p(out), n, stream()) for pk in packs]) if rc == 0 else float("nan")
+        results.setdefault("csr16", []).append({"id": vid, "label": label, "us": t * 1e3, "ok": ok, "rel": rel,
+                                                "speedup_vs_dense": t_dense / t})
+        print(f"  {vid:2d} {label:<50} {t * 1e3:6.2f} us  {t_dense / t:5.2f}x dense  {'ok' if ok else 'CHECK FAILED'}")
+    del packs
+
+
 def count_table(lib, g, results):
     x = torch.randn(256, 512, 28, 28, device=DEV, generator=g).bfloat16()
     rows, cvec = 256, 512 * 28 * 28 // 8
@@ -227,20 +284,23 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("so")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", choices=["csr", "count"], default=None, help="one of the two tables")
+    ap.add_argument("--only", choices=["csr", "csr16", "count"], default=None, help="one of the tables")
     a = ap.parse_args()
     lib = ctypes.CDLL(a.so)
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.csr_variant.argtypes = [ctypes.c_int, vp, i64, vp, vp, vp, i64, ctypes.c_int, vp, i64, vp, vp]
     lib.count_variant.argtypes = [ctypes.c_int, vp, i64, i64, vp, vp, ctypes.c_int, vp]
     lib.count_regs.argtypes = [ctypes.c_int]
+    lib.csr16_variant.argtypes = [ctypes.c_int, vp, i64, vp, vp, vp, i64, vp, i64, vp]
     g = torch.Generator(device=DEV)
     g.manual_seed(0)
     results = {"device": torch.cuda.get_device_name(DEV), "torch": torch.__version__}
     print(results["device"], "torch", torch.__version__, file=sys.stderr)
-    if a.only != "count":
+    if a.only in (None, "csr"):
         csr_table(lib, g, results)
-    if a.only != "csr":
+    if a.only in (None, "csr16"):
+        csr16_table(lib, g, results)
+    if a.only in (None, "count"):
         count_table(lib, g, results)
     if a.json:
         with open(a.json, "w") as f:

@@ -15,6 +15,7 @@
 //   only with column strips 2, 4 or 8 times wider (16, 32, 64 KB of a row per block step), 9 loads
 //   only with the blocks in step down the rows, 10 loads only over row-major units interleaved
 //   across the blocks.
+// CSR, M = 16 (csr16_variant): the same product for 16 rows of x, by stages (see csr16_kernel).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -152,6 +153,186 @@ int launch_csr(const void* x, int64_t k, const int32_t* rowptr, const void* coli
   kern<<<static_cast<unsigned>(grid), THREADS, smem, stream>>>(
       static_cast<const __nv_bfloat16*>(x), k, rowptr, static_cast<const int16_t*>(colidx),
       static_cast<const __nv_bfloat16*>(values), nnz, fixed, static_cast<__nv_bfloat16*>(out), n, err);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// ---------------------------------------------------------------------------- CSR, M = 16
+// The production skinny kernel for 16 rows of x (MT = 16, x staged in shared memory transposed:
+// column c's 16 values as two 16-byte halves), trimmed to the bench's data (indices in range: no
+// column check). Flags (bit): 1 stage x (else the gathers read whatever shared memory holds: the
+// staging's cost), 2 gather x (else x = 1), 4 the products and the 16 warp sums (else only the
+// loads), 8 swizzle (column c's halves swapped when bit 2 of c is set: a warp's first-half reads
+// then fall on all 32 banks, not 16), 16 load the first row's entries before staging x (their
+// latency under the staging), 32 stop after staging (the staging alone).
+constexpr int kT16 = 512;
+
+__device__ __forceinline__ void add16(float (&acc)[16], float w, const uint4& h0, const uint4& h1) {
+  const unsigned u[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    acc[2 * i] += w * __uint_as_float(u[i] << 16);
+    acc[2 * i + 1] += w * __uint_as_float(u[i] & 0xFFFF0000u);
+  }
+}
+
+template <int FLAGS>
+__global__ void __launch_bounds__(kT16)
+    csr16_kernel(const __nv_bfloat16* __restrict__ x, int64_t k, const int32_t* __restrict__ rowptr,
+                 const int16_t* __restrict__ colidx, const __nv_bfloat16* __restrict__ values, int64_t nnz,
+                 __nv_bfloat16* __restrict__ out, int64_t n) {
+  constexpr bool STAGE = FLAGS & 1, GATHER = FLAGS & 2, FMA = FLAGS & 4, SWZ = FLAGS & 8, PREF = FLAGS & 16,
+                 ONLY_STAGE = FLAGS & 32;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint4* xs = reinterpret_cast<uint4*>(smem_raw);  // 2 k halves
+  using CP = Pack<int16_t, 8>;
+  using VP = Pack<__nv_bfloat16, 8>;
+  const CP* cp = reinterpret_cast<const CP*>(colidx);
+  const VP* vp = reinterpret_cast<const VP*>(values);
+  const int lane = threadIdx.x & 31;
+  const int64_t wstride = static_cast<int64_t>(gridDim.x) * (kT16 / 32);
+  int64_t row = static_cast<int64_t>(blockIdx.x) * (kT16 / 32) + (threadIdx.x >> 5);
+
+  CP c0{}, c1{};
+  VP v0{}, v1{};
+  int64_t gb = 0, g1 = 0;
+  int16_t hc = 0;
+  __nv_bfloat16 hw = __float2bfloat16(0.f);
+  auto load_pass = [&]() {  // groups gb + lane and gb + 32 + lane; missing ones are zero
+    const int64_t g = gb + lane;
+    c0 = CP{};
+    c1 = CP{};
+    v0 = VP{};
+    v1 = VP{};
+    if (g < g1) {
+      c0 = cp[g];
+      v0 = vp[g];
+    }
+    if (g + 32 < g1) {
+      c1 = cp[g + 32];
+      v1 = vp[g + 32];
+    }
+  };
+  auto start_row = [&](int64_t r) {  // the row's bounds, head / tail entries and first pass
+    int64_t s = rowptr[r], e = rowptr[r + 1];
+    s = s < 0 ? 0 : (s > nnz ? nnz : s);
+    e = e < s ? s : (e > nnz ? nnz : e);
+    int64_t a = (s + 7) & ~int64_t(7);
+    const int64_t bnd = e & ~int64_t(7);
+    if (a > e) a = e;
+    int64_t h;
+    bool hv;
+    if (lane < 8) {
+      h = s + lane;
+      hv = h < a;
+    } else {
+      h = (bnd > a ? bnd : a) + (lane - 8);
+      hv = lane < 16 && h < e;
+    }
+    hc = 0;
+    hw = __float2bfloat16(0.f);
+    if (hv) {
+      hc = colidx[h];
+      hw = values[h];
+    }
+    gb = a >> 3;
+    g1 = bnd >> 3;
+    load_pass();
+  };
+  bool pending = false;
+  if (PREF && row < n) {
+    start_row(row);
+    pending = true;
+  }
+  if (STAGE) {
+    constexpr int kStage = 4;
+    for (int64_t c0s = threadIdx.x; c0s < k; c0s += static_cast<int64_t>(kT16) * kStage) {
+      unsigned short v[kStage][16];
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int64_t c = c0s + static_cast<int64_t>(u) * kT16;
+#pragma unroll
+        for (int m = 0; m < 16; ++m) v[u][m] = c < k ? __bfloat16_as_ushort(x[m * k + c]) : 0;
+      }
+#pragma unroll
+      for (int u = 0; u < kStage; ++u) {
+        const int64_t c = c0s + static_cast<int64_t>(u) * kT16;
+        if (c < k) {
+          uint4 h[2];
+          unsigned* w = reinterpret_cast<unsigned*>(h);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) w[i] = v[u][2 * i] | (static_cast<unsigned>(v[u][2 * i + 1]) << 16);
+          const int sw = SWZ ? static_cast<int>((c >> 2) & 1) : 0;
+          xs[2 * c + sw] = h[0];
+          xs[2 * c + (sw ^ 1)] = h[1];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (; !ONLY_STAGE && row < n; row += wstride) {
+    if (!pending) start_row(row);
+    pending = false;
+    float acc[16];
+#pragma unroll
+    for (int m = 0; m < 16; ++m) acc[m] = 0.f;
+    unsigned bits = 0;
+    auto add = [&](int16_t col, __nv_bfloat16 w) {
+      if (!FMA) {
+        bits ^= static_cast<unsigned short>(col) ^ __bfloat16_as_ushort(w);
+        return;
+      }
+      const float wf = __bfloat162float(w);
+      if (!GATHER) {
+#pragma unroll
+        for (int m = 0; m < 16; ++m) acc[m] += wf;
+        return;
+      }
+      const unsigned c = static_cast<unsigned short>(col);
+      const unsigned sw = SWZ ? (c >> 2) & 1u : 0u;
+      add16(acc, wf, xs[2 * c + sw], xs[2 * c + (sw ^ 1u)]);
+    };
+    for (;;) {
+#pragma unroll
+      for (int q = 0; q < 8; ++q) add(c0.v[q], v0.v[q]);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) add(c1.v[q], v1.v[q]);
+      gb += 64;
+      if (gb >= g1) break;
+      load_pass();
+    }
+    add(hc, hw);
+    if constexpr (!FMA) {
+      const float one = warp_sum(static_cast<float>(bits & 1u));
+      if (lane == 0) out[row] = __float2bfloat16(one);
+    } else {
+#pragma unroll
+      for (int m = 0; m < 16; ++m) acc[m] = warp_sum(acc[m]);
+      float mine = acc[0];
+#pragma unroll
+      for (int m = 1; m < 16; ++m)
+        if (lane == m) mine = acc[m];
+      if (lane < 16) out[lane * n + row] = __float2bfloat16(mine);
+    }
+  }
+}
+
+template <int FLAGS>
+int launch_csr16(const void* x, int64_t k, const int32_t* rowptr, const void* colidx, const void* values, int64_t nnz,
+                 void* out, int64_t n, cudaStream_t stream) {
+  auto kern = csr16_kernel<FLAGS>;
+  const size_t smem = static_cast<size_t>(k) * 32;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (e != cudaSuccess) return static_cast<int>(e);
+  int occ = 1, dev = 0, sms = 1;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kern, kT16, smem);
+  if (occ < 1) occ = 1;
+  int64_t grid = (n + kT16 / 32 - 1) / (kT16 / 32);
+  if (grid > static_cast<int64_t>(sms) * occ) grid = static_cast<int64_t>(sms) * occ;
+  kern<<<static_cast<unsigned>(grid), kT16, smem, stream>>>(
+      static_cast<const __nv_bfloat16*>(x), k, rowptr, static_cast<const int16_t*>(colidx),
+      static_cast<const __nv_bfloat16*>(values), nnz, static_cast<__nv_bfloat16*>(out), n);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -395,6 +576,23 @@ int csr_variant(int id, const void* x, int64_t k, const int32_t* rowptr, const v
     case 11:
       empty_kernel<512><<<static_cast<unsigned>((n + 15) / 16), 512, 0, stream>>>(static_cast<__nv_bfloat16*>(out), n);
       return static_cast<int>(cudaGetLastError());
+  }
+  return -1;
+}
+
+// variant ids: see run_variants.py (CSR16_VARIANTS)
+int csr16_variant(int id, const void* x, int64_t k, const int32_t* rowptr, const void* colidx, const void* values,
+                  int64_t nnz, void* out, int64_t n, cudaStream_t stream) {
+  switch (id) {
+    case 0: return launch_csr16<1 | 2 | 4>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 1: return launch_csr16<2 | 4>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 2: return launch_csr16<1 | 32>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 3: return launch_csr16<1 | 4>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 4: return launch_csr16<1>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 5: return launch_csr16<0>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 6: return launch_csr16<1 | 2 | 4 | 8>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 7: return launch_csr16<1 | 2 | 4 | 16>(x, k, rowptr, colidx, values, nnz, out, n, stream);
+    case 8: return launch_csr16<1 | 2 | 4 | 8 | 16>(x, k, rowptr, colidx, values, nnz, out, n, stream);
   }
   return -1;
 }
