@@ -217,6 +217,12 @@ def cases(dev: torch.device):
          "nan_count is on meta but x is on"),
         ("entropy_counts_add_ meta nan_count", lambda: P.entropy_counts_add_(counts, nanc.to("meta"), act, 1, False, False),
          ValueError, "nan_count is on meta"),
+        ("entropy_from_counts count above n_samples (raw op)",
+         lambda: (P.entropy_from_counts(torch.tensor([1, 9, 2], device=dev), 4, 0.0), sync_check()), ValueError,
+         r"counts holds 9 at position 1, outside \[0, n_samples = 4\]"),
+        ("entropy_from_counts negative count (raw op)",
+         lambda: (P.entropy_from_counts(torch.tensor([-3, 1], device=dev), 4, 0.0), sync_check()), ValueError,
+         r"counts holds -3 at position 0"),
         ("entropy_from_counts fractional n_samples", lambda: ops.entropy_from_counts(counts, 4.5), TypeError,
          "n_samples must be an integer"),
     ]

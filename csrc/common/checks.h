@@ -163,6 +163,10 @@ inline std::string tile_range_message(int64_t t, int64_t a, int64_t b) {
 inline std::string tile_count_message(int64_t t, int64_t stored, int64_t bits) {
   return c10::str("tile ", t, " has ", bits, " bits set in bitmap but offsets give it ", stored, " values");
 }
+// An ON count outside [0, n_samples] (entropy_from_counts), in the words of both devices.
+inline std::string count_range_message(int64_t i, int64_t count, int64_t n_samples) {
+  return c10::str("counts holds ", count, " at position ", i, ", outside [0, n_samples = ", n_samples, "]");
+}
 
 // The argument checks of sparse_linear(x, rowptr, colidx, values, in_features, bias) that need no
 // look at the index values: shapes, dtypes, devices. Returns N (output features).

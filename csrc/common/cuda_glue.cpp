@@ -64,6 +64,7 @@ std::string describe(const DeviceErrorRecord& r) {
                    : r.op == kOpSlicedBwd          ? "sliced_wasserstein_bwd"
                    : r.op == kOpSparseLinearBitmap ? "sparse_linear_bitmap"
                    : r.op == kOpSlicedGrouped      ? "sliced_wasserstein_grouped"
+                   : r.op == kOpEntropyFromCounts  ? "entropy_from_counts"
                                                    : "op";
   std::string m = std::string("pyengine.") + op + ": ";
   switch (r.code) {
@@ -88,6 +89,9 @@ std::string describe(const DeviceErrorRecord& r) {
       break;
     case kDevErrTileCount:
       m += tile_count_message(r.position, r.value, r.bound);
+      break;
+    case kDevErrCount:
+      m += count_range_message(r.position, r.value, r.bound);
       break;
     default:
       m += c10::str("unknown device error code ", r.code);

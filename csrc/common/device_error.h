@@ -1,7 +1,8 @@
 // Index checks on the GPU without a host sync.
 //
 // A kernel that reads memory at an index taken from user data (CSR column indices and row
-// pointers, bitmap tile offsets, the winning direction of sliced Wasserstein) checks the index
+// pointers, bitmap tile offsets, the winning direction of sliced Wasserstein), or a value that
+// must lie in a range (ON counts against their sample count), checks the index
 // itself: a bad one is skipped (never a wild read) and described in a DeviceErrorRecord - one per
 // device, in mapped pinned host memory, so the host can read it without synchronising. The first
 // error wins.
@@ -24,6 +25,7 @@ enum DeviceErrorCode : int32_t {
   kDevErrWin = 5,          // position = pair b, value = win[b], bound = number of directions
   kDevErrTileRange = 6,    // position = tile t, value = offsets[t], bound = offsets[t + 1] (not 0 <= a <= b <= nnz)
   kDevErrTileCount = 7,    // position = tile t, value = offsets[t + 1] - offsets[t], bound = the tile's set bits
+  kDevErrCount = 8,        // position = index into counts, value = the count, bound = n_samples (not in [0, bound])
 };
 
 enum DeviceErrorOp : int32_t {
@@ -31,6 +33,7 @@ enum DeviceErrorOp : int32_t {
   kOpSlicedBwd = 2,
   kOpSparseLinearBitmap = 3,
   kOpSlicedGrouped = 4,
+  kOpEntropyFromCounts = 5,
 };
 
 struct DeviceErrorRecord {

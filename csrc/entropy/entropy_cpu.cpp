@@ -198,6 +198,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cpu(const at::Tensor& cou
   float* hp = h.data_ptr<float>();
   double sum_all = 0, sum_nc = 0;
   int64_t n_nc = 0, n_on = 0, n_off = 0;
+  for (int64_t j = 0; j < n; ++j)
+    if (cp[j] < 0 || cp[j] > n_samples) OpChecks{"entropy_from_counts"}.value_error(count_range_message(j, cp[j], n_samples));
   const double inv_ln2 = 1.0 / std::log(2.0);
   // eps sits inside the logarithms only (the authors' formula); a constant neuron has exactly 0
   auto plogq = [](double p, double q) { return p != 0.0 ? p * std::log(q) : 0.0; };

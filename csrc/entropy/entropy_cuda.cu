@@ -623,7 +623,7 @@ __device__ __forceinline__ V block_sum(V v, V* sh) {  // sh: kEntThreads / 32 en
 // partials[blk * 5 + {0..4}] = {sum h, sum h over non-constant, #non-constant, #on, #off}
 __global__ void __launch_bounds__(kEntThreads)
     entropy_h_kernel(const int64_t* __restrict__ counts, int64_t numel, int64_t n_samples,
-                     double eps, float* __restrict__ h, double* __restrict__ partials) {
+                     double eps, float* __restrict__ h, double* __restrict__ partials, DeviceErrorRecord* rec) {
   __shared__ double sh_d[kEntThreads / 32];
   __shared__ long long sh_i[kEntThreads / 32];
   double sum_h = 0.0, sum_nc = 0.0;
@@ -632,6 +632,11 @@ __global__ void __launch_bounds__(kEntThreads)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kEntThreads + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * kEntThreads) {
     const int64_t c = counts[i];
+    if (c < 0 || c > n_samples) {  // not a count of n_samples: reported, h NaN, left out of the summary
+      report_device_error(rec, kOpEntropyFromCounts, kDevErrCount, i, c, n_samples);
+      h[i] = __int_as_float(0x7fc00000);
+      continue;
+    }
     const bool on = c == n_samples;
     const bool off = c == 0;
     const double p = static_cast<double>(c) / n;
@@ -730,11 +735,11 @@ cudaError_t entropy_counts_rows_many(const CountRowsDesc* descs, int64_t n, bool
 
 cudaError_t entropy_from_counts(const int64_t* counts, int64_t numel, int64_t n_samples,
                                 double eps, float* h, double* summary, double* scratch,
-                                cudaStream_t stream) {
+                                DeviceErrorRecord* rec, cudaStream_t stream) {
   const int64_t nb = numel > 0 ? std::min<int64_t>(ceil_div(numel, kEntThreads), kEntropyMaxBlocks) : 0;
   if (nb > 0) {
     PYENGINE_LAUNCH(static_cast<unsigned>(nb), kEntThreads, 0, stream, entropy_h_kernel)(counts, numel, n_samples,
-                                                                            eps, h, scratch);
+                                                                            eps, h, scratch, rec);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

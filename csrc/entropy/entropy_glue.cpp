@@ -168,7 +168,8 @@ std::tuple<at::Tensor, at::Tensor> entropy_from_counts_cuda(const at::Tensor& co
   at::Tensor scratch = at::empty({pc::kEntropyScratchDoubles}, counts.options().dtype(at::kDouble));
   C10_CUDA_CHECK(pc::entropy_from_counts(counts.data_ptr<int64_t>(), counts.numel(), n_samples, eps,
                                          h.data_ptr<float>(), summary.data_ptr<double>(),
-                                         scratch.data_ptr<double>(), pc::current_stream()));
+                                         scratch.data_ptr<double>(), pc::device_error_record(counts.get_device()),
+                                         pc::current_stream()));
   return {h, summary};
 }
 

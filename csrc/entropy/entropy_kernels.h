@@ -7,6 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "common/device_error.h"
 #include "common/dtype.h"
 
 namespace pyengine {
@@ -43,12 +44,14 @@ cudaError_t entropy_counts_rows_many(const CountRowsDesc* descs, int64_t n, bool
 // h[i] = binary entropy (bits) of p = counts[i] / n_samples with eps inside the logarithms:
 // -(p log2(p + eps) + (1 - p) log2(1 - p + eps)), exactly 0 for a constant neuron (count 0 or
 // n_samples); summary[4] = {mean h, mean h over non-constant neurons (0 if none), #count == n,
-// #count == 0}. scratch: kEntropyScratchDoubles doubles of device memory.
+// #count == 0}. scratch: kEntropyScratchDoubles doubles of device memory. A count outside
+// [0, n_samples] is reported in rec (common/device_error.h), its h is NaN and it is left out of
+// the summary.
 constexpr int kEntropyMaxBlocks = 1024;
 constexpr int kEntropyScratchDoubles = 5 * kEntropyMaxBlocks;
 cudaError_t entropy_from_counts(const int64_t* counts, int64_t numel, int64_t n_samples,
                                 double eps, float* h, double* summary, double* scratch,
-                                cudaStream_t stream);
+                                DeviceErrorRecord* rec, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace pyengine

@@ -132,9 +132,11 @@ void entropy_case(int64_t numel, int64_t n_samples, double eps, std::mt19937& g)
   std::vector<float> h(counts.size(), -1.0f);
   double summary[4] = {-1, -1, -1, -1};
   std::vector<double> scratch(kEntropyScratchDoubles);
-  const cudaError_t err = entropy_from_counts(counts.data(), numel, n_samples, eps, h.data(), summary, scratch.data(), nullptr);
+  DeviceErrorRecord rec{};
+  const cudaError_t err =
+      entropy_from_counts(counts.data(), numel, n_samples, eps, h.data(), summary, scratch.data(), &rec, nullptr);
   double sum = 0, sum_nc = 0, n_nc = 0, on = 0, off = 0;
-  bool ok = err == cudaSuccess;
+  bool ok = err == cudaSuccess && rec.code == kDevErrNone;
   for (size_t i = 0; i < counts.size(); ++i) {
     const double p = static_cast<double>(counts[i]) / n_samples;
     const bool constant = counts[i] == 0 || counts[i] == n_samples;
@@ -177,6 +179,21 @@ void stream_case(const char* tname, int64_t rows, int64_t row_len, int64_t div, 
   std::snprintf(what, sizeof(what), "stream count %s rows=%lld row_len=%lld div=%lld inclusive=%d (%s)", tname,
                 (long long)rows, (long long)row_len, (long long)div, int(inclusive), taken ? "taken" : "not taken");
   expect(took == taken && (!took || (err == cudaSuccess && counts == want && nan == want_nan)), what);
+}
+
+// A count outside [0, n_samples] is reported with its position, its h is NaN, and the summary
+// leaves it out (the same summary as without it).
+void entropy_bad_count_case() {
+  std::vector<int64_t> counts = {3, 10, -2, 0, 5, 11};
+  std::vector<float> h(counts.size(), -1.0f);
+  double summary[4] = {-1, -1, -1, -1};
+  std::vector<double> scratch(kEntropyScratchDoubles);
+  DeviceErrorRecord rec{};
+  entropy_from_counts(counts.data(), 6, 10, 0.0, h.data(), summary, scratch.data(), &rec, nullptr);
+  const bool reported = rec.code == kDevErrCount && rec.op == kOpEntropyFromCounts &&
+                        ((rec.position == 2 && rec.value == -2) || (rec.position == 5 && rec.value == 11)) && rec.bound == 10;
+  expect(reported && std::isnan(h[2]) && std::isnan(h[5]) && !std::isnan(h[0]) && summary[2] == 1 && summary[3] == 1,
+         "entropy_from_counts reports a count outside [0, n_samples] and leaves it out");
 }
 
 }  // namespace
@@ -287,5 +304,6 @@ int main() {
   entropy_case(1000, 64, 1e-10, g);
   entropy_case(3, 10, 0.0, g);
   entropy_case(5000, 1000, 1e-8, g);  // 20 blocks of partial sums
+  entropy_bad_count_case();
   return check::finish();
 }
