@@ -321,3 +321,15 @@ def test_counts_add_many_opcheck(device):
     n = torch.zeros((), dtype=torch.int64, device=device)
     torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_many_.default, (cs, n, xs, [1, -1], False, True))
     torch.library.opcheck(torch.ops.pyengine.entropy_counts_add_many_.default, ([], n, [], [], False, False))
+
+
+def test_integer_arguments_are_not_truncated():
+    x = torch.randn(4, 3, 2, 2)
+    with pytest.raises(TypeError, match="channel_dim must be an integer"):
+        entropy_counts(x, 1.7)
+    with pytest.raises(TypeError, match=r"channel_dims\[0\] must be an integer"):
+        from pyengine.ops import entropy_counts_add_many_
+        entropy_counts_add_many_([torch.zeros(3, dtype=torch.int64)], [x], [1.0])
+    with pytest.raises(TypeError, match="n_samples must be an integer"):
+        entropy_from_counts(torch.tensor([1, 2]), 4.9)
+    assert entropy_counts(x, torch.tensor(1)).tolist() == entropy_counts_reference(x, 1).tolist()  # an int tensor is fine

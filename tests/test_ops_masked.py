@@ -470,3 +470,13 @@ def test_sparse_linear_bitmap_opcheck(device):
     b = torch.randn(20, device=device, dtype=torch.float64)
     for bias in (b, None):
         torch.library.opcheck(torch.ops.pyengine.sparse_linear_bitmap.default, (x, p.bitmap, p.offsets, p.values, 20, bias))
+
+
+def test_packed_weight_shape_must_be_integers():
+    from pyengine.ops import PackedWeight
+
+    p = pack_sparse(torch.randn(6, 8))
+    for bad in ((6.5, 8), (6, "8")):
+        with pytest.raises(TypeError, match="two integers"):
+            PackedWeight(p.rowptr, p.colidx, p.values, bad)
+    assert PackedWeight(p.rowptr, p.colidx, p.values, (torch.tensor(6), 8)).shape == (6, 8)

@@ -64,6 +64,7 @@ def entropy_from_counts_reference(counts, n_samples, eps=0.0):
 
 
 def _normalise_dim(channel_dim: int, ndim: int) -> int:
+    channel_dim = as_int("channel_dim", channel_dim)  # 1.7 is refused, not truncated
     if not -ndim <= channel_dim < ndim:
         raise ValueError(f"channel_dim={channel_dim} is out of range for a tensor with {ndim} dimensions")
     return channel_dim % ndim
@@ -143,7 +144,7 @@ def entropy_counts_add_many_(
     the NaNs of all, in place: one native call (one kernel launch per dtype on CUDA), no
     allocation, no host synchronisation. Every argument is checked before anything is counted.
     """
-    counts, xs, channel_dims = list(counts), list(xs), [int(d) for d in channel_dims]
+    counts, xs, channel_dims = list(counts), list(xs), [as_int(f"channel_dims[{i}]", d) for i, d in enumerate(channel_dims)]
     for name, seq in (("counts", counts), ("xs", xs)):
         for i, t in enumerate(seq):
             if not isinstance(t, torch.Tensor):

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pyengine import _native
 from pyengine.ops._checks import (
     as_bool_mask,
+    as_int,
     check_op_devices,
     check_same_device,
     check_same_dtype,
@@ -127,9 +128,9 @@ def _check_fields(packed, *names: str) -> tuple[int, int]:
         if t.dim() != 1:
             raise ValueError(f"{cls}.{name} must be 1-D, got shape {tuple(t.shape)}")
     try:
-        n, k = (int(v) for v in packed.shape)
+        n, k = (as_int(f"{cls}.shape", v) for v in packed.shape)  # 6.5 or "8" are refused, not truncated
     except (TypeError, ValueError):
-        raise TypeError(f"{cls}.shape must be (out_features, in_features), got {packed.shape!r}") from None
+        raise TypeError(f"{cls}.shape must be (out_features, in_features), two integers; got {packed.shape!r}") from None
     if n < 0 or k < 0 or len(tuple(packed.shape)) != 2:
         raise ValueError(f"{cls}.shape must be two sizes >= 0, got {packed.shape!r}")
     object.__setattr__(packed, "shape", (n, k))
