@@ -92,6 +92,10 @@ def cases(dev: torch.device):
     past[-2] = nnz + 500
     start = rp.clone()
     start[0] = 1
+    short = rp.clone()
+    short[-1] -= 1  # rows hold ~40 entries: still non-decreasing
+    unsorted = ci.clone()
+    unsorted[0] = 4095  # the first row starts with the last column, ahead of its smaller ones
     out += [
         ("sparse_linear colidx >= K", lambda: sparse(colidx=big), ValueError, r"colidx holds 70000 at position 12, but in_features is 4096"),
         ("sparse_linear colidx negative", lambda: sparse(colidx=neg), ValueError, r"colidx holds -5 at position 3"),
@@ -109,7 +113,17 @@ def cases(dev: torch.device):
          lambda: sparse(colidx=big, values=vals.double(), xx=torch.randn(80, 4096, **f64)), ValueError, "colidx holds 70000"),
         ("sparse_linear gemm rowptr past",
          lambda: sparse(rowptr=past, values=vals.double(), xx=torch.randn(80, 4096, **f64)), ValueError, "rowptr ends at|points past"),
+        # the last row pointer short of the stored entries (CUDA used to drop the entries past it)
+        ("sparse_linear rowptr short", lambda: sparse(rowptr=short), ValueError, "rowptr ends at .* but colidx and values hold"),
+        ("sparse_linear spmm rowptr short", lambda: sparse(rowptr=short, xx=torch.randn(40, 4096, **f32)), ValueError,
+         "rowptr ends at .* but colidx and values hold"),
+        ("sparse_linear gemm rowptr short",
+         lambda: sparse(rowptr=short, values=vals.double(), xx=torch.randn(80, 4096, **f64)), ValueError,
+         "rowptr ends at .* but colidx and values hold"),
     ]
+    if cuda:  # the CUDA float32 SpMM needs ascending columns (the CPU kernels take any order)
+        out += [("sparse_linear spmm columns out of order",
+                 lambda: sparse(colidx=unsorted, xx=torch.randn(40, 4096, **f32)), ValueError, "colidx must ascend")]
     shape = (rp.numel() - 1, 4096)
     out += [
         ("PackedWeight colidx >= K", lambda: ops.PackedWeight(rp, big, vals, shape), ValueError, "colidx holds 70000 at position 12"),
@@ -178,6 +192,11 @@ def cases(dev: torch.device):
          lambda: P.apply_masks_([torch.randn(4, 4, **f32).t()], [torch.ones(4, 4, dtype=torch.bool, device=dev)], [0]),
          ValueError, "contiguous"),
         ("apply_masks_ count", lambda: P.apply_masks_([a, a], [mk], [0]), ValueError, "mask_index has 1 entries for 2"),
+        # one buffer twice (the CUDA kernel rewrites whole vectors: two blocks could undo each other's zeros)
+        ("apply_masks_ same tensor twice", lambda: P.apply_masks_([a, a], [mk, mk], [0, 1]), ValueError,
+         r"tensors\[0\] and tensors\[1\] overlap in memory"),
+        ("apply_masks_ overlapping views", lambda: P.apply_masks_([a[2:6], a[:4]], [mk[:4], mk[:4]], [0, 1]), ValueError,
+         "overlap in memory"),
     ]
 
     # ---- entropy

@@ -101,3 +101,21 @@ def test_prune_layer_exact_and_empty():
     n = masks.masks["0.weight"].numel()
     assert masks.prune("0.weight", n + 10) == n
     assert masks.empty_layers() == ["0.weight"]
+
+
+def test_apply_masks_tied_weights_and_versions():
+    """A weight two layers share is masked by the intersection of its masks (listed once: the op
+    refuses a buffer twice), and apply() moves the parameter's own version on."""
+    a, b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
+    b.weight = a.weight  # tied
+    model = nn.Sequential(a, nn.ReLU(), b)
+    ms = MaskSet(model)
+    assert len(ms.params) == 2 and ms.params["0.weight"] is ms.params["2.weight"]
+    m0 = torch.rand(3, 4) > 0.3
+    m2 = torch.rand(3, 4) > 0.3
+    ms.masks["0.weight"], ms.masks["2.weight"] = m0, m2
+    w = a.weight.detach().clone()
+    v = a.weight._version
+    ms.apply()
+    assert torch.equal(a.weight.detach(), w * (m0 & m2))
+    assert a.weight._version > v

@@ -79,7 +79,10 @@ std::string describe(const DeviceErrorRecord& r) {
                     r.position, "] = ", r.bound);
       break;
     case kDevErrRowptrEnd:
-      m += c10::str("rowptr[", r.position + 1, "] = ", r.value, " points past the ", r.bound, " stored entries");
+      if (r.value < r.bound)  // the last row ends short of the stored entries (the CPU check's words)
+        m += c10::str("rowptr ends at ", r.value, " but colidx and values hold ", r.bound, " entries");
+      else
+        m += c10::str("rowptr[", r.position + 1, "] = ", r.value, " points past the ", r.bound, " stored entries");
       break;
     case kDevErrWin:
       m += c10::str("win[", r.position, "] = ", r.value, " is not a direction (there are ", r.bound, ")");
@@ -89,6 +92,10 @@ std::string describe(const DeviceErrorRecord& r) {
       break;
     case kDevErrTileCount:
       m += tile_count_message(r.position, r.value, r.bound);
+      break;
+    case kDevErrColOrder:
+      m += c10::str("colidx must ascend within each row (as pack_sparse writes it), but position ", r.position,
+                    " holds ", r.value, " out of order");
       break;
     case kDevErrCount:
       m += count_range_message(r.position, r.value, r.bound);

@@ -21,11 +21,12 @@ enum DeviceErrorCode : int32_t {
   kDevErrColidx = 1,       // position = index into colidx, value = the column, bound = in_features
   kDevErrRowptrStart = 2,  // value = rowptr[0]
   kDevErrRowptrOrder = 3,  // position = row r with rowptr[r + 1] < rowptr[r]; value = rowptr[r + 1], bound = rowptr[r]
-  kDevErrRowptrEnd = 4,    // position = row r whose end rowptr[r + 1] exceeds nnz; value, bound = nnz
+  kDevErrRowptrEnd = 4,    // position = row r whose end rowptr[r + 1] exceeds nnz, or the last row ending short of it; value, bound = nnz
   kDevErrWin = 5,          // position = pair b, value = win[b], bound = number of directions
   kDevErrTileRange = 6,    // position = tile t, value = offsets[t], bound = offsets[t + 1] (not 0 <= a <= b <= nnz)
   kDevErrTileCount = 7,    // position = tile t, value = offsets[t + 1] - offsets[t], bound = the tile's set bits
   kDevErrCount = 8,        // position = index into counts, value = the count, bound = n_samples (not in [0, bound])
+  kDevErrColOrder = 9,     // position = index into colidx, value = its column, out of ascending order in its row
 };
 
 enum DeviceErrorOp : int32_t {

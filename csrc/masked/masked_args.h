@@ -2,7 +2,11 @@
 // (masked_cpu.cpp) and CUDA (masked_glue.cpp, sparse_glue.cpp) implementations.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
+#include <utility>
+#include <vector>
 
 #include "common/checks.h"
 #include "masked/bitmap_format.h"
@@ -109,6 +113,21 @@ inline void check_apply_masks_args(const OpChecks& op, at::TensorList tensors, a
     if (!t.is_contiguous() || !m.is_contiguous()) op.value_error(tn, " and ", mn, " must be contiguous");
     const int64_t es = t.element_size();
     if (es != 1 && es != 2 && es != 4 && es != 8) op.type_error(tn, " has an unsupported dtype ", dtype_name(t.scalar_type()));
+  }
+  // No two tensors may share memory: the CUDA kernel rewrites whole 16-byte vectors, so two entries
+  // on one buffer (handled by different blocks) could undo each other's zeros. Sorted by start
+  // address, each must end before the next begins.
+  std::vector<std::pair<uintptr_t, size_t>> spans;  // (start, index)
+  spans.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i)
+    if (tensors[i].numel() > 0) spans.emplace_back(reinterpret_cast<uintptr_t>(tensors[i].data_ptr()), i);
+  std::sort(spans.begin(), spans.end());
+  for (size_t s = 1; s < spans.size(); ++s) {
+    const at::Tensor& prev = tensors[spans[s - 1].second];
+    const uintptr_t prev_end = spans[s - 1].first + static_cast<uintptr_t>(prev.numel() * prev.element_size());
+    if (spans[s].first < prev_end)
+      op.value_error("tensors[", spans[s - 1].second, "] and tensors[", spans[s].second,
+                     "] overlap in memory; each tensor may be listed once");
   }
 }
 

@@ -84,19 +84,20 @@ __global__ void __launch_bounds__(kWarpRowThreads)
 // ============================================================================ sparse linear
 // Row r's stored entries [s, e), checked on the device: rowptr[0] = 0, rowptr non-decreasing and
 // at most nnz. A bad pointer is reported (lane 0 of the row's warp) and clamped into [0, nnz].
-__device__ __forceinline__ void clamp_row(int64_t s0, int64_t e0, int64_t row, int64_t nnz, DeviceErrorRecord* rec,
-                                          bool reporter, int64_t& s, int64_t& e) {
+__device__ __forceinline__ void clamp_row(int64_t s0, int64_t e0, int64_t row, int64_t last_row, int64_t nnz,
+                                          DeviceErrorRecord* rec, bool reporter, int64_t& s, int64_t& e) {
   if (reporter) {
     if (row == 0 && s0 != 0) report_device_error(rec, kOpSparseLinear, kDevErrRowptrStart, 0, s0, 0);
     if (e0 < s0) report_device_error(rec, kOpSparseLinear, kDevErrRowptrOrder, row, e0, s0);
-    else if (e0 > nnz) report_device_error(rec, kOpSparseLinear, kDevErrRowptrEnd, row, e0, nnz);
+    else if (e0 > nnz || (row == last_row && e0 != nnz))  // past the entries, or short of them at the end
+      report_device_error(rec, kOpSparseLinear, kDevErrRowptrEnd, row, e0, nnz);
   }
   s = s0 < 0 ? 0 : (s0 > nnz ? nnz : s0);
   e = e0 < s ? s : (e0 > nnz ? nnz : e0);
 }
-__device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, int64_t row, int64_t nnz,
-                                           DeviceErrorRecord* rec, bool reporter, int64_t& s, int64_t& e) {
-  clamp_row(rowptr[row], rowptr[row + 1], row, nnz, rec, reporter, s, e);
+__device__ __forceinline__ void row_bounds(const int32_t* __restrict__ rowptr, int64_t row, int64_t last_row,
+                                           int64_t nnz, DeviceErrorRecord* rec, bool reporter, int64_t& s, int64_t& e) {
+  clamp_row(rowptr[row], rowptr[row + 1], row, last_row, nnz, rec, reporter, s, e);
 }
 
 // The bound of a 32-bit column test for rows of k entries: a negative index is >= 2^31 as
@@ -197,7 +198,7 @@ __global__ void __launch_bounds__(kSkinnyThreads)
       for (int m = 0; m < MT; ++m) acc[m] += wv * Num<T>::to_acc(xv.v[m]);
     };
     int64_t s, e;
-    clamp_row(s0, e0, row, nnz, rec, lane == 0, s, e);
+    clamp_row(s0, e0, row, n - 1, nnz, rec, lane == 0, s, e);
     // the next row's pointers are requested now, so their latency hides behind this row
     if (row + wstride < n) {
       s0 = rowptr[row + wstride];
@@ -461,7 +462,7 @@ __global__ void __launch_bounds__(kSpmmThreads, 2)
   for (int i = threadIdx.x; i < kSpmmNR; i += kSpmmThreads) {
     const int64_t r = rbase + i;
     int64_t s = 0, e = 0;
-    if (r < n) row_bounds(rowptr, r, nnz, rec, true, s, e);
+    if (r < n) row_bounds(rowptr, r, n - 1, nnz, rec, true, s, e);
     s_cur[i] = static_cast<int>(s);
     s_end[i] = static_cast<int>(e);
   }
@@ -492,7 +493,7 @@ __global__ void __launch_bounds__(kSpmmThreads, 2)
       int c = s_cur[warp * kSpmmRW + i];
       const int e = s_end[warp * kSpmmRW + i];
       while (c < e) {  // warp-uniform
-        const int j = c + lane;
+        const int64_t j = static_cast<int64_t>(c) + lane;  // c + lane can pass 2^31 near the end
         bool ok = false;
         int col = 0;
         float wv = 0.f;
@@ -508,7 +509,13 @@ __global__ void __launch_bounds__(kSpmmThreads, 2)
           }
         }
         const unsigned bal = __ballot_sync(kFullMask, ok);
-        const int cnt = __popc(bal);  // a prefix of the lanes: columns ascend
+        const int cnt = __popc(bal);  // a prefix of the lanes when columns ascend
+        // Columns that do not ascend (possible only through the raw op: PackedWeight checks them)
+        // show as lanes taken after a lane left for a later chunk, or as a column of an earlier
+        // chunk: reported, so a product that used them is never returned quietly
+        const unsigned gap = (bal & (bal + 1u)) != 0u ? static_cast<unsigned>(__ffs(~bal) - 1) : 32u;
+        if (ok && j < e && ((static_cast<unsigned>(lane) > gap) || col < k0))
+          report_device_error(rec, kOpSparseLinear, kDevErrColOrder, j, col, 0);
         for (int q = 0; q < cnt; ++q) {
           int cc = __shfl_sync(kFullMask, col, q) - static_cast<int>(k0);
           const float ww = __shfl_sync(kFullMask, wv, q);
@@ -558,13 +565,13 @@ cudaError_t spmm_t_launch(const float* x, int64_t m, int64_t k, const int32_t* r
 template <typename U, typename IdxT>
 __global__ void __launch_bounds__(kWarpRowThreads)
     densify_kernel(const int32_t* __restrict__ rowptr, const IdxT* __restrict__ colidx,
-                   const U* __restrict__ values, int64_t nnz, int64_t row0, int64_t nrows, int64_t k,
+                   const U* __restrict__ values, int64_t nnz, int64_t row0, int64_t nrows, int64_t last_row, int64_t k,
                    U* __restrict__ tile, DeviceErrorRecord* rec) {
   const int64_t r = (static_cast<int64_t>(blockIdx.x) * kWarpRowThreads + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (r >= nrows) return;
   int64_t s, e;
-  row_bounds(rowptr, row0 + r, nnz, rec, lane == 0, s, e);
+  row_bounds(rowptr, row0 + r, last_row, nnz, rec, lane == 0, s, e);
   U* dst = tile + r * k;
   for (int64_t j = s + lane; j < e; j += 32) {
     const IdxT c = colidx[j];
@@ -598,17 +605,17 @@ cudaError_t pack_fill_es(const void* w, int64_t n, int64_t k, const int32_t* row
 
 template <int Bytes>
 cudaError_t densify_es(const int32_t* rowptr, const void* colidx, bool colidx16,
-                       const void* values, int64_t nnz, int64_t row0, int64_t nrows, int64_t k, void* tile,
+                       const void* values, int64_t nnz, int64_t row0, int64_t nrows, int64_t last_row, int64_t k, void* tile,
                        DeviceErrorRecord* rec, cudaStream_t stream) {
   using U = typename UIntOf<Bytes>::type;
   const int64_t grid = ceil_div(nrows * 32, kWarpRowThreads);
   if (colidx16) {
     PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, densify_kernel<U, int16_t>)(
-        rowptr, static_cast<const int16_t*>(colidx), static_cast<const U*>(values), nnz, row0, nrows, k,
+        rowptr, static_cast<const int16_t*>(colidx), static_cast<const U*>(values), nnz, row0, nrows, last_row, k,
         static_cast<U*>(tile), rec);
   } else {
     PYENGINE_LAUNCH(static_cast<unsigned>(grid), kWarpRowThreads, 0, stream, densify_kernel<U, int32_t>)(
-        rowptr, static_cast<const int32_t*>(colidx), static_cast<const U*>(values), nnz, row0, nrows, k,
+        rowptr, static_cast<const int32_t*>(colidx), static_cast<const U*>(values), nnz, row0, nrows, last_row, k,
         static_cast<U*>(tile), rec);
   }
   return cudaGetLastError();
@@ -676,6 +683,10 @@ cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, 
   });
 }
 
+bool sparse_skinny_supported(DType dt, int64_t m, int64_t k, int mode) {
+  return m <= 64 && skinny_plan(m, k, dtype_size(dt), mode, true, current_device()).ok;
+}
+
 int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode) {
   if (m <= 1) return 0;  // one row is read in place (more than 16 are always staged: the plan says so)
   const SkinnyPlan plan = skinny_plan(m, k, dtype_size(dt), mode, true, current_device());
@@ -702,16 +713,16 @@ cudaError_t sparse_linear_spmm_t(DType dt, const void* x, int64_t m, int64_t k, 
 }
 
 cudaError_t sparse_densify_rows(DType dt, const int32_t* rowptr, const void* colidx, bool colidx16,
-                                const void* values, int64_t nnz, int64_t row0, int64_t nrows, int64_t k, void* tile,
+                                const void* values, int64_t nnz, int64_t row0, int64_t nrows, int64_t n, int64_t k, void* tile,
                                 DeviceErrorRecord* rec, cudaStream_t stream) {
   if (nrows <= 0 || k <= 0) return cudaSuccess;
   const int es = dtype_size(dt);
   cudaError_t err = cudaMemsetAsync(tile, 0, static_cast<size_t>(nrows) * k * es, stream);
   if (err != cudaSuccess) return err;
   switch (es) {
-    case 2: return densify_es<2>(rowptr, colidx, colidx16, values, nnz, row0, nrows, k, tile, rec, stream);
-    case 4: return densify_es<4>(rowptr, colidx, colidx16, values, nnz, row0, nrows, k, tile, rec, stream);
-    case 8: return densify_es<8>(rowptr, colidx, colidx16, values, nnz, row0, nrows, k, tile, rec, stream);
+    case 2: return densify_es<2>(rowptr, colidx, colidx16, values, nnz, row0, nrows, n - 1, k, tile, rec, stream);
+    case 4: return densify_es<4>(rowptr, colidx, colidx16, values, nnz, row0, nrows, n - 1, k, tile, rec, stream);
+    case 8: return densify_es<8>(rowptr, colidx, colidx16, values, nnz, row0, nrows, n - 1, k, tile, rec, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -79,9 +79,11 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_, const at::Tensor& rowptr_, c
   const bool idx16 = colidx.scalar_type() == at::kShort;
   const void* bp = b.defined() ? b.data_ptr() : nullptr;
   const int64_t skinny_max = dt == pc::DType::kFloat32 ? 32 : 64;
-  // beyond 16 rows x is staged in shared memory in chunks: each row of x must fit there
-  if (m <= skinny_max && (m <= 16 || k * x.element_size() <= (int64_t(96) << 10))) {
-    const int mode = skinny_mode();
+  const int mode = skinny_mode();
+  // beyond 16 rows x is staged in shared memory in chunks: rows of up to 96 KB, and each must fit
+  // the device's opt-in limit (227 KB on an H100, 64 KB on a T4); else the paths below take it
+  if (m <= skinny_max && (m <= 16 || k * x.element_size() <= (int64_t(96) << 10)) &&
+      pc::sparse_skinny_supported(dt, m, k, mode)) {
     const int64_t scratch = pc::sparse_skinny_scratch_elems(dt, m, k, mode);
     at::Tensor xt = scratch > 0 ? at::empty({scratch}, x.options()) : at::Tensor();
     C10_CUDA_CHECK(pc::sparse_linear_skinny(dt, x.data_ptr(), m, k, rowptr.data_ptr<int32_t>(), colidx.data_ptr(), idx16,
@@ -102,7 +104,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_, const at::Tensor& rowptr_, c
   const std::optional<at::Tensor> bias_c = hb ? std::optional<at::Tensor>(b) : std::nullopt;
   const int32_t* rp = rowptr.data_ptr<int32_t>();
   tiled::tiled_linear(x, bias_c, out, n, k, [&](int64_t n0, int64_t rows, const at::Tensor& buf, cudaStream_t s) {
-    C10_CUDA_CHECK(pc::sparse_densify_rows(dt, rp, colidx.data_ptr(), idx16, values.data_ptr(), nnz, n0, rows, k,
+    C10_CUDA_CHECK(pc::sparse_densify_rows(dt, rp, colidx.data_ptr(), idx16, values.data_ptr(), nnz, n0, rows, n, k,
                                            buf.data_ptr(), rec, s));
   });
   return out;

@@ -36,6 +36,9 @@ cudaError_t pack_fill(DType dt, const void* w, int64_t n, int64_t k, const int32
 // needs no scratch. mode: 0 picks, 1 shared memory, 2 global (the transposed copy, or x itself for
 // m = 1). Call it on the device that will run the product (the plan depends on its shared memory).
 int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode);
+// Whether the skinny kernel can take m rows of k columns on the current device (more than 16 rows
+// are staged in shared memory, which a row of x must fit: the device's opt-in limit decides).
+bool sparse_skinny_supported(DType dt, int64_t m, int64_t k, int mode);
 cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, const int32_t* rowptr,
                                  const void* colidx, bool colidx16, const void* values, int64_t nnz,
                                  const void* bias, void* out, int64_t ldo, int64_t n, void* xt_scratch, int mode,
@@ -50,9 +53,9 @@ cudaError_t sparse_linear_spmm_t(DType dt, const void* x, int64_t m, int64_t k, 
                                  const void* colidx, bool colidx16, const void* values, int64_t nnz,
                                  const void* bias, void* out_t, int64_t n, DeviceErrorRecord* rec,
                                  cudaStream_t stream);
-// tile (nrows, k) contiguous = dense rows [row0, row0 + nrows) of the CSR matrix (zeros + scatter).
+// tile (nrows, k) contiguous = dense rows [row0, row0 + nrows) of the n-row CSR matrix (zeros + scatter).
 cudaError_t sparse_densify_rows(DType dt, const int32_t* rowptr, const void* colidx, bool colidx16,
-                                const void* values, int64_t nnz, int64_t row0, int64_t nrows, int64_t k, void* tile,
+                                const void* values, int64_t nnz, int64_t row0, int64_t nrows, int64_t n, int64_t k, void* tile,
                                 DeviceErrorRecord* rec, cudaStream_t stream);
 
 }  // namespace cuda

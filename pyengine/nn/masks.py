@@ -67,15 +67,26 @@ class MaskSet:
         return list(self.params)
 
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero pruned weights, their gradients and optimiser buffers, in one call."""
-        masks = list(self.masks.values())
+        """Zero pruned weights, their gradients and optimiser buffers, in one call. A weight that
+        several layers share (tied) is masked once, by the intersection of its masks."""
+        masks: list[torch.Tensor] = []
         tensors, index = [], []
-        for i, (name, p) in enumerate(self.params.items()):
-            tensors.append(p.data)
-            index.append(i)
+        first: dict[int, int] = {}  # id of a parameter -> the position of its mask
+        for name, p in self.params.items():
+            m = self.masks[name]
+            if id(p) in first:  # tied: one buffer, so one entry (apply_masks_ refuses overlaps)
+                j = first[id(p)]
+                masks[j] = masks[j] & m
+                continue
+            first[id(p)] = j = len(masks)
+            masks.append(m)
+            # p.detach(), not p.data: it shares p's version counter, so the in-place zeroing moves
+            # p's version on (autograd's saved-tensor check and the CUDA masked-weight cache see it)
+            tensors.append(p.detach())
+            index.append(j)
             if p.grad is not None:
                 tensors.append(p.grad)
-                index.append(i)
+                index.append(j)
             if optimizer is not None:
                 state = optimizer.state.get(p)
                 if state:
@@ -83,7 +94,7 @@ class MaskSet:
                         buf = state.get(key)
                         if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
                             tensors.append(buf)
-                            index.append(i)
+                            index.append(j)
         with torch.no_grad():
             apply_masks_(tensors, masks, index)
 

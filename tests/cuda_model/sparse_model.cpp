@@ -105,8 +105,8 @@ void densify_case(int64_t n, int64_t k, int64_t row0, int64_t rows, std::mt19937
   std::vector<float> tile(static_cast<size_t>(rows * k), -5.0f);
   DeviceErrorRecord rec{};
   const cudaError_t err = sparse_densify_rows(DType::kFloat32, c.rowptr.data(), c.col32.data(), false, c.values.data(),
-                                              static_cast<int64_t>(c.values.size()), row0, rows, k, tile.data(), &rec,
-                                              nullptr);
+                                              static_cast<int64_t>(c.values.size()), row0, rows, n, k, tile.data(),
+                                              &rec, nullptr);
   bool same = err == cudaSuccess && rec.code == kDevErrNone;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < k; ++j) same = same && tile[r * k + j] == w[(row0 + r) * k + j];
@@ -148,6 +148,76 @@ void bad_index_cases(std::mt19937& g) {
       expect(check::first_mismatch(got, check::linear(w_skip, x_ref, nullptr, mm, k, n)) < 0,
              what + " skips the bad entry exactly (no NaN from its infinite weight or x's column 0)");
     }
+  // a last row pointer short of the stored entries (the CPU op raises "rowptr ends at"): every
+  // path reports it rather than dropping the entries past it
+  {
+    Csr bad = c;
+    bad.rowptr[n] -= 1;
+    const int64_t nnz = static_cast<int64_t>(bad.values.size());
+    for (int mode : {1, 2}) {
+      DeviceErrorRecord rec{};
+      sparse_linear_skinny(DType::kFloat32, x_ref.data(), m, k, bad.rowptr.data(), bad.col16.data(), true,
+                           bad.values.data(), nnz, nullptr, out.data(), n, n,
+                           nullptr, 1, &rec, nullptr);
+      expect(rec.code == kDevErrRowptrEnd && rec.value == nnz - 1 && rec.bound == nnz,
+             "skinny reports a last row pointer short of the entries (mode " + std::to_string(mode) + ")");
+    }
+    const auto x40 = check::small_ints(static_cast<size_t>(40 * k), -1, 1, g);
+    std::vector<float> out_t(static_cast<size_t>(n * 40));
+    DeviceErrorRecord rec{};
+    sparse_linear_spmm_t(DType::kFloat32, x40.data(), 40, k, bad.rowptr.data(), bad.col16.data(), true, bad.values.data(),
+                         nnz, nullptr, out_t.data(), n, &rec, nullptr);
+    expect(rec.code == kDevErrRowptrEnd && rec.value == nnz - 1, "spmm_t reports a last row pointer short of the entries");
+    std::vector<float> tile(static_cast<size_t>(4 * k));
+    DeviceErrorRecord rec2{};
+    sparse_densify_rows(DType::kFloat32, bad.rowptr.data(), bad.col16.data(), true, bad.values.data(), nnz, n - 4, 4, n, k,
+                        tile.data(), &rec2, nullptr);
+    expect(rec2.code == kDevErrRowptrEnd && rec2.value == nnz - 1, "densify reports a last row pointer short of the entries");
+    DeviceErrorRecord rec3{};  // tiles that do not hold the last row cannot see it, and report nothing
+    sparse_densify_rows(DType::kFloat32, c.rowptr.data(), c.col16.data(), true, c.values.data(),
+                        static_cast<int64_t>(c.values.size()), 0, 4, n, k, tile.data(), &rec3, nullptr);
+    expect(rec3.code == kDevErrNone, "densify of valid rows reports nothing");
+  }
+  // columns out of ascending order within a row: the float32 SpMM takes x in chunks of 64 columns
+  // and needs them ascending; an order that would change its product is reported. Row 0 holds
+  // columns 100, 3 (a later chunk's column first: caught in the first chunk's ballot); row 1 holds
+  // 5, 2 (one chunk: consumed correctly, not reported). Then a row of columns 64..103 followed by
+  // column 3, 40 entries later (caught as a column of an earlier chunk).
+  {
+    Csr u;
+    u.rowptr = {0, 2, 4};
+    u.col16 = {100, 3, 5, 2};
+    u.values = {1.0f, 2.0f, 3.0f, 4.0f};
+    const int64_t un = 2, uk = 128, um = 40;
+    std::vector<float> ux(static_cast<size_t>(um * uk));
+    for (int64_t i = 0; i < um; ++i)
+      for (int64_t j = 0; j < uk; ++j) ux[i * uk + j] = static_cast<float>(j);
+    std::vector<float> out_t(static_cast<size_t>(un * um), -1.0f);
+    DeviceErrorRecord rec{};
+    sparse_linear_spmm_t(DType::kFloat32, ux.data(), um, uk, u.rowptr.data(), u.col16.data(), true, u.values.data(), 4,
+                         nullptr, out_t.data(), un, &rec, nullptr);
+    expect(rec.code == kDevErrColOrder && rec.position == 1 && rec.value == 3,
+           "spmm_t reports a column out of ascending order (position 1, column 3)");
+    Csr far;
+    far.rowptr = {0, 41};
+    for (int j = 0; j < 40; ++j) far.col16.push_back(static_cast<int16_t>(64 + j));
+    far.col16.push_back(3);
+    far.values.assign(41, 1.0f);
+    DeviceErrorRecord rec3{};
+    sparse_linear_spmm_t(DType::kFloat32, ux.data(), um, uk, far.rowptr.data(), far.col16.data(), true, far.values.data(),
+                         41, nullptr, out_t.data(), 1, &rec3, nullptr);
+    expect(rec3.code == kDevErrColOrder && rec3.position == 40 && rec3.value == 3,
+           "spmm_t reports a column of an earlier chunk (position 40, column 3)");
+    Csr s1;  // the same rows sorted: no report, the exact product
+    s1.rowptr = {0, 2, 4};
+    s1.col16 = {3, 100, 2, 5};
+    s1.values = {2.0f, 1.0f, 4.0f, 3.0f};
+    DeviceErrorRecord rec2{};
+    sparse_linear_spmm_t(DType::kFloat32, ux.data(), um, uk, s1.rowptr.data(), s1.col16.data(), true, s1.values.data(), 4,
+                         nullptr, out_t.data(), un, &rec2, nullptr);
+    expect(rec2.code == kDevErrNone && out_t[0] == 106.0f && out_t[static_cast<size_t>(um)] == 23.0f,
+           "spmm_t: sorted rows give the exact product and no report");
+  }
   {
     Csr bad = c;
     bad.rowptr[4] = bad.rowptr[3] - 1;
@@ -158,6 +228,21 @@ void bad_index_cases(std::mt19937& g) {
                          static_cast<int64_t>(bad.values.size()), nullptr, out_t.data(), n, &rec, nullptr);
     expect(rec.code == kDevErrRowptrOrder, "spmm_t reports a decreasing row pointer");
   }
+}
+
+// The skinny kernel's reach on a device with 64 KB of opt-in shared memory (a T4; the plan of
+// model device 7, whose attributes are read fresh): 20 float32 rows of 20000 columns do not fit
+// (80 KB per row), so sparse_skinny_supported sends the glue to another path; 16 rows do (the
+// transposed copy) and 20 rows of 4000 columns do (staged). On the H100-like device 0 all do.
+void small_smem_case() {
+  const int saved = model::smem_optin;
+  model::smem_optin = 64 * 1024;
+  expect(!skinny_plan(20, 20000, 4, 0, true, 7).ok, "T4: 20 rows of 20000 float32 are not for the skinny kernel");
+  expect(skinny_plan(16, 20000, 4, 0, true, 7).ok, "T4: 16 rows of 20000 float32 are (transposed copy)");
+  expect(skinny_plan(20, 4000, 4, 0, true, 7).ok, "T4: 20 rows of 4000 float32 are (staged)");
+  model::smem_optin = saved;
+  expect(sparse_skinny_supported(DType::kFloat32, 20, 20000, 0), "H100: 20 rows of 20000 float32 are (staged)");
+  expect(!sparse_skinny_supported(DType::kFloat32, 65, 100, 0), "more than 64 rows are not for the skinny kernel");
 }
 
 }  // namespace
@@ -195,5 +280,6 @@ int main() {
   densify_case(40, 300, 0, 40, g);
   densify_case(50, 130, 16, 24, g);
   bad_index_cases(g);
+  small_smem_case();
   return check::finish();
 }
