@@ -93,7 +93,11 @@ def masked_cache_info() -> dict:
 
 
 def masked_cache_clear() -> int:
-    """Drops every cached masked weight (W * M) of masked_linear on CUDA; returns the bytes freed."""
+    """Drops every cached masked weight (W * M) of masked_linear on CUDA; returns the bytes freed.
+
+    A cached W * M is reused while W's storage, strides and version and the mask are unchanged.
+    In-place ops on W move its version on; a write through ``W.data`` does not (``.data`` has a
+    version counter of its own), so call this after one (or write through ``W.detach()``)."""
     return int(_C.masked_cache_clear()) if _C is not None else 0
 
 
