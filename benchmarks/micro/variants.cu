@@ -34,6 +34,22 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// A row [s, e) of 8-entry groups: the aligned groups [a / 8, bnd / 8), and this lane's head or
+// tail entry h (lanes 0-7: the head [s, a), lanes 8-15: the tail [max(bnd, a), e)), valid if hv.
+__device__ __forceinline__ void row_split(int lane, int64_t s, int64_t e, int64_t& a, int64_t& bnd, int64_t& h,
+                                          bool& hv) {
+  a = (s + 7) & ~int64_t(7);
+  bnd = e & ~int64_t(7);
+  if (a > e) a = e;
+  if (lane < 8) {
+    h = s + lane;
+    hv = h < a;
+  } else {
+    h = (bnd > a ? bnd : a) + (lane - 8);
+    hv = lane < 16 && h < e;
+  }
+}
+
 template <int FLAGS, int THREADS>
 __global__ void __launch_bounds__(THREADS)
     csr_kernel(const __nv_bfloat16* __restrict__ x, int64_t k, const int32_t* __restrict__ rowptr,
@@ -96,18 +112,9 @@ __global__ void __launch_bounds__(THREADS)
   using VP = Pack<__nv_bfloat16, 8>;
   const CP* cp = reinterpret_cast<const CP*>(colidx);
   const VP* vp = reinterpret_cast<const VP*>(values);
-  int64_t a = (s + 7) & ~int64_t(7);
-  const int64_t bnd = e & ~int64_t(7);
-  if (a > e) a = e;
-  int64_t h;
+  int64_t a, bnd, h;
   bool hv;
-  if (lane < 8) {
-    h = s + lane;
-    hv = h < a;
-  } else {
-    h = (bnd > a ? bnd : a) + (lane - 8);
-    hv = lane < 16 && h < e;
-  }
+  row_split(lane, s, e, a, bnd, h, hv);
   int16_t hc = 0;
   __nv_bfloat16 hw = __float2bfloat16(0.f);
   if (hv) {
@@ -216,18 +223,9 @@ __global__ void __launch_bounds__(kT16)
     int64_t s = rowptr[r], e = rowptr[r + 1];
     s = s < 0 ? 0 : (s > nnz ? nnz : s);
     e = e < s ? s : (e > nnz ? nnz : e);
-    int64_t a = (s + 7) & ~int64_t(7);
-    const int64_t bnd = e & ~int64_t(7);
-    if (a > e) a = e;
-    int64_t h;
+    int64_t a, bnd, h;
     bool hv;
-    if (lane < 8) {
-      h = s + lane;
-      hv = h < a;
-    } else {
-      h = (bnd > a ? bnd : a) + (lane - 8);
-      hv = lane < 16 && h < e;
-    }
+    row_split(lane, s, e, a, bnd, h, hv);
     hc = 0;
     hw = __float2bfloat16(0.f);
     if (hv) {
