@@ -118,6 +118,21 @@ inline int max_smem_optin(int device) {
 // Major compute capability of `device` (0 if unknown).
 inline int compute_major(int device) { return device_attr_cached(cudaDevAttrComputeCapabilityMajor, 2, device); }
 
+// Resident blocks of Kernel per multiprocessor at `threads` threads (the kernel's one block size)
+// and no dynamic shared memory, asked once per kernel: launchers that run per activation or per
+// layer must not ask every call. At least 1.
+template <auto Kernel>
+cudaError_t cached_occupancy(int threads, int& occ) {
+  static std::atomic<int> cache{0};
+  occ = cache.load(std::memory_order_relaxed);
+  if (occ > 0) return cudaSuccess;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, Kernel, threads, 0);
+  if (err != cudaSuccess) return err;
+  if (occ < 1) occ = 1;
+  cache.store(occ, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 // Sum over the 32 lanes of a warp (int, unsigned, long long, float or double).
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

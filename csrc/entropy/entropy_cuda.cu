@@ -30,6 +30,7 @@ namespace pyengine {
 namespace cuda {
 
 using detail::aligned_to;
+using detail::cached_occupancy;
 using detail::ceil_div;
 using detail::current_device;
 using detail::kFullMask;
@@ -121,6 +122,28 @@ __device__ __forceinline__ unsigned nan_mask(unsigned w) {
   return __hneu2_mask(h, h);
 }
 
+// fp16 / bf16: adds the ON flags of the 8 values of the 16-byte vector q to the per-half sums pk
+// (one count in each 16-bit half of the word) and flags their NaNs in nm.
+template <typename T, bool INCLUSIVE>
+__device__ __forceinline__ void add_on_halves(const uint4& q, unsigned& pk, unsigned& nm) {
+  const unsigned w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    pk += on_mask<T, INCLUSIVE>(w[i]) & 0x00010001u;
+    nm |= nan_mask<T>(w[i]);
+  }
+}
+// fp16 / bf16: the NaNs among the 8 values of q, counted exactly (only when a batch has one).
+template <typename T>
+__device__ __forceinline__ unsigned nans_of_halves(const uint4& q) {
+  constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
+  const unsigned w[4] = {q.x, q.y, q.z, q.w};
+  unsigned n = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) n += __popc(__vsetgtu2(w[i] & 0x7FFF7FFFu, inf2));
+  return n;
+}
+
 template <typename T, int VEC>
 constexpr bool kPackedHalf = (std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) && VEC == 8;
 
@@ -132,7 +155,6 @@ template <typename T, bool INCLUSIVE>
 __device__ __forceinline__ void count_packed_rotating(const uint4* __restrict__ base, int64_t r0, int64_t re,
                                                       int64_t step, int64_t cvec, unsigned& cnt, unsigned& nans) {
   constexpr int H = kUnroll / 2;
-  constexpr unsigned inf2 = HalfBits<T>::kInf * 0x00010001u;
   uint4 a[H], b[H];
   auto load_half = [&](uint4 (&d)[H], int64_t r) {
 #pragma unroll
@@ -144,24 +166,13 @@ __device__ __forceinline__ void count_packed_rotating(const uint4* __restrict__ 
   auto count_half = [&](const uint4 (&d)[H], int64_t r) {
     unsigned pk = 0, nm = 0;  // per-half ON sums (at most 4 * H each), NaN mask
 #pragma unroll
-    for (int u = 0; u < H; ++u) {
-      if (r + static_cast<int64_t>(u) * step >= re) continue;
-      const unsigned w[4] = {d[u].x, d[u].y, d[u].z, d[u].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        pk += on_mask<T, INCLUSIVE>(w[i]) & 0x00010001u;
-        nm |= nan_mask<T>(w[i]);
-      }
-    }
+    for (int u = 0; u < H; ++u)
+      if (r + static_cast<int64_t>(u) * step < re) add_on_halves<T, INCLUSIVE>(d[u], pk, nm);
     cnt += (pk & 0xFFFFu) + (pk >> 16);
     if (nm != 0u) {  // a NaN in this half batch: count them exactly
 #pragma unroll
-      for (int u = 0; u < H; ++u) {
-        if (r + static_cast<int64_t>(u) * step >= re) continue;
-        const unsigned w[4] = {d[u].x, d[u].y, d[u].z, d[u].w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) nans += __popc(__vsetgtu2(w[i] & 0x7FFF7FFFu, inf2));
-      }
+      for (int u = 0; u < H; ++u)
+        if (r + static_cast<int64_t>(u) * step < re) nans += nans_of_halves<T>(d[u]);
     }
   };
   const int64_t hs = static_cast<int64_t>(H) * step;
@@ -335,16 +346,12 @@ __device__ __forceinline__ void stream_advance(uint32_t& ch, uint32_t& off, Stre
 // ON count of one 16-byte vector of T (each value once), and its NaNs flagged in nm.
 template <typename T, bool INCLUSIVE>
 __device__ __forceinline__ unsigned count_vector(const uint4& q, unsigned& nm) {
-  const unsigned w[4] = {q.x, q.y, q.z, q.w};
   if constexpr (sizeof(T) == 2) {
     unsigned pk = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      pk += on_mask<T, INCLUSIVE>(w[i]) & 0x00010001u;
-      nm |= nan_mask<T>(w[i]);
-    }
+    add_on_halves<T, INCLUSIVE>(q, pk, nm);
     return (pk & 0xFFFFu) + (pk >> 16);
   } else {
+    const unsigned w[4] = {q.x, q.y, q.z, q.w};
     static_assert(std::is_same<T, float>::value, "16- and 32-bit floats");
     unsigned c = 0;
 #pragma unroll
@@ -359,17 +366,15 @@ __device__ __forceinline__ unsigned count_vector(const uint4& q, unsigned& nm) {
 // NaNs of one 16-byte vector of T, counted exactly (only when a batch has one).
 template <typename T>
 __device__ __forceinline__ unsigned count_vector_nans(const uint4& q) {
-  const unsigned w[4] = {q.x, q.y, q.z, q.w};
-  unsigned n = 0;
+  if constexpr (sizeof(T) == 2) {
+    return nans_of_halves<T>(q);
+  } else {
+    const unsigned w[4] = {q.x, q.y, q.z, q.w};
+    unsigned n = 0;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (sizeof(T) == 2) {
-      n += __popc(__vsetgtu2(w[i] & 0x7FFF7FFFu, HalfBits<T>::kInf * 0x00010001u));
-    } else {
-      n += (w[i] & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
-    }
+    for (int i = 0; i < 4; ++i) n += (w[i] & 0x7FFFFFFFu) > 0x7F800000u ? 1u : 0u;
+    return n;
   }
-  return n;
 }
 
 template <typename T, bool INCLUSIVE>
@@ -434,20 +439,6 @@ __global__ void __launch_bounds__(kCountThreads)
 // per call.
 bool stream_order_enabled() { return env_equals("PYENGINE_ENTROPY_ORDER", "stream"); }
 
-// Blocks of entropy_stream_kernel<T, INCLUSIVE> per multiprocessor, asked once.
-template <typename T, bool INCLUSIVE>
-cudaError_t stream_occupancy(int& occ) {
-  static std::atomic<int> cache{0};
-  occ = cache.load(std::memory_order_relaxed);
-  if (occ > 0) return cudaSuccess;
-  const cudaError_t err =
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, entropy_stream_kernel<T, INCLUSIVE>, kCountThreads, 0);
-  if (err != cudaSuccess) return err;
-  if (occ < 1) occ = 1;
-  cache.store(occ, std::memory_order_relaxed);
-  return cudaSuccess;
-}
-
 // The stream-order count of one contiguous, 16-byte aligned tensor, when its shape allows it (see
 // above); false: not taken (the caller counts in strips).
 template <typename T>
@@ -463,7 +454,8 @@ bool launch_stream(const T* x, int64_t rows, int64_t row_len, int64_t channel_di
     const int64_t nvec = rows * (row_len / VEC);
     auto kernel = inclusive ? entropy_stream_kernel<T, true> : entropy_stream_kernel<T, false>;
     int occ = 0;
-    err = inclusive ? stream_occupancy<T, true>(occ) : stream_occupancy<T, false>(occ);
+    err = inclusive ? cached_occupancy<entropy_stream_kernel<T, true>>(kCountThreads, occ)
+                    : cached_occupancy<entropy_stream_kernel<T, false>>(kCountThreads, occ);
     if (err != cudaSuccess) return true;
     const int64_t resident = static_cast<int64_t>(sm_count(current_device())) * occ;
     const int64_t grid = std::max<int64_t>(1, std::min(resident, ceil_div(nvec, kStreamChunk)));
@@ -523,15 +515,9 @@ template <typename T, int VEC, bool INCLUSIVE, bool RELU>
 cudaError_t launch_rows(const RowBatch& b, cudaStream_t stream) {
   if (b.count == 0 || b.total_work == 0) return cudaSuccess;
   auto kernel = entropy_rows_kernel<T, VEC, INCLUSIVE, RELU>;
-  // blocks per multiprocessor, asked once per kernel (a training step may call this per activation)
-  static std::atomic<int> occ_cache{0};
-  int occ = occ_cache.load(std::memory_order_relaxed);
-  if (occ <= 0) {
-    const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kCountThreads, 0);
-    if (err != cudaSuccess) return err;
-    if (occ < 1) occ = 1;
-    occ_cache.store(occ, std::memory_order_relaxed);
-  }
+  int occ = 0;  // a training step may call this per activation: asked once per kernel
+  const cudaError_t err = cached_occupancy<entropy_rows_kernel<T, VEC, INCLUSIVE, RELU>>(kCountThreads, occ);
+  if (err != cudaSuccess) return err;
   // every block resident at once, each thread with at least kUnroll rows
   const int64_t resident = static_cast<int64_t>(sm_count(current_device())) * occ;
   const int64_t useful = std::max<int64_t>(1, b.total_work / kUnroll);

@@ -18,6 +18,7 @@ namespace pyengine {
 namespace cuda {
 
 using detail::aligned_to;
+using detail::cached_occupancy;
 using detail::ceil_div;
 using detail::current_device;
 using detail::kFullMask;
@@ -327,14 +328,9 @@ cudaError_t launch_skinny(const T* x, int64_t m, int64_t k, bool use_smem, void*
       if (err != cudaSuccess) return err;
       xt = xt_w;
     }
-    static std::atomic<int> occ_cache{0};  // asked once per kernel
-    int occ = occ_cache.load(std::memory_order_relaxed);
-    if (occ <= 0) {
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kSkinnyThreads, 0);
-      if (err != cudaSuccess) return err;
-      if (occ < 1) occ = 1;
-      occ_cache.store(occ, std::memory_order_relaxed);
-    }
+    int occ = 0;
+    err = cached_occupancy<sparse_skinny_kernel<T, IdxT, MT, false>>(kSkinnyThreads, occ);
+    if (err != cudaSuccess) return err;
     const int64_t grid = std::min<int64_t>(ceil_div(n, kSkinnyWarps), static_cast<int64_t>(sm_count(dev)) * occ);
     PYENGINE_LAUNCH(static_cast<unsigned>(grid), kSkinnyThreads, 0, stream, kernel)(
         x, k, static_cast<int>(m), k, xt, vec_loads, rowptr, colidx, values, nnz, bias, out, ldo, n, rec);
@@ -683,14 +679,11 @@ cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, 
   });
 }
 
-bool sparse_skinny_supported(DType dt, int64_t m, int64_t k, int mode) {
-  return m <= 64 && skinny_plan(m, k, dtype_size(dt), mode, true, current_device()).ok;
-}
-
-int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode) {
-  if (m <= 1) return 0;  // one row is read in place (more than 16 are always staged: the plan says so)
+bool sparse_skinny_plan(DType dt, int64_t m, int64_t k, int mode, int64_t* scratch_elems) {
   const SkinnyPlan plan = skinny_plan(m, k, dtype_size(dt), mode, true, current_device());
-  return plan.smem ? 0 : (k + 1) * plan.mt;
+  // one row is read in place; more than 16 are always staged (the plan says so)
+  *scratch_elems = plan.ok && !plan.smem && m > 1 ? (k + 1) * plan.mt : 0;
+  return m <= 64 && plan.ok;
 }
 
 bool sparse_linear_spmm_supported(DType dt) { return dt == DType::kFloat32; }

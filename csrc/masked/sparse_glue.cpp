@@ -82,9 +82,9 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_, const at::Tensor& rowptr_, c
   const int mode = skinny_mode();
   // beyond 16 rows x is staged in shared memory in chunks: rows of up to 96 KB, and each must fit
   // the device's opt-in limit (227 KB on an H100, 64 KB on a T4); else the paths below take it
+  int64_t scratch = 0;
   if (m <= skinny_max && (m <= 16 || k * x.element_size() <= (int64_t(96) << 10)) &&
-      pc::sparse_skinny_supported(dt, m, k, mode)) {
-    const int64_t scratch = pc::sparse_skinny_scratch_elems(dt, m, k, mode);
+      pc::sparse_skinny_plan(dt, m, k, mode, &scratch)) {
     at::Tensor xt = scratch > 0 ? at::empty({scratch}, x.options()) : at::Tensor();
     C10_CUDA_CHECK(pc::sparse_linear_skinny(dt, x.data_ptr(), m, k, rowptr.data_ptr<int32_t>(), colidx.data_ptr(), idx16,
                                             values.data_ptr(), nnz, bp, out.data_ptr(), n, n,

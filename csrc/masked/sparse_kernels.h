@@ -30,15 +30,15 @@ cudaError_t pack_fill(DType dt, const void* w, int64_t n, int64_t k, const int32
 
 // out (m, n) row-major with row stride ldo = x (m, k) contiguous @ W^T (+ bias); fp32
 // accumulation; for m <= 64. x is read per nonzero as one vector of up to 16 rows, staged in
-// shared memory or (m <= 16) from a transposed copy in xt_scratch
-// (sparse_skinny_scratch_elems(dt, m, k, mode) elements of x's dtype: 0 when the kernel will stage x
-// in shared memory; may be nullptr: shared memory only); one row of x (m = 1) is read in place and
-// needs no scratch. mode: 0 picks, 1 shared memory, 2 global (the transposed copy, or x itself for
-// m = 1). Call it on the device that will run the product (the plan depends on its shared memory).
-int64_t sparse_skinny_scratch_elems(DType dt, int64_t m, int64_t k, int mode);
-// Whether the skinny kernel can take m rows of k columns on the current device (more than 16 rows
-// are staged in shared memory, which a row of x must fit: the device's opt-in limit decides).
-bool sparse_skinny_supported(DType dt, int64_t m, int64_t k, int mode);
+// shared memory or (m <= 16) from a transposed copy in xt_scratch (*scratch_elems elements of x's
+// dtype from sparse_skinny_plan: 0 when the kernel will stage x in shared memory; may be nullptr:
+// shared memory only); one row of x (m = 1) is read in place and needs no scratch. mode: 0 picks,
+// 1 shared memory, 2 global (the transposed copy, or x itself for m = 1). Call it on the device that
+// will run the product (the plan depends on its shared memory).
+// sparse_skinny_plan: whether the skinny kernel can take m rows of k columns on the current device
+// (more than 16 rows are staged in shared memory, which a row of x must fit: the device's opt-in
+// limit decides), and the scratch it then needs.
+bool sparse_skinny_plan(DType dt, int64_t m, int64_t k, int mode, int64_t* scratch_elems);
 cudaError_t sparse_linear_skinny(DType dt, const void* x, int64_t m, int64_t k, const int32_t* rowptr,
                                  const void* colidx, bool colidx16, const void* values, int64_t nnz,
                                  const void* bias, void* out, int64_t ldo, int64_t n, void* xt_scratch, int mode,

@@ -67,7 +67,8 @@ void skinny_case(const char* tname, int64_t m, int64_t k, int64_t n, int mode, s
   const Csr c = csr_of(w, n, k);
   const auto xt = check::convert<T>(x), vt = check::convert<T>(c.values), bt = check::convert<T>(b);
   std::vector<T> out(static_cast<size_t>(m * n), check::from_float<T>(-999.0f));
-  const int64_t scratch_elems = sparse_skinny_scratch_elems(check::dtype_of<T>(), m, k, mode);
+  int64_t scratch_elems = 0;
+  sparse_skinny_plan(check::dtype_of<T>(), m, k, mode, &scratch_elems);
   std::vector<T> scratch(static_cast<size_t>(std::max<int64_t>(1, scratch_elems)));
   DeviceErrorRecord rec{};
   const bool idx16 = k < 32768;
@@ -135,7 +136,8 @@ void bad_index_cases(std::mt19937& g) {
       int64_t row7 = 0;
       while (bad.rowptr[row7 + 1] <= 7) ++row7;
       w_skip[row7 * k + c.col16[7]] = 0.0f;
-      const int64_t se = sparse_skinny_scratch_elems(DType::kFloat32, mm, k, mode);
+      int64_t se = 0;
+      sparse_skinny_plan(DType::kFloat32, mm, k, mode, &se);
       std::vector<float> scratch(static_cast<size_t>(se), std::numeric_limits<float>::quiet_NaN());  // no zero left over
       DeviceErrorRecord rec{};
       sparse_linear_skinny(DType::kFloat32, x.data(), mm, k, bad.rowptr.data(), bad.col16.data(), true,
@@ -232,7 +234,7 @@ void bad_index_cases(std::mt19937& g) {
 
 // The skinny kernel's reach on a device with 64 KB of opt-in shared memory (a T4; the plan of
 // model device 7, whose attributes are read fresh): 20 float32 rows of 20000 columns do not fit
-// (80 KB per row), so sparse_skinny_supported sends the glue to another path; 16 rows do (the
+// (80 KB per row), so sparse_skinny_plan sends the glue to another path; 16 rows do (the
 // transposed copy) and 20 rows of 4000 columns do (staged). On the H100-like device 0 all do.
 void small_smem_case() {
   const int saved = model::smem_optin;
@@ -241,8 +243,9 @@ void small_smem_case() {
   expect(skinny_plan(16, 20000, 4, 0, true, 7).ok, "T4: 16 rows of 20000 float32 are (transposed copy)");
   expect(skinny_plan(20, 4000, 4, 0, true, 7).ok, "T4: 20 rows of 4000 float32 are (staged)");
   model::smem_optin = saved;
-  expect(sparse_skinny_supported(DType::kFloat32, 20, 20000, 0), "H100: 20 rows of 20000 float32 are (staged)");
-  expect(!sparse_skinny_supported(DType::kFloat32, 65, 100, 0), "more than 64 rows are not for the skinny kernel");
+  int64_t se = -1;
+  expect(sparse_skinny_plan(DType::kFloat32, 20, 20000, 0, &se), "H100: 20 rows of 20000 float32 are (staged)");
+  expect(!sparse_skinny_plan(DType::kFloat32, 65, 100, 0, &se), "more than 64 rows are not for the skinny kernel");
 }
 
 }  // namespace
