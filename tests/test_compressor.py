@@ -119,3 +119,109 @@ def test_fold_refuses_a_merge_with_more_macs_unless_asked(limit):
 def test_fold_max_mac_ratio_is_checked():
     with pytest.raises(ValueError, match="fold_max_mac_ratio"):
         pyengine.Compressor(Bottleneck(), "egp", example_input=torch.randn(1, 16), fold_max_mac_ratio=-1.0)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+def test_fold_after_step_measures_the_network_as_it_is_now():
+    """A ReLU that is just always ON before a step can be mixed after the step's pruning: folding
+    on the old measurement would linearise it and change the outputs. fold() refuses stale
+    statistics and, given the loader, measures again - the folded network equals the pruned one."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net = _mlp().double()
+        x = torch.rand(512, 16, dtype=torch.float64)
+        pre = net[2](net[1](net[0](x)))
+        net[2].bias -= pre.min(0).values - 1e-3  # the second ReLU: always ON by a hair on this data
+    comp = pyengine.Compressor(net, "egp", example_input=x[:1], options={"zeta": 0.9}, log=lambda *a: None)
+    assert comp.measure([x])["zero_entropy"] == ["3"]
+    assert comp.step() is not None
+    comp.model.eval()
+    with torch.no_grad():
+        mixed = bool((comp.model[2](comp.model[1](comp.model[0](x))) <= 0).any())
+        ref = comp.model(x)
+    assert mixed  # the step's pruning made the once-collapsed ReLU mixed (what makes the case)
+    with pytest.raises(RuntimeError, match="latest measure\\(\\) came before the latest step\\(\\)"):
+        comp.fold()
+    folded = comp.fold([x])
+    assert ("linearise", "3") not in {(e["kind"], e["target"]) for e in comp.fold_record["collapse_edits"]}
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fold_needs_a_measurement_for_an_entropy_method():
+    comp = pyengine.Compressor(_mlp(), "egp", example_input=torch.randn(1, 16), log=lambda *a: None)
+    with pytest.raises(RuntimeError, match="needs a measurement"):
+        comp.fold()
+
+
+def test_step_follows_the_methods_stop_rule():
+    """EGP with a sparsity target stops once it is reached, as the command-line runner does."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    comp = pyengine.Compressor(_mlp(), "egp", example_input=x[:1], options={"sparsity": 0.6, "zeta": 0.5},
+                               log=lambda *a: None)
+    done = []
+    for _ in range(6):
+        comp.measure([x])
+        rec = comp.step()
+        if rec is None:
+            break
+        done.append(comp.masks.sparsity())
+    assert rec is None and comp.stopped and "reached" in comp.stopped
+    assert done[-1] >= 0.6 and all(s < 0.6 for s in done[:-1])  # no round past the one that reached it
+    assert comp.step() is None
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(self.act(self.b(self.act(self.a(x)))))
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(nn.functional.relu(self.a(x)))
+
+
+class Mixed(Functional):
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(8, 8)
+        self.r = nn.ReLU()
+
+    def forward(self, x):
+        return self.fc(self.r(self.b(nn.functional.relu(self.a(x)))))
+
+
+def test_activations_the_method_cannot_see_are_named():
+    x = torch.randn(1, 8)
+    with pytest.raises(ValueError, match=r"called more than once per forward: \{'act': 2\}"):
+        pyengine.Compressor(Reused(), "egp", example_input=x)
+    pyengine.Compressor(Reused(), "magnitude", example_input=x, log=lambda *a: None)  # no entropy: fine
+    with pytest.raises(ValueError, match=r"applies its activations as functions \(\['relu'\]\)"):
+        pyengine.Compressor(Functional(), "egp", example_input=x)
+    with pytest.warns(RuntimeWarning, match="invisible to egp"):
+        comp = pyengine.Compressor(Mixed(), "egp", example_input=x, log=lambda *a: None)
+    assert [s.name for s in comp.sites] == ["r"]
+
+
+def test_bad_construction_is_named():
+    with pytest.raises(ValueError, match=r"example_input of shape \(1, 3, 8, 8\).*does not run through Sequential"):
+        pyengine.Compressor(_mlp(), "imp", example_input=torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"does not have: \['2.wieght'\]"):
+        pyengine.Compressor(_mlp(), "imp", example_input=torch.randn(1, 16), prunable=["0.weight", "2.wieght"])
+    from pyengine.methods.prune.magnitude import IMPOptions
+
+    with pytest.raises(TypeError, match="options for method 'egp' must be a dict or EGPConfig, got IMPOptions"):
+        pyengine.Compressor(_mlp(), "egp", example_input=torch.randn(1, 16), options=IMPOptions())

@@ -7,7 +7,8 @@
         comp.measure(train_loader)            # the statistic the method needs (entropy per activation)
         print(comp.step())                    # prune and/or edit, as the method decides
         optimizer = make_optimizer(comp.model)  # a structural edit may have replaced modules
-    folded = comp.fold()                      # identity / constant activations, exact folds
+    folded = comp.fold(train_loader)          # measured again (the last step changed the network):
+                                              # identity / constant activations, exact folds
     comp.export("out/", formats=("safetensors", "onnx"))
 
 Any torch.fx-traceable nn.Module works; a module that cannot be traced gets an error naming it.
@@ -24,6 +25,46 @@ from pyengine.methods.base import get_method
 from pyengine.methods.runner import RunContext
 
 __all__ = ["Compressor"]
+
+
+def _run_example(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """Runs the model once on ``example_input`` (eval mode, no gradients; a bad input is named
+    here, not deep inside tracing later) and returns the activation modules it called more than
+    once, with their number of calls."""
+    from pyengine.graph import find_reused_activations
+
+    try:
+        return find_reused_activations(model, example_input)
+    except Exception as exc:  # noqa: BLE001 - the user's forward, any error
+        raise ValueError(f"example_input of shape {tuple(example_input.shape)} ({example_input.dtype}, "
+                         f"{example_input.device}) does not run through {type(model).__name__}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _check_sites(model: nn.Module, reused: dict[str, int], method, sites) -> None:
+    """Refuses what an entropy-measuring method cannot see right: an activation module called
+    twice per forward mixes two layers' statistics (an error); activations applied as functions
+    (F.relu, x.relu()) are invisible (a warning; an error when no activation module is left)."""
+    import warnings
+
+    from pyengine.graph import find_functional_activations
+
+    if method.entropy_spec() is None:
+        return
+    cls = type(method)
+    if reused:
+        raise ValueError(f"activation modules called more than once per forward: {reused} (name: calls); "
+                         f"{cls.name} measures each activation's entropy, and one module would mix the layers' "
+                         "statistics: give each use its own module (one nn.ReLU() per call; a module registered under "
+                         "several names is split by pyengine.graph.make_activations_distinct(model))")
+    functional = find_functional_activations(model)
+    if functional:
+        names = f"{functional[:8]}{' ...' if len(functional) > 8 else ''}"
+        if not sites:
+            raise ValueError(f"{type(model).__name__} applies its activations as functions ({names}), and "
+                             f"{cls.name} finds activations as modules: use nn.ReLU() etc. modules instead")
+        warnings.warn(f"{type(model).__name__}: activations applied as functions ({names}) are invisible to "
+                      f"{cls.name}; only the activation modules are measured", RuntimeWarning, stacklevel=3)
 
 
 class Compressor(RunContext):
@@ -50,6 +91,18 @@ class Compressor(RunContext):
         if not isinstance(example_input, torch.Tensor):
             raise TypeError("example_input must be a tensor (one input batch)")
         trace(model)  # raises a TraceError that names the untraceable submodule
+        cls = get_method(method)
+        if options is None:
+            o = cls.Options()
+        elif isinstance(options, dict):
+            o = opts.from_json(cls.Options, options)
+        elif isinstance(options, cls.Options):
+            o = options
+        else:
+            raise TypeError(f"options for method {cls.name!r} must be a dict or {cls.Options.__name__}, "
+                            f"got {type(options).__name__}")
+        opts.validate(o)
+        reused = _run_example(model, example_input)
         self.model = model
         self.train_model = model
         # an export names the user's class; load it with pyengine.graph.load_export(folder, build)
@@ -60,15 +113,21 @@ class Compressor(RunContext):
             raise ValueError(f"fold_max_mac_ratio must be >= 0 or None, got {fold_max_mac_ratio}")
         self.fold_max_mac_ratio = fold_max_mac_ratio or None
         self.log = log
-        cls = get_method(method)
-        o = cls.Options() if options is None else (opts.from_json(cls.Options, options) if isinstance(options, dict) else options)
-        opts.validate(o)
         self.refresh_sites()
         self.method = cls(o, self)
+        _check_sites(model, reused, self.method, self.sites)
+        if prunable is not None and not isinstance(prunable, str):
+            prunable = list(prunable)
+            names = dict(model.named_parameters())
+            missing = [n for n in prunable if n not in names]
+            if missing:
+                raise ValueError(f"prunable names weights that {type(model).__name__} does not have: {missing} "
+                                 f"(its weights: {[n for n in names if n.endswith('weight')][:12]} ...)")
         self._prunable = prunable or self.method.prunable(model) or "conv+linear"
         self._rebuild_masks()
-        self._last: dict | None = None
+        self._last: dict | None = None  # the latest measurement, None once a step() changed the network
         self._round = 0
+        self.stopped: str | None = None  # the method's reason to stop, once step() met it
 
     # ---- the user's loop -------------------------------------------------------------
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -103,12 +162,19 @@ class Compressor(RunContext):
     def step(self, summary: dict | None = None) -> dict | None:
         """One round of the method on the last measurement: prune and/or edit. Returns what was
         done (None: nothing left to do)."""
+        if self.stopped is not None:
+            return None
         summary = summary or self._last
         if summary is None:
             if self.method.entropy_spec() is not None:
                 raise RuntimeError(f"call measure(loader) before step(): {self.method.name} needs entropy")
             summary = self.measure()
         self.rounds.append(summary)
+        reason = self.method.should_stop(self.rounds)  # the method's stop rule, as the runner applies it
+        if reason:
+            self.stopped = reason
+            self.log(reason)
+            return None
         rec = self.method.act(summary)
         self.masks.apply()
         self._round += 1
@@ -116,12 +182,34 @@ class Compressor(RunContext):
         return rec
 
     # ---- the result ------------------------------------------------------------------
-    def fold(self, summary: dict | None = None) -> nn.Module:
-        """Replace collapsed activations (all neurons constant in the last measurement) by identity
-        or their constant, then apply every exact fold. Returns the new model (also ``self.model``);
-        ``self.fold_record`` says what was applied and refused."""
-        summary = summary or self._last or (self.rounds[-1] if self.rounds else {})
+    def fold(self, loader=None, *, summary: dict | None = None, max_batches: int | None = None) -> nn.Module:
+        """Replace collapsed activations (all neurons constant) by identity or their constant, then
+        apply every exact fold. Returns the new model (also ``self.model``); ``self.fold_record``
+        says what was applied and refused.
+
+        Which activations collapsed comes from a measurement of the network as it is now: over
+        ``loader`` when given, else the latest :meth:`measure` - unless a :meth:`step` changed the
+        network after it (pruning can turn an always-ON activation into a mixed one, and folding on
+        the old statistics would change the outputs): then a RuntimeError asks for a new one.
+        ``summary`` folds on a measurement of your own making instead."""
+        if isinstance(loader, dict) and summary is None:  # fold(summary), the older positional form
+            summary, loader = loader, None
+        if summary is None:
+            if loader is not None:
+                summary = self.measure(loader, max_batches=max_batches)
+            elif self._last is not None:
+                summary = self._last
+            elif self.method.entropy_spec() is None:
+                summary = self.measure()
+            elif self.rounds:
+                raise RuntimeError("fold() needs the entropy of the network as it is now, but the latest measure() "
+                                   "came before the latest step(), which changed the network; call "
+                                   "measure(loader) again or pass fold(loader)")
+            else:
+                raise RuntimeError(f"fold() needs a measurement: call measure(loader) or pass fold(loader) "
+                                   f"({self.method.name} finds collapsed activations by their entropy)")
         self.fold_record = self.fold_collapsed(summary)
+        self._last = None  # the folded network is a new one
         return self.model
 
     def export(self, folder: str | Path, formats=("safetensors", "onnx"), description: dict | None = None,
