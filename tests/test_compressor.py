@@ -225,3 +225,18 @@ def test_bad_construction_is_named():
 
     with pytest.raises(TypeError, match="options for method 'egp' must be a dict or EGPConfig, got IMPOptions"):
         pyengine.Compressor(_mlp(), "egp", example_input=torch.randn(1, 16), options=IMPOptions())
+
+
+def test_measure_on_an_empty_loader_and_user_exports_are_named(tmp_path):
+    comp = pyengine.Compressor(_mlp(), "egp", example_input=torch.randn(1, 16), log=lambda *a: None)
+    with pytest.raises(ValueError, match="the loader gave no batch"):
+        comp.measure([])
+    written = comp.export(tmp_path / "e", formats="safetensors")  # one format as a string
+    assert [p.rsplit("/", 1)[-1] for p in written if p.endswith(".safetensors")] == ["model.safetensors"]
+    from pyengine.train.checkpoint import load_model_export
+
+    with pytest.raises(ValueError, match=r"user model .*_mlp|user model .*Sequential.*pyengine.graph.load_export"):
+        load_model_export(tmp_path / "e")
+    net, _, _ = pyengine.graph.load_export(tmp_path / "e", lambda arch: _mlp())
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(net(x), comp.model(x))

@@ -227,6 +227,13 @@ def test_corrupt_or_malicious_cifar_is_refused(tmp_path):
         read_cifar_batch(evil)
     assert issubclass(DatasetCorruptError, DatasetNotFoundError)
 
+    # a batch re-saved with pickle protocol 4 or 5 (5 stores arrays through numpy's _frombuffer) loads
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    for proto in (4, 5):
+        (tmp_path / f"p{proto}").write_bytes(pickle.dumps({b"data": data, b"labels": [3, 1]}, protocol=proto))
+        images, labels = read_cifar_batch(tmp_path / f"p{proto}")
+        assert torch.equal(images, torch.from_numpy(data).view(2, 3, 32, 32)) and labels.tolist() == [3, 1]
+
 
 # --------------------------------------------------------------------------- Fashion-MNIST (IDX)
 
@@ -257,6 +264,12 @@ def test_fake_fashion_mnist_idx_gzip_and_plain(tmp_path):
     assert torch.equal(read_idx(folder / "train-labels-idx1-ubyte.gz"), torch.from_numpy(
         tr_y.astype(np.uint8)))
     assert build_dataset("fmnist", root=tmp_path, image_size=32).train[0][0].shape == (1, 32, 32)
+
+    # labels outside the 10 classes are reported, with the file
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([3, 12, 4, 1])))
+    with pytest.raises(DatasetCorruptError, match=r"(?s)test labels span \[1, 12\].*t10k-labels"):
+        build_dataset("fashion-mnist", root=tmp_path)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(te_y))
 
     # a truncated file is reported as corrupt, with its path
     (folder / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(te_x)[:-10])
@@ -351,6 +364,24 @@ def test_image_folder(tmp_path):
         b2 = build_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16, test_fraction=0.4)
     assert len(b2.train) + len(b2.test) == 10
     for ds in (b2.train, b2.test):
+        for i in range(len(ds)):
+            ds[i]
+    # a cut-off JPEG (valid header, scan data missing) passes PIL's verify: found by its missing
+    # end-of-image marker and a decode; a whole JPEG with bytes after its marker is kept
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(buf, "JPEG")
+    good = buf.getvalue()  # mostly scan data: half of it keeps every header whole
+    (tmp_path / "imgs" / "cat" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "imgs" / "cat" / "tail.jpg").write_bytes(good + b"trailing metadata")
+    with pytest.warns(RuntimeWarning, match="skipping 2 unreadable") as rec:
+        b3 = build_dataset(f"imagefolder:{tmp_path / 'imgs'}", image_size=16, test_fraction=0.4)
+    assert "cut.jpg" in str(rec[0].message) and "tail.jpg" not in str(rec[0].message)
+    assert len(b3.train) + len(b3.test) == 11
+    for ds in (b3.train, b3.test):
         for i in range(len(ds)):
             ds[i]
 

@@ -104,18 +104,95 @@ def test_prune_layer_exact_and_empty():
 
 
 def test_apply_masks_tied_weights_and_versions():
-    """A weight two layers share is masked by the intersection of its masks (listed once: the op
-    refuses a buffer twice), and apply() moves the parameter's own version on."""
+    """A weight two layers share is one parameter: one mask under its first name (as
+    named_parameters lists it), counted once in the sparsity, and apply() moves its version on."""
     a, b = nn.Linear(4, 3, bias=False), nn.Linear(4, 3, bias=False)
     b.weight = a.weight  # tied
-    model = nn.Sequential(a, nn.ReLU(), b)
+    model = nn.Sequential(a, nn.ReLU(), b, nn.ReLU(), nn.Linear(3, 2))
     ms = MaskSet(model)
-    assert len(ms.params) == 2 and ms.params["0.weight"] is ms.params["2.weight"]
+    assert list(ms.params) == ["0.weight", "4.weight"] == [n for n, _ in model.named_parameters() if "weight" in n]
+    torch.manual_seed(0)
     m0 = torch.rand(3, 4) > 0.3
-    m2 = torch.rand(3, 4) > 0.3
-    ms.masks["0.weight"], ms.masks["2.weight"] = m0, m2
+    ms.masks["0.weight"] = m0
     w = a.weight.detach().clone()
     v = a.weight._version
     ms.apply()
-    assert torch.equal(a.weight.detach(), w * (m0 & m2))
+    assert torch.equal(a.weight.detach(), w * m0)
     assert a.weight._version > v
+    assert ms.total() == 12 + 6 and ms.kept() == int(m0.sum()) + 6
+    prune_magnitude(ms, 0.5)
+    ms.apply()
+    zeros = sum(int((p == 0).sum()) for p in ms.params.values())
+    assert ms.total() - ms.kept() == zeros  # the reported sparsity is the real one
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamax", "asgd", "rprop"])
+def test_channels_last_weights_and_every_optimiser_buffer_stay_masked(opt_name):
+    """A channels-last conv (weight, gradient and optimiser state in that memory format) is masked
+    like a contiguous one; every per-entry state tensor of the optimiser is zeroed (Adamax's
+    exp_inf, ASGD's averaged weights ax, Rprop's prev and step sizes), not a fixed list of keys."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.Flatten(),
+                        nn.Linear(4 * 16, 5)).to(memory_format=torch.channels_last)
+    assert not net[0].weight.is_contiguous()
+    ms = MaskSet(net)
+    assert all(m.is_contiguous() for m in ms.masks.values())
+    prune_magnitude(ms, 0.6)
+    make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "adamax": lambda p: torch.optim.Adamax(p, lr=0.01),
+            "asgd": lambda p: torch.optim.ASGD(p, lr=0.01, t0=0), "rprop": lambda p: torch.optim.Rprop(p, lr=0.01)}
+    opt = make[opt_name](net.parameters())
+    ms.apply(opt)
+    for _ in range(4):
+        x = torch.randn(6, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+        ms.apply(opt)
+    for name, p in ms.params.items():
+        m = ms.masks[name]
+        assert (p.detach()[~m] == 0).all() and (p.grad[~m] == 0).all(), name
+        bufs = [b for b in opt.state[p].values() if isinstance(b, torch.Tensor) and b.shape == p.shape]
+        assert bufs, f"{opt_name} keeps per-entry state"
+        for b in bufs:
+            assert (b[~m] == 0).all(), name
+        assert (p.detach()[m] != 0).any()  # the kept weights trained
+    assert not net[0].weight.is_contiguous()  # the layout is the user's, untouched
+
+
+def test_strided_gradient_is_masked_too():
+    """A gradient that is neither contiguous nor a permutation of it (a strided view) is masked by
+    the PyTorch fallback."""
+    lin = nn.Linear(6, 4, bias=False)
+    ms = MaskSet(nn.Sequential(lin))
+    ms.masks["0.weight"][:, ::2] = False
+    big = torch.ones(4, 12)
+    lin.grad = None
+    lin.weight.grad = big[:, ::2]
+    assert not lin.weight.grad.is_contiguous()
+    ms.apply()
+    assert (lin.weight.grad[:, ::2] == 0).all() and (lin.weight.grad[:, 1::2] == 1).all()
+    assert (lin.weight.detach()[:, ::2] == 0).all()
+
+
+def test_target_sparsity_is_reached_as_nearly_as_whole_weights_allow():
+    """A round capped at the target keeps ceil(N (1 - s)) weights, a hair under s for most N: that
+    counts as reached (over all layers, or in every layer), one weight more does not."""
+    from pyengine.methods.prune.magnitude import PruneTarget
+
+    net = nn.Sequential(nn.Linear(7, 3, bias=False), nn.Linear(13, 1, bias=False))
+    ms = MaskSet(net)
+    t = PruneTarget(sparsity=0.8)
+
+    def keep(n0, n1):
+        ms.masks["0.weight"].fill_(False)
+        ms.masks["0.weight"].view(-1)[:n0] = True
+        ms.masks["1.weight"].fill_(False)
+        ms.masks["1.weight"].view(-1)[:n1] = True
+
+    keep(5, 2)  # 7 of 34 = ceil(34 * 0.2): the global cap, sparsity 0.794
+    assert ms.sparsity() < 0.8 and t.reached(ms)
+    keep(5, 3)  # 8 of 34: over the global cap, but each layer at its own (5 of 21, 3 of 13)
+    assert t.reached(ms)
+    keep(6, 2)  # 8 of 34, the first layer over its cap
+    assert t.reached(ms) is None
+    assert PruneTarget(sparsity=None).reached(ms) is None

@@ -165,6 +165,8 @@ def test_subnet_validation_errors_name_the_problem():
         net.set_active({"d": [2, 3]})
     with pytest.raises(KeyError, match="unknown subnet key"):
         net.set_active({"kernel": 3})
+    with pytest.raises(ValueError, match="'d' must be a number or a list of 5, got True"):
+        net.set_active({"d": True})
     with pytest.raises(KeyError, match="unknown arch"):
         get_arch("resnet")
     with pytest.raises(ValueError, match="stage_acts"):

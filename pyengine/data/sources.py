@@ -234,6 +234,13 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = False,
                 ["replace the files (e.g. re-download with --download)"],
                 reason=f"Fashion-MNIST {split} files disagree: images {tuple(x.shape)}, "
                        f"labels {tuple(y.shape)}")
+        n_cls = len(FASHION_MNIST_CLASSES)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_cls):
+            raise DatasetCorruptError(
+                "fashion-mnist", [str(files[f"{split}_labels"])],
+                ["replace the files (e.g. re-download with --download)"],
+                reason=f"Fashion-MNIST {split} labels span [{int(y.min())}, {int(y.max())}], "
+                       f"outside the {n_cls} classes [0, {n_cls - 1}]")
     size = image_size or 28
     mean, std = STATS["fashion-mnist"]
     tr = resize_images(tensors["train_images"].to(torch.uint8).unsqueeze(1), size)
@@ -265,6 +272,8 @@ class _SafeUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        # pickle protocol 5 stores an array as bytes + numpy's frombuffer/reshape helper
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):
@@ -490,10 +499,34 @@ def _tiny_missing(places, target, reason) -> DatasetNotFoundError:
 # ImageFolder
 # --------------------------------------------------------------------------------------------
 
+def _check_image_file(path: str) -> None:
+    """Raises if the image at ``path`` cannot be read whole. PIL's verify checks a PNG through its
+    last chunk's CRC, but reads no JPEG scan data: a JPEG must also end with its end-of-image
+    marker, and one that does not (cut off, or with bytes after it) is decoded at 1/8 scale to
+    decide. Other formats are decoded."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        fmt = im.format
+        im.verify()
+    if fmt == "PNG":
+        return
+    if fmt == "JPEG":
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 2))
+            if f.read(2) == b"\xff\xd9":
+                return
+    with Image.open(path) as im:  # verify leaves the image unusable: open it again
+        if fmt == "JPEG":
+            im.draft(im.mode, (max(1, im.width // 8), max(1, im.height // 8)))
+        im.load()
+
+
 def _drop_unreadable(paths: list[str], labels: list[int]) -> tuple[list[str], list[int]]:
-    """Checks every image file up front (header and structure, PIL's verify) so that a corrupt file
-    is reported now, with its name, rather than after an epoch; such files are skipped with one
-    warning."""
+    """Checks every image file up front (:func:`_check_image_file`) so that a corrupt or truncated
+    file is reported now, with its name, rather than after an epoch; such files are skipped with
+    one warning."""
     import warnings
 
     from PIL import Image
@@ -501,8 +534,7 @@ def _drop_unreadable(paths: list[str], labels: list[int]) -> tuple[list[str], li
     keep_p, keep_y, bad = [], [], []
     for p, y in zip(paths, labels):
         try:
-            with Image.open(p) as im:
-                im.verify()
+            _check_image_file(p)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for a bad file
             bad.append(f"{p} ({type(exc).__name__})")
             continue

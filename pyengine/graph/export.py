@@ -100,7 +100,7 @@ def export_model(model: nn.Module, folder: str | Path, description: dict,
         masks: ``{param name: bool mask}`` saved beside the weights (checked against them).
         image_size, mean, std: the preprocessing the network expects, recorded in model.json.
     """
-    formats = tuple(formats)
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)  # "onnx" is one format, not four
     bad = [f for f in formats if f not in EXPORT_FORMATS]
     if bad or not formats:
         raise ValueError(f"formats must be a non-empty subset of {EXPORT_FORMATS}, got {formats}")

@@ -172,7 +172,12 @@ def get_arch(arch: str | MBV3Arch | Mapping[str, Any] = "ofa", width_mult: float
 
 
 def _as_list(name: str, value, n: int, choices: Sequence, cast) -> list:
-    vals = [value] * n if isinstance(value, (int, float)) and not isinstance(value, bool) else list(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        vals = [value] * n
+    elif isinstance(value, (list, tuple)):
+        vals = list(value)
+    else:
+        raise ValueError(f"subnet {name!r} must be a number or a list of {n}, got {value!r}")
     if len(vals) != n:
         raise ValueError(f"subnet {name!r} needs 1 or {n} values, got {len(vals)}")
     out = []

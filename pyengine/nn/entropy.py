@@ -307,16 +307,21 @@ def collect_counts(model: nn.Module, loader, device, *, inclusive: bool = False,
     model.train(train_mode)
     col = EntropyCollector(model, names, inclusive=inclusive, per_position=per_position, sites=sites)
     try:
+        seen = 0
         with FrozenNormStats(model), col:
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 model(x.to(device, non_blocking=True))
+                seen += 1
                 if progress is not None:
                     progress.update(1)
     finally:
         model.train(was_training)
+    if not seen:  # an entropy of nothing would read as "no activation" and quietly do nothing
+        raise ValueError("the loader gave no batch to measure entropy on" +
+                         (f" (max_batches = {max_batches})" if max_batches is not None and max_batches < 1 else ""))
     col.all_reduce()
     return col
 

@@ -15,7 +15,6 @@ import torch.nn as nn
 
 from pyengine.ops import apply_masks_
 
-_OPT_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum")
 
 
 def prunable_parameters(model: nn.Module, layers: str = "conv+linear") -> list[tuple[str, nn.Parameter]]:
@@ -30,11 +29,34 @@ def prunable_parameters(model: nn.Module, layers: str = "conv+linear") -> list[t
         kinds += (nn.modules.conv._ConvNd,)
     if "linear" in layers:
         kinds += (nn.Linear,)
-    out = []
+    out, seen = [], set()
     for mname, m in model.named_modules():
-        if isinstance(m, kinds) and getattr(m, "weight", None) is not None:
-            out.append((f"{mname}.weight" if mname else "weight", m.weight))
+        w = getattr(m, "weight", None)
+        # a weight that several layers share (tied) is one parameter: listed once, under its first
+        # name, as named_parameters() lists it
+        if isinstance(m, kinds) and w is not None and id(w) not in seen:
+            seen.add(id(w))
+            out.append((f"{mname}.weight" if mname else "weight", w))
     return out
+
+
+def _optimizer_buffers(optimizer: torch.optim.Optimizer | None, p: torch.Tensor) -> list[torch.Tensor]:
+    """The optimiser's per-entry state of ``p``: every floating tensor of p's shape (SGD momentum,
+    Adam's moments, Adamax's exp_inf, ASGD's averaged weights, Rprop's prev and step sizes, ...)."""
+    state = optimizer.state.get(p) if optimizer is not None else None
+    if not state:
+        return []
+    return [b for b in state.values()
+            if isinstance(b, torch.Tensor) and b.shape == p.shape and (b.is_floating_point() or b.is_complex())]
+
+
+def _dense_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """The permutation that makes a dense, non-overlapping ``t`` contiguous (channels-last weights,
+    their gradients and buffers), the identity for a contiguous one, None for any other layout."""
+    if t.is_contiguous():
+        return tuple(range(t.dim()))
+    order = tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d))))
+    return order if t.permute(order).is_contiguous() else None
 
 
 class MaskSet:
@@ -56,8 +78,9 @@ class MaskSet:
             self.params = {n: named[n] for n in self.layers}
         if not self.params and not allow_empty:
             raise ValueError(f"{type(model).__name__} has no prunable {layers} weights")
+        # contiguous whatever the weight's memory format (a channels-last conv included)
         self.masks: dict[str, torch.Tensor] = {
-            n: torch.ones_like(p, dtype=torch.bool) for n, p in self.params.items()
+            n: torch.ones(p.shape, dtype=torch.bool, device=p.device) for n, p in self.params.items()
         }
 
     # ------------------------------------------------------------------ upkeep
@@ -67,36 +90,41 @@ class MaskSet:
         return list(self.params)
 
     def apply(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero pruned weights, their gradients and optimiser buffers, in one call. A weight that
-        several layers share (tied) is masked once, by the intersection of its masks."""
-        masks: list[torch.Tensor] = []
+        """Zero pruned weights, their gradients and optimiser buffers, in one call. Tensors in
+        another memory format (channels-last) are masked through their contiguous permutation."""
+        masks: list[torch.Tensor] = [self.masks[n] for n in self.params]
         tensors, index = [], []
-        first: dict[int, int] = {}  # id of a parameter -> the position of its mask
-        for name, p in self.params.items():
-            m = self.masks[name]
-            if id(p) in first:  # tied: one buffer, so one entry (apply_masks_ refuses overlaps)
-                j = first[id(p)]
-                masks[j] = masks[j] & m
-                continue
-            first[id(p)] = j = len(masks)
-            masks.append(m)
+        variants: dict[tuple[int, tuple[int, ...]], int] = {}  # (mask, permutation) -> position
+        strided: list[tuple[torch.Tensor, int]] = []  # neither contiguous nor a permutation of it
+
+        def add(t: torch.Tensor, j: int) -> None:
+            order = _dense_order(t)
+            if order is None:
+                strided.append((t, j))
+            elif order == tuple(range(t.dim())):
+                tensors.append(t)
+                index.append(j)
+            else:  # a view, so the zeros land in t (and its version counter moves)
+                k = variants.get((j, order))
+                if k is None:
+                    k = variants[(j, order)] = len(masks)
+                    masks.append(masks[j].permute(order).contiguous())
+                tensors.append(t.permute(order))
+                index.append(k)
+
+        # each parameter once (a tied weight is one entry of prunable_parameters / named_parameters)
+        for j, p in enumerate(self.params.values()):
             # p.detach(), not p.data: it shares p's version counter, so the in-place zeroing moves
             # p's version on (autograd's saved-tensor check and the CUDA masked-weight cache see it)
-            tensors.append(p.detach())
-            index.append(j)
+            add(p.detach(), j)
             if p.grad is not None:
-                tensors.append(p.grad)
-                index.append(j)
-            if optimizer is not None:
-                state = optimizer.state.get(p)
-                if state:
-                    for key in _OPT_STATE_KEYS:
-                        buf = state.get(key)
-                        if isinstance(buf, torch.Tensor) and buf.shape == p.shape:
-                            tensors.append(buf)
-                            index.append(j)
+                add(p.grad, j)
+            for buf in _optimizer_buffers(optimizer, p):
+                add(buf, j)
         with torch.no_grad():
             apply_masks_(tensors, masks, index)
+            for t, j in strided:
+                t.masked_fill_(~masks[j], 0)
 
     def to(self, device) -> "MaskSet":
         self.masks = {n: m.to(device) for n, m in self.masks.items()}

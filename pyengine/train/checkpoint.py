@@ -128,6 +128,11 @@ def save_model_export(folder: str | Path, model: torch.nn.Module, masks: dict[st
 def _build_base(arch: dict) -> torch.nn.Module:
     from pyengine.models import build_model
 
+    name = arch.get("name")
+    if isinstance(name, str) and name.startswith("user:"):
+        raise ValueError(f"this export's base architecture is the user model {name[5:]!r} (a Compressor export), "
+                         "which pyengine cannot build by name: load it with "
+                         "pyengine.graph.load_export(folder, lambda arch: YourModel())")
     kwargs = arch.get("kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError(f"architecture kwargs must be a dict, got {type(kwargs).__name__}")

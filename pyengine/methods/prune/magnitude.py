@@ -2,6 +2,8 @@
 (methods.md section 1; Frankle & Carbin, ICLR 2019; Renda et al., ICLR 2020)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from pyengine.methods.base import Method, register
@@ -43,8 +45,19 @@ class PruneTarget:
                                     low=0.0, high=1.0, high_open=True)
 
     def reached(self, masks: MaskSet) -> str | None:
-        if self.sparsity is not None and masks.sparsity() >= self.sparsity - 1e-9:
-            return f"target sparsity {self.sparsity:.2%} reached"
+        """A reason to stop once the target is met - or as nearly as whole weights allow: at most
+        ceil(N (1 - sparsity)) kept of N, over all layers or in every layer (the counts a capped
+        round prunes to)."""
+        if self.sparsity is None:
+            return None
+        keep = 1.0 - self.sparsity
+
+        def cap(n: int) -> int:
+            return int(math.ceil(n * keep - 1e-9))
+
+        if (masks.sparsity() >= self.sparsity - 1e-9 or masks.kept() <= cap(masks.total())
+                or all(int(m.sum()) <= cap(m.numel()) for m in masks.masks.values())):
+            return f"target sparsity {self.sparsity:.2%} reached ({masks.sparsity():.4%})"
         return None
 
 
