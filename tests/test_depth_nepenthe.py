@@ -160,3 +160,41 @@ def test_nepenthe_run_stops_at_target_resumes_and_exports(tmp_path):
     # structural edits during the run and weight rewinding exclude each other: said up front
     with pytest.raises(Exception, match="--rewind weights"):
         run(tiny_cfg(tmp_path, "nepenthe", "c", rewind="weights"), **quiet)
+
+
+class GeluNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.g1 = torch.nn.Linear(6, 6), torch.nn.GELU()
+        self.l2, self.g2 = torch.nn.Linear(6, 8), torch.nn.GELU()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.g2(self.l2(self.g1(self.l1(x)))))
+
+
+@pytest.mark.parametrize("approximate", [False, True])
+def test_an_always_on_gelu_is_linearised_only_when_asked(approximate):
+    """A GELU whose neurons are all always ON is not the identity (GELU(z) = z Phi(z)): refused by
+    default, replaced by the identity with --approximate (the paper's Swin-T / MobileNetV2), the
+    edit and the report saying it is approximate; a mixed GELU is never touched."""
+    from pyengine import Compressor
+
+    comp = Compressor(GeluNet(), "nepenthe", example_input=torch.zeros(1, 6), options={"approximate": approximate},
+                      **quiet)
+    counts = {"g1": [N] * 6, "g2": [50, 20, 70, 50, 10, 90, 30, 60]}
+    rec = comp.step(_summary(counts, {"g1": "l1", "g2": "l2"}))
+    names = sorted(s.name for s in comp.sites)
+    if approximate:
+        assert rec["collapsed"] == ["linearise g1"] and names == ["g2"]
+        assert comp.edits[-1]["args"] == {"approximate": "gelu"}
+        from pyengine.graph import Edit
+
+        assert "approximate" in Edit.from_dict(comp.edits[-1]).describe()
+        x = torch.randn(4, 6)
+        with torch.no_grad():  # the identity in g1's place
+            ref = comp.model.fc(comp.model.g2(comp.model.l2(comp.model.l1(x))))
+            torch.testing.assert_close(comp.model.eval()(x), ref)
+    else:
+        assert rec["collapsed"] == [] and names == ["g1", "g2"]
+        assert [r["target"] for r in rec["refused"]] == ["g1"] and "not exactly linear" in rec["refused"][0]["reason"]

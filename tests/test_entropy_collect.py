@@ -335,3 +335,67 @@ def test_batched_flush_groups_by_the_device_of_each_activations_counts():
         model(x).sum().backward()
     for k in ref.counts:
         assert torch.equal(col.counts[k], 2 * ref.counts[k]), k
+
+
+def _per_batch_reference(zs):
+    """The authors' way: each batch's layer entropy (all neurons; non-constant ones), averaged."""
+    from pyengine.ops.entropy import entropy_counts_reference, entropy_from_counts_reference
+
+    means, ncs = [], []
+    for z in zs:
+        _, summary = entropy_from_counts_reference(entropy_counts_reference(z, 1), z.numel() // z.shape[1])
+        means.append(float(summary[0]))
+        ncs.append(float(summary[1]))
+    return sum(means) / len(means), sum(ncs) / len(ncs)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_per_batch_averaging_is_the_mean_of_each_batchs_entropy(grad):
+    """Neuron 0 is always ON in the first batch and always OFF in the second: zero entropy in each
+    batch (the authors' average says 0) but 1 bit over both (pooled). The collapse counts stay the
+    pooled ones; the per-batch sums survive a checkpoint."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(3, 2))
+        model[0].bias.zero_()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.cat([torch.full((4, 1), 1.0), torch.randn(4, 1, generator=g)], 1),
+          torch.cat([torch.full((6, 1), -1.0), torch.randn(6, 1, generator=g)], 1),
+          torch.randn(5, 2, generator=g)]
+    zs = [model[0](x).detach() for x in xs]
+    pooled = EntropyCollector(model, per_batch=False)
+    col = EntropyCollector(model, per_batch=True)
+    with torch.set_grad_enabled(grad), pooled, col:
+        for x in xs[:2]:
+            model(x)
+    mid = col.state_dict()
+    col2 = EntropyCollector(model, per_batch=True)
+    col2.load_state_dict(mid)
+    with torch.set_grad_enabled(grad), pooled, col, col2:
+        model(xs[2])
+    want_mean, want_nc = _per_batch_reference(zs)
+    for c in (col, col2):
+        r = c.results()["1"]
+        assert r.mean == pytest.approx(want_mean, abs=1e-12) and r.mean_nonconstant == pytest.approx(want_nc, abs=1e-12)
+    p = pooled.results()["1"]
+    assert r.mean != pytest.approx(p.mean)  # the two averages differ here
+    assert (r.n_always_on, r.n_always_off, r.n_samples) == (p.n_always_on, p.n_always_off, p.n_samples) == (0, 1, 15)
+
+
+def test_per_batch_averaging_reaches_a_methods_measurement():
+    import pyengine
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    batches = [torch.randn(n, 4) for n in (3, 9, 2)]
+    zs = [net[0](x).detach() for x in batches]
+    got = {}
+    for avg in ("pooled", "batch"):
+        comp = pyengine.Compressor(net, "egp", example_input=batches[0][:1], options={"entropy_average": avg},
+                                   log=lambda *a: None)
+        site = comp.measure(batches)["entropy_sites"][0]
+        got[avg] = (site["mean"], site["mean_nonconstant"])
+    want = _per_batch_reference(zs)
+    assert got["batch"] == pytest.approx(want, abs=1e-12) and got["pooled"] != pytest.approx(want)
+    with pytest.raises(ValueError, match="entropy-average must be one of pooled, batch"):
+        pyengine.Compressor(net, "egp", example_input=batches[0][:1], options={"entropy_average": "mean"})

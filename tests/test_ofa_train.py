@@ -234,3 +234,20 @@ def test_two_ranks_draw_the_same_subnets_and_keep_the_same_weights(tmp_path):
     assert r0["params"] == r1["params"]
     assert r0["final"] == r1["final"] and r0["world"] == 2
     assert json.loads((tmp_path / "run" / "report.json").read_text())["world_size"] == 2
+
+
+def test_the_teacher_runs_without_dropout():
+    """OFA's teacher has dropout_rate 0: in train mode (batch statistics) it gives the same soft
+    targets twice for one batch, while the extracted subnet with its dropout 0.1 does not."""
+    from pyengine.methods.ofa.train import _no_dropout
+
+    torch.manual_seed(0)
+    net = ofa_mbv3(4, 1, arch="ofa", width_mult=0.25)
+    x = torch.randn(8, 1, 12, 12)
+    plain = net.extract({}).train()
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in plain.modules())
+    with torch.no_grad():
+        assert not torch.equal(plain(x), plain(x))
+    teacher = _no_dropout(net.extract({})).train()
+    with torch.no_grad():
+        assert torch.equal(teacher(x), teacher(x))

@@ -270,6 +270,12 @@ def test_weight_rewinding_restarts_from_epoch_k(tmp_path):
     torch.manual_seed(0)
     init = build_model("resnet18", num_classes=10, in_channels=1, image_size=8).state_dict()
     assert not torch.equal(seen["rewind"]["init"]["conv1.weight"], init["conv1.weight"])
+    # the schedule is rewound with the weights: round 1 trains the remaining epoch (2 of 2) at
+    # the learning rate the dense run had in epoch 2, not the whole schedule again
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [(r["round"], r["epoch"], r["lr"]) for r in recs if "epoch" in r and "train_loss" in r]
+    assert [(r, e) for r, e, _ in epochs] == [(0, 1), (0, 2), (1, 2)]
+    assert epochs[2][2] == pytest.approx(epochs[1][2]) and epochs[1][2] != pytest.approx(epochs[0][2])
     with pytest.raises(OptionError, match="rewind-epoch"):
         Run(RunConfig(rewind="weights", rewind_epoch=5, epochs=2, out=str(tmp_path / "w")), **quiet).run()
 
@@ -357,6 +363,24 @@ def test_paper_preset_uses_the_published_defaults(tmp_path):
     q = Run(RunConfig(out=str(tmp_path / "q"), image_size=8, epochs=1), **quiet)
     q._setup()
     assert q.n_rounds() == 3 and isinstance(q.model.maxpool, torch.nn.Identity)
+
+
+
+def test_other_presets_carry_the_published_settings(tmp_path):
+    """IMP's 34 rounds (the SDD protocol), EGP's 4 rounds for Swin-T, the authors' MobileNetV2
+    dropout 0.2, and SDD_ViT's batch 512 with dropout 0.1 - through the runner, not only the sweep."""
+    def setup(name, **kw):
+        r = Run(RunConfig(out=str(tmp_path / name), image_size=8, epochs=1, device="cpu", **kw), **quiet)
+        r._setup()
+        return r
+
+    assert setup("imp", preset="paper", method="imp").n_rounds() == 34
+    assert setup("egp-swin", preset="swin").n_rounds() == 4
+    mb = setup("mb", preset="paper", model="mobilenet_v2")
+    assert [m.p for m in mb.model.modules() if isinstance(m, torch.nn.Dropout)] == [0.2]
+    v = setup("vit", preset="vit", model="vit", method="imp")
+    assert v.train_cfg.batch_size == 512 and v.n_rounds() == 34
+    assert {m.p for m in v.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
 
 
 @pytest.mark.parametrize("main_rank", [True, False])

@@ -125,6 +125,8 @@ class Edit:
         """One line for a report, e.g. "fold layer1.0.bn1 into layer1.0.conv1"."""
         a = self.args
         if self.kind == "linearise":
+            if a.get("approximate"):
+                return f"linearise {self.target} (approximate: a {a['approximate']} is not exactly the identity)"
             return f"linearise {self.target}"
         if self.kind == "constant":
             if a.get("on"):

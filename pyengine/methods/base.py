@@ -21,10 +21,25 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from pyengine.methods.options import option
+
 if TYPE_CHECKING:  # the runner is above this module; only its type is named here
     from pyengine.methods.runner import RunContext
 
-__all__ = ["EntropySpec", "StepCallback", "Method", "register", "get_method", "list_methods", "METHODS"]
+__all__ = ["EntropyAverage", "EntropySpec", "StepCallback", "Method", "register", "get_method", "list_methods", "METHODS"]
+
+
+ENTROPY_AVERAGES = ("pooled", "batch")
+
+
+@dataclass
+class EntropyAverage:
+    """The option every entropy-measuring method shares (declared once: one ``--entropy-average``)."""
+
+    entropy_average: str = option("pooled", "layer entropy from the counts pooled over the whole pass (exact) or the "
+                                  "mean of per-batch layer entropies, as the authors' code computes it (batch: to "
+                                  "reproduce their numbers); collapses are decided on the pooled counts",
+                                  choices=ENTROPY_AVERAGES)
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,9 @@ class EntropySpec:
         mode with augmentation, at no extra cost (EASIER).
     train_mode: for "pass", run the pass in train mode (BatchNorm batch statistics); the running
         statistics are restored afterwards, so measuring never changes the model.
+    average: "pooled" - layer entropy from the counts over the whole pass (exact integers, ours);
+        "batch" - the mean of each batch's layer entropy, as the authors' code computes it (to
+        reproduce their numbers). Collapse decisions use the pooled counts either way.
     """
 
     estimator: str = "egp"
@@ -47,10 +65,13 @@ class EntropySpec:
     per_position: bool = False
     when: str = "pass"
     train_mode: bool = False
+    average: str = "pooled"
 
     def __post_init__(self):
         if self.estimator not in ("egp", "easier"):
             raise ValueError(f"estimator must be 'egp' or 'easier', got {self.estimator!r}")
+        if self.average not in ENTROPY_AVERAGES:
+            raise ValueError(f"average must be one of {ENTROPY_AVERAGES}, got {self.average!r}")
         if self.when not in ("pass", "train"):
             raise ValueError(f"when must be 'pass' or 'train', got {self.when!r}")
 

@@ -41,8 +41,12 @@ TRANSFORMERS = ("vit", "swin_t")
 QUICK_IMAGE_SIZE = 16  # the quick preset trains on 16x16 images so a CPU demo takes minutes
 # Published model options per preset (methods.md section 0: the authors' CIFAR ResNet-18 keeps
 # the 3x3/2 max-pool after the stem).
+# The authors' architecture settings that go with a preset: the CIFAR ResNets keep the 3x3/2
+# max-pool after the stem (EGP, EASIER, DSD2); the EASIER/LaCoOT MobileNetV2 has dropout 0.2 before
+# its classifier; SDD_ViT's ViT has dropout and embedding dropout 0.1.
 PRESET_MODEL_OPTS = {"paper": {"resnet18": {"maxpool": True}, "resnet34": {"maxpool": True},
-                               "resnet50": {"maxpool": True}}}
+                               "resnet50": {"maxpool": True}, "mobilenet_v2": {"dropout": 0.2}},
+                     "vit": {"vit": {"dropout": 0.1, "emb_dropout": 0.1}}}
 
 
 def _check_device(v, _o):
@@ -85,8 +89,8 @@ class RunConfig:
                          "reinit = random re-initialisation (these two: pruning methods only); "
                          "finetune = a short fresh schedule of --finetune-epochs",
                          choices=REWINDS)
-    rewind_epoch: int = option(0, "with --rewind weights: restart each round from the weights after this dense epoch",
-                               low=0)
+    rewind_epoch: int = option(0, "with --rewind weights: restart each round from the weights after this dense epoch "
+                               "and the schedule at that epoch (the remaining epochs are trained)", low=0)
     finetune_epochs: int | None = option(None, "epochs per round with --rewind finetune (default: half the preset's)",
                                          low=1)
     noise: float = option(0.0, "symmetric label noise on the training set", low=0.0, high=1.0, high_open=True)
@@ -237,12 +241,16 @@ def Edit_describe(d: dict) -> str:
     return Edit.from_dict(d).describe()
 
 
-def collapse_edits(sites, summary: dict) -> tuple[list, list[dict]]:
+def collapse_edits(sites, summary: dict, approximate: bool = False) -> tuple[list, list[dict]]:
     """The edits a round's collapse allows, exact on the measured data: an activation whose every
     neuron was constant becomes the identity (all always ON: ReLU, LeakyReLU, PReLU), its constant 0
     (a ReLU / ReLU6 always OFF) or a per-channel 0/1 gate (a ReLU with some neurons always ON and
     the rest always OFF). Returns (edits, refused) - refused lists the collapsed activations for
-    which no such exact replacement exists (e.g. a GELU is not the identity where z > 0)."""
+    which no such exact replacement exists (e.g. a GELU is not the identity where z > 0).
+
+    approximate: an activation of another kind whose every neuron was always ON becomes the
+    identity too (NEPENTHE's linearisation of Swin-T's GELUs and MobileNetV2's ReLU6s: close to
+    the identity for z > 0, not equal); its edit's args say ``approximate``."""
     from pyengine.graph import Edit
 
     out, refused = [], []
@@ -255,6 +263,8 @@ def collapse_edits(sites, summary: dict) -> tuple[list, list[dict]]:
         on = c["on"]
         if len(on) == sizes.get(name) and kind in _IDENTITY_WHEN_ON:
             out.append(Edit("linearise", name, {}))
+        elif len(on) == sizes.get(name) and approximate:
+            out.append(Edit("linearise", name, {"approximate": kind}))
         elif not on and kind in _ZERO_WHEN_OFF:
             out.append(Edit("constant", name, {"on": []}))
         elif kind == "relu":
@@ -323,7 +333,8 @@ class _TrainEntropy(StepCallback):
         self.stop()
         if epoch == total_epochs - 1:
             self.collector = EntropyCollector(self.ctx.model, inclusive=self.spec.inclusive,
-                                              per_position=self.spec.per_position, sites=self.ctx.sites)
+                                              per_position=self.spec.per_position, sites=self.ctx.sites,
+                                              per_batch=self.spec.average == "batch")
             self.collector.__enter__()
             self.active = True
 
@@ -403,7 +414,7 @@ class RunContext:
         """Replaces the activations ``summary`` found collapsed (identity when always ON, their
         constant when always OFF), one edit at a time; returns (applied records, refused ones
         with the reason)."""
-        edits, refused = collapse_edits(self.sites, summary)
+        edits, refused = collapse_edits(self.sites, summary, self.approximate_collapse)
         applied = []
         for e in edits:
             try:
@@ -411,6 +422,12 @@ class RunContext:
             except (ValueError, NotImplementedError) as exc:
                 refused.append({"target": e.target, "reason": str(exc)})
         return applied, refused
+
+    @property
+    def approximate_collapse(self) -> bool:
+        """Whether the method linearises always-ON activations that are not exactly linear
+        (NEPENTHE's ``--approximate``)."""
+        return bool(getattr(getattr(getattr(self, "method", None), "opt", None), "approximate", False))
 
     def fold_collapsed(self, summary: dict) -> dict:
         """The collapse edits of ``summary``, then every exact fold; returns a record for the report."""
@@ -463,7 +480,8 @@ class RunContext:
             col.all_reduce()
         else:
             col = collect_counts(self.model, loader, self.device, inclusive=spec.inclusive, per_position=spec.per_position,
-                                 train_mode=spec.train_mode, max_batches=max_batches, sites=self.sites)
+                                 train_mode=spec.train_mode, max_batches=max_batches, sites=self.sites,
+                                 per_batch=spec.average == "batch")
         ent = col.results()
         constant = {}
         if not spec.per_position:
@@ -557,11 +575,19 @@ class Run(RunContext):
         self._rebuild_masks()
         self._wrap()
 
-    def _fresh_optim(self, epochs: int):
+    def _fresh_optim(self, epochs: int, rnd: int = 0):
         tcfg = with_overrides(self.train_cfg, epochs=epochs)
         opt = make_optimizer(self.model, tcfg)
-        sched = make_scheduler(opt, tcfg, len(self.loaders.train))
+        sched = make_scheduler(opt, tcfg, len(self.loaders.train), start_epoch=self._round_start(rnd))
         return tcfg, opt, sched
+
+    def _round_start(self, rnd: int) -> int:
+        """The epoch a round's training starts at: weight rewinding to epoch k (Frankle et al. 2020,
+        Renda et al. 2020) restores the weights after dense epoch k and resumes the schedule there,
+        training the remaining T - k epochs; every other round starts at 0."""
+        if rnd > 0 and self.cfg.rewind == "weights":
+            return self.cfg.rewind_epoch
+        return 0
 
     def _round_epochs(self, rnd: int) -> int:
         if rnd > 0 and self.cfg.rewind == "finetune":
@@ -695,7 +721,7 @@ class Run(RunContext):
                 self.log(f"{self.out} is already complete; writing the report again")
                 self.wall_done = self.wall_before
                 return self._finish()
-            _, opt, sched = self._fresh_optim(self._round_epochs(start_round))
+            _, opt, sched = self._fresh_optim(self._round_epochs(start_round), start_round)
             if st["optimizer"]:
                 opt.load_state_dict(st["optimizer"])
                 sched.load_state_dict(st["scheduler"])
@@ -723,11 +749,11 @@ class Run(RunContext):
                 self.masks.apply()
                 prev["next_action"] = act
                 pruned = True
-                _, opt, sched = self._fresh_optim(epochs)
-                start_epoch = 0
-                self._save_state(rnd, 0, True, opt, sched)
+                _, opt, sched = self._fresh_optim(epochs, rnd)
+                start_epoch = self._round_start(rnd)
+                self._save_state(rnd, start_epoch, True, opt, sched)
             elif opt is None:
-                _, opt, sched = self._fresh_optim(epochs)
+                _, opt, sched = self._fresh_optim(epochs, rnd)
             tcfg = with_overrides(self.train_cfg, epochs=epochs)
             callbacks = list(self.method.step_callbacks())
             train_entropy = None
@@ -736,7 +762,8 @@ class Run(RunContext):
                 callbacks.append(train_entropy)
                 if entropy_state is not None and start_epoch >= epochs:
                     train_entropy.collector = EntropyCollector(self.model, inclusive=spec.inclusive,
-                                                               per_position=spec.per_position, sites=self.sites)
+                                                               per_position=spec.per_position, sites=self.sites,
+                                                               per_batch=spec.average == "batch")
                     train_entropy.collector.load_state_dict(entropy_state, self.device)
             entropy_state = None
 

@@ -81,11 +81,15 @@ class EntropyCollector:
     not in place, even for ``inplace=True``); every other activation gets a forward pre-hook that
     counts its input. Both give the same counts.
     Counts stay on the device: no host synchronisation per activation or per batch.
+    per_batch: also average the layer entropies of each forward pass (the authors' per-batch
+    averaging, for reproducing their numbers: methods.md section 0): :meth:`results` then gives
+    those averages as ``mean`` / ``mean_nonconstant``, while the always-ON / always-OFF counts (what
+    decides a collapse) stay those of the pooled counts. It costs one host read per forward.
     """
 
     def __init__(self, model: nn.Module, names: list[str] | None = None, *, inclusive: bool = False,
                  per_position: bool = False, sites=None, fused: bool = True, batched: bool = True,
-                 max_pending_mb: float = 1024.0):
+                 max_pending_mb: float = 1024.0, per_batch: bool = False):
         self.model = model
         sites = sites if sites is not None else activation_map(model)
         if names is not None:
@@ -108,6 +112,12 @@ class EntropyCollector:
         # taken, not yet counted: (tensor, its counts, neuron dim, its version when taken, site)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, int, int, str]] = []
         self._pending_bytes = 0
+        self.per_batch = per_batch
+        # per_batch: counts and samples at the end of the previous forward, and per activation the
+        # sums over forwards of the batch's mean entropy (all neurons, non-constant ones) and their number
+        self._prev_counts: dict[str, torch.Tensor] = {}
+        self._prev_samples: dict[str, int] = {}
+        self.batch_sums: dict[str, list[float]] = {}
 
     def _nan(self, device) -> torch.Tensor:
         t = self._nan_counts.get(device)
@@ -210,9 +220,31 @@ class EntropyCollector:
                 self._swapped.append((m, fwd))
             else:
                 self._handles.append(m.register_forward_pre_hook(self._hook(s)))
-        if self.batched:  # the taken activations are counted when the model's forward returns
-            self._handles.append(self.model.register_forward_hook(lambda mod, args, out: self.flush()))
+        if self.batched or self.per_batch:  # at the end of the model's forward: count what was taken
+            self._handles.append(self.model.register_forward_hook(lambda mod, args, out: self._forward_done()))
         return self
+
+    def _forward_done(self) -> None:
+        self.flush()
+        if self.per_batch:
+            self.close_batch()
+
+    def close_batch(self) -> None:
+        """Per-batch averaging: the entropy of what was counted since the last call is one batch's."""
+        self.flush()
+        for name, counts in self.counts.items():
+            n = self.samples.get(name, 0) - self._prev_samples.get(name, 0)
+            if n <= 0:
+                continue
+            prev = self._prev_counts.get(name)
+            delta = counts - prev if prev is not None else counts
+            st = entropy_from_counts(delta, n)
+            acc = self.batch_sums.setdefault(name, [0.0, 0.0, 0])
+            acc[0] += st.mean
+            acc[1] += st.mean_nonconstant
+            acc[2] += 1
+            self._prev_counts[name] = counts.clone()
+            self._prev_samples[name] = self.samples[name]
 
     def __exit__(self, *exc):
         for h in self._handles:
@@ -228,6 +260,9 @@ class EntropyCollector:
         self.counts.clear()
         self.samples.clear()
         self._nan_counts.clear()
+        self._prev_counts.clear()
+        self._prev_samples.clear()
+        self.batch_sums.clear()
         self._pending, self._pending_bytes = [], 0
 
     def all_reduce(self) -> None:
@@ -242,16 +277,29 @@ class EntropyCollector:
             n = torch.tensor([self.samples[name]], dtype=torch.int64, device=self.counts[name].device)
             dist.all_reduce(n)
             self.samples[name] = int(n)
+            if self.per_batch:  # every rank's batches count: sum the sums and the batch numbers
+                acc = torch.tensor(self.batch_sums.get(name, [0.0, 0.0, 0]), dtype=torch.float64,
+                                   device=self.counts[name].device)
+                dist.all_reduce(acc)
+                self.batch_sums[name] = [float(acc[0]), float(acc[1]), int(acc[2])]
+        self._prev_counts = {k: v.clone() for k, v in self.counts.items()}  # a later batch's delta is its own
+        self._prev_samples = dict(self.samples)
 
     def state_dict(self) -> dict:
         """Counts and sample numbers, to carry a collection across a checkpoint."""
         self.flush()
-        return {"counts": {k: v.detach().cpu() for k, v in self.counts.items()}, "samples": dict(self.samples)}
+        st = {"counts": {k: v.detach().cpu() for k, v in self.counts.items()}, "samples": dict(self.samples)}
+        if self.per_batch:
+            st["batch_sums"] = {k: list(v) for k, v in self.batch_sums.items()}
+        return st
 
     def load_state_dict(self, state: dict, device=None) -> None:
         self._pending, self._pending_bytes = [], 0
         self.counts = {k: v.to(device) if device is not None else v.clone() for k, v in state["counts"].items()}
         self.samples = {k: int(v) for k, v in state["samples"].items()}
+        self.batch_sums = {k: [float(v[0]), float(v[1]), int(v[2])] for k, v in state.get("batch_sums", {}).items()}
+        self._prev_counts = {k: v.clone() for k, v in self.counts.items()}
+        self._prev_samples = dict(self.samples)
 
     def results(self, eps: float = 0.0) -> dict[str, LayerEntropy]:
         """Per-activation entropy; raises ValueError when an activation input held NaN (checked
@@ -269,8 +317,15 @@ class EntropyCollector:
             if counts.is_floating_point():
                 raise TypeError("entropy counts must be integers")
             st = entropy_from_counts(counts, self.samples[s.name], eps)
+            mean, mean_nc = st.mean, st.mean_nonconstant
+            if self.per_batch:
+                acc = self.batch_sums.get(s.name)
+                if acc is None or acc[2] == 0:
+                    raise RuntimeError(f"per-batch entropy of {s.name}: no forward was closed; the collector must "
+                                       "be entered (with ...) around the model's forwards")
+                mean, mean_nc = acc[0] / acc[2], acc[1] / acc[2]
             out[s.name] = LayerEntropy(
-                s.name, s.producer, st.mean, st.mean_nonconstant, counts.numel(), st.n_always_on,
+                s.name, s.producer, mean, mean_nc, counts.numel(), st.n_always_on,
                 st.n_always_off, self.samples[s.name],
             )
         return out
@@ -299,13 +354,15 @@ class FrozenNormStats:
 @torch.no_grad()
 def collect_counts(model: nn.Module, loader, device, *, inclusive: bool = False, per_position: bool = False,
                    train_mode: bool = False, names: list[str] | None = None, max_batches: int | None = None,
-                   progress=None, sites=None) -> EntropyCollector:
+                   progress=None, sites=None, per_batch: bool = False) -> EntropyCollector:
     """Runs ``loader`` through ``model`` and returns the collector holding every activation's ON
     counts (all-reduced under DDP). In train mode BatchNorm uses batch statistics, but its running
-    statistics are restored afterwards: measuring entropy never changes the model."""
+    statistics are restored afterwards: measuring entropy never changes the model. ``per_batch``:
+    layer entropies averaged over the batches (EntropyCollector)."""
     was_training = model.training
     model.train(train_mode)
-    col = EntropyCollector(model, names, inclusive=inclusive, per_position=per_position, sites=sites)
+    col = EntropyCollector(model, names, inclusive=inclusive, per_position=per_position, sites=sites,
+                           per_batch=per_batch)
     try:
         seen = 0
         with FrozenNormStats(model), col:

@@ -88,7 +88,7 @@ def folded_numbers(ctx, summary: dict, *, latency: bool = True) -> dict:
 
     model = copy.deepcopy(ctx.model)
     model.eval()
-    edits, _refused = collapse_edits(ctx.sites, summary)
+    edits, _refused = collapse_edits(ctx.sites, summary, ctx.approximate_collapse)
     for e in edits:
         try:
             model = apply_edit(model, e, ctx.example_input)

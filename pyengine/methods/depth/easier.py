@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyengine.methods.base import EntropySpec, Method, register
+from pyengine.methods.base import EntropyAverage, EntropySpec, Method, register
 from pyengine.methods.depth.common import (
     activation_columns,
     DepthTolerance,
@@ -38,7 +38,7 @@ __all__ = ["EASIER", "EASIEROptions", "easier_choice"]
 
 
 @dataclass
-class EASIEROptions(DepthTolerance, FoldEachRound):
+class EASIEROptions(DepthTolerance, FoldEachRound, EntropyAverage):
     iterations: int | None = option(None, "EASIER: most linearisation iterations (default: one per activation of "
                                     "the model, as the authors' script)", low=1)
 
@@ -73,7 +73,8 @@ class EASIER(Method):
         self.order = [s.name for s in run.sites]
 
     def entropy_spec(self) -> EntropySpec:
-        return EntropySpec(estimator="easier", inclusive=True, when="train", train_mode=True)
+        return EntropySpec(estimator="easier", inclusive=True, when="train", train_mode=True,
+                           average=self.opt.entropy_average)
 
     def rounds_for(self, preset):
         return self.opt.iterations or self.total_activations

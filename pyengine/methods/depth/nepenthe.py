@@ -10,7 +10,9 @@ entropy over ALL neurons. Both estimators (``--estimator egp|easier``) and both 
 
 After every round the activations whose every neuron was constant on the measured data are
 replaced exactly: the identity where all neurons were always ON, the constant 0 where all were
-always OFF, a per-channel 0/1 gate where both (pyengine.methods.runner.collapse_edits). The
+always OFF, a per-channel 0/1 gate where both (pyengine.methods.runner.collapse_edits); an
+always-ON GELU / ReLU6 / SiLU is not exactly the identity and is kept, unless ``--approximate``
+replaces it as the paper does for Swin-T and MobileNetV2. The
 training network keeps its layers (a fold would merge kernels mid-training); every exact fold
 is applied to the result at the end, and with ``--fold-each-round`` a folded copy is measured
 after each round. The run stops at ``--sparsity`` (a target over the pruned layers) or when the
@@ -46,6 +48,10 @@ class NepentheOptions(EGPConfig, DepthTolerance, FoldEachRound):
                                "after each training run (pass: the collapse edits are exact for the deployed "
                                "network), or accumulate it during the last training epoch in train mode (train, "
                                "EASIER's way)", choices=("pass", "train"))
+    approximate: bool = option(False, "NEPENTHE: also replace an always-ON activation that is not exactly linear "
+                               "(GELU, ReLU6, SiLU, Hardswish - Swin-T, MobileNetV2) by the identity, as the paper "
+                               "does; the next round's training absorbs the difference (without it such layers "
+                               "are refused, since the result would differ from the pruned network)")
 
 
 @register
@@ -55,7 +61,7 @@ class NEPENTHE(Method):
     name = "nepenthe"
     summary = "entropy-guided pruning that collapses layers, which are then linearised and folded (NEPENTHE)"
     Options = NepentheOptions
-    default_rounds = {"paper": 9, "*": 3}
+    default_rounds = {"paper": 9, "swin": 4, "*": 3}  # EGP's; the tolerance rule may stop earlier
     uses_rewind = False  # its rounds edit the network's structure, so earlier weights no longer fit
     keeps_best = True
     default_val_fraction = 0.1  # the tolerance rule needs a validation split
@@ -69,7 +75,7 @@ class NEPENTHE(Method):
 
     def entropy_spec(self) -> EntropySpec:
         return EntropySpec(estimator=self.opt.estimator, inclusive=self.opt.inclusive, when=self.opt.entropy_when,
-                           train_mode=self.opt.entropy_when == "train")
+                           train_mode=self.opt.entropy_when == "train", average=self.opt.entropy_average)
 
     def act(self, summary):
         collapsed, refused = self.run.apply_collapse(summary)

@@ -118,6 +118,15 @@ RECIPES: dict[str, OFARecipe] = {
 }
 
 
+def _no_dropout(teacher: nn.Module) -> nn.Module:
+    """The distillation teacher runs in train mode (its BatchNorm on batch statistics, as OFA's
+    progressive shrinking does) but without dropout: OFA builds its teacher with dropout_rate 0."""
+    for m in teacher.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return teacher
+
+
 def build_phases(space: Space, recipe: OFARecipe, *, epochs: int | None = None, lr_scale: float = 1.0,
                  names: Sequence[str] | None = None, resolutions: Sequence[int] | None = None,
                  amp: bool = True) -> list[Phase]:
@@ -625,7 +634,7 @@ class OFATrainer:
                     raise ValueError(f"--resume: {state_path} was written with {k}={old}, not {new}")
             self.supernet.load_state_dict(st["model"])
             if st["teacher_layout"]:
-                self.teacher = MobileNetV3Subnet(json.loads(st["teacher_layout"])).to(self.device)
+                self.teacher = _no_dropout(MobileNetV3Subnet(json.loads(st["teacher_layout"])).to(self.device))
                 self.teacher.load_state_dict(st["teacher"])
             history = json.loads(st["history"])
             start_phase, start_epoch = st["phase"], st["epoch"]
@@ -657,7 +666,7 @@ class OFATrainer:
             if phase.distill and self.teacher is None:
                 # progressive shrinking without a "full" phase in this run: the largest subnet
                 # as it is now is the teacher
-                self.teacher = self.supernet.extract(self.space.max_subnet())
+                self.teacher = _no_dropout(self.supernet.extract(self.space.max_subnet()))
             if self.main:
                 self.log(f"[{phase.name}] {phase.total_epochs - first_epoch} epoch(s), {phase.subnets_per_step} subnet(s) "
                          f"per step, k {list(phase.kernel_sizes)} e {list(phase.expand_ratios)} d {list(phase.depths)}")
@@ -688,7 +697,7 @@ class OFATrainer:
                          progress=(None if cfg.progress else False) if self.main else False, desc=phase.name,
                          max_steps=steps)
             if phase.name == "full":
-                self.teacher = self.supernet.extract(self.space.max_subnet())
+                self.teacher = _no_dropout(self.supernet.extract(self.space.max_subnet()))
             self._save(pi + 1, 0, None, None, history)
             start_epoch, st = 0, None
         self.wall_seconds = time.perf_counter() - t_start

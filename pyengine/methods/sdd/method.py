@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyengine.methods.base import EntropySpec, Method, StepCallback, register
+from pyengine.methods.base import EntropyAverage, EntropySpec, Method, StepCallback, register
 from pyengine.methods.options import option
 from pyengine.methods.prune.magnitude import IMPOptions
 
@@ -41,7 +41,7 @@ __all__ = ["SDD", "SDDOptions", "KDLoss", "kd_loss", "target_kept", "load_teache
 
 
 @dataclass
-class SDDOptions(IMPOptions):
+class SDDOptions(IMPOptions, EntropyAverage):
     """IMP's options (``rate``, ``scope``, ``sparsity``, declared once in magnitude.py) plus the
     measurements and remedies of the double-descent studies."""
 
@@ -184,7 +184,8 @@ class SDD(Method):
     def entropy_spec(self):
         if not self.opt.entropy:
             return None
-        return EntropySpec(estimator="easier", inclusive=False, per_position=True, when="pass")
+        return EntropySpec(estimator="easier", inclusive=False, per_position=True, when="pass",
+                           average=self.opt.entropy_average)
 
     def step_callbacks(self):
         if not self.opt.kd_teacher:

@@ -54,10 +54,9 @@ __all__ = ["Sweep", "SweepOptions", "run_status", "seed_from_dense", "SWEEP_FORM
 SWEEP_FORMAT = "pyengine-sdd-sweep-1"
 KINDS = ("vanilla", "kd")
 # The ViT study's settings (ICIAP 2023, the authors' SDD_ViT main.py), filled in when not given:
-# ViT dropout 0.1 and embedding dropout 0.1, batch 512 under the AdamW recipe; their CIFAR Swin
+# ViT dropout 0.1 and embedding dropout 0.1 (batch 512: the vit preset); their CIFAR Swin
 # downscales by 2 first and uses 4x4 windows (torchvision's Swin-T: patch 2, window 4).
 PUBLISHED_MODEL_OPTS = {"vit": {"dropout": 0.1, "emb_dropout": 0.1}, "swin_t": {"patch_size": 2, "window_size": 4}}
-PUBLISHED_BATCH_SIZE = {"vit": 512}
 
 
 def _check_devices(v, _o):
@@ -163,8 +162,6 @@ class Sweep:
                  on_epoch: Callable[[str, int, int], None] | None = None):
         base = dataclasses.replace(base, method="sdd",
                                    model_opts={**PUBLISHED_MODEL_OPTS.get(base.model, {}), **(base.model_opts or {})})
-        if base.batch_size is None and base.preset in PUBLISHED_BATCH_SIZE:
-            base.batch_size = PUBLISHED_BATCH_SIZE[base.preset]
         if isinstance(base.options, dict):
             base.options = opts.from_json(SDDOptions, base.options)
         elif base.options is None:
