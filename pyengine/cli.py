@@ -15,7 +15,7 @@ PRUNE_EPILOG = """
 examples:
   pyengine prune --model resnet18                       # EGP on the offline digits data, quick preset
   pyengine prune --model resnet18 --method imp --rounds 5 --rate 0.2
-  pyengine prune --model vgg16_bn --method magnitude --sparsity 0.9
+  pyengine prune --model vgg16_bn --image-size 32 --method magnitude --sparsity 0.9
   pyengine prune --model resnet18 --dataset cifar10 --download --preset paper --device cuda
   torchrun --nproc_per_node 4 -m pyengine prune --model resnet18 --dataset cifar10 --preset paper
   pyengine prune --model resnet18 --resume               # continue a killed run (same options)
@@ -143,6 +143,18 @@ def config_from_args(args) -> "object":
     return cfg
 
 
+def _config_from_state(path) -> dict | None:
+    """The options a run saved with its resume state (None if unreadable)."""
+    from pyengine.train.checkpoint import load_state
+
+    try:
+        st = load_state(path)
+        data = json.loads(st["config_json"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def _saved_config(probe) -> dict | None:
     from pyengine.methods.runner import RunConfig
 
@@ -151,8 +163,13 @@ def _saved_config(probe) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:  # unreadable: the resume state carries the same options
+        data = _config_from_state(probe.out_dir() / "state.pt")
+        if data is None:
+            raise ValueError(f"--resume: {path} is unreadable ({exc}) and {path.parent / 'state.pt'} holds no "
+                             "readable options either; start the run again with another --out") from None
     data["resume"] = True
     data["out"] = str(probe.out_dir())
     known = {f.name for f in dataclasses.fields(RunConfig)}
@@ -175,9 +192,21 @@ def cmd_export(args) -> int:
     from pyengine.train.checkpoint import load_model_export
 
     src = Path(args.run_dir)
+    if not src.exists():
+        raise FileNotFoundError(f"{args.run_dir} does not exist")
     folder = src / "final" if (src / "final" / "model.json").exists() else src
+    extract_hint = ("a once-for-all supernet is not one network: extract a subnet with `pyengine ofa extract --run "
+                    f"{src if (src / 'supernet').exists() else src.parent} --arch SUBNET --out DIR` and export DIR")
     if not (folder / "model.json").exists():
+        if (src / "supernet" / "model.json").exists():
+            raise ValueError(f"{args.run_dir} is an `ofa train` run: {extract_hint}")
         raise FileNotFoundError(f"{args.run_dir} holds no exported network (no final/model.json); finish the run first")
+    try:
+        saved = json.loads((folder / "model.json").read_text())
+    except ValueError:
+        saved = {}
+    if isinstance(saved, dict) and saved.get("space") and "subnet" not in (saved.get("architecture") or {}).get("kwargs", {}):
+        raise ValueError(f"{folder}: {extract_hint}")
     model, masks, desc = load_model_export(folder)
     if "input_shape" not in desc:
         raise ValueError(f"{folder}/model.json records no input shape: re-export it from its run")
@@ -212,7 +241,14 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"pyengine: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # a terminal user gets the message, not a source line
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

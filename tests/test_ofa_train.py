@@ -173,7 +173,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     run_train(_tiny_cfg(tmp_path, "cut", resume=True, **kw), log=lambda *a: None)
     with pytest.raises(FileExistsError, match="--resume"):
         run_train(_tiny_cfg(tmp_path, "cut", **kw), log=lambda *a: None)
-    with pytest.raises(ValueError, match="width_mult"):
+    with pytest.raises(ValueError, match="--width-mult: 0.25 -> 0.5"):
         run_train(_tiny_cfg(tmp_path, "cut", resume=True, **{**kw, "width_mult": 0.5}), log=lambda *a: None)
 
 

@@ -2,6 +2,7 @@
 and the errors a careless or unlucky user meets."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -49,6 +50,34 @@ def test_cli_tiny_end_to_end(tmp_path, capsys):
     assert model(x).shape == (3, 10)
     # a second run into the same folder without --resume is refused
     assert main(["prune", *TINY, "--out", str(out)]) == 2
+    # the dense row counts the trained dense network's nonzero weights, not a fresh initialisation's
+    assert nets["dense"]["params_nonzero"] == report["rounds"][0]["params_nonzero"]
+    # what a run writes is readable as the umask allows, not owner-only (mkstemp's 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("report.json", "config.json", "state.pt", "final/model.safetensors", "final/model.json"):
+        assert (out / f).stat().st_mode & 0o777 == 0o666 & ~mask, f
+    capsys.readouterr()
+    # a broken config.json: --resume takes the options from state.pt (the run is done: report again)
+    (out / "config.json").write_text("{broken")
+    assert main(["prune", "--out", str(out), "--resume"]) == 0
+    # damaged files give one line naming them, never a traceback
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for f in ("model.json",):
+        (cut / f).write_bytes((out / "final" / f).read_bytes())
+    (cut / "model.safetensors").write_bytes((out / "final" / "model.safetensors").read_bytes()[:10000])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    capsys.readouterr()
+    for argv, msg in ((["export", str(cut)], "not a readable safetensors file"),
+                      (["export", str(tmp_path / "nowhere")], "does not exist"),
+                      (["prune", *TINY, "--weights", str(cut / "model.safetensors"), "--out", str(tmp_path / "w1")],
+                       "--weights .* not a readable safetensors file"),
+                      (["prune", *TINY, "--weights", str(tmp_path / "empty.pt"), "--out", str(tmp_path / "w2")],
+                       "the file is empty")):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(msg, err) and "Traceback" not in err, (argv, err)
 
 
 def test_cli_bad_input(capsys, tmp_path):
@@ -109,6 +138,18 @@ def test_default_folders_differ_by_option():
     assert len({a, b, c, d}) == 4
     assert RunConfig(options={"zeta": 0.3}).out_dir() == b
     assert RunConfig(device="cpu", workers=0).out_dir() == a  # runtime-only options do not count
+    assert RunConfig(epochs=3, batch_size=32).out_dir() == a  # the quick preset's own values
+    # image folders whose paths sanitise to the same name still get folders of their own
+    paths = ["imagefolder:/data/a/b", "imagefolder:/data/a_b", "imagefolder:/data/a:b"]
+    dirs = {RunConfig(dataset=p).out_dir() for p in paths}
+    assert len(dirs) == 3 and all(d.name.startswith("resnet18-egp-imagefolder__data_a_b-") for d in dirs)
+
+
+def test_bad_options_are_named_before_anything_runs(tmp_path):
+    for cfg, msg in ((RunConfig(seed=-1), "--seed"), (RunConfig(finetune_epochs=2), "--finetune-epochs only applies"),
+                     (RunConfig(model_opts={"depth": 3}), r"model option\(s\) \['depth'\] do not apply to --model resnet18")):
+        with pytest.raises(OptionError, match=msg):
+            cfg.validate()
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -163,11 +204,11 @@ def test_cli_resume_takes_saved_options(tmp_path, capsys):
 
 
 def test_run_folder_lock_and_stale_files(tmp_path):
-    from pyengine.methods.runner import _RunLock
+    from pyengine.methods.runner import RunLock
 
     out = tmp_path / "locked"
     out.mkdir()
-    lock = _RunLock(out)
+    lock = RunLock(out)
     lock.acquire()
     try:
         with pytest.raises(FileExistsError, match="in use"):

@@ -226,3 +226,27 @@ def test_act_follows_the_schedule_exactly(scope):
     m2.act({"round": 0})
     m2.act({"round": 1})
     assert masks2.sparsity() == pytest.approx(0.5, abs=1 / n) and m2.should_stop([]) is not None
+
+
+def test_stop_drop_stops_below_the_best_round_and_keeps_the_last_good_one():
+    """--stop-drop: IMP stops when validation accuracy falls more than the drop below the best round
+    so far (test accuracy without a validation split), and the last round before that is the result."""
+    import pyengine
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    comp = pyengine.Compressor(net, "sdd", example_input=torch.zeros(1, 4), options={"stop_drop": 1.0},
+                               log=lambda *a: None)
+    m = comp.method
+    assert m.keeps_best
+
+    def rounds(*accs, key="val_acc"):
+        return [{"round": i, key: a, "test_acc": 50.0 if key == "val_acc" else a} for i, a in enumerate(accs)]
+
+    assert m.should_stop(rounds(90.0, 91.0, 90.5)) is None  # 0.5 below the best: go on
+    reason = m.should_stop(rounds(90.0, 91.0, 89.9))
+    assert reason and "validation accuracy 89.90% fell more than 1 points below the best round's 91.00%" in reason
+    assert m.select(rounds(90.0, 91.0, 90.5, 89.9)) == 2
+    assert "test (no validation split)" in m.should_stop(rounds(90.0, 88.0, key="test_acc"))
+    plain = pyengine.Compressor(net, "sdd", example_input=torch.zeros(1, 4), log=lambda *a: None).method
+    assert plain.should_stop(rounds(90.0, 10.0)) is None and plain.select(rounds(90.0, 10.0)) == 1
+    assert not plain.keeps_best

@@ -156,7 +156,7 @@ def test_grid_bookkeeping(tmp_path):
     with pytest.raises(OptionError, match="twice"):
         Sweep(base, {"seeds": [1, 1]}, **quiet)
     for bad, needle in (({"devices": ["gpu0"]}, "--devices"), ({"noise_grid": [1.5]}, "--noise-grid"),
-                        ({"seeds": []}, "--seeds"), ({"width_grid": [0]}, "--width-grid")):
+                        ({"seeds": []}, "--seeds"), ({"seeds": [-1]}, "--seeds"), ({"width_grid": [0]}, "--width-grid")):
         with pytest.raises(OptionError, match=needle):
             Sweep(base, bad, **quiet)
     # no teacher: vanilla runs only; a saved sweep is rebuilt as its workers do
@@ -165,6 +165,9 @@ def test_grid_bookkeeping(tmp_path):
     s2._write_spec()
     again = Sweep.from_folder(tmp_path / "g2", **quiet)
     assert again.spec() == s2.spec() and again.run_names() == s2.run_names()
+    # a sweep that never reached a checkpoint (g2 holds only its spec) is taken over by a fresh one
+    Sweep(_base(tmp_path / "g2", options={"rate": 0.3}), {"seeds": [4]}, **quiet)._write_spec()
+    assert Sweep.from_folder(tmp_path / "g2", **quiet).run_names() == ["noise0_wd0.0005_seed4-vanilla"]
 
 
 def test_workers_take_unclaimed_configurations(tmp_path):

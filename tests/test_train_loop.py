@@ -121,8 +121,9 @@ def test_non_finite_loss_names_epoch_and_step(monkeypatch, deferred):
             self.n = getattr(self, "n", 0) + 1
             return logits.sum() * (float("nan") if self.n == 3 else 0.0)
 
-    with pytest.raises(FloatingPointError, match="epoch 1, step 3 of 6"):
-        train_epochs(model, data, torch.device("cpu"), cfg, opt, sched, callbacks=[NaNAt()], progress=False)
+    with pytest.raises(FloatingPointError, match="^round 2/3: the loss became .* at epoch 1, step 3 of 6"):
+        train_epochs(model, data, torch.device("cpu"), cfg, opt, sched, callbacks=[NaNAt()], progress=False,
+                     desc="round 2/3")
 
 
 def test_one_line_per_epoch_without_a_terminal():

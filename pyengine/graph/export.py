@@ -159,9 +159,11 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     that do not match, and masks of the wrong shape or for no parameter, raise ValueError naming
     them. Nothing in the folder is executed (JSON + safetensors only).
     """
-    from safetensors.torch import load_file
+    from pyengine._io import read_safetensors
 
     folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist")
     json_path = folder / "model.json"
     if not json_path.is_file():
         raise FileNotFoundError(f"{json_path} does not exist: not a pyengine export folder")
@@ -177,7 +179,7 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     if arch.get("linearised"):
         history = EditHistory([Edit("linearise", n) for n in arch["linearised"]] + list(history))
     example = torch.zeros(1, *desc["input_shape"]) if "input_shape" in desc else None
-    tensors = load_file(str(folder / "model.safetensors"), device="cpu")
+    tensors = read_safetensors(folder / "model.safetensors", "export")
     state = {k: v for k, v in tensors.items() if not k.startswith(_MASK_PREFIX)}
     masks = {k[len(_MASK_PREFIX):]: v.bool() for k, v in tensors.items()
              if k.startswith(_MASK_PREFIX)}

@@ -84,6 +84,21 @@ def network_stats(model: nn.Module, example_input: Tensor) -> dict:
     }
 
 
+def _benchmark_timer():
+    """torch.utils.benchmark's Timer, imported without the "No CUDA runtime is found, using
+    CUDA_HOME" line that its import of cpp_extension logs on every machine without a GPU."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        log.setLevel(level)
+    return Timer
+
+
 def measure_latency(model: nn.Module, example_input: Tensor, device: str | torch.device | None = None,
                     *, warmup: int = 3, min_run_time: float = 0.5) -> float:
     """Median time in milliseconds of one eval-mode, no-grad forward on ``example_input``.
@@ -94,7 +109,7 @@ def measure_latency(model: nn.Module, example_input: Tensor, device: str | torch
     intra-op thread count. ``device`` (default: the model's) receives a copy of the input; the
     model must already be on it.
     """
-    from torch.utils.benchmark import Timer
+    Timer = _benchmark_timer()
 
     if device is None:
         p = next(model.parameters(), None)

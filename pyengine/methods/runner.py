@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ class RunConfig:
     The CLI, config.json and this constructor all come from these declarations; the method's
     options come from its ``Options`` dataclass (pass an instance or a dict)."""
 
-    model: str = option("resnet18", "resnet18 (CIFAR stem), resnet34/50, vgg16_bn, mobilenet_v2, vit, swin_t, or "
+    model: str = option("resnet18", "resnet18 (CIFAR stem), resnet34/50, vgg11/13/16/19_bn, mobilenet_v2, vit, swin_t, or "
                         "tv:<torchvision name>")
     method: str = option("egp", "the method (its options are listed below)", check=_check_method)
     dataset: str = option("digits", "digits (offline, bundled with scikit-learn), fashion-mnist, cifar10, cifar100, "
@@ -116,7 +117,7 @@ class RunConfig:
                              "options>])")
     resume: bool = option(False, "continue the run in --out (or the default folder) from its last finished epoch")
     device: str = option("auto", "cpu, cuda, cuda:N or auto", check=_check_device)
-    seed: int = option(0, "seed for data split, noise, initialisation and order")
+    seed: int = option(0, "seed for data split, noise, initialisation and order", low=0, high=2**32 - 1)
     no_progress: bool = option(False, "no progress bars (one log line per epoch; the default when stderr is not a "
                                "terminal)")
     model_opts: dict = option(None, "architecture options for build_model (API only)", cli=False,
@@ -152,6 +153,14 @@ class RunConfig:
             raise OptionError(f"--rewind {self.rewind} cannot be used with --method {self.method}: its rounds go on "
                               "from the current weights (and may edit the network's structure, so earlier weights "
                               "would no longer fit); use --rewind lr or finetune")
+        if self.finetune_epochs is not None and self.rewind != "finetune":
+            raise OptionError("--finetune-epochs only applies with --rewind finetune")
+        from pyengine.models import model_options
+
+        takes = model_options(self.model)
+        unknown = sorted(set(self.model_opts or {}) - set(takes)) if takes is not None else []
+        if unknown:
+            raise OptionError(f"model option(s) {unknown} do not apply to --model {self.model} (it takes {takes})")
 
     def to_json(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
@@ -180,8 +189,14 @@ class RunConfig:
         base = f"runs/{self.model}-{self.method}-{self.dataset}".replace(":", "_")
         base = base[:5] + base[5:].replace("/", "_")
         changed = opts.non_default(self)
-        for k in self.RUNTIME_ONLY + ("model", "method", "dataset", "options"):
+        for k in self.RUNTIME_ONLY + ("model", "method", "options"):
             changed.pop(k, None)
+        if re.fullmatch(r"[A-Za-z0-9._-]+", self.dataset):  # named in full by the folder; a path is not
+            changed.pop("dataset", None)
+        preset = PRESETS.get(self.preset)
+        for k in ("epochs", "batch_size", "lr", "weight_decay", "workers"):  # given, but the preset's own value
+            if k in changed and preset is not None and getattr(preset, k, None) == changed[k]:
+                changed.pop(k)
         mo = opts.non_default(self.method_options())
         if mo:
             changed["options"] = mo
@@ -305,7 +320,7 @@ class FileLock:
             self.fd = None
 
 
-class _RunLock(FileLock):
+class RunLock(FileLock):
     """The lock of a run folder: a second run there is refused, naming the holder's pid."""
 
     def __init__(self, folder: Path):
@@ -666,7 +681,7 @@ class Run(RunContext):
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OSError(f"cannot create the run folder {self.out}: {exc.strerror or exc}") from None
-        lock = _RunLock(self.out)
+        lock = RunLock(self.out)
         if int(os.environ.get("RANK", "0")) == 0:
             lock.acquire()
         try:
@@ -822,7 +837,7 @@ class Run(RunContext):
 
     def _keep_best(self) -> None:
         """Snapshot the network the method selects as the result, when it is not the latest."""
-        if not self.method_cls.keeps_best:
+        if not getattr(self.method, "keeps_best", self.method_cls.keeps_best):  # a method may decide per run
             return
         idx = self.method.select(self.rounds)
         if idx == len(self.rounds) - 1 and self.main:
@@ -904,8 +919,12 @@ class Run(RunContext):
         idx = self._load_selected()
         result = self.rounds[idx]
         method_result = self.method.finish(result)
+        # the dense architecture's shape, MACs and speed; its nonzero weights are the trained dense
+        # network's (round 0: a fresh initialisation has zero BatchNorm biases)
         dense_model = self._base_model().to(self.device)
         networks = {"dense": self._stats(dense_model), "pruned": self._stats(self.model)}
+        if self.rounds[0].get("params_nonzero") is not None:
+            networks["dense"]["params_nonzero"] = self.rounds[0]["params_nonzero"]
         fold_rec = None
         if not self.cfg.no_fold:
             fold_rec = self.fold_collapsed(result)

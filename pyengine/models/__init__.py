@@ -39,7 +39,7 @@ from pyengine.models.vgglike import VGGLike, vgglike  # DSD2 model-size family (
 from pyengine.models.vit import VisionTransformer, vit
 
 __all__ = [
-    "build_model", "list_models", "ActivationSite", "activation_map", "activation_kind",
+    "build_model", "list_models", "model_options", "ActivationSite", "activation_map", "activation_kind",
     "register_activation", "find_producers", "find_reused_activations",
     "find_functional_activations", "is_weight_layer", "linearise", "make_activations_distinct",
     "count_params", "count_flops", "count_effective_flops",
@@ -69,6 +69,12 @@ _FIXED = {"self", "block", "layers", "config", "num_classes", "in_channels", "im
 
 def _accepted_options(sig_of: Callable) -> list[str]:
     return [p for p in inspect.signature(sig_of).parameters if p not in _FIXED]
+
+
+def model_options(name: str) -> list[str] | None:
+    """The architecture options a built-in model takes (None for ``tv:`` models and unknown names)."""
+    entry = _REGISTRY.get(name)
+    return _accepted_options(entry[1]) if entry is not None else None
 
 
 def list_models(include_torchvision: bool = False) -> list[str]:
@@ -108,7 +114,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
         raise TypeError(f"{name} does not take option(s) {unknown}; it takes {accepted}")
     if image_size < min_size:
         raise ValueError(f"{name} needs images of at least {min_size}x{min_size}, "
-                         f"got image_size={image_size}")
+                         f"got image_size={image_size} (--image-size {min_size})")
     if takes_size:
         return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                        **opts)

@@ -20,6 +20,7 @@ memory-balancing rule and a test checks they agree).
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
@@ -143,8 +144,9 @@ def _scale_width(w: int, mult: float, divisor: int) -> int:
 def scale_arch(arch: MBV3Arch, width_mult: float = 1.0, divisor: int | None = None) -> MBV3Arch:
     """Every width times ``width_mult``, rounded to a multiple of ``divisor`` (default the
     arch's); widths not above the divisor (MOOFA's 3-channel stem) are kept as they are."""
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    if isinstance(width_mult, bool) or not isinstance(width_mult, (int, float)) or not math.isfinite(width_mult) \
+            or width_mult <= 0:
+        raise ValueError(f"width_mult must be a finite number > 0, got {width_mult!r}")
     d = arch.divisor if divisor is None else int(divisor)
     if d < 1:
         raise ValueError(f"divisor must be >= 1, got {divisor}")
@@ -175,7 +177,7 @@ def _as_list(name: str, value, n: int, choices: Sequence, cast) -> list:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         vals = [value] * n
     elif isinstance(value, (list, tuple)):
-        vals = list(value)
+        vals = list(value) * n if len(value) == 1 else list(value)  # one value broadcasts like a number
     else:
         raise ValueError(f"subnet {name!r} must be a number or a list of {n}, got {value!r}")
     if len(vals) != n:
@@ -199,7 +201,7 @@ def _num(v):
 
 def normalize_subnet(arch: MBV3Arch, subnet: Mapping[str, Any] | None = None) -> dict:
     """A complete, validated subnet dict (``ks``, ``e`` per slot, ``d`` per stage); missing keys
-    take the largest choice, uniform numbers are broadcast, extra keys (e.g. ``r``) are kept."""
+    take the largest choice, uniform numbers (or one-element lists) are broadcast, extra keys (e.g. ``r``) are kept."""
     subnet = dict(subnet or {})
     unknown = sorted(set(subnet) - {"ks", "e", "d", "r"})
     if unknown:

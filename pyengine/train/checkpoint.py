@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from pyengine._io import atomic_torch_save, atomic_write_text  # noqa: F401 (re-exported)
+from pyengine._io import error_line, read_safetensors
 
 
 class RunStateError(ValueError):
@@ -37,7 +38,7 @@ def load_state(path: str | Path, map_location="cpu", required=()) -> dict:
         st = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise RunStateError(f"cannot read {path}: it is truncated or not a pyengine state "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                            f"({error_line(exc)})") from None
     if not isinstance(st, dict):
         raise RunStateError(f"{path} is not a pyengine state (it holds a {type(st).__name__})")
     missing = [k for k in required if k not in st]
@@ -56,15 +57,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                              "unedited network (a run's state before folding, or a plain state dict)")
         path = path / "model.safetensors"
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
+        sd = read_safetensors(path, "--weights")
         return {k: v for k, v in sd.items() if not k.startswith("mask::")}
+    if path.is_file() and path.stat().st_size == 0:
+        raise ValueError(f"--weights {path}: the file is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise ValueError(f"--weights {path}: not a readable state dict ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
+        raise ValueError(f"--weights {path}: not a readable state dict ({error_line(exc)})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

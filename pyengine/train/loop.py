@@ -181,6 +181,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
     """
     hooks = hooks or EpochHooks()
     callbacks = list(callbacks)
+    where = f"{desc}: " if desc and desc != "train" else ""  # which training run ("round 2/3"), if named
     show_bar = progress_enabled(progress)
     history = []
     steps_per_epoch = len(loader) if max_steps is None else min(len(loader), max_steps)
@@ -241,7 +242,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
                 bad = ~torch.isfinite(loss)
                 if sync_each_step:
                     if bool(bad):
-                        raise FloatingPointError(f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
+                        raise FloatingPointError(f"{where}the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
                                                  f"of {steps_per_epoch}; lower the learning rate (--lr)")
                 else:
                     first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
@@ -264,7 +265,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
                              lr=f"{scheduler.get_last_lr()[0]:.3g}")
             bar.close()
             if not sync_each_step and int(first_bad) >= 0:
-                raise FloatingPointError(f"the loss became non-finite at epoch {epoch + 1}, step {int(first_bad) + 1} "
+                raise FloatingPointError(f"{where}the loss became non-finite at epoch {epoch + 1}, step {int(first_bad) + 1} "
                                          f"of {steps_per_epoch}; lower the learning rate (--lr)")
             loss_v, correct_v, seen_v = all_reduce_sum([float(loss_sum), float(correct), float(seen)], device)
             rec = {"epoch": epoch + 1, "train_loss": loss_v / max(1, seen_v), "train_acc": 100 * correct_v / max(1, seen_v),

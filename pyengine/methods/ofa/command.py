@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -64,40 +65,45 @@ def register(subparsers) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a supernet: full network, then progressive shrinking",
                        description="Train the full network, then shrink progressively (kernel -> depth -> expand) with "
                        "in-place distillation; resumable at any phase and epoch.")
-    t.add_argument("--space", default="ofa", choices=["ofa", "moofa"], help="search space (default: ofa)")
-    t.add_argument("--dataset", default="digits", help="digits (offline), fashion-mnist, cifar10, cifar100, tiny-imagenet, "
+    # no argparse defaults here: an option left out is the config's default, or with --resume the saved run's
+    t.add_argument("--space", choices=["ofa", "moofa"], help="search space (default: ofa)")
+    t.add_argument("--dataset", help="digits (offline), fashion-mnist, cifar10, cifar100, tiny-imagenet, "
                    "imagefolder:PATH (default: digits)")
     t.add_argument("--data-dir", help="folder searched first for the dataset's files")
-    t.add_argument("--download", action="store_true", help="allow downloading a missing dataset")
-    t.add_argument("--preset", default="quick", choices=sorted(RECIPES),
+    t.add_argument("--download", action="store_true", default=None, help="allow downloading a missing dataset")
+    t.add_argument("--preset", choices=sorted(RECIPES),
                    help="quick: a CPU demo (few epochs, 32..56 px); ofa-imagenet / moofa-imagenet: the published "
                    "schedules (180 + 120 + 25 + 120 + 25 + 120 epochs, 128..224 px) (default: quick)")
-    t.add_argument("--width-mult", type=float, default=1.0, help="every width times this (default: 1)")
+    t.add_argument("--width-mult", type=_number, help="every width times this (default: 1)")
     t.add_argument("--divisor", type=int, help="channel counts rounded to multiples of this (default: 8)")
     t.add_argument("--resolutions", type=_ints, help="input resolutions of the space, e.g. 128,160,192,224")
-    t.add_argument("--no-continuous", action="store_true", help="train only at the listed resolutions "
+    t.add_argument("--no-continuous", action="store_true", default=None, help="train only at the listed resolutions "
                    "(default: every multiple of 4 between the smallest and largest, as OFA)")
     t.add_argument("--phases", type=_names, help="run only these phases, e.g. full,kernel (default: all: full, kernel, "
                    "depth-1, depth-2, expand-1, expand-2)")
     t.add_argument("--epochs", type=int, help="epochs of every phase, without warm-up (default: the preset's)")
     t.add_argument("--steps-per-epoch", type=int, help="stop every epoch after this many steps (smoke tests)")
     t.add_argument("--batch-size", type=int, help="batch size per process (default: the preset's, 64)")
-    t.add_argument("--lr-scale", type=float, default=1.0, help="multiplies every phase's learning rate (default: 1)")
-    t.add_argument("--workers", type=int, default=0, help="data-loader worker processes (default: 0)")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="training images held out for validation and the "
-                   "search's accuracy predictor (default: 0.1)")
+    t.add_argument("--lr-scale", type=_number, help="multiplies every phase's learning rate (> 0; default: 1)")
+    t.add_argument("--workers", type=int, help="data-loader worker processes (default: 0)")
+    t.add_argument("--val-fraction", type=_number, help="training images held out for validation and the "
+                   "search's accuracy predictor, in [0, 1) (default: 0.1)")
     t.add_argument("--calib-images", type=int, help="training images used to recalibrate BatchNorm before evaluating a "
-                   "subnet (default: the preset's; OFA 2000)")
+                   "subnet (>= 1; default: the preset's; OFA 2000)")
     t.add_argument("--out", help="run folder (default: runs/ofa-<space>-<dataset>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch")
-    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    t.add_argument("--seed", type=int, default=0, help="seed of data split, initialisation and subnet sampling")
-    t.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished epoch; "
+                   "options left out are the saved run's, options given must equal them")
+    t.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
+    t.add_argument("--seed", type=int, help="seed of data split, initialisation and subnet sampling (default: 0)")
+    t.add_argument("--no-amp", action="store_true", default=None, help="no bf16 autocast on CUDA")
+    t.add_argument("--no-progress", action="store_true", default=None, help="no progress bars (log lines only; the "
+                   "default when stderr is not a terminal)")
 
     s = sub.add_parser("search", help="accuracy predictor + evolutionary search under peak-memory budgets",
                        description="Measure sampled subnets, fit the accuracy predictor, and search each budget with "
-                       "evolution; with several runs (e.g. OFA and MOOFA) one table and plot compares them.")
+                       "evolution; with several runs (e.g. OFA and MOOFA) one table and plot compares them. A budget "
+                       "below a space's smallest subnet shows as 'none fits'. Exit status: 0 when at least one budget "
+                       "was met; 2 (nothing measured) when no subnet of any run fits any budget, or on bad input.")
     s.add_argument("--run", action="append", required=True, help="a trained run folder (repeat for several)")
     s.add_argument("--budgets", type=_ints, required=True, help="peak-memory budgets in elements, e.g. 325000,400000")
     s.add_argument("--macs-budget", type=_number, help="also at most this many multiply-accumulates")
@@ -114,7 +120,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: <first run>/search)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stderr is not a "
+                   "terminal)")
 
     e = sub.add_parser("extract", help="write one subnet as a standalone network (BN recalibrated)",
                        description="Copy a subnet's weights out of a trained supernet into a static network, recalibrate "
@@ -134,7 +141,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     m.add_argument("--space", default="ofa", choices=["ofa", "moofa"])
     m.add_argument("--resolution", type=int, required=True, help="input resolution, e.g. 224")
     _subnet_args(m)
-    m.add_argument("--width-mult", type=float, default=1.0, help="every width times this (default: 1)")
+    m.add_argument("--width-mult", type=_number, default=1.0, help="every width times this (> 0; default: 1)")
     m.add_argument("--divisor", type=int, help="channel rounding (default: 8)")
     m.add_argument("--in-channels", type=int, default=3, help="input channels (default: 3)")
     m.add_argument("--dtype", default="float32", help="element type for the byte count (default: float32)")
@@ -167,17 +174,60 @@ def _subnet_from_args(args) -> dict:
     return sub
 
 
-def _train(args) -> int:
-    from pyengine.methods.ofa.train import OFATrainConfig, run_train
+# `ofa train` flags -> OFATrainConfig fields (the store_true flags negate the field)
+_TRAIN_FIELDS = {"space": "space", "width_mult": "width_mult", "divisor": "divisor", "resolutions": "resolutions",
+                 "no_continuous": "continuous_resolution", "dataset": "dataset", "data_dir": "data_dir",
+                 "download": "download", "preset": "preset", "phases": "phases", "epochs": "epochs",
+                 "steps_per_epoch": "steps_per_epoch", "batch_size": "batch_size", "lr_scale": "lr_scale",
+                 "workers": "workers", "val_fraction": "val_fraction", "calib_images": "calib_images",
+                 "no_amp": "amp", "out": "out", "seed": "seed", "device": "device", "no_progress": "progress"}
+_NEGATED = ("no_continuous", "no_amp", "no_progress")
 
-    cfg = OFATrainConfig(space=args.space, width_mult=args.width_mult, divisor=args.divisor, resolutions=args.resolutions,
-                         continuous_resolution=not args.no_continuous, dataset=args.dataset, data_dir=args.data_dir,
-                         download=args.download, preset=args.preset, phases=args.phases, epochs=args.epochs,
-                         steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size, lr_scale=args.lr_scale,
-                         workers=args.workers, val_fraction=args.val_fraction, calib_images=args.calib_images,
-                         amp=not args.no_amp, out=args.out, seed=args.seed, device=args.device, resume=args.resume,
-                         progress=not args.no_progress)
-    run_train(cfg)
+
+def _saved_train_config(out: Path) -> dict | None:
+    """The options a run in ``out`` was started with (its config.json), or None."""
+    from pyengine.methods.ofa.train import OFATrainConfig
+
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # the run's state.pt is checked when the run starts
+    if not isinstance(data, dict):
+        return None
+    known = OFATrainConfig.__dataclass_fields__
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+
+
+def train_config_from_args(args):
+    """An OFATrainConfig from parsed `ofa train` flags. With --resume, options not given on the
+    command line come from the saved run (config.json in --out); options given that differ from it
+    are refused when the run starts, each named."""
+    from pyengine.methods.ofa.train import OFATrainConfig
+
+    given = {}
+    for dest, name in _TRAIN_FIELDS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            given[name] = (not v) if dest in _NEGATED else v
+    kw: dict = {}
+    if args.resume:
+        probe = OFATrainConfig(**{k: v for k, v in given.items() if k in ("out", "space", "dataset")})
+        saved = _saved_train_config(probe.out_dir())
+        if saved is not None:
+            kw.update({k: v for k, v in saved.items() if k not in ("out", "resume")})
+            kw["out"] = str(probe.out_dir())
+    kw.update(given)
+    kw["resume"] = bool(args.resume)
+    return OFATrainConfig(**kw)
+
+
+def _train(args) -> int:
+    from pyengine.methods.ofa.train import run_train
+
+    run_train(train_config_from_args(args))
     return 0
 
 
@@ -223,6 +273,10 @@ def _memory(args) -> int:
         raise ValueError(f"--resolution must be >= 1, got {args.resolution}")
     if args.in_channels < 1:
         raise ValueError(f"--in-channels must be >= 1, got {args.in_channels}")
+    if not (math.isfinite(args.width_mult) and args.width_mult > 0):
+        raise ValueError(f"--width-mult must be a finite number > 0, got {args.width_mult}")
+    if args.divisor is not None and args.divisor < 1:
+        raise ValueError(f"--divisor must be >= 1, got {args.divisor}")
     dtype_size(args.dtype)  # a clear error for an unknown dtype
     space = get_space(args.space, args.width_mult, divisor=args.divisor)
     sub = normalize_subnet(space.arch, _subnet_from_args(args))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = ["fmt_count", "subnet_summary", "format_train_table", "format_search_table", "format_memory",
-           "format_search_markdown",            "write_search_report", "plot_accuracy_vs_memory"]
+           "format_search_markdown", "write_search_report", "plot_accuracy_vs_memory", "NONE_FITS"]
 
 
 def fmt_count(n: float | None) -> str:
@@ -52,38 +52,61 @@ def format_memory(est: Mapping[str, Any], header: str = "") -> str:
     return "\n".join(lines)
 
 
-def format_search_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """One row per (space, budget)."""
+NONE_FITS = "none fits"
+
+
+def _grid(results: Sequence[Mapping[str, Any]], spaces: Sequence[str] | None, budgets: Sequence[int] | None):
+    """The spaces and budgets searched (those of ``results`` plus any given) and the result of each pair."""
+    names = list(dict.fromkeys([*(spaces or ()), *(r["space"] for r in results)]))
+    bs = sorted({*(int(b) for b in budgets or ()), *(r["budget"] for r in results)})
+    return names, bs, {(r["space"], r["budget"]): r for r in results}
+
+
+def format_search_table(results: Sequence[Mapping[str, Any]], spaces: Sequence[str] | None = None,
+                        budgets: Sequence[int] | None = None) -> str:
+    """One row per (space, budget); a pair without a result (no subnet meets the budget) says
+    "none fits". ``spaces`` / ``budgets``: what was searched (default: what ``results`` holds)."""
+    names, bs, by = _grid(results, spaces, budgets)
     lines = [f"{'space':<6} {'budget':>10} {'peak mem':>10} {'MACs':>9} {'pred acc':>8} {'test acc':>8} "
              f"{'sampled':>8}  subnet", "-" * 105]
-    for r in results:
-        best = r.get("best_sampled")
-        lines.append(f"{r['space']:<6} {r['budget']:>10,} {r['peak_memory']:>10,} {fmt_count(r['macs']):>9} "
-                     f"{r['predicted_acc']:>8.2f} {r['test_acc']:>8.2f} {best['test_acc'] if best else float('nan'):>8.2f}  "
-                     f"{subnet_summary(r['subnet'])}")
+    for s in names:
+        for b in bs:
+            r = by.get((s, b))
+            if r is None:
+                lines.append(f"{s:<6} {b:>10,} {'-':>10} {'-':>9} {'-':>8} {'-':>8} {'-':>8}  {NONE_FITS} "
+                             "(the budget is below the smallest subnet)")
+                continue
+            best = r.get("best_sampled")
+            sampled = f"{best['test_acc']:>8.2f}" if best else f"{'-':>8}"
+            lines.append(f"{r['space']:<6} {r['budget']:>10,} {r['peak_memory']:>10,} {fmt_count(r['macs']):>9} "
+                         f"{r['predicted_acc']:>8.2f} {r['test_acc']:>8.2f} {sampled}  {subnet_summary(r['subnet'])}")
     lines.append("test acc: the searched subnet on the test split (BN recalibrated); sampled: the best of the subnets "
-                 "measured for the predictor that fits the budget, on the test split")
+                 "measured for the predictor that fits the budget, on the test split (-: none of them fits)")
     return "\n".join(lines)
 
 
-def format_search_markdown(results: Sequence[Mapping[str, Any]]) -> str:
-    spaces = sorted({r["space"] for r in results})
-    budgets = sorted({r["budget"] for r in results})
-    by = {(r["space"], r["budget"]): r for r in results}
+def format_search_markdown(results: Sequence[Mapping[str, Any]], spaces: Sequence[str] | None = None,
+                           budgets: Sequence[int] | None = None) -> str:
+    names, bs, by = _grid(results, spaces, budgets)
+    if not names or not bs:
+        return "No search results."
     head = ("| peak-memory budget (elements) | "
-            + " | ".join(f"{s.upper()} test acc % (peak, MACs; best sampled)" for s in spaces) + " |")
-    lines = [head, "|" + "---|" * (len(spaces) + 1)]
-    for b in budgets:
+            + " | ".join(f"{s.upper()} test acc % (peak, MACs; best sampled)" for s in names) + " |")
+    lines = [head, "|" + "---|" * (len(names) + 1)]
+    for b in bs:
         cells = []
-        for s in spaces:
+        for s in names:
             r = by.get((s, b))
             if r is None:
-                cells.append("-")
+                cells.append(NONE_FITS)
             else:
                 best = r.get("best_sampled")
                 extra = f"; best sampled {best['test_acc']:.2f}" if best else ""
                 cells.append(f"{r['test_acc']:.2f} ({r['peak_memory']:,}, {fmt_count(r['macs'])}{extra})")
         lines.append(f"| {b:,} | " + " | ".join(cells) + " |")
+    if any(by.get((s, b)) is None for s in names for b in bs):
+        lines.append("")
+        lines.append(f"{NONE_FITS}: the budget is below the smallest subnet of that space.")
     return "\n".join(lines)
 
 
@@ -123,14 +146,16 @@ def plot_accuracy_vs_memory(results: Sequence[Mapping[str, Any]], data: Mapping[
     return path
 
 
-def write_search_report(results: Sequence[Mapping[str, Any]], extra: Mapping[str, Any], data, out: str | Path) -> dict:
-    """search.json, search.md and accuracy_vs_peak_memory.png in ``out``."""
+def write_search_report(results: Sequence[Mapping[str, Any]], extra: Mapping[str, Any], data, out: str | Path, *,
+                        spaces: Sequence[str] | None = None, budgets: Sequence[int] | None = None) -> dict:
+    """search.json, search.md and accuracy_vs_peak_memory.png in ``out`` (``spaces`` /
+    ``budgets``: what was searched, so pairs without a result show as "none fits")."""
     from pyengine.train.checkpoint import atomic_write_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record = {**extra, "results": list(results)}
     atomic_write_text(out / "search.json", json.dumps(record, indent=2, default=str))
-    atomic_write_text(out / "search.md", format_search_markdown(results) + "\n")
+    atomic_write_text(out / "search.md", format_search_markdown(results, spaces, budgets) + "\n")
     plot_accuracy_vs_memory(results, data, out / "accuracy_vs_peak_memory.png")
     return record

@@ -421,8 +421,13 @@ class SearchConfig:
             raise ValueError(f"--samples must be >= 8, got {self.samples}")
         for name in ("macs_budget", "latency_budget_ms"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {v}")
+        if not (math.isfinite(self.predictor_lr) and self.predictor_lr > 0):
+            raise ValueError(f"--predictor-lr must be a finite number > 0, got {self.predictor_lr}")
+        for name, low in (("memory_bins", 0), ("predictor_epochs", 1), ("population", 2), ("generations", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
 
     def out_dir(self) -> Path:
         return Path(self.out) if self.out else Path(self.runs[0]) / "search"
@@ -459,27 +464,62 @@ class RunContext:
         return Efficiency(self.space, self.supernet.in_channels, self.supernet.num_classes, lat)
 
 
+def _over_budget(space: Space, efficiency: Efficiency, budgets: Mapping[str, float | None]) -> dict:
+    """The costs of the space's smallest subnet that exceed ``budgets`` (empty: a subnet fits)."""
+    cost = efficiency(space.min_subnet())
+    return {k: cost[k] for k, b in budgets.items() if b is not None and cost[k] > b}
+
+
+def _costs(costs: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.3g}" for k, v in costs.items())
+
+
+def _budgets(cfg: SearchConfig, budget: int) -> dict:
+    b = {"peak_memory": budget, "macs": cfg.macs_budget, "latency_ms": cfg.latency_budget_ms}
+    if cfg.latency_budget_ms is None:
+        b.pop("latency_ms")
+    return b
+
+
 def run_search(cfg: SearchConfig, log=print) -> dict:
+    """Searches every run at every budget and writes search.json / .md / .png. A (run, budget)
+    that not even the smallest subnet meets is reported as "none fits"; when that holds for
+    every run and budget, nothing is measured and ValueError says what the smallest subnets need."""
     from pyengine.methods.ofa.report import format_search_table, write_search_report
     from pyengine.methods.ofa.train import resolve_device, seed_everything
+    from pyengine.train.loop import progress_enabled
 
     cfg.validate()
     device = torch.device(resolve_device(cfg.device))
+    progress = progress_enabled(None if cfg.progress else False)  # bars only on a terminal
     out = cfg.out_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    results, data, predictors = [], {}, {}
-    t0 = time.perf_counter()
-    for run in cfg.runs:
-        seed_everything(cfg.seed)
+    contexts = []
+    for run in cfg.runs:  # every run opened (and every budget checked) before anything is measured
         ctx = RunContext(run, device, log)
+        eff = ctx.efficiency(latency=cfg.latency_budget_ms is not None)
+        over = {b: _over_budget(ctx.space, eff, _budgets(cfg, b)) for b in cfg.budgets}
+        contexts.append((run, ctx, eff, over))
+    if all(o for *_, over in contexts for o in over.values()):
+        kinds = _budgets(cfg, cfg.budgets[0])
+        smallest = "; ".join(f"{ctx.space.name} ({run}) needs "
+                             + _costs({k: v for k, v in eff(ctx.space.min_subnet()).items() if k in kinds})
+                             for run, ctx, eff, _ in contexts)
+        raise ValueError(f"--budgets: no subnet fits any budget (the smallest subnet of {smallest}); "
+                         "raise --budgets (or --macs-budget / --latency-budget-ms)")
+    out.mkdir(parents=True, exist_ok=True)
+    results, data, predictors, unmet = [], {}, {}, []
+    names = []
+    t0 = time.perf_counter()
+    for run, ctx, eff, over in contexts:
+        seed_everything(cfg.seed)
         name = ctx.space.name
         if name in data:
             name = f"{name}:{Path(run).name}"
-        eff = ctx.efficiency(latency=cfg.latency_budget_ms is not None)
+        names.append(name)
         log(f"[{name}] measuring {cfg.samples} subnets for the accuracy predictor ({ctx.holdout} split)")
         records = collect_accuracy_data(ctx.space, ctx.accuracy, eff, cfg.samples,
                                         out / f"accuracy_data_{name.replace(':', '_')}.jsonl", seed=cfg.seed,
-                                        memory_bins=cfg.memory_bins, progress=cfg.progress, log=log)
+                                        memory_bins=cfg.memory_bins, progress=progress, log=log)
         data[name] = records
         enc = ArchEncoder(ctx.space)
         feats = enc.encode_many([r["subnet"] for r in records])
@@ -493,16 +533,15 @@ def run_search(cfg: SearchConfig, log=print) -> dict:
                 return pred(enc.encode_many(subs))
 
         for budget in cfg.budgets:
-            budgets = {"peak_memory": budget, "macs": cfg.macs_budget, "latency_ms": cfg.latency_budget_ms}
-            if cfg.latency_budget_ms is None:
-                budgets.pop("latency_ms")
-            try:
-                best = evolution_search(ctx.space, predict, eff, budgets,
-                                        EvolutionConfig(population=cfg.population, generations=cfg.generations),
-                                        seed=cfg.seed, progress=cfg.progress)
-            except ValueError as exc:
-                log(f"[{name}] budget {budget:,}: {exc}")
+            budgets = _budgets(cfg, budget)
+            if over[budget]:
+                log(f"[{name}] budget {budget:,}: none fits: the budget is below the smallest subnet of the "
+                    f"{ctx.space.name} space ({_costs(over[budget])})")
+                unmet.append({"space": name, "run": str(run), "budget": int(budget), "smallest_needs": over[budget]})
                 continue
+            best = evolution_search(ctx.space, predict, eff, budgets,
+                                    EvolutionConfig(population=cfg.population, generations=cfg.generations),
+                                    seed=cfg.seed, progress=progress)
             test_acc = ctx.accuracy(best["subnet"], "test")
             row = {"space": name, "run": str(run), "budget": int(budget), "subnet": best["subnet"],
                    "predicted_acc": best["predicted_acc"], "test_acc": test_acc,
@@ -517,10 +556,10 @@ def run_search(cfg: SearchConfig, log=print) -> dict:
             results.append(row)
             log(f"[{name}] budget {budget:,}: peak {row['peak_memory']:,}, predicted {row['predicted_acc']:.2f}%, "
                 f"test {test_acc:.2f}%")
-    extra = {"config": asdict(cfg), "device": str(device), "predictors": predictors,
+    extra = {"config": asdict(cfg), "device": str(device), "predictors": predictors, "unmet": unmet,
              "wall_seconds": time.perf_counter() - t0}
-    record = write_search_report(results, extra, data, out)
-    log("\n" + format_search_table(results))
+    record = write_search_report(results, extra, data, out, spaces=names, budgets=cfg.budgets)
+    log("\n" + format_search_table(results, spaces=names, budgets=cfg.budgets))
     log(f"\nwritten {out}/search.json, {out}/search.md, {out}/accuracy_vs_peak_memory.png")
     return record
 
@@ -563,7 +602,13 @@ def extract_subnet(run: str | Path, subnet: Mapping[str, Any], out: str | Path, 
     cuda = measure_cuda_peak(net, sub["r"], supernet.in_channels) if torch.cuda.is_available() else None
     desc["cuda_peak"] = cuda
     net.to(dev)
-    save_model_export(out, net, None, desc)
+    # what `pyengine export` needs: the input shape (one image at the subnet's resolution) and the
+    # preprocessing (images resized to that resolution, normalised with the dataset's statistics)
+    info = ctx.bundle.info if ctx is not None else None
+    example = torch.zeros(1, supernet.in_channels, sub["r"], sub["r"])
+    save_model_export(out, net, None, desc, example_input=example, image_size=sub["r"],
+                      mean=[float(v) for v in info.mean] if info is not None else None,
+                      std=[float(v) for v in info.std] if info is not None else None)
     return desc
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,8 +41,10 @@ from pyengine.train.checkpoint import atomic_torch_save, atomic_write_text, load
 from pyengine.train.dist import barrier, init_distributed
 from pyengine.train.loop import EpochHooks, TrainConfig, evaluate, train_epochs
 
+from pyengine.methods import options as opts
 from pyengine.methods.base import StepCallback
-from pyengine.methods.runner import resolve_device, seed_everything
+from pyengine.methods.options import OptionError, option
+from pyengine.methods.runner import RunLock, resolve_device, seed_everything
 from pyengine.methods.ofa.memory import peak_memory_of_layout, subnet_macs
 from pyengine.methods.ofa.spaces import Space, get_space
 
@@ -367,52 +370,63 @@ def load_supernet(folder: str | Path, device: str | torch.device = "cpu") -> tup
 
 @dataclass
 class OFATrainConfig:
-    """An OFA / MOOFA training run; the CLI builds it, tests build it directly."""
+    """An OFA / MOOFA training run; the CLI builds it, tests build it directly. Every field is
+    declared with :func:`pyengine.methods.options.option`, whose bounds ``validate`` checks
+    (bad values are refused naming the flag before anything is trained)."""
 
-    space: str = "ofa"  # ofa | moofa
-    width_mult: float = 1.0
-    divisor: int | None = None  # channel rounding (default 8)
-    resolutions: tuple[int, ...] | None = None  # default: 128..224 (ImageNet recipes), 32..56 (quick)
-    continuous_resolution: bool = True
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
-    preset: str = "quick"  # quick | ofa-imagenet | moofa-imagenet
-    phases: tuple[str, ...] | None = None  # a subset of the phase names (default: all)
-    epochs: int | None = None  # every phase's epochs (no warm-up) instead of the recipe's
-    steps_per_epoch: int | None = None  # stop an epoch early (tests, smoke runs)
-    batch_size: int | None = None
-    lr_scale: float = 1.0  # multiplies every phase's learning rate
-    workers: int = 0
-    val_fraction: float = 0.1
-    calib_images: int | None = None
-    eval_batch_size: int = 256
-    eval_every_epoch: bool = True  # largest and smallest subnet of the phase, on the validation split
-    final_eval: bool = True  # the report's grid of uniform subnets, on the test split
-    amp: bool = True
-    out: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
-    progress: bool = True
+    space: str = option("ofa", "search space", choices=("ofa", "moofa"))
+    width_mult: float = option(1.0, "every width times this", low=0.0, low_open=True)
+    divisor: int | None = option(None, "channel rounding (default 8)", low=1)
+    resolutions: tuple[int, ...] | None = option(None, "default: 128..224 (ImageNet recipes), 32..56 (quick)", low=1)
+    continuous_resolution: bool = option(True, "train at every multiple of 4 in the range", flag="--no-continuous")
+    dataset: str = option("digits", "the dataset")
+    data_dir: str | None = option(None, "folder searched first for the dataset's files")
+    download: bool = option(False, "allow downloading a missing dataset")
+    preset: str = option("quick", "quick | ofa-imagenet | moofa-imagenet", choices=tuple(RECIPES))
+    phases: tuple[str, ...] | None = option(None, "a subset of the phase names (default: all)")
+    epochs: int | None = option(None, "every phase's epochs (no warm-up) instead of the recipe's", low=1)
+    steps_per_epoch: int | None = option(None, "stop an epoch early (tests, smoke runs)", low=1)
+    batch_size: int | None = option(None, "batch size per process", low=1)
+    lr_scale: float = option(1.0, "multiplies every phase's learning rate", low=0.0, low_open=True)
+    workers: int = option(0, "data-loader worker processes", low=0)
+    val_fraction: float = option(0.1, "training images held out for validation", low=0.0, high=1.0, high_open=True)
+    calib_images: int | None = option(None, "BN recalibration images (default: the preset's)", low=1)
+    eval_batch_size: int = option(256, "evaluation batch size", low=1, flag="eval_batch_size")
+    eval_every_epoch: bool = option(True, "largest and smallest subnet of the phase, on the validation split",
+                                    flag="eval_every_epoch")
+    final_eval: bool = option(True, "the report's grid of uniform subnets, on the test split", flag="final_eval")
+    amp: bool = option(True, "bf16 autocast on CUDA", flag="--no-amp")
+    out: str | None = option(None, "run folder")
+    seed: int = option(0, "seed of data split, initialisation and subnet sampling")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto")
+    resume: bool = option(False, "continue the run in --out")
+    progress: bool = option(True, "progress bars when stderr is a terminal", flag="--no-progress")
+
+    # options that do not change what a run computes (they may differ on --resume)
+    RUNTIME_ONLY = ("out", "resume", "device", "workers", "progress", "data_dir", "download")
 
     def validate(self) -> None:
-        if self.space not in ("ofa", "moofa"):
-            raise ValueError(f"--space must be ofa or moofa, got {self.space!r}")
-        if self.preset not in RECIPES:
-            raise ValueError(f"--preset must be one of {', '.join(RECIPES)}, got {self.preset!r}")
-        if self.width_mult <= 0:
-            raise ValueError(f"--width-mult must be > 0, got {self.width_mult}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ValueError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.resolutions is not None and (not self.resolutions or min(self.resolutions) < 1):
-            raise ValueError(f"--resolutions must be positive integers, got {self.resolutions}")
+        opts.validate(self)
+        if self.resolutions is not None and not self.resolutions:
+            raise OptionError(f"--resolutions must be positive integers, got {self.resolutions}")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    def identity(self) -> dict:
+        """What a run computes: every option except the runtime-only ones."""
+        return {k: v for k, v in self.to_json().items() if k not in self.RUNTIME_ONLY}
+
+    def resume_differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``"--flag: saved -> given"`` for every option that changes what the run computes and
+        differs from ``saved`` (the config the run was started with)."""
+        diffs = []
+        for k, v in self.identity().items():
+            if k in saved and saved[k] != v:
+                flag = option_flag(k)
+                name = f"{flag} ({k})" if flag.startswith("--no-") else flag  # a negating flag: name the field too
+                diffs.append(f"{name}: {saved[k]!r} -> {v!r}")
+        return diffs
 
     def out_dir(self) -> Path:
         return Path(self.out or f"runs/ofa-{self.space}-{self.dataset.replace(':', '_').replace('/', '_')}")
@@ -421,6 +435,12 @@ class OFATrainConfig:
         if self.resolutions:
             return tuple(self.resolutions)
         return QUICK_RESOLUTIONS if self.preset == "quick" else (128, 160, 192, 224)
+
+
+def option_flag(name: str) -> str:
+    """The command-line flag of an ``OFATrainConfig`` field (API-only fields: the field name)."""
+    f = OFATrainConfig.__dataclass_fields__[name]
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
 def build_data(cfg: OFATrainConfig, distributed: bool = False):
@@ -619,19 +639,38 @@ class OFATrainer:
     # ------------------------------------------------------------------ the job
 
     def run(self) -> dict:
+        """Does or resumes the run; the folder is locked for its whole duration (a second run
+        into the same --out is refused naming the holder's pid)."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(f"cannot create the run folder {self.out}: {exc.strerror or exc}") from None
+        lock = RunLock(self.out)
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock.acquire()
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
         cfg = self.cfg
-        self.setup()
-        self.out.mkdir(parents=True, exist_ok=True)
         state_path = self.out / "state.pt"
-        history: list[dict] = []
-        start_phase, start_epoch, st = 0, 0, None
+        st = None
         if cfg.resume and state_path.exists():
-            st = load_state(state_path, map_location=self.device)
-            saved = json.loads(st["config"])
-            for k in ("space", "width_mult", "dataset", "seed", "preset", "phases", "epochs", "resolutions"):
-                old, new = saved.get(k), asdict(cfg)[k]
-                if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
-                    raise ValueError(f"--resume: {state_path} was written with {k}={old}, not {new}")
+            # options are checked before anything is built
+            st = load_state(state_path, map_location="cpu")
+            diffs = cfg.resume_differences(json.loads(st["config"]))
+            if diffs:
+                raise OptionError(f"--resume: the run in {self.out} was started with other options "
+                                  f"({'; '.join(diffs)}); resume with the same options (or leave them out), "
+                                  "or start a new run with another --out")
+        elif state_path.exists() and not cfg.resume:
+            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or --out for a new folder")
+        self.setup()
+        history: list[dict] = []
+        start_phase, start_epoch = 0, 0
+        if st is not None:
             self.supernet.load_state_dict(st["model"])
             if st["teacher_layout"]:
                 self.teacher = _no_dropout(MobileNetV3Subnet(json.loads(st["teacher_layout"])).to(self.device))
@@ -644,8 +683,6 @@ class OFATrainer:
                 return self._finish(history)
             self.log(f"resuming {self.out}: phase {self.phases[start_phase].name if start_phase < len(self.phases) else '-'}, "
                      f"after epoch {start_epoch}")
-        elif state_path.exists() and not cfg.resume:
-            raise FileExistsError(f"{self.out} already holds a run; pass --resume to continue it or --out for a new folder")
         elif self.main:  # only the main rank touches the folder
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if self.main:

@@ -50,7 +50,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     for a in p._actions:
         if a.dest == "run_model":
             a.help = "resnet18 (CIFAR stem; --width-grid sets its width), vgglike (DSD2; --depth), vit, swin_t, " \
-                     "resnet34/50, vgg16_bn, mobilenet_v2, tv:<name> (default: resnet18)"
+                     "resnet34/50, vgg11/13/16/19_bn, mobilenet_v2, tv:<name> (default: resnet18)"
         if a.dest == "run_rounds":
             a.help = "pruning rounds after dense training (default: 34 under --preset paper/vit/swin, 5 under quick)"
         if a.dest == "run_batch_size":

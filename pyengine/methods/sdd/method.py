@@ -55,6 +55,11 @@ class SDDOptions(IMPOptions, EntropyAverage):
     human_labels: str | None = option(None, "sdd: train on human-annotated labels read from FILE or FILE:KEY "
                                       "(CIFAR-10N/100N .pt, .npy, .npz, .json, .csv), in the official training "
                                       "order; needs --noise 0", metavar="FILE[:KEY]")
+    stop_drop: float | None = option(None, "sdd: stop IMP once the validation accuracy (test accuracy without a "
+                                     "validation split) falls more than this many points below the best round so "
+                                     "far, and keep the last round within it - the traditional stop criterion that "
+                                     "DSD2's distillation makes safe (on a double-descent curve it stops in the dip)",
+                                     low=0.0)
 
 
 def target_kept(total: int, rate: float, i: int) -> int:
@@ -144,6 +149,7 @@ class SDD(Method):
 
     def __init__(self, options, run):
         super().__init__(options, run)
+        self.keeps_best = options.stop_drop is not None  # an earlier round may be the result
         self._teacher: KDLoss | None = None
         self._train_loaders = None
         if options.human_labels:
@@ -223,7 +229,34 @@ class SDD(Method):
         return {"removed_total": total, "target_sparsity": 1.0 - (1.0 - r) ** i}
 
     def should_stop(self, rounds):
-        return self.opt.reached(self.run.masks)
+        reason = self.opt.reached(self.run.masks)
+        if reason or self.opt.stop_drop is None or len(rounds) < 2:
+            return reason
+        from pyengine.methods.depth.common import selection_acc
+
+        accs = [selection_acc(r) for r in rounds]
+        if None in accs:
+            return None
+        best = max(accs[:-1])
+        if accs[-1] < best - self.opt.stop_drop - 1e-9:
+            split = "validation" if rounds[-1].get("val_acc") is not None else "test (no validation split)"
+            return (f"{split} accuracy {accs[-1]:.2f}% fell more than {self.opt.stop_drop:g} points below the best "
+                    f"round's {best:.2f}%: stopping (--stop-drop)")
+        return None
+
+    def select(self, rounds):
+        """With --stop-drop: the last round before the one that fell below the best; else the last."""
+        if self.opt.stop_drop is None or len(rounds) < 2:
+            return len(rounds) - 1
+        from pyengine.methods.depth.common import selection_acc
+
+        accs = [selection_acc(r) for r in rounds]
+        if None in accs:
+            return len(rounds) - 1
+        for i in range(1, len(accs)):
+            if accs[i] < max(accs[:i]) - self.opt.stop_drop - 1e-9:
+                return i - 1
+        return len(rounds) - 1
 
     def summary_extra(self, summary):
         from pyengine.train.loop import evaluate

@@ -76,6 +76,12 @@ def _nonempty(v, _o):
     return "needs at least one value" if v is not None and len(v) == 0 else None
 
 
+def _seeds(v, _o):
+    if v is not None and any(not 0 <= s < 2**32 for s in v):
+        return f"must be in [0, 2**32 - 1], got {v}"
+    return _nonempty(v, _o)
+
+
 @dataclass
 class SweepOptions:
     """The grid of a sweep, declared once for the CLI (``pyengine sdd``), sweep.json and the API."""
@@ -85,7 +91,7 @@ class SweepOptions:
     weight_decay_grid: list[float] | None = option(None, "weight decays (the l2 remedy), one configuration each "
                                                    "(default: --weight-decay, else the preset's)", low=0.0,
                                                    check=_nonempty)
-    seeds: list[int] | None = option(None, "seeds, one configuration each (default: --seed)", check=_nonempty)
+    seeds: list[int] | None = option(None, "seeds, one configuration each (default: --seed)", check=_seeds)
     width_grid: list[int] | None = option(None, "model widths (model-size double descent): resnet18 width k (64 is "
                                           "the standard network), vgglike width 2^gamma (default: the model's)",
                                           low=1, check=_nonempty)
@@ -261,6 +267,11 @@ class Sweep:
     def _write_spec(self) -> None:
         path = self.out / "sweep.json"
         mine = self.spec()
+        if path.exists() and not self.base.resume and not any(self.out.rglob("state.pt")):
+            # a sweep that failed before any run saved a checkpoint (e.g. a bad option found at its
+            # first run) left only its spec: a fresh sweep takes the folder over, as prune does
+            self.log(f"{self.out}: replacing a sweep that never got to a checkpoint")
+            path.unlink()
         if path.exists():
             saved = json.loads(path.read_text())
             if not self.base.resume:
