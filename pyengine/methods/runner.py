@@ -11,6 +11,7 @@ one folder.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fcntl
@@ -334,6 +335,23 @@ class RunLock(FileLock):
                 other = ""
             raise FileExistsError(f"{self.path.parent} is in use by another run (pid {other or '?'}); wait for it to "
                                   "finish or choose another --out")
+
+
+@contextlib.contextmanager
+def locked_run_folder(folder: Path):
+    """Creates a run folder and holds its lock while the block runs (rank 0 under torchrun: the
+    other ranks of the same run share the folder); a second run there is refused."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the run folder {folder}: {exc.strerror or exc}") from None
+    lock = RunLock(folder)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class _TrainEntropy(StepCallback):
@@ -677,17 +695,8 @@ class Run(RunContext):
     # ------------------------------------------------------------------ the job
 
     def run(self) -> dict:
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"cannot create the run folder {self.out}: {exc.strerror or exc}") from None
-        lock = RunLock(self.out)
-        if int(os.environ.get("RANK", "0")) == 0:
-            lock.acquire()
-        try:
+        with locked_run_folder(self.out):
             return self._run()
-        finally:
-            lock.release()
 
     def _check_resume_config(self, saved: dict, state_path: Path) -> None:
         mine = self.cfg.to_json()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,7 @@ from pyengine.train.loop import EpochHooks, TrainConfig, evaluate, train_epochs
 from pyengine.methods import options as opts
 from pyengine.methods.base import StepCallback
 from pyengine.methods.options import OptionError, option
-from pyengine.methods.runner import RunLock, resolve_device, seed_everything
+from pyengine.methods.runner import locked_run_folder, resolve_device, seed_everything
 from pyengine.methods.ofa.memory import peak_memory_of_layout, subnet_macs
 from pyengine.methods.ofa.spaces import Space, get_space
 
@@ -641,17 +640,8 @@ class OFATrainer:
     def run(self) -> dict:
         """Does or resumes the run; the folder is locked for its whole duration (a second run
         into the same --out is refused naming the holder's pid)."""
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OSError(f"cannot create the run folder {self.out}: {exc.strerror or exc}") from None
-        lock = RunLock(self.out)
-        if int(os.environ.get("RANK", "0")) == 0:
-            lock.acquire()
-        try:
+        with locked_run_folder(self.out):
             return self._run()
-        finally:
-            lock.release()
 
     def _run(self) -> dict:
         cfg = self.cfg
