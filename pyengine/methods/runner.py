@@ -41,8 +41,6 @@ from pyengine.train.loop import PRESETS, EpochHooks, evaluate, make_optimizer, m
 REWINDS = ("lr", "weights", "reinit", "finetune")
 TRANSFORMERS = ("vit", "swin_t")
 QUICK_IMAGE_SIZE = 16  # the quick preset trains on 16x16 images so a CPU demo takes minutes
-# Published model options per preset (methods.md section 0: the authors' CIFAR ResNet-18 keeps
-# the 3x3/2 max-pool after the stem).
 # The authors' architecture settings that go with a preset: the CIFAR ResNets keep the 3x3/2
 # max-pool after the stem (EGP, EASIER, DSD2); the EASIER/LaCoOT MobileNetV2 has dropout 0.2 before
 # its classifier; SDD_ViT's ViT has dropout and embedding dropout 0.1.
@@ -555,8 +553,10 @@ class Run(RunContext):
         base = PRESETS[cfg.preset]
         self.train_cfg = with_overrides(base, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                                         weight_decay=cfg.weight_decay, workers=cfg.workers)
-        if cfg.rewind_epoch > self.train_cfg.epochs:
-            raise OptionError(f"--rewind-epoch {cfg.rewind_epoch} is beyond the {self.train_cfg.epochs} dense epochs")
+        if cfg.rewind_epoch and cfg.rewind_epoch >= self.train_cfg.epochs:
+            # rewinding to the end of dense training would leave no epoch to retrain
+            raise OptionError(f"--rewind-epoch {cfg.rewind_epoch} must be below the {self.train_cfg.epochs} "
+                              "dense epochs")
         if cfg.rewind_epoch and cfg.rewind != "weights":
             raise OptionError("--rewind-epoch only applies with --rewind weights")
         image_size = cfg.image_size or (QUICK_IMAGE_SIZE if cfg.preset == "quick" else None)
