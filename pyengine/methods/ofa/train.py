@@ -628,10 +628,18 @@ class OFATrainer:
         return {"peak_memory": peak_memory_of_layout(lay, subnet["r"]).peak_elements, "macs": subnet_macs(lay, subnet["r"])}
 
     def _evaluate(self, subnets: list[dict], loader) -> list[dict]:
+        """BN recalibration and evaluation of ``subnets``. They leave the training's random state
+        alone: how much of it a loader draws depends on what was loaded before in this process
+        (a resumed run loads afresh), so a forked state keeps a resumed run equal to an
+        uninterrupted one."""
         rows = []
-        for sub in subnets:
-            m = evaluate_subnet(self.supernet, sub, self.calib_loader, loader, self.device)
-            rows.append({"subnet": sub, "acc": m["acc"], "loss": m["loss"], **self.describe(sub)})
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=devices):
+            for sub in subnets:
+                m = evaluate_subnet(self.supernet, sub, self.calib_loader, loader, self.device)
+                rows.append({"subnet": sub, "acc": m["acc"], "loss": m["loss"], **self.describe(sub)})
+        random.setstate(py_state)
         self.supernet.set_max()
         return rows
 
