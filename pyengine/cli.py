@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 PRUNE_EPILOG = """
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export the final network of a finished run: model.safetensors + model.json "
                        "(architecture, edit history, preprocessing) and/or model.onnx.")
     e.add_argument("run_dir", help="a run folder (holding final/) or an export folder")
-    e.add_argument("--format", default="all", choices=["safetensors", "onnx", "all"], help="what to write (default: all)")
+    e.add_argument("--format", default="all", choices=["safetensors", "onnx", "all"], help="what to write besides model.safetensors + model.json, which every export holds (default: all)")
     e.add_argument("--out", help="folder to write into (default: RUN_DIR/final)")
     sub.add_parser("info", help="show the build (native kernels, CUDA) and the available models, datasets and methods")
     for register in _extra_commands():
@@ -241,6 +242,13 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _say(line: str) -> None:
+    """An error line for the user: once, from rank 0, when torchrun runs several processes (every
+    rank meets the same bad option)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"pyengine: warning: {message}\n"
 
@@ -260,16 +268,16 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_info(args)
         return args.func(args)
     except KeyboardInterrupt:
-        print("\ninterrupted; continue with the same command and --resume", file=sys.stderr)
+        _say("\ninterrupted; continue with the same command and --resume")
         return 130
     except FloatingPointError as exc:
-        print(f"pyengine: error: {exc}", file=sys.stderr)
+        _say(f"pyengine: error: {exc}")
         return 3
     except (ValueError, KeyError, OSError, ModuleNotFoundError) as exc:  # incl. OptionError, RunStateError
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.filename:
             msg = f"{exc.filename}: {exc.strerror or exc}"
-        print(f"pyengine: error: {msg}", file=sys.stderr)
+        _say(f"pyengine: error: {msg}")
         return 2
 
 

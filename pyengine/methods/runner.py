@@ -704,8 +704,15 @@ class Run(RunContext):
         for k, v in mine.items():
             if k in RunConfig.RUNTIME_ONLY:
                 continue
-            if saved.get(k) != json.loads(json.dumps(v, default=str)):
-                diffs.append(f"{k}: {saved.get(k)!r} -> {v!r}")
+            v = json.loads(json.dumps(v, default=str))
+            old = saved.get(k)
+            if old == v:
+                continue
+            if isinstance(old, dict) and isinstance(v, dict):  # the method's options: name each one
+                diffs += [f"{k}.{o}: {old.get(o)!r} -> {v.get(o)!r}" for o in sorted(set(old) | set(v))
+                          if old.get(o) != v.get(o)]
+            else:
+                diffs.append(f"{k}: {old!r} -> {v!r}")
         if diffs:
             raise OptionError(f"--resume: the run in {self.out} was started with other options ({'; '.join(diffs)}); "
                               "resume with the same options, or start a new run with another --out")
@@ -750,7 +757,8 @@ class Run(RunContext):
                 opt.load_state_dict(st["optimizer"])
                 sched.load_state_dict(st["scheduler"])
             _set_rng_state(st["rng"], self.loaders)
-            self.log(f"resuming {self.out}: round {start_round}, after epoch {start_epoch}")
+            if self.main:
+                self.log(f"resuming {self.out}: round {start_round}, after epoch {start_epoch}")
         if self.main:
             atomic_write_text(self.out / "config.json", json.dumps(cfg.to_json(), indent=2, default=str))
             if not (self.out / "rewind.pt").exists():

@@ -21,7 +21,7 @@ examples:
   torchrun --nproc_per_node 8 -m pyengine ofa train --space moofa --preset moofa-imagenet \\
       --dataset imagefolder:/data/imagenet --device cuda --out runs/moofa-in1k
   pyengine ofa search --run runs/ofa --run runs/moofa --budgets 20000,30000,40000
-  pyengine ofa extract --run runs/moofa --kernel 5 --expand 3 --depth 3 --resolution 28 --out nets/m
+  pyengine ofa extract --run runs/moofa --kernel 5 --expand 3 --depth 3 --resolution 32 --out nets/m
 """
 
 
@@ -119,7 +119,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--generations", type=int, default=500, help="evolution generations (default: 500)")
     s.add_argument("--out", help="output folder (default: <first run>/search)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the subnet sampling and the evolution (default: 0)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars (the default when stderr is not a "
                    "terminal)")
 
@@ -132,7 +132,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="folder for model.safetensors and model.json")
     e.add_argument("--no-calibrate", action="store_true", help="keep the supernet's BN statistics (not advised)")
     e.add_argument("--no-eval", action="store_true", help="skip the test-set evaluation")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
 
     m = sub.add_parser("memory", help="peak memory of a subnet (MOOFA's model), in elements and bytes",
                        description="Peak memory (elements, batch 1) of a subnet of the OFA or MOOFA space by the published "

@@ -679,8 +679,9 @@ class OFATrainer:
             if st["done"]:
                 self.log(f"{self.out} is already complete; writing the report again")
                 return self._finish(history)
-            self.log(f"resuming {self.out}: phase {self.phases[start_phase].name if start_phase < len(self.phases) else '-'}, "
-                     f"after epoch {start_epoch}")
+            if self.main:
+                self.log(f"resuming {self.out}: phase {self.phases[start_phase].name if start_phase < len(self.phases) else '-'}, "
+                         f"after epoch {start_epoch}")
         elif self.main:  # only the main rank touches the folder
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if self.main:
