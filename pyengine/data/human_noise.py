@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pyengine._io import error_line
 from pyengine.data.core import ImageDataset
 
 __all__ = ["read_label_file", "apply_label_file", "parse_label_spec", "DEFAULT_KEYS"]
@@ -55,7 +56,7 @@ def _load_torch(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - every unreadable file gets the same clear error
             raise ValueError(f"labels file {path}: not readable as a label array/dict without running code "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                             f"({error_line(exc)})") from None
 
 
 def _pick(data: dict, key: str | None, path: Path):

@@ -225,9 +225,10 @@ class EntropyCollector:
         return self
 
     def _forward_done(self) -> None:
-        self.flush()
         if self.per_batch:
-            self.close_batch()
+            self.close_batch()  # flushes first
+        else:
+            self.flush()
 
     def close_batch(self) -> None:
         """Per-batch averaging: the entropy of what was counted since the last call is one batch's."""
@@ -243,7 +244,10 @@ class EntropyCollector:
             acc[0] += st.mean
             acc[1] += st.mean_nonconstant
             acc[2] += 1
-            self._prev_counts[name] = counts.clone()
+            if prev is not None:
+                prev.copy_(counts)  # no allocation per forward after the first
+            else:
+                self._prev_counts[name] = counts.clone()
             self._prev_samples[name] = self.samples[name]
 
     def __exit__(self, *exc):

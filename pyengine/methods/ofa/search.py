@@ -614,12 +614,12 @@ def extract_subnet(run: str | Path, subnet: Mapping[str, Any], out: str | Path, 
 
 def load_extracted(folder: str | Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     """The static network ``extract_subnet`` wrote (weights from safetensors, shape from JSON)."""
-    from safetensors.torch import load_file
+    from pyengine._io import read_safetensors
 
     from pyengine.models.ofa_mbv3 import ofa_mbv3
 
     folder = Path(folder)
     desc = json.loads((folder / "model.json").read_text())
     net = ofa_mbv3(**desc["architecture"]["kwargs"])
-    net.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+    net.load_state_dict(read_safetensors(folder / "model.safetensors", "subnet"))
     return net.eval(), desc

@@ -350,7 +350,7 @@ def export_supernet(folder: str | Path, supernet: OFAMobileNetV3, space: Space, 
 def load_supernet(folder: str | Path, device: str | torch.device = "cpu") -> tuple[OFAMobileNetV3, Space, dict]:
     """The supernet a run exported (``<run>/supernet`` or the run folder itself), its space and
     description. Weights come from safetensors, the architecture from JSON."""
-    from safetensors.torch import load_file
+    from pyengine._io import read_safetensors
 
     folder = Path(folder)
     if (folder / "supernet" / "model.json").exists():
@@ -360,7 +360,7 @@ def load_supernet(folder: str | Path, device: str | torch.device = "cpu") -> tup
                                 "run `pyengine ofa train` first)")
     desc = json.loads((folder / "model.json").read_text())
     net = ofa_mbv3(**desc["architecture"]["kwargs"])
-    net.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(device)))
+    net.load_state_dict(read_safetensors(folder / "model.safetensors", "supernet"))
     return net.to(device), Space.from_dict(desc["space"]), desc
 
 

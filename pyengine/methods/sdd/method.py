@@ -228,35 +228,34 @@ class SDD(Method):
             return None
         return {"removed_total": total, "target_sparsity": 1.0 - (1.0 - r) ** i}
 
-    def should_stop(self, rounds):
-        reason = self.opt.reached(self.run.masks)
-        if reason or self.opt.stop_drop is None or len(rounds) < 2:
-            return reason
+    def _first_drop(self, rounds) -> tuple[int | None, list]:
+        """With --stop-drop: the first round whose accuracy fell more than the drop below the best
+        round before it (None: none did, or nothing to judge by), and the accuracies."""
         from pyengine.methods.depth.common import selection_acc
 
         accs = [selection_acc(r) for r in rounds]
-        if None in accs:
+        if self.opt.stop_drop is None or None in accs:
+            return None, accs
+        for i in range(1, len(accs)):
+            if accs[i] < max(accs[:i]) - self.opt.stop_drop - 1e-9:
+                return i, accs
+        return None, accs
+
+    def should_stop(self, rounds):
+        reason = self.opt.reached(self.run.masks)
+        if reason:
+            return reason
+        i, accs = self._first_drop(rounds)
+        if i is None or i != len(rounds) - 1:
             return None
-        best = max(accs[:-1])
-        if accs[-1] < best - self.opt.stop_drop - 1e-9:
-            split = "validation" if rounds[-1].get("val_acc") is not None else "test (no validation split)"
-            return (f"{split} accuracy {accs[-1]:.2f}% fell more than {self.opt.stop_drop:g} points below the best "
-                    f"round's {best:.2f}%: stopping (--stop-drop)")
-        return None
+        split = "validation" if rounds[-1].get("val_acc") is not None else "test (no validation split)"
+        return (f"{split} accuracy {accs[-1]:.2f}% fell more than {self.opt.stop_drop:g} points below the best "
+                f"round's {max(accs[:-1]):.2f}%: stopping (--stop-drop)")
 
     def select(self, rounds):
         """With --stop-drop: the last round before the one that fell below the best; else the last."""
-        if self.opt.stop_drop is None or len(rounds) < 2:
-            return len(rounds) - 1
-        from pyengine.methods.depth.common import selection_acc
-
-        accs = [selection_acc(r) for r in rounds]
-        if None in accs:
-            return len(rounds) - 1
-        for i in range(1, len(accs)):
-            if accs[i] < max(accs[:i]) - self.opt.stop_drop - 1e-9:
-                return i - 1
-        return len(rounds) - 1
+        i, _ = self._first_drop(rounds)
+        return len(rounds) - 1 if i is None else i - 1
 
     def summary_extra(self, summary):
         from pyengine.train.loop import evaluate

@@ -44,7 +44,7 @@ from typing import Callable
 
 from pyengine.methods import options as opts
 from pyengine.methods.options import OptionError, option
-from pyengine.methods.runner import RUN_STATE_FORMAT, FileLock, Run, RunConfig
+from pyengine.methods.runner import PRESET_MODEL_OPTS, RUN_STATE_FORMAT, FileLock, Run, RunConfig
 from pyengine.methods.sdd.curves import analyse, curve_rows, write_curve
 from pyengine.methods.sdd.method import SDDOptions
 from pyengine.train.checkpoint import STATE_KEYS, RunStateError, atomic_torch_save, atomic_write_text, load_state
@@ -56,7 +56,7 @@ KINDS = ("vanilla", "kd")
 # The ViT study's settings (ICIAP 2023, the authors' SDD_ViT main.py), filled in when not given:
 # ViT dropout 0.1 and embedding dropout 0.1 (batch 512: the vit preset); their CIFAR Swin
 # downscales by 2 first and uses 4x4 windows (torchvision's Swin-T: patch 2, window 4).
-PUBLISHED_MODEL_OPTS = {"vit": {"dropout": 0.1, "emb_dropout": 0.1}, "swin_t": {"patch_size": 2, "window_size": 4}}
+PUBLISHED_MODEL_OPTS = {"vit": PRESET_MODEL_OPTS["vit"]["vit"], "swin_t": {"patch_size": 2, "window_size": 4}}
 
 
 def _check_devices(v, _o):
