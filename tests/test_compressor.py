@@ -240,3 +240,77 @@ def test_measure_on_an_empty_loader_and_user_exports_are_named(tmp_path):
     net, _, _ = pyengine.graph.load_export(tmp_path / "e", lambda arch: _mlp())
     x = torch.randn(3, 16)
     torch.testing.assert_close(net(x), comp.model(x))
+
+
+def test_an_optimizer_of_the_replaced_network_is_refused():
+    # EASIER's step() linearises an activation: the network is rebuilt with new parameters, and an
+    # optimizer made before it used to go on updating the old network - comp.model trained no more
+    torch.manual_seed(0)
+    x = torch.randn(32, 1, 6, 6)
+    y = torch.randint(0, 3, (32,))
+    comp = pyengine.Compressor(Small(), "easier", example_input=x[:1], log=lambda *a: None)
+    opt = torch.optim.SGD(comp.model.parameters(), lr=0.1)
+
+    def train_step(optimizer):
+        loss = nn.functional.cross_entropy(comp.model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        comp.apply_masks(optimizer)
+
+    train_step(opt)
+    comp.measure([(x, y)])
+    assert comp.step()["linearised"]
+    before = comp.model.c2.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="new optimizer"):
+        train_step(opt)
+    opt = torch.optim.SGD(comp.model.parameters(), lr=0.1)
+    train_step(opt)
+    assert not torch.equal(before, comp.model.c2.weight)
+    comp.model.eval()
+    comp.fold([(x, y)])
+    with pytest.raises(RuntimeError, match="new optimizer"):
+        train_step(opt)
+    train_step(torch.optim.SGD(comp.model.parameters(), lr=0.1))
+
+
+class _Encoder(nn.Module):
+    """nn.TransformerEncoderLayer: in eval mode without gradients its fused path never calls the
+    activation module."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, activation=nn.ReLU(), batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x)).mean(1))
+
+
+def test_an_activation_that_never_ran_while_measuring_is_named():
+    # it used to be left out of the entropies without a word: EGP then silently did nothing
+    torch.manual_seed(0)
+    x = torch.randn(8, 5, 6)
+    comp = pyengine.Compressor(_Encoder(), "egp", example_input=x[:1], log=lambda *a: None)
+    comp.model.eval()
+    with pytest.warns(RuntimeWarning, match=r"enc\.activation.*never ran"):
+        summary = comp.measure([x])
+    assert summary["entropy_sites"] == []
+
+
+def test_fold_with_a_loader_replaces_collapsed_activations_for_any_method():
+    # IMP / magnitude measure no entropy, and fold(loader) ignored the loader: an always-ON ReLU
+    # stayed, and with it the layer it separates
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 6, 6)
+    comp = pyengine.Compressor(Small(), "magnitude", example_input=x[:1], options={"sparsity": 0.3},
+                               log=lambda *a: None)
+    comp.step()
+    with torch.no_grad():
+        comp.model.c2.bias.fill_(100.0)  # r2 always ON: it becomes the identity
+    comp.model.eval()
+    before = comp.model(x)
+    folded = comp.fold([(x, None)])
+    assert [e["target"] for e in comp.fold_record["collapse_edits"]] == ["r2"]
+    assert torch.allclose(folded(x), before, atol=1e-5)

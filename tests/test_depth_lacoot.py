@@ -341,3 +341,65 @@ def test_block_capture_keeps_each_pairs_input_and_output():
     for h in hs:
         h.remove()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_monitored_block_that_changes_shape_is_named():
+    # the error came at the first training step, as "pair 0: the two point sets have shapes ...",
+    # without the block's name
+    import pyengine
+
+    class TwoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.same = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+            self.wider = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU())
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.wider(self.same(x)).mean((2, 3)))
+
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.raises(ValueError, match=r"wider \(\[3, 6, 6\] -> \[6, 6, 6\]\)"):
+        pyengine.Compressor(TwoBlocks(), "lacoot", example_input=x, options={"monitor_blocks": ["same", "wider"]},
+                            log=lambda s: None)
+    comp = pyengine.Compressor(TwoBlocks(), "lacoot", example_input=x, options={"monitor_blocks": ["same"]},
+                               log=lambda s: None)
+    assert [p.block for p in comp.method.pairs] == ["same"]
+
+
+def test_a_second_step_after_the_removal_is_named_not_a_key_error(fast_latency):
+    # after step() removed blocks, the scores and pairs still named them: a second step() raised
+    # KeyError "the network has no block '1'", a new score() "has no module ..."
+    import pyengine
+
+    torch.manual_seed(0)
+    block = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())  # noqa: E731
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), block(), block(), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randn(8, 3, 4, 4)
+    batches = [(x, torch.zeros(8, dtype=torch.long))]
+    comp = pyengine.Compressor(model, "lacoot", example_input=x[:1],
+                               options={"monitor_blocks": ["1", "2"], "remove_blocks": 1, "directions": 4},
+                               log=lambda s: None)
+    comp.method.score(batches)
+    rec = comp.step()
+    assert len(rec["removed"]) == 1 and set(rec["distances"]) == {"1", "2"}
+    assert comp.step() is None  # nothing left to act on
+    with pytest.raises(RuntimeError, match="removes blocks once"):
+        comp.method.score(batches)
+
+
+def test_removal_measures_a_float64_model(fast_latency):
+    # the latency batch of each removal step was float32 whatever the model: a float64 (or
+    # bfloat16) model crashed in step() with "Input type (torch.FloatTensor) and weight type ..."
+    import pyengine
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()), nn.Flatten(), nn.Linear(64, 2))
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    comp = pyengine.Compressor(model.double(), "lacoot", example_input=x[:1],
+                               options={"monitor_blocks": ["2"], "remove_blocks": 1, "directions": 4},
+                               log=lambda s: None)
+    comp.method.score([(x, torch.zeros(8, dtype=torch.long))])
+    rec = comp.step()
+    assert rec["removed"] == ["2"] and rec["table"][1]["latency_ms_batch32"] > 0

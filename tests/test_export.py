@@ -120,3 +120,49 @@ def test_onnx_matches_pytorch_and_folding_shrinks_the_graph(tmp_path):
                 want = net.eval()(xb).numpy()
             assert abs(got - want).max() < 1e-4
     assert nodes["folded"] < nodes["dense"]
+
+
+class _TokenNet(torch.nn.Module):
+    """Token ids in (int64), an embedding, and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.fc1 = torch.nn.Linear(8, 8)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(8, 8)
+        self.act2 = torch.nn.ReLU()
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids).mean(1)
+        return self.out(self.act2(self.fc2(self.act(self.fc1(h)))))
+
+
+def test_an_export_of_integer_inputs_loads_back(tmp_path):
+    # the recorded input was rebuilt as float zeros: replaying a remove_branch (which runs the
+    # network) failed on the embedding, and ONNX export cast the token ids to float
+    from pyengine.graph import load_export
+
+    torch.manual_seed(0)
+    model = _TokenNet().eval()
+    model.fc1.weight.data.zero_()  # a constant branch: remove_branch runs the example on replay
+    ids = torch.randint(0, 20, (4, 5))
+    folded, applied, _ = fold_network(model, ids[:1])
+    assert [e.kind for e in applied][0] == "remove_branch"
+    formats = ("safetensors", "onnx") if _onnx_available() else ("safetensors",)
+    export_model(folded, tmp_path, {"architecture": {"name": "user:TokenNet"}}, applied, ids[:1], formats=formats)
+    loaded, _masks, _desc = load_export(tmp_path, lambda arch: _TokenNet())
+    assert torch.equal(loaded.eval()(ids), folded(ids))
+    assert json.loads((tmp_path / "model.json").read_text())["input_dtype"] == "int64"
+    if "onnx" in formats:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+        assert abs(got - folded(ids).detach().numpy()).max() < 1e-5
+
+
+def _onnx_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))

@@ -171,3 +171,123 @@ def test_trace_keeps_training_dependent_modules_whole():
     # with no dropout the attention is traced through as before
     plain = trace(build_model("vit", 10, image_size=8, **TINY_VIT))
     assert "blocks.0.attn.qkv" in {n.target for n in plain.graph.nodes if n.op == "call_module"}
+
+
+class _FrozenStem(nn.Module):
+    """A forward with a torch.no_grad() region: a frozen stem whose output is detached."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU()
+        self.act2 = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.act(self.stem(x))
+        return self.fc(self.act2(self.conv(h)).mean((2, 3)))
+
+
+def test_trace_keeps_no_grad_regions():
+    # torch.fx records no grad mode: the edited (traced) network used to train the frozen stem
+    # and send gradients back through the no_grad region
+    from pyengine.graph import Edit, apply_edit
+
+    torch.manual_seed(0)
+    model = _FrozenStem()
+    x = torch.randn(2, 3, 4, 4)
+    model(x).sum().backward()
+    assert model.stem.weight.grad is None and model.conv.weight.grad is not None
+    for net in (trace(model), apply_edit(model, Edit("linearise", "act2"), x)):
+        net.zero_grad(set_to_none=True)
+        net(x).sum().backward()
+        assert net.get_submodule("stem").weight.grad is None
+        assert net.get_submodule("conv").weight.grad is not None
+    # tracing under no_grad does not freeze the whole graph
+    with torch.no_grad():
+        gm = trace(model)
+    gm(x).sum().backward()
+    assert gm.get_submodule("conv").weight.grad is not None
+    assert [s.producer for s in activation_map(model)] == ["stem", "conv"]
+
+
+class _TransposedFeatures(nn.Module):
+    """(B, T, C) features, normalised by a BatchNorm1d over the features via a transpose."""
+
+    def __init__(self, c=5, d=6):
+        super().__init__()
+        self.fc1 = nn.Linear(c, d)
+        self.bn = nn.BatchNorm1d(d)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.fc1(x).transpose(1, 2)))  # (B, D, T)
+        return self.fc2(h.transpose(1, 2)).mean(1)
+
+
+def test_neuron_dim_follows_a_transpose():
+    # fc1's features reach the ReLU in dimension 1, not in the last one (there: T positions,
+    # of the same size 6 as the features, so nothing failed - the entropy was per position)
+    import pyengine
+
+    torch.manual_seed(0)
+    model = _TransposedFeatures().eval()
+    x = torch.randn(32, 6, 5)
+    with torch.no_grad():
+        model.bn.bias[:3] = -100.0  # features 0-2 always OFF, 3-5 always ON
+        model.bn.bias[3:] = 100.0
+    comp = pyengine.Compressor(model, "nepenthe", example_input=x[:1], log=lambda s: None)
+    summary = comp.measure([x])
+    assert summary["constant_neurons"] == {"act": {"on": [3, 4, 5]}}
+    before = model(x)
+    folded = comp.fold([x])
+    assert [e["kind"] for e in comp.fold_record["collapse_edits"]] == ["constant"]
+    assert torch.allclose(folded(x), before, atol=1e-6)
+    assert neuron_dim(model, "act", x[:1]) == 1
+    sites = activation_map(model, example_input=x[:1])
+    assert (sites[0].producer, sites[0].dim) == ("fc1", 1) and neuron_dim(model, sites[0]) == 1
+
+
+class _ShortcutFirst(nn.Module):
+    """A residual block written ``x + branch(x)``: the identity shortcut is the sum's first operand."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.relu0 = nn.ReLU()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(c, 2)
+
+    def forward(self, x):
+        x = self.relu0(self.stem(x))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(x + self.bn2(self.conv2(out)))
+        return self.fc(out.mean((2, 3)))
+
+
+def test_producer_of_a_sum_whose_first_operand_is_the_shortcut():
+    # the walk took the first operand only: x comes from relu0, so relu2 had no producer and
+    # EGP / NEPENTHE silently never pruned conv2
+    import pyengine
+
+    model = _ShortcutFirst()
+    x = torch.randn(2, 3, 6, 6)
+    producers = {s.name: s.producer for s in activation_map(model, example_input=x)}
+    assert producers == {"relu0": "stem", "relu1": "conv1", "relu2": "conv2"}
+    comp = pyengine.Compressor(model, "egp", example_input=x, log=lambda s: None)
+    assert "conv2.weight" in comp.masks.names
+
+
+def test_a_compiled_model_gets_a_hint():
+    # the error said "rewrite that module's forward or make it a leaf"
+    compiled = torch.compile(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+    with pytest.raises(TraceError, match=r"torch\.compile'd.*_orig_mod"):
+        trace(compiled)

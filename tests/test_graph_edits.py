@@ -587,3 +587,58 @@ def test_user_model_in_a_few_lines():
     assert [e.describe() for e in applied] == ["fold bn1 into conv1", "fold conv2 into conv1"]
     assert network_stats(folded, x)["conv_layers"] == 1
     assert (folded(x) - edited(x)).abs().max() < 1e-5
+
+
+def test_string_padding_folds_where_it_is_a_number():
+    # padding="same" / "valid" were refused outright ("string padding not supported"), even for a
+    # BatchNorm folded into the conv before it, where padding plays no part
+    from pyengine.graph.linear_maps import FoldRefused, compose_layers
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding="same", bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1, padding="valid"), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, dilation=2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    model = model.double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    folded, applied, refused = fold_network(model, x)
+    assert refused == []
+    assert [e.describe() for e in applied] == ["fold 1 into 0", "fold 4 into 3", "fold 5 into 3"]
+    assert (folded(x) - model(x)).abs().max() < 1e-12
+    for pad_a, pad_b in (("same", 0), (0, "same"), ("valid", "same"), ("same", "valid")):
+        a = nn.Conv2d(4, 4, 1 if pad_b == "same" else 3, padding=pad_a, bias=False).double()
+        b = nn.Conv2d(4, 4, 3, padding=pad_b).double()
+        y = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        assert (compose_layers(a, b)(y) - b(a(y))).abs().max() < 1e-12
+    with pytest.raises(FoldRefused, match="one side more"):  # an even kernel pads one side more
+        compose_layers(nn.Conv2d(4, 4, 2, padding="same"), nn.Conv2d(4, 4, 1))
+
+
+def test_a_gate_is_not_folded_into_a_transposed_convolution():
+    # a transposed convolution's weight is (in, out / groups, ...): folding a gate "into its rows"
+    # scaled its input channels - a wrong network when in == out, without a word
+    torch.manual_seed(0)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.up = nn.ConvTranspose2d(6, 6, 2, stride=2)
+            self.relu = nn.ReLU()
+            self.out = nn.ConvTranspose2d(6, 6, 1)
+            self.relu2 = nn.ReLU()
+            self.head = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.relu2(self.out(self.relu(self.up(self.conv(x))))))
+
+    model = Decoder().double().eval()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for target in ("relu", "relu2"):
+        edited = apply_edit(model, Edit("constant", target, {"on": [0, 2, 4]}), x)
+        folded, applied, refused = fold_network(edited, x)
+        assert (folded(x) - edited(x)).abs().max() < 1e-12
+    assert [e.describe() for e in applied] == ["fold relu2 into head"]  # forward, into the plain conv

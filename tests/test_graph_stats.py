@@ -68,3 +68,59 @@ def test_measure_latency_is_a_positive_median():
     t = measure_latency(m, torch.randn(2, 3, 8, 8), "cpu", warmup=1, min_run_time=0.05)
     assert isinstance(t, float) and 0 < t < 1000
     assert m.training  # the mode is restored
+
+
+def test_macs_count_the_attention_products_of_the_cpu_kernel():
+    # FlopCounterMode has no formula for scaled_dot_product_attention's CPU kernel: the ViT's
+    # QK^T and AV counted 0 on the CPU (and not on CUDA), against the docstring's "every attention product"
+    class Attention(nn.Module):
+        def forward(self, q):
+            return nn.functional.scaled_dot_product_attention(q, q, q)
+
+    q = torch.randn(2, 4, 9, 8)  # (batch, heads, tokens, head dim)
+    assert count_macs(Attention(), q) == 2 * 4 * 9 * 9 * 8  # QK^T and AV, per sample
+    vit = build_model("vit", 10, image_size=8, patch_size=4, dim=16, depth=2, heads=2, mlp_dim=32).eval()
+    x = torch.randn(2, 3, 8, 8)
+    tokens = (8 // 4) ** 2 + 1
+    assert count_macs(vit, x) == count_flops(vit, (3, 8, 8)) + 2 * 2 * tokens * tokens * 16
+
+
+def test_macs_of_torch_attention_modules_in_eval_mode():
+    # in eval mode without gradients nn.MultiheadAttention and nn.TransformerEncoderLayer run
+    # fused inference kernels that FlopCounterMode does not count: their MACs came out as 0
+    tokens, d, ff = 5, 16, 32
+    attention = 2 * tokens * tokens * d  # QK^T and AV
+    mha = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    class Self(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, tokens, d)
+    assert count_macs(Self(), x) == tokens * d * 3 * d + attention + tokens * d * d
+    enc = nn.TransformerEncoderLayer(d, 2, ff, dropout=0.0, batch_first=True).eval()
+    for p in enc.parameters():  # frozen weights too
+        p.requires_grad_(False)
+    assert count_macs(enc, x) == tokens * d * 3 * d + attention + tokens * d * d + 2 * tokens * d * ff
+    assert not enc.training and all(not p.requires_grad for p in enc.parameters())
+
+
+def test_depth_counts_the_input_projection_of_multihead_attention():
+    # kept whole by the tracer, nn.MultiheadAttention counted only its out_proj (a Linear); its
+    # input projection is a bare parameter: q/k/v projection -> attention -> out_proj is 2 deep
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    assert network_depth(Block()) == 3
+    enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    assert network_depth(nn.Sequential(enc, nn.Linear(8, 2))) == 5  # in_proj, out_proj, linear1, linear2, head

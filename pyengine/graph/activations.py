@@ -7,16 +7,18 @@ its own module instance, called once per forward, and not in-place (a hook must 
 
 The producer of an activation is found by a general rule: the model is traced with torch.fx and,
 from the activation's input, the graph is walked backwards through shape-only operations,
-normalisation, dropout, pooling and the first operand of residual additions, to the first
-Conv/Linear module (a concatenation stops the walk: it has no single producer). Built-in models
-put the main branch first in every residual sum, so that rule gives ResNet relu2 -> conv2 of its
-block. Where a model cannot be traced, the execution order of
-the layers on an example input (or, without one, their registration order) is used instead, and a
-warning says so.
+normalisation, dropout, pooling and the first operand of residual additions (the other one when
+the first leads to no layer: ``x + branch(x)``), to the first Conv/Linear module (a concatenation
+stops the walk: it has no single producer). Built-in models put the main branch first in every
+residual sum, so that rule gives ResNet relu2 -> conv2 of its block. Where a model cannot be
+traced, the execution order of the layers on an example input (or, without one, their
+registration order) is used instead, and a warning says so.
 """
 from __future__ import annotations
 
 import copy
+import math
+import operator
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -77,12 +79,18 @@ class ActivationSite:
             (through normalisation, dropout, reshapes and the main branch of residual sums), or
             None when there is none (e.g. an activation applied to the raw input).
         kind: "relu", "relu6", "gelu", "silu", "hardswish", ...
+        dim: the neuron dimension of the activation's input (an index >= 0) where the walk from
+            the producer crosses an op that moves dimensions (``transpose``, ``permute``,
+            ``movedim``: a Linear's features moved to dimension 1 for a BatchNorm1d, ...); None
+            where the producer's own rule holds (dimension 1 after a convolution, the last one
+            after a Linear).
     """
 
     name: str
     module: nn.Module
     producer: str | None
     kind: str
+    dim: int | None = None
 
 
 def register_activation(cls: type[nn.Module], kind: str) -> None:
@@ -113,13 +121,19 @@ def _first_node(args) -> torch.fx.Node | None:
 
 _FUNCTIONAL_WEIGHT_OPS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
 _JOINS = {torch.cat, torch.concat, torch.stack}
+_SUMS = {operator.add, operator.iadd, torch.add}
 
 
-def _walk_to_producer(start: torch.fx.Node | None, modules: dict[str, nn.Module]) -> str | None:
+def _walk_to_producer(start: torch.fx.Node | None, modules: dict[str, nn.Module],
+                      path: list[torch.fx.Node] | None = None) -> str | None:
+    """The producer layer of the value ``start`` (see the module docstring); ``path``, when given,
+    receives the nodes walked through, from ``start`` back to the producer's node."""
     cur = start
     for _ in range(10_000):  # a guard against cycles, which a valid graph never has
         if cur is None:
             return None
+        if path is not None:
+            path.append(cur)
         if cur.op == "call_module":
             m = modules.get(cur.target)
             if m is not None and is_weight_layer(m):
@@ -130,6 +144,8 @@ def _walk_to_producer(start: torch.fx.Node | None, modules: dict[str, nn.Module]
         elif cur.op == "call_function":
             if cur.target in _JOINS:
                 return None  # a concatenation has several producers, none of them "the" one
+            if cur.target in _SUMS:
+                return _walk_sum(cur, modules, path)
             if cur.target in _FUNCTIONAL_WEIGHT_OPS and len(cur.args) > 1:
                 w = cur.args[1]
                 if isinstance(w, torch.fx.Node) and w.op == "get_attr":
@@ -137,22 +153,172 @@ def _walk_to_producer(start: torch.fx.Node | None, modules: dict[str, nn.Module]
                     return owner or None
             cur = _first_node(cur.args)
         elif cur.op == "call_method":
+            if cur.target in ("add", "add_"):
+                return _walk_sum(cur, modules, path)
             cur = _first_node(cur.args)
         else:  # placeholder, get_attr, output
             return None
     return None
 
 
-def _producers_by_fx(model: nn.Module, names: Sequence[str]) -> dict[str, str | None]:
-    graph = trace(model).graph
+def _walk_sum(node: torch.fx.Node, modules: dict[str, nn.Module], path: list[torch.fx.Node] | None) -> str | None:
+    """The producer through a sum: its first operand's (the main branch, as the built-in models write
+    ``out + shortcut``); when that one has none (``x + branch(x)``: an identity shortcut from the
+    previous activation or the input), the other operand's."""
+    operands = []
+    torch.fx.node.map_arg(node.args, lambda n: operands.append(n) or n)
+    computed = [n for n in operands if n.op != "get_attr"] or operands
+    for operand in computed:
+        sub: list[torch.fx.Node] = []
+        found = _walk_to_producer(operand, modules, sub)
+        if found is not None:
+            if path is not None:
+                path.extend(sub)
+            return found
+    return None
+
+
+_MOVES_DIMS = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis", "t"}
+
+
+def _moves_dims(node: torch.fx.Node) -> bool:
+    """An op that reorders the dimensions of its input (x.transpose(1, 2), torch.permute, ...)."""
+    if node.op == "call_method":
+        return node.target in _MOVES_DIMS
+    return node.op == "call_function" and getattr(node.target, "__name__", None) in _MOVES_DIMS \
+        and getattr(node.target, "__module__", None) in ("torch", None) and hasattr(torch, node.target.__name__)
+
+
+def _node_ndim(node) -> int | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _moved_axis(node: torch.fx.Node, axis: int, ndim: int) -> int | None:
+    """Where dimension ``axis`` of an ``ndim``-dim input of the dimension-moving op ``node`` ends
+    up: the op is run on a probe whose only dimension of size 2 is ``axis``."""
+    args, kwargs = node.args[1:], node.kwargs
+    if _has_node((args, kwargs)):  # dimensions computed in the graph: not followed
+        return None
+    probe = torch.zeros([2 if d == axis else 1 for d in range(ndim)])
+    try:
+        out = getattr(probe, node.target)(*args, **kwargs) if node.op == "call_method" \
+            else node.target(probe, *args, **kwargs)
+    except Exception:  # noqa: BLE001 - arguments this rule does not understand
+        return None
+    return list(out.shape).index(2) if 2 in out.shape else None
+
+
+def _has_node(value) -> bool:
+    found: list = []
+    torch.fx.node.map_arg(value, lambda n: found.append(n) or n)
+    return bool(found)
+
+
+_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul,
+                torch.sub, torch.div}
+
+
+def _keeps_shape(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Ops known to keep their input's shape (followed where no shapes were propagated)."""
+    from pyengine.graph.trace import is_norm_layer
+
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        return m is not None and (is_norm_layer(m) or isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)))
+    return node.op == "call_function" and node.target in _ELEMENTWISE
+
+
+def _follow_axis(path: list[torch.fx.Node], producer: nn.Module, modules: dict[str, nn.Module]) -> int | None:
+    """The neuron dimension of the value at the start of ``path`` (a walk from an activation's
+    input back to its producer's node), following the producer's output dimension through the
+    ops that move dimensions; None when nothing on the way moves them (the producer's rule
+    holds) or when the way cannot be followed (a dimension count unknown, a reshape)."""
+    steps = list(reversed(path[:-1]))  # from the producer forwards to the activation's input
+    if not any(_moves_dims(n) for n in steps):
+        return None
+    is_conv = isinstance(producer, nn.modules.conv._ConvNd)
+    ndim = _node_ndim(path[-1]) or (producer.weight.dim() if is_conv else None)
+    if ndim is None:
+        return None
+    axis = 1 if is_conv else ndim - 1
+    for node in steps:
+        ndim_out = _node_ndim(node)
+        if _moves_dims(node):
+            axis = _moved_axis(node, axis, ndim)
+            if axis is None:
+                return None
+        elif ndim_out is None and not _keeps_shape(node, modules):
+            return None  # no shapes (no example input): only the ops known to keep them are followed
+        elif ndim_out is not None and ndim_out != ndim:
+            axis = _reshaped_axis(node, axis)  # flatten / view / reshape keeping the dimension whole
+            if axis is None:
+                return None
+        ndim = ndim_out if ndim_out is not None else ndim
+    return axis
+
+
+def _reshaped_axis(node: torch.fx.Node, axis: int) -> int | None:
+    """Where dimension ``axis`` of the (first) input of a reshaping op ``node`` is in its output,
+    when it is there whole: the same size, after the same number of elements (row-major)."""
+    src = _first_node(node.args)
+    shape_in = getattr(src.meta.get("tensor_meta"), "shape", None) if src is not None else None
+    shape_out = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape_in is None or shape_out is None or axis >= len(shape_in):
+        return None
+    before = math.prod(shape_in[:axis])
+    for j in range(len(shape_out)):
+        if math.prod(shape_out[:j]) == before and shape_out[j] == shape_in[axis]:
+            return j
+    return None
+
+
+def _shapes(model: nn.Module, graph_module: torch.fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Output shapes on every node (``tensor_meta``) from an eval-mode, no-grad run of one sample."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    was_training = model.training
+    try:
+        graph_module.eval()
+        with torch.no_grad():
+            ShapeProp(graph_module).propagate(example_input[:1])
+    finally:
+        graph_module.train(was_training)
+        model.train(was_training)
+
+
+def _producers_by_fx(model: nn.Module, names: Sequence[str], example_input: torch.Tensor | None = None
+                     ) -> dict[str, tuple[str | None, int | None]]:
+    gm = trace(model)
+    graph = gm.graph
     modules = dict(model.named_modules())
     wanted = set(names)
-    out: dict[str, str | None] = {}
+    out: dict[str, tuple[str | None, int | None]] = {}
+    walks: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in wanted and node.target not in out:
-            out[node.target] = _walk_to_producer(_first_node(node.args), modules)
+            path: list[torch.fx.Node] = []
+            out[node.target] = (_walk_to_producer(_first_node(node.args), modules, path), None)
+            walks[node.target] = path
+    moved = [n for n, (p, _) in out.items() if p is not None and any(_moves_dims(x) for x in walks[n])]
+    if moved:
+        if example_input is not None:
+            try:
+                _shapes(model, gm, example_input)
+            except Exception:  # noqa: BLE001 - then only a convolution's dimension count is known
+                pass
+        for n in moved:
+            dim = _follow_axis(walks[n], modules[out[n][0]], modules)
+            if dim is None:
+                warnings.warn(f"the input of activation {n!r} reaches it from {out[n][0]!r} through ops that "
+                              "move dimensions, which could not be followed"
+                              + ("" if example_input is not None else " without an example input")
+                              + f": its neuron dimension is taken as {out[n][0]!r}'s own", RuntimeWarning,
+                              stacklevel=4)
+            out[n] = (out[n][0], dim)
     for n in names:  # traced but never called in forward
-        out.setdefault(n, None)
+        out.setdefault(n, (None, None))
     return out
 
 
@@ -198,10 +364,16 @@ def _producers_by_order(model: nn.Module, names: Sequence[str],
 def find_producers(model: nn.Module, names: Sequence[str] | None = None,
                    example_input: torch.Tensor | None = None) -> dict[str, str | None]:
     """Map each activation path in ``names`` (default: all) to the path of its producer layer."""
+    return {n: p for n, (p, _) in _producers_and_dims(model, names, example_input).items()}
+
+
+def _producers_and_dims(model: nn.Module, names: Sequence[str] | None = None,
+                        example_input: torch.Tensor | None = None) -> dict[str, tuple[str | None, int | None]]:
+    """{activation: (producer, neuron dimension or None)}; see :class:`ActivationSite`."""
     if names is None:
         names = [n for n, m in model.named_modules() if activation_kind(m) is not None]
     try:
-        return _producers_by_fx(model, names)
+        return _producers_by_fx(model, names, example_input)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back the same way
         how = "execution order on the example input" if example_input is not None \
             else "module registration order"
@@ -209,8 +381,8 @@ def find_producers(model: nn.Module, names: Sequence[str] | None = None,
             f"{type(model).__name__} could not be traced with torch.fx ({type(exc).__name__}: "
             f"{exc}); activation producers are inferred from {how}, which can be wrong for "
             f"residual blocks. Pass example_input for a better guess.",
-            RuntimeWarning, stacklevel=3)
-        return _producers_by_order(model, names, example_input)
+            RuntimeWarning, stacklevel=4)
+        return {n: (p, None) for n, p in _producers_by_order(model, names, example_input).items()}
 
 
 def activation_map(model: nn.Module, kinds: Iterable[str] | None = None,
@@ -228,8 +400,12 @@ def activation_map(model: nn.Module, kinds: Iterable[str] | None = None,
         kind = activation_kind(m)
         if kind is not None and (wanted is None or kind in wanted):
             found.append((name, m, kind))
-    producers = find_producers(model, [n for n, _, _ in found], example_input) if found else {}
-    return [ActivationSite(n, m, producers.get(n), k) for n, m, k in found]
+    producers = _producers_and_dims(model, [n for n, _, _ in found], example_input) if found else {}
+    sites = []
+    for n, m, k in found:
+        producer, dim = producers.get(n, (None, None))
+        sites.append(ActivationSite(n, m, producer, k, dim))
+    return sites
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +518,9 @@ def neuron_dim(model: nn.Module, site: "ActivationSite | str",
     Taken from the layer that produces the activation's input: a convolution's output is
     channels-first, so its neurons are dimension 1; a Linear layer's neurons are its output
     features, the LAST dimension whatever the leading ones are (ViT (B, T, C) -> -1, and
-    torchvision Swin's MLP on (B, H, W, C) -> -1, not 1). An activation without a producer
+    torchvision Swin's MLP on (B, H, W, C) -> -1, not 1) - followed through the ops that move
+    dimensions on the way (a Linear's output transposed for a BatchNorm1d has its features in
+    dimension 1: see :attr:`ActivationSite.dim`). An activation without a producer
     (fed by a concatenation, or by another activation) takes the dimension from the first
     weight layer it feeds. Raises ValueError when neither exists, KeyError for an unknown site.
     """
@@ -355,8 +533,12 @@ def neuron_dim(model: nn.Module, site: "ActivationSite | str",
         raise KeyError(f"{type(model).__name__} has no submodule {name!r}") from exc
     if activation_kind(module) is None:
         raise ValueError(f"{name!r} is a {type(module).__name__}, not an activation")
-    producer = site.producer if isinstance(site, ActivationSite) else \
-        find_producers(model, [name], example_input)[name]
+    if isinstance(site, ActivationSite):
+        producer, dim = site.producer, site.dim
+    else:
+        producer, dim = _producers_and_dims(model, [name], example_input)[name]
+    if dim is not None:  # the producer's dimension, moved on the way (transpose, permute)
+        return dim
     if producer is not None:
         return _layer_neuron_dim(model.get_submodule(producer))
     try:

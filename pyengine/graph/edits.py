@@ -58,7 +58,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from pyengine.graph.activations import _walk_to_producer, activation_kind
+from pyengine.graph.activations import _producers_and_dims, activation_kind
 from pyengine.graph.linear_maps import (
     FoldRefused,
     compose_layers,
@@ -515,19 +515,22 @@ def _edit_linearise(gm, edit, example_input, structure_only, masks):
         gm.graph.erase_node(node)
 
 
-def _channels_of(gm, node: torch.fx.Node, edit: Edit) -> tuple[int, int]:
+def _channels_of(gm, node: torch.fx.Node, edit: Edit, example_input: Tensor | None = None) -> tuple[int, int]:
     """(neuron dim, channel count) of an activation node, from its producer layer."""
     if "dim" in edit.args and "channels" in edit.args:
         return int(edit.args["dim"]), int(edit.args["channels"])
     modules = dict(gm.named_modules())
-    producer = _walk_to_producer(node.args[0] if node.args else None, modules)
+    producer, dim = _producers_and_dims(gm, [edit.target], example_input)[edit.target]
     if producer is None:
         raise ValueError(f"constant {edit.target!r}: the activation has no producer Conv/Linear "
                          "layer; give args 'dim' and 'channels' explicitly")
     layer = modules[producer]
+    channels = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
+    if dim is not None:  # the producer's channels moved to another dimension (transpose, permute)
+        return dim, channels
     if isinstance(layer, nn.modules.conv._ConvNd):
-        return 1, layer.out_channels
-    return -1, layer.out_features
+        return 1, channels
+    return -1, channels
 
 
 def _edit_constant(gm, edit, example_input, structure_only, masks):
@@ -547,7 +550,7 @@ def _edit_constant(gm, edit, example_input, structure_only, masks):
     if on is None or len(on) == 0:
         _set_module(gm, edit.target, ConstantZero())
         return
-    dim, channels = _channels_of(gm, nodes[0], edit)
+    dim, channels = _channels_of(gm, nodes[0], edit, example_input)
     if not isinstance(on, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                    for i in on):
         raise TypeError(f"constant {edit.target!r}: args 'on' must be a list of channel indices")
@@ -601,7 +604,8 @@ def _edit_fold_bn(gm, edit, example_input, structure_only, masks):
 
 def _gate_matches(layer: nn.Module, gate: ChannelGate, shape: tuple[int, ...] | None) -> bool:
     if isinstance(layer, nn.modules.conv._ConvNd):
-        return gate.dim == 1
+        # a transposed convolution's weight is (in, out / groups, ...): rows are not its outputs
+        return gate.dim == 1 and not layer.transposed
     ndim = len(shape) if shape is not None else None
     return gate.dim == -1 or (ndim is not None and gate.dim == ndim - 1)
 

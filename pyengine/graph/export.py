@@ -62,7 +62,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: Tensor,
                                   "(onnx, onnxscript, and onnxruntime to run the file)")
     path = Path(path)
     net = copy.deepcopy(model).float().eval()
-    x = example_input.detach().float()
+    x = example_input.detach()
+    x = x.float() if x.is_floating_point() else x  # token ids stay integers
     kwargs = {"dynamo": True, "verbose": False, "dynamic_shapes": ({0: torch.export.Dim("batch", min=1)},),
               "external_data": False}
     if opset is not None:
@@ -133,6 +134,7 @@ def export_model(model: nn.Module, folder: str | Path, description: dict,
                              "std": list(std) if std is not None else None}
     if example_input is not None:
         desc["input_shape"] = list(example_input.shape[1:])
+        desc["input_dtype"] = str(example_input.dtype).removeprefix("torch.")  # int64 token ids are no float
     desc["format_version"] = 2
     written: dict[str, Path] = {}
 
@@ -178,7 +180,11 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     history = EditHistory.from_list(desc.get("edits", []))
     if arch.get("linearised"):
         history = EditHistory([Edit("linearise", n) for n in arch["linearised"]] + list(history))
-    example = torch.zeros(1, *desc["input_shape"]) if "input_shape" in desc else None
+    input_dtype = desc.get("input_dtype")
+    if input_dtype is not None and not isinstance(getattr(torch, str(input_dtype), None), torch.dtype):
+        raise ValueError(f"{json_path}: input_dtype {input_dtype!r} is not a torch dtype")
+    example = torch.zeros(1, *desc["input_shape"], dtype=getattr(torch, input_dtype) if input_dtype else None) \
+        if "input_shape" in desc else None
     tensors = read_safetensors(folder / "model.safetensors", "export")
     state = {k: v for k, v in tensors.items() if not k.startswith(_MASK_PREFIX)}
     masks = {k[len(_MASK_PREFIX):]: v.bool() for k, v in tensors.items()
@@ -187,7 +193,7 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     if len(dtypes) == 1:  # rebuild in the exported precision, so loading casts nothing
         dtype = dtypes.pop()
         base = base.to(dtype)
-        example = example.to(dtype) if example is not None else None
+        example = example.to(dtype) if example is not None and example.is_floating_point() else example
     model = replay(base, history, example)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -42,11 +42,23 @@ def _is_conv(m: nn.Module) -> bool:
     return isinstance(m, _Conv)
 
 
-def _check_plain_conv(m: nn.Module, name: str) -> None:
+def _numeric_padding(m: _Conv) -> tuple[int, ...] | None:
+    """A convolution's padding as numbers: ``"valid"`` is 0, ``"same"`` the symmetric padding it
+    equals when every dilated kernel extent is odd (None when it pads one side more)."""
+    if not isinstance(m.padding, str):
+        return tuple(m.padding)
+    if m.padding == "valid":
+        return (0,) * len(m.kernel_size)
+    total = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation)]
+    return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else None
+
+
+def _check_plain_conv(m: nn.Module, name: str, padding: bool = True) -> None:
     if m.transposed:
         raise FoldRefused(f"{name} is a transposed convolution (not supported)")
-    if isinstance(m.padding, str):
-        raise FoldRefused(f"{name} uses padding={m.padding!r} (string padding not supported)")
+    if padding and _numeric_padding(m) is None:
+        raise FoldRefused(f"{name} uses padding={m.padding!r}, which pads one side more than the other "
+                          "(not supported)")
 
 
 def dense_conv_weight(w: Tensor, groups: int) -> Tensor:
@@ -144,7 +156,7 @@ def fold_bn_backward(layer: nn.Module, bn: nn.Module, layer_name: str = "layer",
         raise FoldRefused(f"{bn_name} normalises {bn.num_features} channels but {layer_name} "
                           f"outputs {out_c}")
     if _is_conv(layer):
-        _check_plain_conv(layer, layer_name)
+        _check_plain_conv(layer, layer_name, padding=False)  # scaling output channels: any padding
     if structure_only:
         if layer.bias is None:
             _set_bias(layer, torch.zeros(out_c, dtype=layer.weight.dtype))
@@ -157,7 +169,8 @@ def fold_bn_backward(layer: nn.Module, bn: nn.Module, layer_name: str = "layer",
 
 
 def _padding_is_zero(layer: _Conv) -> bool:
-    return not isinstance(layer.padding, str) and all(p == 0 for p in layer.padding)
+    padding = _numeric_padding(layer)
+    return padding is not None and all(p == 0 for p in padding)
 
 
 def fold_bn_forward(bn: nn.Module, layer: nn.Module, bn_name: str = "bn",
@@ -198,6 +211,8 @@ def fold_bn_forward(bn: nn.Module, layer: nn.Module, bn_name: str = "bn",
 
 def gate_rows(layer: nn.Module, gate: Tensor, structure_only: bool = False) -> None:
     """``gate * layer(x)`` -> one layer: output channel o scaled by gate[o] (weight and bias)."""
+    if _is_conv(layer):
+        _check_plain_conv(layer, "the layer", padding=False)
     if gate.numel() != layer.weight.shape[0]:
         raise FoldRefused(f"gate of {gate.numel()} channels after a layer of "
                           f"{layer.weight.shape[0]} outputs")
@@ -212,6 +227,8 @@ def gate_rows(layer: nn.Module, gate: Tensor, structure_only: bool = False) -> N
 def gate_columns(layer: nn.Module, gate: Tensor, structure_only: bool = False) -> None:
     """``layer(gate * x)`` -> one layer: input channel i scaled by gate[i]. Exact whatever the
     padding (a zero-padded 0 times any gate is 0)."""
+    if _is_conv(layer):
+        _check_plain_conv(layer, "the layer", padding=False)
     in_c = layer.in_channels if _is_conv(layer) else layer.in_features
     if gate.numel() != in_c:
         raise FoldRefused(f"gate of {gate.numel()} channels before a layer of {in_c} inputs")
@@ -234,8 +251,8 @@ def _conv_plan(a: _Conv, b: _Conv, a_name: str, b_name: str) -> dict:
     if a.weight.dim() != b.weight.dim():
         raise FoldRefused(f"{a_name} and {b_name} have different dimensionality")
     n = a.weight.dim() - 2
-    ka, sa, pa, da = a.kernel_size, a.stride, a.padding, a.dilation
-    kb, sb, pb, db = b.kernel_size, b.stride, b.padding, b.dilation
+    ka, sa, pa, da = a.kernel_size, a.stride, _numeric_padding(a), a.dilation
+    kb, sb, pb, db = b.kernel_size, b.stride, _numeric_padding(b), b.dilation
     a_pointwise = all(k == 1 for k in ka) and all(p == 0 for p in pa)
     if any(p > 0 for p in pb):
         # b zero-pads a's output. One conv reproduces that only if a maps a zero input to zero

@@ -19,6 +19,22 @@ from pyengine.graph.trace import is_weight_layer, trace
 __all__ = ["network_stats", "measure_latency", "count_macs", "network_depth"]
 
 
+def _extra_flop_formulas() -> dict:
+    """FLOP formulas FlopCounterMode lacks: the CPU kernel of ``scaled_dot_product_attention``
+    (the CUDA ones are registered; without it a ViT's attention products counted 0 on the CPU)."""
+    import torch.utils.flop_counter as fc
+
+    out = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and hasattr(fc, "sdpa_flop_count"):
+        if cpu_sdpa not in fc.flop_registry:  # keyed by the op packet, as FlopCounterMode looks ops up
+            def sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+                return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+            out[cpu_sdpa] = sdpa_cpu_flop
+    return out
+
+
 def count_macs(model: nn.Module, example_input: Tensor) -> int:
     """Multiply-accumulates per sample of one eval-mode forward on ``example_input``
     (every matmul, convolution and attention product; FlopCounterMode's FLOPs / 2)."""
@@ -26,9 +42,14 @@ def count_macs(model: nn.Module, example_input: Tensor) -> int:
 
     was = model.training
     model.eval()
+    # with gradients on (and an input that wants them), nn.MultiheadAttention and
+    # nn.TransformerEncoderLayer take their ordinary path instead of the fused inference kernels,
+    # which FlopCounterMode does not count (their projections and attention products counted 0)
+    # (not a leaf, so that a forward may still work on its input in place)
+    x = example_input.detach().requires_grad_() + 0 if example_input.is_floating_point() else example_input
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
+        with torch.enable_grad(), FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas()) as counter:
+            model(x)
     finally:
         model.train(was)
     batch = example_input.shape[0] if example_input.dim() > 0 else 1
@@ -36,7 +57,9 @@ def count_macs(model: nn.Module, example_input: Tensor) -> int:
 
 
 def _weight_layers_inside(module: nn.Module) -> int:
-    return sum(1 for m in module.modules() if is_weight_layer(m))
+    # nn.MultiheadAttention's input projection is a bare parameter (in_proj_weight), not a Linear
+    return sum(1 for m in module.modules() if is_weight_layer(m)) + \
+        sum(1 for m in module.modules() if isinstance(m, nn.MultiheadAttention))
 
 
 def network_depth(model: nn.Module) -> int:

@@ -10,6 +10,11 @@
   node: tracing through it would turn its ``nn.Linear`` children into bare parameters (so mask
   and producer bookkeeping would lose them) and would freeze ``self.training`` into the code.
 
+- what a forward computes under ``torch.no_grad()`` / ``torch.inference_mode()`` (a frozen
+  layer, a target computed without gradients) is followed by a ``detach`` where its value leaves
+  that region: torch.fx records no grad mode, and without it an edited (traced) network would
+  train the frozen layers and send gradients back through the region.
+
 A model torch.fx cannot trace raises :class:`TraceError` naming the innermost submodule whose
 own ``forward`` fails (found by tracing the children of a failing module recursively).
 """
@@ -58,6 +63,12 @@ class LeafTracer(torch.fx.Tracer):
         super().__init__()
         self.extra_leaves = set(extra_leaves or ())
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        # torch.no_grad() regions of a forward really run while it is traced: remember them
+        node.meta["grad_enabled"] = torch.is_grad_enabled()
+        return node
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         from pyengine.graph.activations import activation_kind
 
@@ -92,8 +103,42 @@ def _opaque_owners(model: nn.Module, graph: torch.fx.Graph) -> set[str]:
     return owners
 
 
+def detach_outputs(value):
+    """``value`` with every tensor in it detached (tuples, lists and dicts followed): what leaves
+    a ``torch.no_grad()`` region of a traced forward."""
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(detach_outputs(v) for v in value)
+    if isinstance(value, dict):
+        return {k: detach_outputs(v) for k, v in value.items()}
+    return value
+
+
+def _keep_no_grad_regions(graph: torch.fx.Graph) -> None:
+    """A value computed without gradients (``torch.no_grad()`` in a forward) is detached where a
+    node computed with gradients, or the output, uses it - torch.fx records no grad mode."""
+    for node in list(graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method") or node.meta.get("grad_enabled", True):
+            continue
+        if node.target is detach_outputs:
+            continue
+        users = [u for u in node.users if u.op == "output" or u.meta.get("grad_enabled", True)]
+        if not users:
+            continue
+        with graph.inserting_after(node):
+            detached = graph.call_function(detach_outputs, (node,))
+        detached.meta.update({k: v for k, v in node.meta.items() if k == "nn_module_stack"})
+        detached.meta["grad_enabled"] = True
+        for u in users:
+            u.replace_input_with(node, detached)
+
+
 def _trace_graph(model: nn.Module, extra_leaves: set[str]) -> torch.fx.Graph:
-    return LeafTracer(extra_leaves).trace(model)
+    with torch.enable_grad():  # a trace under no_grad would take the whole forward for a frozen region
+        graph = LeafTracer(extra_leaves).trace(model)
+    _keep_no_grad_regions(graph)
+    return graph
 
 
 def _find_culprit(model: nn.Module, prefix: str = "") -> tuple[str, Exception] | None:
@@ -104,7 +149,7 @@ def _find_culprit(model: nn.Module, prefix: str = "") -> tuple[str, Exception] |
         if tracer.is_leaf_module(child, path):
             continue
         try:
-            LeafTracer().trace(child)
+            _trace_graph(child, set())
         except Exception as exc:  # noqa: BLE001 - any failure narrows the search
             deeper = _find_culprit(child, path)
             return deeper if deeper is not None else (path, exc)
@@ -148,6 +193,9 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        raise TraceError(f"{type(model).__name__} is a torch.compile'd model, which torch.fx cannot trace: pass "
+                         "the module it wraps (model._orig_mod) and compile the result afterwards")
     leaves: set[str] = set()
     was_training = model.training
     try:

@@ -126,13 +126,29 @@ class Compressor(RunContext):
         self._prunable = prunable or self.method.prunable(model) or "conv+linear"
         self._rebuild_masks()
         self._last: dict | None = None  # the latest measurement, None once a step() changed the network
+        self._checked_optimizer = None  # the optimizer found to hold self.model's parameters
         self._round = 0
         self.stopped: str | None = None  # the method's reason to stop, once step() met it
 
     # ---- the user's loop -------------------------------------------------------------
     def apply_masks(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Zero pruned weights, their gradients and optimiser buffers (call after each step)."""
+        """Zero pruned weights, their gradients and optimiser buffers (call after each step).
+
+        An optimiser made before a :meth:`step` or :meth:`fold` that replaced the network's
+        modules (a structural edit builds a new network) updates the old network's parameters,
+        not ``self.model``'s: it is refused here with a RuntimeError instead of training nothing."""
+        if optimizer is not None and optimizer is not self._checked_optimizer:
+            self._check_optimizer(optimizer)
         self.masks.apply(optimizer)
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        own = {id(p) for p in self.model.parameters()}
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        if own and held and not any(id(p) in own for p in held):
+            raise RuntimeError("the optimizer holds none of comp.model's parameters: a structural edit (step() "
+                               "of a depth method, fold()) replaced the network, and this optimizer would go on "
+                               "updating the old one; make a new optimizer from comp.model.parameters()")
+        self._checked_optimizer = optimizer
 
     def step_callbacks(self):
         """The method's per-step hooks (loss terms, several forwards); see StepCallback."""
@@ -177,6 +193,7 @@ class Compressor(RunContext):
             return None
         rec = self.method.act(summary)
         self.masks.apply()
+        self._checked_optimizer = None  # an edit may have replaced the parameters
         self._round += 1
         self._last = None
         return rec
@@ -196,7 +213,10 @@ class Compressor(RunContext):
             summary, loader = loader, None
         if summary is None:
             if loader is not None:
-                summary = self.measure(loader, max_batches=max_batches)
+                # a method that measures nothing (magnitude, IMP) still folds what collapsed on loader
+                from pyengine.methods.base import EntropySpec
+
+                summary = self.measure(loader, max_batches=max_batches, spec=self.method.entropy_spec() or EntropySpec())
             elif self._last is not None:
                 summary = self._last
             elif self.method.entropy_spec() is None:
@@ -210,6 +230,7 @@ class Compressor(RunContext):
                                    f"({self.method.name} finds collapsed activations by their entropy)")
         self.fold_record = self.fold_collapsed(summary)
         self._last = None  # the folded network is a new one
+        self._checked_optimizer = None
         return self.model
 
     def export(self, folder: str | Path, formats=("safetensors", "onnx"), description: dict | None = None,

@@ -514,6 +514,13 @@ class RunContext:
                                  train_mode=spec.train_mode, max_batches=max_batches, sites=self.sites,
                                  per_batch=spec.average == "batch")
         ent = col.results()
+        unseen = [s.name for s in self.sites if s.name not in ent]
+        if unseen:  # e.g. nn.TransformerEncoderLayer's fused eval path never calls its activation module
+            import warnings
+
+            warnings.warn(f"activation module(s) {unseen[:8]}{' ...' if len(unseen) > 8 else ''} never ran during the "
+                          "entropy measurement: they have no entropy, and the method cannot act on them (a module "
+                          "skipped by the forward, or a fused path that bypasses it)", RuntimeWarning, stacklevel=3)
         constant = {}
         if not spec.per_position:
             for name, e in ent.items():

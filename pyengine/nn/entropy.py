@@ -138,7 +138,9 @@ class EntropyCollector:
             if counts is None or shape != cache[0] or counts is not cache[1]:
                 cdim = self._dims.get(name)
                 if cdim is None:
-                    cdim = self._dims[name] = neuron_dim_of(self.model, site.producer, z.dim())
+                    moved = getattr(site, "dim", None)  # the producer's dimension moved by a transpose, ...
+                    cdim = self._dims[name] = moved if moved is not None and moved < z.dim() else \
+                        neuron_dim_of(self.model, site.producer, z.dim())
                 if counts is None:
                     counts = self.counts[name] = torch.zeros(_counts_shape(z, cdim, self.per_position),
                                                              dtype=torch.int64, device=z.device)

@@ -74,7 +74,9 @@ def network_numbers(model, example_input, *, latency: bool = True) -> dict:
     st = network_stats(model, example_input)
     out = {"depth": st["depth"], "params": st["params"], "macs": st["macs"]}
     if latency:
-        batch = torch.randn(32, *example_input.shape[1:], device=example_input.device)
+        batch = example_input[:1].expand(32, *example_input.shape[1:]).clone()  # the model's input dtype
+        if batch.is_floating_point():
+            batch = torch.randn(batch.shape, dtype=batch.dtype, device=batch.device)
         out["latency_ms_batch32"] = measure_latency(model, batch, example_input.device)
     return out
 

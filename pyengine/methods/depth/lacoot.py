@@ -242,6 +242,28 @@ class BlockCapture:
         return out
 
 
+@torch.no_grad()
+def _check_pair_shapes(model: nn.Module, pairs: list[BlockPair], example_input: Tensor) -> None:
+    """Named blocks must keep their input's shape (their distance compares the two, and removing
+    one makes its input its output): checked on the example input, naming the block."""
+    was = model.training
+    model.eval()
+    try:
+        with BlockCapture(model, pairs) as cap:
+            model(example_input)
+            bad = [f"{p.block} ({list(cap.inputs[p.block].shape[1:])} -> {list(cap.outputs[p.block].shape[1:])})"
+                   for p in pairs if p.block in cap.inputs and p.block in cap.outputs
+                   and cap.inputs[p.block].shape != cap.outputs[p.block].shape]
+            unused = [p.block for p in pairs if p.block not in cap.inputs or p.block not in cap.outputs]
+    finally:
+        model.train(was)
+    if bad:
+        raise ValueError(f"--monitor-blocks: block(s) {bad} change the shape of their input; LaCoOT compares a "
+                         "block's input with its output and removes a block by making its input its output")
+    if unused:
+        raise ValueError(f"--monitor-blocks: block(s) {unused} are not called in the forward")
+
+
 def _mixed_seed(*parts) -> int:
     """A 63-bit seed from integers (stable across processes, unlike hash())."""
     text = ":".join(str(int(p)) for p in parts).encode()
@@ -344,6 +366,8 @@ class LaCoOT(Method):
     def __init__(self, options, run):
         super().__init__(options, run)
         self.arch, self.pairs = find_block_pairs(run.model, options.monitor_blocks)
+        if options.monitor_blocks and getattr(run, "example_input", None) is not None:
+            _check_pair_shapes(run.model, self.pairs, run.example_input)
         d = ARCH_DEFAULTS[self.arch]
         self.lam = options.lambda_reg if options.lambda_reg is not None else d["lambda_reg"]
         self.val_reduce = options.val_reduce or d["val_reduce"]
@@ -352,6 +376,7 @@ class LaCoOT(Method):
         self._step = _RegulariserStep(self)
         self._score_loader = None
         self.scores: dict[str, float] | None = None
+        self.removed: list[str] | None = None  # the blocks remove() took out, once it ran
 
     def step_callbacks(self):
         return [self._step]
@@ -367,6 +392,10 @@ class LaCoOT(Method):
     def score(self, loader, *, max_batches: int | None = None) -> dict[str, float]:
         """Scores every monitored block on ``loader`` (batches of (x, y)); with a Compressor, call
         this on validation data before ``step()``, which then removes blocks."""
+        if self.removed is not None:
+            raise RuntimeError(f"LaCoOT ranks and removes blocks once, after training: this network was already "
+                               f"edited ({len(self.removed)} block(s) removed: {self.removed}), and its remaining "
+                               "blocks are no longer modules that a forward calls")
         mb = max_batches if max_batches is not None else self.opt.score_batches
         self.scores = score_blocks(self.run.model, self.pairs, loader, self.run.device,
                                    n_directions=self.opt.directions, reduce=self.val_reduce, seed=self.seed,
@@ -413,11 +442,14 @@ class LaCoOT(Method):
         if chosen:
             self.run.edit([Edit("replace_block", b) for b in ranking[:chosen]])
         self.run.log(f"[lacoot] result: {chosen} of {len(ranking)} block(s) removed ({rule})")
-        return {"arch": self.arch, "lambda": self.lam, "directions": self.opt.directions,
-                "val_reduce": self.val_reduce, "pairs": [asdict(p) for p in self.pairs], "distances": self.scores,
-                "ranking": ranking, "table": rows, "blocks_total": len(ranking), "blocks_removed": chosen,
-                "removed": ranking[:chosen], "rule": rule, "val_acc": rows[chosen]["val_acc"],
-                "test_acc": rows[chosen]["test_acc"]}
+        rec = {"arch": self.arch, "lambda": self.lam, "directions": self.opt.directions,
+              "val_reduce": self.val_reduce, "pairs": [asdict(p) for p in self.pairs], "distances": self.scores,
+              "ranking": ranking, "table": rows, "blocks_total": len(ranking), "blocks_removed": chosen,
+              "removed": ranking[:chosen], "rule": rule, "val_acc": rows[chosen]["val_acc"],
+              "test_acc": rows[chosen]["test_acc"]}
+        # done once: a later step() has nothing to act on (the scores belong to the network before)
+        self.removed, self.scores, self._score_loader = ranking[:chosen], None, None
+        return rec
 
     def act(self, summary):
         # a user's loop (Compressor): score(val_loader), then step() removes; the runner trains once
