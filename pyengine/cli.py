@@ -214,8 +214,11 @@ def cmd_export(args) -> int:
     formats = ("safetensors", "onnx") if args.format == "all" else (args.format,)
     out = Path(args.out) if args.out else folder
     pre = desc.get("preprocessing") or {}
-    example = torch.zeros(1, *desc["input_shape"])
-    keep = {k: v for k, v in desc.items() if k not in ("edits", "preprocessing", "input_shape", "format_version", "onnx")}
+    dtype = getattr(torch, str(desc.get("input_dtype") or "float32"), None)
+    dtype = dtype if isinstance(dtype, torch.dtype) and not dtype.is_floating_point else torch.float32  # token ids stay ints
+    example = torch.zeros(1, *desc["input_shape"], dtype=dtype)
+    keep = {k: v for k, v in desc.items()
+            if k not in ("edits", "preprocessing", "input_shape", "input_dtype", "format_version", "onnx")}
     written = export_model(model.float().eval(), out, keep, desc.get("edits", []), example, formats, masks=masks,
                            image_size=pre.get("image_size"), mean=pre.get("mean"), std=pre.get("std"))
     for kind, path in written.items():
@@ -259,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning  # a terminal user gets the message, not a source line
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        if os.environ.get("RANK", "0") != "0":
+            # under torchrun every rank meets the same data and options: rank 0 says it once
+            warnings.simplefilter("ignore")
+        return _run_command(args)
+
+
+def _run_command(args) -> int:
     try:
         if args.command == "prune":
             return cmd_prune(args)
@@ -275,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (ValueError, KeyError, OSError, ModuleNotFoundError) as exc:  # incl. OptionError, RunStateError
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        if "\nOriginal Traceback" in str(msg):  # re-raised from a DataLoader worker: its last line
+            last = [x for x in str(msg).splitlines() if x.strip()][-1]
+            head, sep, rest = last.partition(": ")
+            msg = rest if sep and all(part.isidentifier() for part in head.split(".")) else last
         if isinstance(exc, OSError) and not isinstance(exc, (FileExistsError, FileNotFoundError)) and exc.filename:
             msg = f"{exc.filename}: {exc.strerror or exc}"
         _say(f"pyengine: error: {msg}")

@@ -415,3 +415,157 @@ def test_distributed_loaders_shard_without_overlap():
     assert list(shards[0].train.sampler) != before
     with pytest.raises(RuntimeError, match="process group"):
         build_loaders(b, 16, distributed=True)
+
+
+def test_loader_with_workers_replays_an_epoch_from_the_saved_generator():
+    """A resumed run restores the training loader's generator and starts a fresh loader: with
+    worker processes its next epoch must see the batches (order and augmentation) that the
+    uninterrupted loader's next epoch sees. Persistent workers broke this: they keep the worker
+    seeds drawn at the first epoch, and a fresh iterator draws new ones before the shuffle."""
+    b = build_dataset("digits", image_size=8, augment=True)
+
+    def epoch(loaders):
+        return [(x.clone(), y.clone()) for x, y in loaders.train]
+
+    first = build_loaders(b, 256, workers=2, seed=1)
+    epoch(first)
+    for _ in first.test:  # an evaluation between epochs, as a run does
+        pass
+    saved = first.train.generator.get_state()
+    second = epoch(first)
+    fresh = build_loaders(b, 256, workers=2, seed=1)
+    fresh.train.generator.set_state(saved)
+    replayed = epoch(fresh)
+    assert len(second) == len(replayed)
+    for (xa, ya), (xb, yb) in zip(second, replayed):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+def _fake_tiny_folder(root: Path, per_class: int = 2) -> list[str]:
+    wnids = ["n02", "n01", "n03"]
+    colours = [(250, 0, 0), (0, 250, 0), (0, 0, 250)]
+    root.mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    for w, c in zip(wnids, colours):
+        for i in range(per_class):
+            _save_jpeg(root / "train" / w / "images" / f"{w}_{i}.JPEG", c, size=16)
+    lines = []
+    for i in range(6):
+        _save_jpeg(root / "val" / "images" / f"val_{i}.JPEG", colours[i % 3], size=16)
+        lines.append(f"val_{i}.JPEG\t{wnids[i % 3]}\t0\t0\t15\t15")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return wnids
+
+
+def test_tiny_imagenet_download_is_checked_and_extracted_whole(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    _fake_tiny_folder(src / "tiny-imagenet-200")
+    archive = tmp_path / "tiny-imagenet-200.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted((src / "tiny-imagenet-200").rglob("*")):
+            zf.write(p, p.relative_to(src).as_posix())
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    data = tmp_path / "data"
+
+    # an archive that is not the official one (here: truncated) is refused and moved aside
+    data.mkdir()
+    (data / "tiny-imagenet-200.zip").write_bytes(archive.read_bytes()[:-100])
+    with pytest.raises(DatasetCorruptError, match="MD5"):
+        sources.download_tiny_imagenet(data, url=archive.as_uri(), md5=md5)
+    assert not (data / "tiny-imagenet-200.zip").exists() and (data / "tiny-imagenet-200.zip.bad").exists()
+    assert not (data / "tiny-imagenet-200").exists()
+
+    # an extraction killed half-way leaves no folder that could be read as the dataset
+    real_extract = zipfile.ZipFile._extract_member
+
+    def killed(self, member, *args):
+        name = member if isinstance(member, str) else member.filename
+        if "/val/" in name:
+            raise KeyboardInterrupt
+        return real_extract(self, member, *args)
+
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sources.download_tiny_imagenet(data, url=archive.as_uri(), md5=md5)
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", real_extract)
+    with pytest.raises(DatasetNotFoundError):
+        build_dataset("tiny-imagenet", root=data)
+
+    # the next call (the archive is there now) extracts it whole, and removes what processes killed
+    # outright left (their names carry their ids; 999999999 runs nowhere)
+    (data / ".tiny-imagenet-200.partial.999999999" / "tiny-imagenet-200").mkdir(parents=True)
+    (data / "tiny-imagenet-200.zip.part.999999999").write_bytes(b"half a download")
+    got = sources.download_tiny_imagenet(data, url=archive.as_uri(), md5=md5)
+    assert got == data / "tiny-imagenet-200"
+    assert sorted(p.name for p in data.iterdir()) == ["tiny-imagenet-200", "tiny-imagenet-200.zip",
+                                                     "tiny-imagenet-200.zip.bad"]
+    b = build_dataset("tiny-imagenet", root=data, normalize=False)
+    assert len(b.train) == 6 and b.test.targets.tolist() == [0, 1, 2, 0, 1, 2]
+    shutil.rmtree(src)
+
+
+def test_incomplete_tiny_imagenet_is_refused_before_training(tmp_path):
+    import shutil
+
+    root = tmp_path / "tiny-imagenet-200"
+    _fake_tiny_folder(root)
+    (root / "val" / "images" / "val_4.JPEG").unlink()
+    with pytest.raises(DatasetCorruptError, match=r"1 of the 6 validation images .* missing \(val_4.JPEG\)"):
+        build_dataset("tiny-imagenet", root=tmp_path)
+    _save_jpeg(root / "val" / "images" / "val_4.JPEG", (0, 250, 0), size=16)
+    shutil.rmtree(root / "train" / "n03")  # a partial extraction: a class without images
+    with pytest.raises(DatasetCorruptError, match=r"1 of the 3 classes .* no training images \(n03\)"):
+        build_dataset("tiny-imagenet", root=tmp_path)
+
+
+def test_unreadable_image_met_during_training_is_one_line(tmp_path, capsys):
+    """An image that breaks after the listing (Tiny-ImageNet's are not decoded up front) stops the
+    run with one line naming the file, also when a DataLoader worker met it."""
+    from pyengine.cli import main
+    from pyengine.data.errors import ImageReadError
+
+    root = tmp_path / "tiny-imagenet-200"
+    _fake_tiny_folder(root)
+    bad = root / "train" / "n01" / "images" / "n01_1.JPEG"
+    bad.write_bytes(bad.read_bytes()[:200])
+    b = build_dataset("tiny-imagenet", root=tmp_path)
+    with pytest.raises(ImageReadError, match="n01_1.JPEG"):
+        [b.train[i] for i in range(len(b.train))]
+    rc = main(["prune", "--model", "resnet18", "--dataset", "tiny-imagenet", "--data-dir", str(tmp_path),
+               "--image-size", "8", "--epochs", "1", "--rounds", "0", "--method", "imp", "--workers", "1",
+               "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("pyengine: error: cannot read image ") and "n01_1.JPEG" in err[0]
+
+
+def test_cifar_download_repairs_a_partial_extraction(tmp_path, monkeypatch):
+    """A download or extraction killed half-way leaves the batch folder incomplete; with --download
+    the next run has torchvision check and extract the archive again instead of stopping."""
+    import torchvision.datasets as tvd
+
+    data, labels = _fake_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    good = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "data_batch_4").unlink()
+    (folder / "data_batch_5").write_bytes(good["data_batch_5"][:50])
+    with pytest.raises(DatasetCorruptError, match="data_batch_4"):  # without --download: reported
+        build_dataset("cifar10", root=tmp_path)
+
+    calls = []
+
+    class Extract:  # torchvision's CIFAR10(download=True), here without a network
+        def __init__(self, root, train=True, download=False):
+            calls.append((root, download))
+            for n, raw in good.items():
+                (Path(root) / "cifar-10-batches-py" / n).write_bytes(raw)
+
+    monkeypatch.setattr(tvd, "CIFAR10", Extract)
+    b = build_dataset("cifar10", root=tmp_path, download=True, normalize=False)
+    assert calls == [(str(tmp_path), True)]
+    assert b.train.targets.tolist() == labels[:15] and b.test.targets.tolist() == labels[15:]
+    torch.testing.assert_close(b.train[14][0], torch.from_numpy(data[14].astype(np.float32) / 255).view(3, 32, 32))

@@ -454,3 +454,28 @@ def test_weight_rewinding_is_refused_by_methods_that_go_on_from_current_weights(
         _cfg(tmp_path, method=method, rewind=rewind).validate()
     _cfg(tmp_path, method=method, rewind="finetune").validate()
     _cfg(tmp_path, method="imp", rewind=rewind).validate()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_data_warning_is_said_once_under_torchrun(tmp_path, monkeypatch, rank):
+    """Every rank builds the same dataset and meets the same unreadable image: only rank 0 says so
+    (two ranks used to print the same warning twice)."""
+    import warnings
+
+    from PIL import Image
+
+    for c in ("a", "b"):
+        for i in range(4):
+            p = tmp_path / "imgs" / c / f"{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(p)
+    (tmp_path / "imgs" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    monkeypatch.setenv("RANK", rank)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        # a missing --weights file stops the run right after the dataset is built
+        rc = main(["prune", "--model", "resnet18", "--dataset", f"imagefolder:{tmp_path / 'imgs'}", *TINY,
+                   "--weights", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "run")])
+    assert rc == 2
+    said = [w for w in seen if "broken.png" in str(w.message)]
+    assert len(said) == (1 if rank == "0" else 0), [str(w.message) for w in seen]

@@ -250,3 +250,39 @@ def test_stop_drop_stops_below_the_best_round_and_keeps_the_last_good_one():
     plain = pyengine.Compressor(net, "sdd", example_input=torch.zeros(1, 4), log=lambda *a: None).method
     assert plain.should_stop(rounds(90.0, 10.0)) is None and plain.select(rounds(90.0, 10.0)) == 1
     assert not plain.keeps_best
+
+
+def test_distilled_run_resumed_after_a_kill_equals_an_uninterrupted_one(tmp_path):
+    """The teacher is loaded when a process first trains: in a resumed run that is after the saved
+    random state was restored, so the teacher's (discarded) random initialisation used to shift every
+    later augmentation draw - a KD run resumed in round 1 ended with other weights than one never
+    interrupted."""
+    from pyengine.methods import Run, RunConfig
+    from pyengine.models import build_model
+
+    teacher = tmp_path / "teacher.pt"
+    torch.manual_seed(123)
+    torch.save(build_model("vgglike", num_classes=10, in_channels=1, image_size=8, depth=2, width=2).state_dict(),
+               teacher)
+
+    def cfg(out, **kw):
+        return RunConfig(model="vgglike", dataset="digits", image_size=8, epochs=1, rounds=1, batch_size=256,
+                         method="sdd", no_progress=True, device="cpu", model_opts={"depth": 2, "width": 2},
+                         options={"kd_teacher": str(teacher), "rate": 0.3}, out=str(tmp_path / out), **kw)
+
+    Run(cfg("full"), log=lambda *a: None).run()
+
+    class Kill(Exception):
+        pass
+
+    def kill(rnd, ep):
+        if rnd == 0:
+            raise Kill
+
+    with pytest.raises(Kill):
+        Run(cfg("killed"), on_epoch=kill, log=lambda *a: None).run()
+    Run(cfg("killed", resume=True), log=lambda *a: None).run()
+    a = torch.load(tmp_path / "full" / "state.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "killed" / "state.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

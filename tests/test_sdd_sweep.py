@@ -208,3 +208,69 @@ def test_cli(tmp_path, capsys):
         assert main(["sdd", *extra, "--out", str(tmp_path / "bad")]) == 2, extra
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, (extra, err)
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_workers_end_with_a_killed_sweep(tmp_path, sig):
+    """A sweep spread over worker processes (--devices cpu,cpu) that is killed - SIGTERM from `kill` or a
+    scheduler, even SIGKILL - must not leave its workers training on, holding their claims, behind a
+    sweep the user believes stopped (a resumed sweep would find every configuration claimed)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    argv = ["sdd", "--model", "vgglike", "--depth", "2", "--width-grid", "2", "--image-size", "8", "--epochs", "500",
+            "--rounds", "1", "--batch-size", "256", "--noise-grid", "0,0.2", "--no-progress", "--device", "cpu",
+            "--devices", "cpu,cpu", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-m", "pyengine", *argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env)
+    pids, seen = [], ""
+    try:
+        deadline = time.time() + 120
+        while len(pids) < 2 and time.time() < deadline:
+            line = parent.stdout.readline()
+            seen += line
+            pids += [int(p) for p in re.findall(r"\(pid (\d+)\)", line)]
+        assert len(pids) == 2, seen
+        while time.time() < deadline and not list(out.glob("claims/*.lock")):
+            time.sleep(0.2)
+        time.sleep(1.0)  # the workers are importing or training now
+        parent.send_signal(getattr(signal, sig))
+        parent.wait(timeout=60)
+
+        def alive(pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().split(") ")[1][0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.time() + 15  # the workers' 500 epochs would take minutes
+        while time.time() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.2)
+        assert not any(alive(p) for p in pids), f"workers {pids} outlived the sweep killed by {sig}"
+    finally:
+        for p in pids:  # only the workers this test's sweep started
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+def test_human_labels_with_label_noise_in_the_grid_is_refused_up_front(tmp_path):
+    """--human-labels needs --noise 0: a grid with noise used to train every noise-free configuration
+    (dense, vanilla, KD) before its first noisy one failed."""
+    labels = tmp_path / "labels.json"
+    labels.write_text("[0, 1]")
+    with pytest.raises(OptionError, match="--human-labels .* --noise 0"):
+        Sweep(_base(tmp_path / "s", options={"human_labels": str(labels)}), {"noise_grid": [0.0, 0.2]}, **quiet)
+    assert not (tmp_path / "s").exists()
+    Sweep(_base(tmp_path / "s", options={"human_labels": str(labels)}), {"seeds": [0, 1]}, **quiet)  # noise 0: fine

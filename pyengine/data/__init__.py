@@ -17,7 +17,7 @@ from pyengine.data.core import (
     split_indices,
 )
 from pyengine.data.datasets import build_dataset, canonical_name, list_datasets
-from pyengine.data.errors import DatasetCorruptError, DatasetNotFoundError
+from pyengine.data.errors import DatasetCorruptError, DatasetNotFoundError, ImageReadError
 from pyengine.data.loaders import Loaders, ShardSampler, build_loaders
 from pyengine.data.noise import apply_label_noise
 from pyengine.data.sources import (
@@ -31,7 +31,7 @@ from pyengine.data.transforms import ImageTransform, resize_images
 __all__ = [
     "build_dataset", "list_datasets", "canonical_name", "build_loaders", "apply_label_noise",
     "DatasetBundle", "DatasetInfo", "ImageDataset", "TensorSource", "FileSource", "Loaders",
-    "ShardSampler", "DatasetNotFoundError", "DatasetCorruptError", "ImageTransform",
+    "ShardSampler", "DatasetNotFoundError", "DatasetCorruptError", "ImageReadError", "ImageTransform",
     "resize_images", "split_indices", "read_idx", "read_cifar_batch", "download_tiny_imagenet",
     "search_roots",
 ]

@@ -50,8 +50,10 @@ class FileSource:
                 im = im.convert("L" if self.channels == 1 else "RGB")
                 w, h = im.size
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise RuntimeError(f"cannot read image {path}: {exc}") from exc
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            from pyengine.data.errors import ImageReadError
+
+            raise ImageReadError(f"cannot read image {path}: {exc}") from exc
         return data.view(h, w, self.channels).permute(2, 0, 1).contiguous()
 
     def load_all(self, size: int | None = None) -> torch.Tensor:

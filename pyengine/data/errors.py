@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-__all__ = ["DatasetNotFoundError", "DatasetCorruptError"]
+__all__ = ["DatasetNotFoundError", "DatasetCorruptError", "ImageReadError"]
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -31,3 +31,11 @@ class DatasetNotFoundError(FileNotFoundError):
 
 class DatasetCorruptError(DatasetNotFoundError):
     """A dataset's files exist but cannot be read (truncated, wrong format, wrong sizes)."""
+
+
+class ImageReadError(OSError):
+    """An image file of a dataset read from disk cannot be decoded (missing, truncated, not an
+    image). One message argument, so a DataLoader worker can re-raise it in the main process."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -71,17 +71,23 @@ def build_loaders(datasets, batch_size: int, workers: int = 0, distributed: bool
     Training order is reproducible: a generator seeded with ``seed`` drives shuffling, or
     DistributedSampler(seed=seed) when ``distributed``, which needs ``Loaders.set_epoch`` every
     epoch. Augmentation draws from torch's RNG: with ``workers > 0`` the workers' seeds come from
-    the same seeded generator; with ``workers=0`` it is the main process's global RNG, so seed
-    that (``torch.manual_seed``) for reproducible augmented batches. In distributed mode
-    evaluation splits are sharded without padding (``ShardSampler``). ``num_replicas`` and
-    ``rank`` default to the initialised process group's.
+    the same seeded generator, drawn afresh every epoch (workers are not persistent), so
+    restoring the generator's state (``loaders.train.generator``) before an epoch reproduces its
+    order and augmentation after a resume; with ``workers=0`` augmentation uses the main
+    process's global RNG, so seed that (``torch.manual_seed``) for reproducible augmented batches.
+    In distributed mode evaluation splits are sharded without padding (``ShardSampler``).
+    ``num_replicas`` and ``rank`` default to the initialised process group's.
     """
     train, val, test = _as_splits(datasets)
     eval_bs = eval_batch_size or batch_size
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    common = dict(num_workers=workers, pin_memory=pin_memory,
-                  persistent_workers=workers > 0)
+    # Workers are not persistent: every epoch's iterator draws its workers' seeds (and, for
+    # training, the shuffle) afresh from the saved-and-restored random state, so an epoch run
+    # after a resume sees the same order and augmentation as in an uninterrupted run (persistent
+    # workers keep the seeds drawn at the first epoch, which a resumed process cannot re-create),
+    # and evaluation draws from the global generator at every pass, as with workers=0.
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=False)
     gen = torch.Generator().manual_seed(int(seed))
 
     if distributed:

@@ -9,8 +9,10 @@ Search order for a dataset stored on disk: ``root`` (``--data-dir``), ``$PYENGIN
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
+import shutil
 import urllib.request
 import zipfile
 import zlib
@@ -28,12 +30,13 @@ from pyengine.data.transforms import resize_images
 __all__ = [
     "RawData", "search_roots", "download_dir", "read_idx", "read_cifar_batch",
     "load_digits_data", "load_fashion_mnist", "load_cifar", "load_tiny_imagenet",
-    "load_image_folder", "download_tiny_imagenet", "TINY_IMAGENET_URL",
+    "load_image_folder", "download_tiny_imagenet", "TINY_IMAGENET_URL", "TINY_IMAGENET_MD5",
     "FASHION_MNIST_SYSTEM_DIR",
 ]
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian dataset-fashion-mnist
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"  # the official zip (248,100,043 bytes)
 CIFAR_URLS = {
     "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -332,7 +335,8 @@ def load_cifar(name: str, root: str | Path | None = None, download: bool = False
     marker = train_files[0]
     found = next((p for p in places if (p / marker).is_file()), None)
     target = download_dir(root)
-    if found is None and download:
+
+    def fetch() -> None:
         try:
             import torchvision.datasets as tvd
             cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -341,14 +345,28 @@ def load_cifar(name: str, root: str | Path | None = None, download: bool = False
             raise _cifar_missing(name, places, target,
                                  f"downloading {name} into {target} failed "
                                  f"({type(exc).__name__}: {exc}).") from exc
+
+    def read(folder: Path):
+        xs, ys = zip(*(read_cifar_batch(folder / f, label_key) for f in train_files))
+        x_tr, y_tr = torch.cat(xs), torch.cat(ys)
+        xs, ys = zip(*(read_cifar_batch(folder / f, label_key) for f in test_files))
+        return x_tr, y_tr, torch.cat(xs), torch.cat(ys)
+
+    if found is None and download:
+        fetch()
         found = target / folder
         places.append(found)
     if found is None:
         raise _cifar_missing(name, places, target, None)
-    xs, ys = zip(*(read_cifar_batch(found / f, label_key) for f in train_files))
-    x_tr, y_tr = torch.cat(xs), torch.cat(ys)
-    xs, ys = zip(*(read_cifar_batch(found / f, label_key) for f in test_files))
-    x_te, y_te = torch.cat(xs), torch.cat(ys)
+    try:
+        x_tr, y_tr, x_te, y_te = read(found)
+    except DatasetCorruptError:
+        if not (download and found == target / folder):
+            raise
+        # a download or extraction killed half-way: torchvision checks every file's MD5 and
+        # extracts the (verified) archive again, fetching it anew only if it is bad too
+        fetch()
+        x_tr, y_tr, x_te, y_te = read(found)
     for y in (y_tr, y_te):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_cls):
             raise DatasetCorruptError(name, [str(found)], ["replace the folder"],
@@ -394,25 +412,95 @@ def _safe_extract_zip(archive: Path, dest: Path) -> None:
         zf.extractall(dest)
 
 
-def download_tiny_imagenet(root: str | Path, url: str = TINY_IMAGENET_URL) -> Path:
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_stale(root: Path, pattern: str) -> None:
+    """Removes the ``<name>.<pid>`` leftovers of processes that no longer run (a killed download
+    or extraction); those of running processes (another torchrun rank) are left alone."""
+    for p in root.glob(pattern):
+        pid = p.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def download_tiny_imagenet(root: str | Path, url: str = TINY_IMAGENET_URL,
+                           md5: str | None = TINY_IMAGENET_MD5) -> Path:
     """Download the official tiny-imagenet-200.zip (~237 MB) into ``root`` and extract it;
-    returns ``root/tiny-imagenet-200``."""
+    returns ``root/tiny-imagenet-200``.
+
+    The archive must have the official MD5 (``md5``; None skips the check): one that does not
+    (truncated, altered) is moved aside to ``*.zip.bad`` and reported, so the next call fetches it
+    anew. Extraction goes into a hidden temporary folder renamed into place when complete, so a
+    killed extraction never leaves a partial ``tiny-imagenet-200`` that would be read as the
+    dataset. Temporary names carry the process id, so ranks started together by torchrun do not
+    write into each other's files."""
     from tqdm import tqdm
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "tiny-imagenet-200.zip"
+    dest = root / "tiny-imagenet-200"
+    _remove_stale(root, "tiny-imagenet-200.zip.part.*")
+    _remove_stale(root, ".tiny-imagenet-200.partial.*")
     if not archive.is_file():
-        part = archive.with_suffix(".zip.part")
+        part = root / f"tiny-imagenet-200.zip.part.{os.getpid()}"
         with urllib.request.urlopen(url, timeout=60) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="tiny-imagenet-200") as bar:
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-        part.rename(archive)
-    _safe_extract_zip(archive, root)
-    return root / "tiny-imagenet-200"
+        part.replace(archive)  # atomic: another process's complete copy is the same file
+    if md5 is not None:
+        got = _md5(archive)
+        if got != md5:
+            bad = archive.with_suffix(".zip.bad")
+            archive.replace(bad)
+            raise DatasetCorruptError(
+                "tiny-imagenet", [str(bad)], ["pass --download again to fetch it anew"],
+                reason=f"{archive} has MD5 {got}, not the official {md5} (a truncated or altered "
+                       f"download); it was moved to {bad.name}")
+    if (dest / "wnids.txt").is_file():  # another process finished first
+        return dest
+    if dest.exists():
+        raise DatasetCorruptError(
+            "tiny-imagenet", [str(dest)], [f"delete {dest} and pass --download again"],
+            reason=f"{dest} exists but holds no wnids.txt (an incomplete extraction?)")
+    tmp = root / f".tiny-imagenet-200.partial.{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _safe_extract_zip(archive, tmp)
+        inner = tmp / "tiny-imagenet-200"
+        if not (inner / "wnids.txt").is_file():
+            raise DatasetCorruptError("tiny-imagenet", [str(archive)], ["pass --download again"],
+                                      reason=f"{archive} holds no tiny-imagenet-200/wnids.txt")
+        try:
+            inner.rename(dest)
+        except OSError:
+            if not (dest / "wnids.txt").is_file():  # not another process's complete extraction
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 def _tiny_listing(folder: Path) -> tuple[list[str], list[Path], list[int], list[Path], list[int]]:
@@ -423,11 +511,19 @@ def _tiny_listing(folder: Path) -> tuple[list[str], list[Path], list[int], list[
         raise DatasetCorruptError("tiny-imagenet", [str(wnids_file)], hints,
                                   reason=f"{wnids_file} lists no classes")
     index = {w: i for i, w in enumerate(wnids)}
-    train_paths, train_targets = [], []
+    train_paths, train_targets, empty = [], [], []
     for w in wnids:
         imgs = sorted((folder / "train" / w / "images").glob("*.JPEG"))
+        if not imgs:
+            empty.append(w)
         train_paths += imgs
         train_targets += [index[w]] * len(imgs)
+    if empty:  # e.g. an extraction that was killed: never train on a silent subset of the classes
+        raise DatasetCorruptError(
+            "tiny-imagenet", [str(folder / "train" / w / "images") for w in empty[:5]], hints,
+            reason=f"Tiny-ImageNet folder {folder} is incomplete: {len(empty)} of the {len(wnids)} "
+                   f"classes in wnids.txt have no training images ({', '.join(empty[:5])}"
+                   f"{' ...' if len(empty) > 5 else ''})")
     ann = folder / "val" / "val_annotations.txt"
     if not ann.is_file():
         raise DatasetCorruptError("tiny-imagenet", [str(ann)], hints,
@@ -443,6 +539,13 @@ def _tiny_listing(folder: Path) -> tuple[list[str], list[Path], list[int], list[
                                       reason=f"{ann} names class {wnid!r}, not in wnids.txt")
         test_paths.append(folder / "val" / "images" / fname)
         test_targets.append(index[wnid])
+    missing = [p for p in test_paths if not p.is_file()]
+    if missing:  # found now, not when the first evaluation reaches them
+        raise DatasetCorruptError(
+            "tiny-imagenet", [str(p) for p in missing[:5]], hints,
+            reason=f"Tiny-ImageNet folder {folder} is incomplete: {len(missing)} of the "
+                   f"{len(test_paths)} validation images in {ann.name} are missing "
+                   f"({', '.join(p.name for p in missing[:5])}{' ...' if len(missing) > 5 else ''})")
     if not train_paths or not test_paths:
         raise DatasetCorruptError("tiny-imagenet", [str(folder)], hints,
                                   reason=f"Tiny-ImageNet folder {folder} holds "
@@ -463,6 +566,8 @@ def load_tiny_imagenet(root: str | Path | None = None, download: bool = False,
     if found is None and download:
         try:
             found = download_tiny_imagenet(target)
+        except DatasetNotFoundError:  # a bad archive or folder: its own message says what to do
+            raise
         except Exception as exc:  # noqa: BLE001
             raise _tiny_missing(places, target, f"downloading {TINY_IMAGENET_URL} into {target} "
                                                 f"failed ({type(exc).__name__}: {exc}).") from exc

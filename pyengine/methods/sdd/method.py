@@ -199,8 +199,12 @@ class SDD(Method):
         if self._teacher is None:
             run = self.run
             info = run.bundle.info
-            teacher = load_teacher(self.opt.kd_teacher, run.arch, run.example_input, info.num_classes,
-                                   info.image_size, run.device)
+            # Building the teacher initialises a model at random before its weights are loaded: that
+            # must not draw from the run's random state, which a resumed run restores before it gets
+            # here (an uninterrupted one had drawn it at its dense training): so, a forked state
+            with torch.random.fork_rng(devices=[]):
+                teacher = load_teacher(self.opt.kd_teacher, run.arch, run.example_input, info.num_classes,
+                                       info.image_size, run.device)
             self._teacher = KDLoss(teacher, self.opt.kd_alpha, self.opt.kd_temperature)
         return [self._teacher]
 

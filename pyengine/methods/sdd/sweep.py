@@ -24,7 +24,9 @@ sweep resumes at the next unfinished round of the next unfinished run.
 Several devices: ``devices=["0", "1", "2", "3"]`` starts one worker process per device
 (``CUDA_VISIBLE_DEVICES`` set to it). Workers take whole configurations (dense -> vanilla -> KD)
 under a file lock each (``claims/<config>.lock``, released by the OS if a worker dies), so no
-configuration runs twice and a resumed sweep hands the unfinished ones out again.
+configuration runs twice and a resumed sweep hands the unfinished ones out again. A worker ends
+with the sweep that started it (SIGTERM to the sweep stops its workers; on Linux the kernel ends them
+if the sweep is killed outright), so no worker trains on behind a sweep that has stopped.
 """
 from __future__ import annotations
 
@@ -209,6 +211,10 @@ class Sweep:
         """The configurations in run order, each {"key", "noise", "weight_decay", "seed", "width",
         "runs": [(name, kind), ...]}."""
         g = self.resolved_grid()
+        if self.base.options.human_labels and any(float(n) != 0.0 for n in g["noise"]):
+            # found now, not after the noise-free configurations have trained
+            raise OptionError(f"--human-labels replaces the training labels: use it with --noise 0 (the grid has "
+                              f"label noise {', '.join(_fmt(float(n)) for n in g['noise'])})")
         out, seen = [], set()
         for width, noise, wd, seed in itertools.product(g["width"], g["noise"], g["weight_decay"], g["seed"]):
             c = {"noise": float(noise), "weight_decay": float(wd), "seed": int(seed), "width": width}
@@ -368,12 +374,22 @@ class Sweep:
             lock.release()
 
     def _spawn(self, devices: list[str]) -> None:
+        import signal
+        import threading
+
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         procs = []
+
+        def terminated(signum, _frame):  # `kill`, a scheduler's time limit: stop the workers too
+            raise SystemExit(128 + signum)
+
+        main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+        old_term = signal.signal(signal.SIGTERM, terminated) if main_thread else None
         try:
             for k, d in enumerate(devices):
                 env = dict(os.environ)
+                env[_PARENT_ENV] = str(os.getpid())  # a worker ends when this process does (_die_with_parent)
                 dev = "cpu"
                 if d != "cpu":
                     env["CUDA_VISIBLE_DEVICES"] = d.split(":", 1)[1] if d.startswith("cuda:") else ("0" if d == "cuda" else d)
@@ -401,6 +417,8 @@ class Sweep:
                     p.kill()
             raise
         finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, old_term)
             for _, f, _ in procs:
                 f.close()
         bad = [(p.returncode, path) for p, _, path in procs if p.returncode != 0]
@@ -500,6 +518,28 @@ def _device_name(d: str) -> str:
     return f"cuda:{d}" if d.isdigit() else d
 
 
+_PARENT_ENV = "PYENGINE_SWEEP_PARENT"
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive the sweep that started it (killed, even with SIGKILL, it could not
+    stop its workers itself): on Linux the kernel sends SIGTERM to this process when its parent
+    dies; a parent already gone when this runs ends it now. The runs resume from their checkpoints."""
+    parent = os.environ.get(_PARENT_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != int(parent):
+        sys.exit("pyengine sdd worker: the sweep that started it has ended")
+
+
 def _worker_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyengine.methods.sdd.sweep",
                                  description="a worker of a pyengine sdd sweep (started by the sweep itself)")
@@ -507,6 +547,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
     ap.add_argument("folder")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
+    _die_with_parent()
     sweep = Sweep.from_folder(a.folder, log=lambda s: print(s, flush=True))
     keys = sweep.work(a.device)
     print(f"worker done: {', '.join(keys) or 'nothing left'}", flush=True)
