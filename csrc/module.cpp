@@ -74,6 +74,10 @@ TORCH_LIBRARY(pyengine, m) {
   // generator keyed by seed: the same values for a seed on any thread count (layout in
   // csrc/sliced/directions_simd.inc). CPU only; on CUDA torch.randn already draws on the device.
   m.def("fill_directions_(Tensor(a!) out, int seed, bool normalize) -> ()");
+  // The same with the seed in a one-element int64 CPU tensor: what random_directions passes, so that
+  // a key drawn from a generator stays a tensor under torch.compile (an int drawn from a tensor is
+  // data-dependent there, and fullgraph tracing cannot pass it to an int argument).
+  m.def("fill_directions_keyed_(Tensor(a!) out, Tensor seed, bool normalize) -> ()");
 }
 
 extern "C" {

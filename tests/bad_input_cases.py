@@ -344,6 +344,15 @@ def cases(dev: torch.device):
         ("fill_directions_ strided out", lambda: P.fill_directions_(torch.empty(3, 2, **f32).t(), 1, True), ValueError,
          "must be contiguous"),
         ("random_directions zero", lambda: ops.random_directions(0, 4, device=dev), ValueError, "at least 1"),
+        ("fill_directions_keyed_ int32 seed",
+         lambda: P.fill_directions_keyed_(torch.empty(2, 3, **f32), torch.tensor(1, dtype=torch.int32), True), TypeError,
+         "seed has dtype int32"),
+        ("fill_directions_keyed_ two seeds",
+         lambda: P.fill_directions_keyed_(torch.empty(2, 3, **f32), torch.tensor([1, 2]), True), ValueError,
+         "seed must hold one element"),
+        ("fill_directions_keyed_ strided out",
+         lambda: P.fill_directions_keyed_(torch.empty(3, 2, **f32).t(), torch.tensor(1), True), ValueError,
+         "must be contiguous"),
     ] if not cuda else [
         # CPU-only op: on CUDA the directions come from torch.randn on the device
         ("fill_directions_ on cuda", lambda: P.fill_directions_(torch.empty(2, 3, **f32), 1, True), NotImplementedError,

@@ -117,6 +117,9 @@ def test_in_place_ops_move_versions_on(device):
         vo = out._version
         P.fill_directions_(out, 7, True)
         assert out._version > vo
+        vo = out._version
+        P.fill_directions_keyed_(out, torch.tensor(7), True)
+        assert out._version > vo
     with torch.inference_mode():  # inference tensors have no version: still fine
         ci = torch.zeros(5, dtype=torch.int64, device=device)
         ops.entropy_counts_add_(ci, x)

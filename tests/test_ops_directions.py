@@ -195,3 +195,25 @@ def test_opcheck_and_compile():
 
     a = torch.compile(draw, fullgraph=True, backend="aot_eager")(torch.empty(4, 50))
     assert torch.equal(a, draw(torch.empty(4, 50)))
+
+
+def test_drawn_directions_compile_fullgraph_with_the_eager_values():
+    # random_directions (and sliced_wasserstein without directions) draw a key from the generator;
+    # read as a Python int it was data-dependent under torch.compile and fullgraph tracing failed
+    # ("Expected a value of type 'int' for argument 'seed' but instead found type 'SymInt'")
+    from pyengine.ops import random_directions, sliced_wasserstein
+
+    x, y = torch.randn(2, 6, 5, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64)
+    for draw in (lambda: random_directions(3, 5, dtype=torch.float64),
+                        lambda: sliced_wasserstein(x, y, n_directions=4)):
+        torch.manual_seed(3)
+        eager = draw()
+        torch.manual_seed(3)
+        compiled = torch.compile(draw, fullgraph=True, backend="aot_eager")()
+        assert torch.equal(compiled, eager)
+    torch.library.opcheck(torch.ops.pyengine.fill_directions_keyed_.default, (torch.empty(3, 40), torch.tensor(5), True))
+    out = torch.empty(4, 9)
+    torch.ops.pyengine.fill_directions_keyed_(out, torch.tensor(-12345), True)
+    ref = torch.empty(4, 9)
+    torch.ops.pyengine.fill_directions_(ref, -12345, True)
+    assert torch.equal(out, ref)

@@ -1,5 +1,5 @@
 // Version counters of pyengine's in-place ops (schemas in csrc/module.cpp): apply_masks_,
-// entropy_counts_add_, entropy_counts_add_many_ and fill_directions_. ATen's own in-place ops move
+// entropy_counts_add_, entropy_counts_add_many_, fill_directions_ and fill_directions_keyed_. ATen's own in-place ops move
 // the version of every tensor they write on (their ADInplaceOrView kernels), so that autograd
 // refuses a backward that would read a saved tensor changed since it was saved ("modified by an
 // inplace operation") instead of using the new values. A custom op gets nothing at that key by
@@ -67,6 +67,16 @@ void fill_directions_view(at::Tensor& out, int64_t seed, bool normalize) {  // t
   bump(out);
 }
 
+void fill_directions_keyed_view(at::Tensor& out, const at::Tensor& seed, bool normalize) {
+  static const auto op =
+      op_handle<void(at::Tensor&, const at::Tensor&, bool)>("pyengine::fill_directions_keyed_");
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.call(out, seed, normalize);
+  }
+  bump(out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(pyengine, ADInplaceOrView, m) {
@@ -74,6 +84,7 @@ TORCH_LIBRARY_IMPL(pyengine, ADInplaceOrView, m) {
   m.impl("entropy_counts_add_", &entropy_counts_add_view);
   m.impl("entropy_counts_add_many_", &entropy_counts_add_many_view);
   m.impl("fill_directions_", &fill_directions_view);
+  m.impl("fill_directions_keyed_", &fill_directions_keyed_view);
 }
 
 }  // namespace pyengine

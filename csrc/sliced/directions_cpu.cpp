@@ -87,8 +87,21 @@ void fill_directions_cpu(at::Tensor& out, int64_t seed, bool normalize) {
     fill_rows<double>(out.data_ptr<double>(), K, d, uint64_t(seed), normalize);
 }
 
+// fill_directions_ with the seed given as a one-element int64 CPU tensor.
+void fill_directions_keyed_cpu(at::Tensor& out, const at::Tensor& seed, bool normalize) {
+  const OpChecks op{"fill_directions_keyed_"};
+  op.defined(seed, "seed");
+  op.dtype(seed, "seed", {at::kLong});
+  if (seed.numel() != 1) op.value_error("seed must hold one element, got shape ", shape_str(seed.sizes()));
+  if (!seed.device().is_cpu()) op.value_error("seed must be a CPU tensor, got one on ", seed.device());
+  fill_directions_cpu(out, seed.item<int64_t>(), normalize);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pyengine, CPU, m) { m.impl("fill_directions_", &fill_directions_cpu); }
+TORCH_LIBRARY_IMPL(pyengine, CPU, m) {
+  m.impl("fill_directions_", &fill_directions_cpu);
+  m.impl("fill_directions_keyed_", &fill_directions_keyed_cpu);
+}
 
 }  // namespace pyengine

@@ -137,7 +137,8 @@ def _check_generator(generator, device):
         if not same_device(generator.device, device):
             raise ValueError(f"generator is on {generator.device} but the directions go to {torch.device(device)}; "
                              "pass a generator on the data's device")
-    return torch.device(device) if device is not None else torch.get_default_device()
+    # torch.get_default_device() cannot be traced by torch.compile; a new tensor's device is the default
+    return torch.device(device) if device is not None else torch.empty(0).device
 
 
 def _gaussians(rows: int, cols: int, generator, dev: torch.device, dtype, normalize: bool) -> torch.Tensor:
@@ -145,9 +146,10 @@ def _gaussians(rows: int, cols: int, generator, dev: torch.device, dtype, normal
     (float32 / float64, native build) from pyengine's counter-based generator keyed by one draw
     from ``generator``, elsewhere ``torch.randn`` on the device."""
     if dev.type == "cpu" and dtype in (torch.float32, torch.float64) and _native.native_available(dev):
-        key = int(torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64))
+        # the key stays a tensor: under torch.compile an int read from it would be data-dependent
+        key = torch.randint(-(2**63), 2**63 - 1, (), generator=generator, dtype=torch.int64)
         theta = torch.empty(rows, cols, dtype=dtype)
-        torch.ops.pyengine.fill_directions_(theta, key, normalize)
+        torch.ops.pyengine.fill_directions_keyed_(theta, key, normalize)
         return theta
     theta = torch.randn(rows, cols, generator=generator, device=dev, dtype=dtype)
     return theta / theta.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny) if normalize else theta
@@ -365,6 +367,10 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::fill_directions_")
     def _fill_directions_fake(out, seed, normalize):
+        return None
+
+    @torch.library.register_fake("pyengine::fill_directions_keyed_")
+    def _fill_directions_keyed_fake(out, seed, normalize):
         return None
 
     @torch.library.register_fake("pyengine::sliced_wasserstein_bwd")
