@@ -502,3 +502,15 @@ def test_packed_weight_shape_must_be_integers():
         with pytest.raises(TypeError, match="two integers"):
             PackedWeight(p.rowptr, p.colidx, p.values, bad)
     assert PackedWeight(p.rowptr, p.colidx, p.values, (torch.tensor(6), 8)).shape == (6, 8)
+
+
+def test_apply_masks_fractional_mask_index_is_refused(device):
+    # mask_index entries went through int(): 0.7 was truncated to 0 and applied masks[0]
+    t = [torch.randn(3, 4, device=device), torch.randn(3, 4, device=device)]
+    before = [u.clone() for u in t]
+    ms = [torch.zeros(3, 4, dtype=torch.bool, device=device), torch.ones(3, 4, dtype=torch.bool, device=device)]
+    with pytest.raises(TypeError, match=r"mask_index\[1\] must be an integer, got 0.7"):
+        apply_masks_(t, ms, [1, 0.7])
+    assert all(torch.equal(u, v) for u, v in zip(t, before))  # nothing was masked
+    apply_masks_(t, ms, [1, torch.tensor(0)])  # an integer tensor is an integer
+    assert torch.equal(t[0], before[0]) and (t[1] == 0).all()

@@ -416,7 +416,7 @@ def apply_masks_(tensors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
                 f"got {len(tensors)} tensors and {len(masks)} masks; pass mask_index to share masks"
             )
         mask_index = list(range(len(tensors)))
-    mask_index = [int(i) for i in mask_index]
+    mask_index = [as_int(f"mask_index[{j}]", i) for j, i in enumerate(mask_index)]  # 0.7 is refused, not truncated
     if len(mask_index) != len(tensors):
         raise ValueError(f"mask_index has {len(mask_index)} entries for {len(tensors)} tensors")
     if not tensors:
