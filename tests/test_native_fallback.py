@@ -59,6 +59,12 @@ def test_import_without_extension_falls_back_with_clear_message():
                                               ops.sliced_wasserstein(a2, b2, thg[:, 4:])]))
         g = ops.sliced_wasserstein_grouped([a, a2], [b, b2], generator=torch.Generator().manual_seed(0))
         assert g.shape == (2,)
+        try:  # the reference path checks the pairs as the native op does
+            ops.sliced_wasserstein_grouped([a, a2[:3]], [b, b2[:3]], thg)
+        except ValueError as e:
+            assert "xs[1] has 3 points but xs[0] has 8" in str(e), e
+        else:
+            raise AssertionError("pairs of different point counts were accepted")
         print("fallback ok")
         """
     )

@@ -565,3 +565,41 @@ def test_float32_projections_by_default_tf32_within_the_bound(device):
                 assert (err <= bound * (1 + 1e-5)).all(), (err, bound)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_grouped_refuses_mixed_dtypes_and_mismatched_pairs(device):
+    # the wrapper cast every pair to xs[0]'s working dtype: a float64 pair after a float32 xs[0] was
+    # silently computed in float32 (and a float32 one after a float64 xs[0] in float64); the
+    # fallback path also accepted pairs of different point counts and x / y shapes
+    from pyengine.ops import sliced_wasserstein_grouped
+
+    a, b = torch.randn(6, 3, device=device), torch.randn(6, 2, device=device)
+    th = torch.randn(4, 5, device=device)
+    with pytest.raises(TypeError, match=r"xs\[1\] has dtype torch.float64 but xs\[0\] has torch.float32"):
+        sliced_wasserstein_grouped([a, b.double()], [a, b.double()], th)
+    with pytest.raises(TypeError, match=r"ys\[0\] has dtype torch.float32 but xs\[0\] has torch.float64"):
+        sliced_wasserstein_grouped([a.double(), b.double()], [a, b.double()], th.double())
+    with pytest.raises(ValueError, match=r"xs\[1\] has 3 points but xs\[0\] has 6"):
+        sliced_wasserstein_grouped([a, b[:3]], [a, b[:3]], th)
+    with pytest.raises(ValueError, match=r"ys\[1\] has shape \(6, 3\) but xs\[1\] has \(6, 2\)"):
+        sliced_wasserstein_grouped([a, b], [a, a], th)
+    with pytest.raises(ValueError, match="directions is empty"):
+        sliced_wasserstein_grouped([a, b], [a, b], th[:0])
+    # half inputs of one dtype are still computed in float32, as by sliced_wasserstein
+    d = sliced_wasserstein_grouped([a.half(), b.half()], [b[:, :1].repeat(1, 3).half(), a[:, :2].half()], th)
+    assert d.dtype == torch.float32 and d.shape == (2,)
+
+
+def test_direction_arguments_are_checked():
+    from pyengine.ops import grouped_directions
+
+    with pytest.raises(TypeError, match="dim must be an integer"):
+        random_directions(3, 2.5)  # was torch.empty's "failed to unpack the object at pos 2"
+    for dtype in (torch.int64, torch.complex64):  # "normal_kernel_cpu not implemented" / complex directions
+        with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+            random_directions(3, 4, dtype=dtype)
+        with pytest.raises(TypeError, match="dtype must be a floating dtype"):
+            grouped_directions([2, 3], 3, dtype=dtype)
+    with pytest.raises(TypeError, match=r"dims\[0\] must be an integer"):
+        grouped_directions([2.5, 3], 3)  # was truncated to 2
+    assert random_directions(3, torch.tensor(4)).shape == (3, 4)

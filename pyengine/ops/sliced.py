@@ -141,6 +141,12 @@ def _check_generator(generator, device):
     return torch.device(device) if device is not None else torch.empty(0).device
 
 
+def _check_direction_dtype(dtype) -> None:
+    if dtype not in _SW_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in _SW_DTYPES)
+        raise TypeError(f"dtype must be a floating dtype ({allowed}) for unit directions, got {dtype}")
+
+
 def _gaussians(rows: int, cols: int, generator, dev: torch.device, dtype, normalize: bool) -> torch.Tensor:
     """(rows, cols) standard normals (each row scaled to a unit vector when ``normalize``): on the CPU
     (float32 / float64, native build) from pyengine's counter-based generator keyed by one draw
@@ -169,8 +175,10 @@ def random_directions(n_directions: int, dim: int, *, generator=None, device=Non
     n_directions = as_int("n_directions", n_directions)
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
+    dim = as_int("dim", dim)
     if dim < 1:
         raise ValueError(f"dim must be at least 1, got {dim}")
+    _check_direction_dtype(dtype)
     return _gaussians(n_directions, dim, generator, _check_generator(generator, device), dtype, True)
 
 
@@ -178,8 +186,9 @@ def grouped_directions(dims, n_directions: int, *, generator=None, device=None, 
     """(K, sum d): row k holds, in the column block of every pair g, an independent unit vector of
     dimension d_g (normalised Gaussians) - the directions :func:`sliced_wasserstein_grouped` draws
     when given none: the same generator state gives the same values."""
-    dims = [int(d) for d in dims]
+    dims = [as_int(f"dims[{i}]", d) for i, d in enumerate(dims)]
     n_directions = as_int("n_directions", n_directions)
+    _check_direction_dtype(dtype)
     if n_directions < 1:
         raise ValueError(f"n_directions must be at least 1, got {n_directions}")
     if not dims or min(dims) < 1:
@@ -301,6 +310,15 @@ def sliced_wasserstein_grouped(
     for i, (x, y) in enumerate(zip(xs, ys)):
         check_tensor(f"xs[{i}]", x, dtypes=_SW_DTYPES, ndim=2)
         check_tensor(f"ys[{i}]", y, dtypes=_SW_DTYPES, ndim=2)
+        # one dtype for all (as sliced_wasserstein wants x and y alike): a float64 pair among
+        # float32 ones must not be computed in float32 because xs[0] is float32, or the reverse
+        for name, t in ((f"xs[{i}]", x), (f"ys[{i}]", y)):
+            if t.dtype != xs[0].dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but xs[0] has {xs[0].dtype}; every pair must have one dtype")
+        if y.shape != x.shape:
+            raise ValueError(f"ys[{i}] has shape {tuple(y.shape)} but xs[{i}] has {tuple(x.shape)}; they must match")
+        if x.shape[0] != xs[0].shape[0]:
+            raise ValueError(f"xs[{i}] has {x.shape[0]} points but xs[0] has {xs[0].shape[0]}; every pair needs the same count")
     x0 = xs[0]
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
     xs = [x if x.dtype == work else x.to(work) for x in xs]
@@ -327,6 +345,8 @@ def sliced_wasserstein_grouped(
                                  f"{[t.shape[0] for t in directions]}")
             directions = torch.cat([t.to(device=x0.device, dtype=work) for t in directions], dim=1)
         check_tensor("directions", directions, ndim=2)
+        if directions.shape[0] == 0:
+            raise ValueError("directions is empty")
         if directions.shape[1] != sum(dims):
             raise ValueError(f"directions have {directions.shape[1]} dims but the pairs have {sum(dims)} in all")
         theta = directions.to(work)
