@@ -32,6 +32,12 @@ def test_import_without_extension_falls_back_with_clear_message():
             assert "counts[1] has shape" in str(e), e
         else:
             raise AssertionError("a wrong counts shape was accepted")
+        # the references' checks and summary compile with fullgraph=True too
+        stats = torch.compile(lambda c: ops.entropy_from_counts(c, 4).summary, fullgraph=True, backend="aot_eager")
+        cc = torch.tensor([0, 1, 3, 4])
+        assert torch.equal(stats(cc), ops.entropy_from_counts_reference(cc, 4)[1])
+        xc = torch.compile(lambda a: ops.entropy_counts(a), fullgraph=True, backend="aot_eager")
+        assert torch.equal(xc(x), c)
         from pyengine.nn import EntropyCollector
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
         with EntropyCollector(net) as col:

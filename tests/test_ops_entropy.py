@@ -333,3 +333,22 @@ def test_integer_arguments_are_not_truncated():
     with pytest.raises(TypeError, match="n_samples must be an integer"):
         entropy_from_counts(torch.tensor([1, 2]), 4.9)
     assert entropy_counts(x, torch.tensor(1)).tolist() == entropy_counts_reference(x, 1).tolist()  # an int tensor is fine
+
+
+def test_default_checks_compile_fullgraph():
+    # entropy_counts' NaN check and entropy_from_counts' range check read a tensor into a Python
+    # int: under torch.compile(fullgraph=True) tracing failed ("Could not guard on data-dependent
+    # expression"); compiled, they are runtime assertions (the native kernel's own check for the range)
+    from pyengine.ops import entropy_counts, entropy_from_counts
+
+    count = torch.compile(lambda a: entropy_counts(a), fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 2, 2)
+    assert torch.equal(count(x), entropy_counts_reference(x))
+    x[1, 2, 0, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="x contains NaN values; entropy counts need finite activations"):
+        count(x)
+    stats = torch.compile(lambda c: entropy_from_counts(c, 4).summary, fullgraph=True, backend="aot_eager")
+    c = torch.tensor([0, 1, 2, 4])
+    assert torch.allclose(stats(c), entropy_from_counts_reference(c, 4)[1])
+    with pytest.raises((ValueError, RuntimeError), match=r"counts holds 5 at position 1, outside \[0, n_samples = 4\]"):
+        stats(torch.tensor([0, 5, 2, 4]))

@@ -53,7 +53,7 @@ def entropy_from_counts_reference(counts, n_samples, eps=0.0):
     nonconst = ~(on | off)
     h = torch.where(nonconst, h, torch.zeros_like(h))  # a constant neuron has exactly zero entropy
     mean_all = h.mean() if h.numel() else h.new_zeros(())
-    mean_nc = h[nonconst].mean() if bool(nonconst.any()) else h.new_zeros(())
+    mean_nc = h.sum() / nonconst.sum().clamp_min(1)  # h is 0 off nonconst; 0 if none (no data-dependent branch)
     summary = torch.stack(
         [mean_all, mean_nc, on.sum().to(torch.float64), off.sum().to(torch.float64)]
     )
@@ -81,6 +81,9 @@ def entropy_counts(
 
     channel_dim: 1 for NCHW / (N, C) tensors (any memory format), -1 for (B, T, C).
     With ``check_nan`` (default) a NaN in ``x`` raises ValueError; on CUDA that costs one sync.
+    Under torch.compile the check is a runtime assertion on the CPU (RuntimeError, same message);
+    on other devices a compiled call skips it (a failed device-side assertion would end the CUDA
+    context), as sliced_wasserstein does.
     """
     check_tensor("x", x, min_ndim=2)
     channel_dim = _normalise_dim(channel_dim, x.dim())
@@ -89,12 +92,26 @@ def entropy_counts(
     x = x.detach()
     if _native.native_available(x.device):
         counts, nan_count = torch.ops.pyengine.entropy_counts(x, channel_dim, per_position, inclusive)
-        if check_nan and int(nan_count) > 0:
-            raise ValueError(f"x contains {int(nan_count)} NaN values; entropy counts need finite activations")
-        return counts
-    if check_nan and bool(torch.isnan(x).any()):
-        raise ValueError("x contains NaN values; entropy counts need finite activations")
-    return entropy_counts_reference(x, channel_dim, per_position, inclusive)
+    else:
+        counts = entropy_counts_reference(x, channel_dim, per_position, inclusive)
+        nan_count = torch.isnan(x).sum() if check_nan else None
+    if check_nan:
+        _check_no_nan(nan_count)
+    return counts
+
+
+_NAN_MESSAGE = "NaN values; entropy counts need finite activations"
+
+
+def _check_no_nan(nan_count: torch.Tensor) -> None:
+    # an int() of a tensor is data-dependent under torch.compile, which fullgraph tracing refuses
+    if torch.compiler.is_compiling():
+        if nan_count.device.type == "cpu":
+            torch._assert_async(nan_count == 0, f"x contains {_NAN_MESSAGE}")
+        return
+    n = int(nan_count)
+    if n > 0:
+        raise ValueError(f"x contains {n} {_NAN_MESSAGE}")
 
 
 def _counts_shape(x, channel_dim, per_position):
@@ -232,10 +249,14 @@ def entropy_from_counts(counts: torch.Tensor, n_samples: int, eps: float = 0.0) 
     eps = float(eps)
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"eps must be in [0, 0.5), got {eps}")
-    if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_samples):
-        raise ValueError(f"counts must lie in [0, n_samples={n_samples}]")
+    native = _native.native_available(counts.device)
+    if not torch.compiler.is_compiling():
+        if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_samples):
+            raise ValueError(f"counts must lie in [0, n_samples={n_samples}]")
+    elif not native and counts.device.type == "cpu":  # compiled: the native op checks the range itself
+        torch._assert_async(((counts >= 0) & (counts <= n_samples)).all(), f"counts must lie in [0, n_samples={n_samples}]")
     counts = counts.to(torch.int64)
-    if _native.native_available(counts.device):
+    if native:
         h, summary = torch.ops.pyengine.entropy_from_counts(counts.contiguous(), n_samples, float(eps))
     else:
         h, summary = entropy_from_counts_reference(counts, n_samples, eps)
