@@ -38,6 +38,13 @@ def test_import_without_extension_falls_back_with_clear_message():
         assert torch.equal(stats(cc), ops.entropy_from_counts_reference(cc, 4)[1])
         xc = torch.compile(lambda a: ops.entropy_counts(a), fullgraph=True, backend="aot_eager")
         assert torch.equal(xc(x), c)
+        for bad, msg in ((torch.zeros(2, dtype=torch.int64), "one element"), (torch.zeros(()), "nan_count has dtype")):
+            try:  # the native op's checks: a (2,) nan_count was broadcast into, a float one accepted
+                ops.entropy_counts_add_(torch.zeros(3, dtype=torch.int64), x, nan_count=bad)
+            except (ValueError, TypeError) as e:
+                assert msg in str(e), e
+            else:
+                raise AssertionError(f"nan_count {bad!r} was accepted")
         from pyengine.nn import EntropyCollector
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU())
         with EntropyCollector(net) as col:

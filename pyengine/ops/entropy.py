@@ -144,6 +144,11 @@ def entropy_counts_add_(
     check_tensor("counts", counts, dtypes=(torch.int64,))
     if tuple(counts.shape) != _counts_shape(x, cd, per_position):
         raise ValueError(f"counts has shape {tuple(counts.shape)} but must have {_counts_shape(x, cd, per_position)}")
+    # as the native op: one int64 element (a (2,) nan_count was broadcast into, a float one counted in float)
+    check_tensor("nan_count", nan_count, dtypes=(torch.int64,))
+    if nan_count.numel() != 1:
+        raise ValueError(f"nan_count must hold one element, got shape {tuple(nan_count.shape)}")
+    check_op_devices("entropy_counts_add_", x=x, counts=counts, nan_count=nan_count)
     x = x.detach()
     counts += entropy_counts_reference(x, cd, per_position, inclusive)
     nan_count += torch.isnan(x).sum()
