@@ -152,3 +152,33 @@ def test_meta_tensor_among_real_ones_is_refused(device):
         P.sliced_wasserstein_fwd(xm[None], xm[None], meta(w[:, :6]), 2.0, True, False)
     # all on meta: shapes only, as torch.compile's tracing needs
     assert P.masked_linear(meta(xm), meta(w), meta(mask), None).shape == (2, 4)
+
+
+def test_torch_func_transforms_on_masked_linear_and_sliced_wasserstein():
+    # torch.func.grad / jacrev over the ops raised torch's "In order to use an autograd.Function with
+    # functorch transforms ... it must override the setup_context staticmethod" (the registered
+    # autograd of a library op); under a transform the ops now compute through their references
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g)
+    m = torch.rand(4, 5, generator=g) > 0.5
+    gx = torch.func.grad(lambda a: ops.masked_linear(a, w, m, b).square().sum())(x)
+    xr = x.clone().requires_grad_(True)
+    ops.masked_linear_reference(xr, w, m, b).square().sum().backward()
+    assert torch.allclose(gx, xr.grad, rtol=1e-12, atol=1e-12)
+    jw = torch.func.jacrev(lambda v: ops.masked_linear(x, v, m, b))(w)
+    assert torch.allclose(jw, torch.func.jacrev(lambda v: ops.masked_linear_reference(x, v, m, b))(w))
+    assert (jw[..., ~m] == 0).all()  # the pruned weights take no gradient
+    assert torch.allclose(torch.vmap(lambda a: ops.masked_linear(a, w, m, b))(x), ops.masked_linear(x, w, m, b))
+
+    p, q = torch.randn(2, 7, 5, dtype=torch.float64, generator=g), torch.randn(7, 5, dtype=torch.float64, generator=g)
+    th = ops.random_directions(6, 5, dtype=torch.float64, generator=g)
+    gp = torch.func.grad(lambda a: ops.sliced_wasserstein(a, q, th))(p[0])
+    pr = p[0].clone().requires_grad_(True)
+    ops.sliced_wasserstein(pr, q, th).backward()  # the native backward
+    assert torch.allclose(gp, pr.grad, rtol=1e-10, atol=1e-12)
+    batched = torch.vmap(lambda a: ops.sliced_wasserstein(a, q, th, check_nan=False))(p)
+    assert torch.allclose(batched, ops.sliced_wasserstein(p, q.expand(2, 7, 5), th))
+    with pytest.raises(ValueError, match="check_nan cannot look at the result under torch.vmap"):
+        torch.vmap(lambda a: ops.sliced_wasserstein(a, q, th))(p)

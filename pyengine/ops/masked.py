@@ -64,7 +64,8 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
     """``x @ (weight * mask)^T + bias`` without materialising ``weight * mask``.
 
     x: (..., K); weight: (N, K); mask: bool or 0/1 of weight's shape; bias: (N,) or None.
-    Differentiable in x, weight (gradient masked) and bias.
+    Differentiable in x, weight (gradient masked) and bias. Under torch.func transforms (grad,
+    jacrev, vmap, ...) it computes through :func:`masked_linear_reference` (W * M is materialised).
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
@@ -79,7 +80,9 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, bia
             f"x has {x.shape[-1]} features in its last dimension but weight expects {weight.shape[1]}"
         )
     mask = as_bool_mask("mask", mask, weight.shape)
-    if not _native.native_available(x.device):
+    # torch.func transforms (grad, vmap, jacrev, ...) cannot run the op's registered autograd (torch
+    # raised a confusing "must override the setup_context staticmethod"): they get the reference
+    if not _native.native_available(x.device) or torch._C._are_functorch_transforms_active():
         return masked_linear_reference(x, weight, mask, bias)
     lead = x.shape[:-1]
     y = torch.ops.pyengine.masked_linear(x.reshape(math.prod(lead), x.shape[-1]), weight, mask, bias)

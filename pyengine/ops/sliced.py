@@ -223,6 +223,8 @@ def sliced_wasserstein(
     check_nan: raise ValueError when the result is NaN (a NaN in x, y or the directions). On CUDA
     that reads the result back - a host sync that stalls the launch queue - so training loops pass
     False and get NaN in the result instead (as the reference does), checking it when they log.
+    Under torch.func transforms (grad, jacrev, vmap, ...) the distance is computed by
+    :func:`sliced_wasserstein_reference`; under vmap pass check_nan=False.
     """
     check_tensor("x", x, dtypes=_SW_DTYPES, min_ndim=2)
     check_tensor("y", y, dtypes=_SW_DTYPES, min_ndim=2)
@@ -258,7 +260,10 @@ def sliced_wasserstein(
         if directions.shape[0] == 0:
             raise ValueError("directions is empty")
         theta = directions.to(work)
-    if _native.native_available(x.device):
+    # torch.func transforms (grad, jacrev, vmap, ...) cannot run the op's registered autograd (torch
+    # raised a confusing "must override the setup_context staticmethod"): they get the reference
+    functorch = torch._C._are_functorch_transforms_active()
+    if _native.native_available(x.device) and not functorch:
         need_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
         out = torch.ops.pyengine.sliced_wasserstein_fwd(
             x.contiguous(), y.contiguous(), theta.contiguous(), p, reduce == "max", need_grad
@@ -267,13 +272,23 @@ def sliced_wasserstein(
         out = sliced_wasserstein_reference(x, y, theta, p, reduce)
     # NaN anywhere in x, y or the directions reaches the result; checking the B results is far
     # cheaper than scanning the inputs (a data-dependent check: eager mode only)
-    if check_nan and not torch.compiler.is_compiling() and bool(torch.isnan(out).any()):
+    if check_nan and not torch.compiler.is_compiling() and _has_nan(out, functorch):
         bad = [name for name, t in (("x", x), ("y", y), ("directions", theta)) if bool(torch.isnan(t).any())]
         if bad:
             raise ValueError(f"{' and '.join(bad)} contain{'s' if len(bad) == 1 else ''} NaN")
         raise ValueError("the distance is NaN though x, y and the directions hold no NaN: an infinity in them, or "
                          "projections that overflow float32")
     return out[0] if single else out
+
+
+def _has_nan(out: torch.Tensor, functorch: bool) -> bool:
+    if not functorch:
+        return bool(torch.isnan(out).any())
+    try:
+        return bool(torch.isnan(out).any())
+    except RuntimeError as e:  # under torch.vmap a tensor's value cannot decide a Python branch
+        raise ValueError("check_nan cannot look at the result under torch.vmap (a data-dependent check); pass "
+                         "check_nan=False and test the distances for NaN yourself") from e
 
 
 def sliced_wasserstein_grouped(
