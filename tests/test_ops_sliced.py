@@ -603,3 +603,23 @@ def test_direction_arguments_are_checked():
     with pytest.raises(TypeError, match=r"dims\[0\] must be an integer"):
         grouped_directions([2.5, 3], 3)  # was truncated to 2
     assert random_directions(3, torch.tensor(4)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+def test_autocast_does_not_lower_the_projection_precision(device, reduce):
+    # under torch.autocast the op's projection GEMM came back in bfloat16 / float16 and the CPU
+    # kernel raised "expected scalar type Float but found BFloat16"; the distance is computed in
+    # the inputs' dtype, as the grouped op does
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2, 40, 9, generator=g).to(device), torch.randn(2, 40, 9, generator=g).to(device)
+    th = random_directions(5, 9, generator=g).to(device)
+    x1 = x.clone().requires_grad_(True)
+    ref = sliced_wasserstein(x1, y, th, reduce=reduce)
+    ref.sum().backward()
+    for dtype in (torch.bfloat16, torch.float16):
+        x2 = x.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=dtype):
+            d = sliced_wasserstein(x2, y, th, reduce=reduce)
+        d.sum().backward()
+        assert d.dtype == torch.float32 and torch.equal(d, ref)
+        assert torch.equal(x2.grad, x1.grad)

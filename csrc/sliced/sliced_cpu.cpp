@@ -5,6 +5,7 @@
 // that matter (only the winner for the max), all in one parallel pass over the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -190,6 +191,9 @@ at::Tensor project(const at::Tensor& theta_in, const at::Tensor& x_in) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fwd_cpu(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& theta, double p, bool use_max, bool need_grad) {
   check_sw_fwd(OpChecks{"sliced_wasserstein_fwd"}, x, y, theta, p);
+  // never autocast's reduced precision: under torch.autocast the projection GEMM came back in
+  // bfloat16 / float16 and the float32 kernel refused it ("expected scalar type Float")
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t B = x.size(0), n = x.size(1), K = theta.size(0);
   if (B == 0) {
     const auto o = x.options();

@@ -2,6 +2,7 @@
 // checks (shared with the CPU path, sliced_args.h), the projections through cuBLAS (split-K for
 // long thin inputs), and the sort / cost / reduce / gradient kernels of sliced_*_cuda.cu.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -36,6 +37,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
   pc::cuda_entry(op, x_, "x");
   check_sw_fwd(op, x_, y_, theta_, p);
   c10::cuda::CUDAGuard guard(x_.device());
+  // never autocast's reduced precision (the split projection's bmm would come back in float16)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t B = x_.size(0), n = x_.size(1), K = theta_.size(0);
   if (B == 0) return sw_compare_cuda(op, at::empty({2, K, 0}, x_.options()), 0, n, K, p, use_max, need_grad);
   const at::Tensor x = x_.contiguous();
