@@ -231,6 +231,8 @@ def cases(dev: torch.device):
         ("entropy_from_counts n_samples", lambda: P.entropy_from_counts(counts, 0, 0.0), ValueError, "n_samples must be positive"),
         ("entropy_from_counts eps", lambda: P.entropy_from_counts(counts, 4, 0.7), ValueError, "eps must be"),
         ("entropy_counts wrapper NaN", lambda: ops.entropy_counts(act_nan), ValueError, "NaN"),
+        ("relu_count wrapper x a list", lambda: ops.relu_count([1.0, 2.0], counts), TypeError,
+         "x must be a torch.Tensor, got list"),
         # a meta tensor among real ones sends the call to the meta kernel, which must refuse it
         ("relu_count meta nan_count", lambda: P.relu_count(act, counts, nanc.to("meta"), 1, False, False), ValueError,
          "nan_count is on meta but x is on"),
@@ -330,6 +332,8 @@ def cases(dev: torch.device):
         ("sliced_wasserstein directions require grad",
          lambda: ops.sliced_wasserstein(gx[0], gx[0], gth[:, :4].clone().requires_grad_()), ValueError,
          "not differentiable in the directions"),
+        ("sliced_wasserstein generator not a Generator", lambda: ops.sliced_wasserstein(gx[0], gx[0], generator=3), TypeError,
+         "generator must be a torch.Generator, got int"),
         ("sliced_wasserstein fractional n_directions",
          lambda: ops.sliced_wasserstein(gx[0], gx[0], n_directions=2.5), TypeError, "n_directions must be an integer"),
         ("sliced_wasserstein_fwd meta theta",

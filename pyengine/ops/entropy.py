@@ -204,9 +204,10 @@ def relu_count(
     The fused activation + count: the activation is read once instead of twice (ReLU, then the
     count). counts / nan_count as in :func:`entropy_counts_add_`. Differentiable in x.
     """
+    check_tensor("x", x)  # before x.device is read: relu_count([1.0], ...) said "'list' object has no attribute 'device'"
     if nan_count is None:
         nan_count = torch.zeros((), dtype=torch.int64, device=x.device)
-    if isinstance(x, torch.Tensor) and _native.native_available(x.device):
+    if _native.native_available(x.device):
         # differentiable through the op's C++ autograd node (csrc/entropy/entropy_autograd.cpp)
         return torch.ops.pyengine.relu_count(x, counts, nan_count, channel_dim, per_position, inclusive)
     entropy_counts_add_(counts, x, channel_dim, per_position, inclusive, nan_count)

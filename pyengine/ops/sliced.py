@@ -132,6 +132,8 @@ def _check_directions_grad(directions) -> None:
 def _check_generator(generator, device):
     """The device the draw goes to: ``device``, else the generator's; a generator elsewhere is refused."""
     if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if device is None:
             return torch.device(generator.device)
         if not same_device(generator.device, device):
