@@ -187,6 +187,9 @@ class GroupedFn : public torch::autograd::Function<GroupedFn> {
     const bool use_max = ctx->saved_data["use_max"].toBool();
     const std::vector<int64_t> need = ctx->saved_data["need"].toIntVector();
     const int64_t G = static_cast<int64_t>(dims.size()), K = theta.size(0);
+    // never autocast's reduced precision, as in the forward (a backward run inside torch.autocast
+    // got the mean's per-pair GEMMs in bfloat16)
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     const at::Tensor grad = grads[0].to(theta.scalar_type()).contiguous();  // (G,)
     variable_list out(2 * G + 5);  // xs..., ys..., theta, p, use_max, normalize, need_grad
     const GroupedCudaImpl& impl = grouped_cuda_impl();
