@@ -408,6 +408,7 @@ if _native.HAS_NATIVE:
 
     @torch.library.register_fake("pyengine::fill_directions_keyed_")
     def _fill_directions_keyed_fake(out, seed, normalize):
+        check_op_devices("fill_directions_keyed_", out=out, seed=seed)  # a meta seed must not skip the fill
         return None
 
     @torch.library.register_fake("pyengine::sliced_wasserstein_bwd")
