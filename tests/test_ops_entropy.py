@@ -352,3 +352,19 @@ def test_default_checks_compile_fullgraph():
     assert torch.allclose(stats(c), entropy_from_counts_reference(c, 4)[1])
     with pytest.raises((ValueError, RuntimeError), match=r"counts holds 5 at position 1, outside \[0, n_samples = 4\]"):
         stats(torch.tensor([0, 5, 2, 4]))
+
+
+def test_vmap_over_counts_and_entropy():
+    # under torch.vmap the wrappers' checks read tensors into Python ints: entropy_from_counts
+    # failed with torch's ".item() ... not supported" whatever its input, and entropy_counts'
+    # NaN check did not say which argument to change
+    x = torch.randn(4, 5, 3)
+    v = torch.vmap(lambda a: entropy_counts(a, check_nan=False))(x)
+    assert torch.equal(v, torch.stack([entropy_counts_reference(a) for a in x]))
+    with pytest.raises(ValueError, match="pass check_nan=False"):
+        torch.vmap(lambda a: entropy_counts(a))(x)
+    c = torch.tensor([[0, 1, 5, 2], [5, 5, 0, 3], [1, 2, 3, 4]])
+    s = torch.vmap(lambda row: entropy_from_counts(row, 5).summary)(c)
+    assert torch.allclose(s, torch.stack([entropy_from_counts_reference(row, 5)[1] for row in c]))
+    with pytest.raises(ValueError, match=r"counts holds 6 at position 2, outside \[0, n_samples = 5\]"):
+        torch.vmap(lambda row: entropy_from_counts(row, 5).summary)(c + 1)  # the native kernel's check

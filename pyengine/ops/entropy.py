@@ -109,7 +109,13 @@ def _check_no_nan(nan_count: torch.Tensor) -> None:
         if nan_count.device.type == "cpu":
             torch._assert_async(nan_count == 0, f"x contains {_NAN_MESSAGE}")
         return
-    n = int(nan_count)
+    try:
+        n = int(nan_count)
+    except RuntimeError as e:
+        if not torch._C._are_functorch_transforms_active():
+            raise
+        raise ValueError("check_nan cannot read the NaN count under torch.vmap (a data-dependent check); pass "
+                         "check_nan=False") from e
     if n > 0:
         raise ValueError(f"x contains {n} {_NAN_MESSAGE}")
 
@@ -256,7 +262,8 @@ def entropy_from_counts(counts: torch.Tensor, n_samples: int, eps: float = 0.0) 
     if not 0.0 <= eps < 0.5:
         raise ValueError(f"eps must be in [0, 0.5), got {eps}")
     native = _native.native_available(counts.device)
-    if not torch.compiler.is_compiling():
+    # compiled, or under torch.func transforms (vmap cannot read a value), the native kernel checks the range
+    if not torch.compiler.is_compiling() and not (native and torch._C._are_functorch_transforms_active()):
         if counts.numel() and (int(counts.min()) < 0 or int(counts.max()) > n_samples):
             raise ValueError(f"counts must lie in [0, n_samples={n_samples}]")
     elif not native and counts.device.type == "cpu":  # compiled: the native op checks the range itself
