@@ -131,8 +131,8 @@ class EpochHooks:
 
 
 class _ProgressLine:
-    """A tqdm bar on a terminal; in a log that is not a terminal, nothing per batch (the caller
-    prints one line per epoch)."""
+    """A tqdm bar on a terminal, cleared at the epoch's end; in a log that is not a terminal,
+    nothing per batch. Either way the caller prints one line per epoch."""
 
     def __init__(self, loader, desc: str, enabled: bool, total: int | None = None):
         self.bar = None
@@ -271,7 +271,7 @@ def train_epochs(model: nn.Module, loader, device: torch.device, cfg: TrainConfi
             rec = {"epoch": epoch + 1, "train_loss": loss_v / max(1, seen_v), "train_acc": 100 * correct_v / max(1, seen_v),
                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0, **hooks.tags}
             history.append(rec)
-            if log is not None and not show_bar:
+            if log is not None:  # on a terminal too, once the bar is cleared: the epochs stay on screen
                 log(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {rec['train_loss']:.4f}  acc {rec['train_acc']:.2f}%  "
                     f"lr {rec['lr']:.3g}  {rec['seconds']:.1f} s")
             if hooks.on_epoch_end:
