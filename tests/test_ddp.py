@@ -44,3 +44,29 @@ def test_two_rank_prune_keeps_masks_and_weights_identical(tmp_path):
     assert r0["acc"] == r1["acc"] and r0["sparsity"] == r1["sparsity"] > 0
     assert (tmp_path / "run" / "report.json").exists()
     assert json.loads((tmp_path / "run" / "report.json").read_text())["world_size"] == 2
+
+
+def _first_worker(rank, world, port, log_path):
+    import time
+
+    from pyengine.train.dist import main_rank_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        with main_rank_first():
+            with open(log_path, "a") as f:
+                f.write(f"start {rank}\n")
+            if rank == 0:
+                time.sleep(1.0)  # a download: rank 1 must not start before it ends
+            with open(log_path, "a") as f:
+                f.write(f"end {rank}\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_main_rank_first_lets_rank_0_finish_before_the_others_start(tmp_path):
+    """What guards a --download under torchrun: every rank writing the same dataset files at once
+    corrupts them, so rank 0 fetches and the others read once it is done."""
+    log = tmp_path / "order.txt"
+    mp.spawn(_first_worker, args=(2, _free_port(), str(log)), nprocs=2, join=True)
+    assert log.read_text().split("\n")[:4] == ["start 0", "end 0", "start 1", "end 1"]

@@ -274,3 +274,28 @@ def test_human_labels_with_label_noise_in_the_grid_is_refused_up_front(tmp_path)
         Sweep(_base(tmp_path / "s", options={"human_labels": str(labels)}), {"noise_grid": [0.0, 0.2]}, **quiet)
     assert not (tmp_path / "s").exists()
     Sweep(_base(tmp_path / "s", options={"human_labels": str(labels)}), {"seeds": [0, 1]}, **quiet)  # noise 0: fine
+
+
+def test_download_happens_once_before_the_workers_start(tmp_path, monkeypatch):
+    """--download with --devices: every worker downloading into one folder at once corrupts the
+    files, so the sweep fetches the dataset itself before it starts them."""
+    import pyengine.data as data
+
+    order = []
+    real = data.build_dataset
+
+    def build(name, *a, **kw):
+        order.append(("fetch", name, kw.get("download")))
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(data, "build_dataset", build)
+    monkeypatch.setattr(Sweep, "_spawn", lambda self, devices: order.append(("spawn", tuple(devices))))
+    sweep = Sweep(_base(tmp_path / "s", download=True), {"devices": ["cpu", "cpu"]}, **quiet)
+    with pytest.raises(RuntimeError, match="runs not finished"):  # the stand-in workers ran nothing
+        sweep.run()
+    assert order == [("fetch", "digits", True), ("spawn", ("cpu", "cpu"))]
+    order.clear()
+    sweep = Sweep(_base(tmp_path / "t"), {"devices": ["cpu", "cpu"]}, **quiet)
+    with pytest.raises(RuntimeError, match="runs not finished"):
+        sweep.run()
+    assert order == [("spawn", ("cpu", "cpu"))]  # nothing to fetch without --download

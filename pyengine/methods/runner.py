@@ -35,7 +35,7 @@ from pyengine.methods.options import OptionError, option
 from pyengine.nn.entropy import EntropyCollector, collect_counts
 from pyengine.nn.masks import MaskSet
 from pyengine.train.checkpoint import STATE_KEYS, atomic_torch_save, atomic_write_text, load_state
-from pyengine.train.dist import barrier, init_distributed
+from pyengine.train.dist import barrier, init_distributed, main_rank_first
 from pyengine.train.loop import PRESETS, EpochHooks, evaluate, make_optimizer, make_scheduler, train_epochs, with_overrides
 
 REWINDS = ("lr", "weights", "reinit", "finetune")
@@ -570,8 +570,10 @@ class Run(RunContext):
         val_fraction = cfg.val_fraction if cfg.val_fraction is not None else getattr(self.method_cls, "default_val_fraction", 0.0)
         from pyengine.data import build_dataset, build_loaders
 
-        self.bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=image_size, noise=cfg.noise, seed=cfg.seed,
-                                    val_fraction=val_fraction, augment=self.train_cfg.augment, download=cfg.download)
+        with main_rank_first(cfg.download):  # under torchrun one rank downloads, the others read its files
+            self.bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=image_size, noise=cfg.noise,
+                                        seed=cfg.seed, val_fraction=val_fraction, augment=self.train_cfg.augment,
+                                        download=cfg.download)
         info = self.bundle.info
         self.input_shape = (info.in_channels, info.image_size, info.image_size)
         self.loaders = build_loaders(self.bundle, self.train_cfg.batch_size, self.train_cfg.workers,

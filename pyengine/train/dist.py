@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,20 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
 
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def main_rank_first(enabled: bool = True):
+    """Rank 0 runs the body first, the other ranks once it has finished (a dataset download or
+    extraction into a folder they share: every rank writing the same files at once corrupts them).
+    A no-op outside a process group or with ``enabled`` False. If rank 0 fails inside, its error
+    ends the job (torchrun stops the other ranks waiting here)."""
+    on = enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if on and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if on and dist.get_rank() == 0:
         dist.barrier()
 
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from pyengine.models.ofa_mbv3 import MobileNetV3Subnet, OFAMobileNetV3, ofa_mbv3, subnet_layout
 from pyengine.train.checkpoint import atomic_torch_save, atomic_write_text, load_state, save_model_export
-from pyengine.train.dist import barrier, init_distributed
+from pyengine.train.dist import barrier, init_distributed, main_rank_first
 from pyengine.train.loop import EpochHooks, TrainConfig, evaluate, train_epochs
 
 from pyengine.methods import options as opts
@@ -448,8 +448,9 @@ def build_data(cfg: OFATrainConfig, distributed: bool = False):
     from pyengine.data import build_dataset, build_loaders
 
     recipe = RECIPES[cfg.preset]
-    bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=max(cfg.default_resolutions()), seed=cfg.seed,
-                           val_fraction=cfg.val_fraction, augment=recipe.augment, download=cfg.download)
+    with main_rank_first(cfg.download):  # under torchrun one rank downloads, the others read its files
+        bundle = build_dataset(cfg.dataset, cfg.data_dir, image_size=max(cfg.default_resolutions()), seed=cfg.seed,
+                               val_fraction=cfg.val_fraction, augment=recipe.augment, download=cfg.download)
     loaders = build_loaders(bundle, cfg.batch_size or recipe.batch_size, cfg.workers, distributed=distributed,
                             seed=cfg.seed, eval_batch_size=cfg.eval_batch_size)
     plain = bundle.train.with_transform(bundle.test.transform)

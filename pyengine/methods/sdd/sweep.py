@@ -363,6 +363,7 @@ class Sweep:
                      f"({', '.join(self.kinds())}), {sum(s == 'done' for s in self.status().values())} of "
                      f"{n + len(self.configs)} runs (dense included) already finished")
             if devices and len(devices) > 1:
+                self._fetch_dataset()
                 self._spawn(devices)
             else:
                 self.work(_device_name(devices[0]) if devices else None)
@@ -372,6 +373,15 @@ class Sweep:
             return self.collect()
         finally:
             lock.release()
+
+    def _fetch_dataset(self) -> None:
+        """With --download, the dataset is fetched here once before the workers start (each worker
+        downloading into the same folder at once would corrupt the files)."""
+        if not self.base.download:
+            return
+        from pyengine.data import build_dataset
+
+        build_dataset(self.base.dataset, self.base.data_dir, image_size=self.base.image_size, download=True)
 
     def _spawn(self, devices: list[str]) -> None:
         import signal
