@@ -514,3 +514,22 @@ def test_apply_masks_fractional_mask_index_is_refused(device):
     assert all(torch.equal(u, v) for u, v in zip(t, before))  # nothing was masked
     apply_masks_(t, ms, [1, torch.tensor(0)])  # an integer tensor is an integer
     assert torch.equal(t[0], before[0]) and (t[1] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bitmap"])
+def test_packed_formats_move_and_cast_like_tensors(device, fmt):
+    # pack on the CPU, serve on the device: .to(device, dtype) moves every field (the indices keep
+    # their dtype), checks the copy again, and multiplies as a packing made there
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 70, generator=g) * (torch.rand(40, 70, generator=g) < 0.2)
+    x = torch.randn(5, 70, generator=g)
+    packed = pack_sparse(w, format=fmt)
+    moved = packed.to(device, torch.float64)
+    assert moved.device.type == device.type and moved.dtype == torch.float64
+    assert all(getattr(moved, f).dtype == getattr(packed, f).dtype for f in packed._fields if f != "values")
+    assert type(moved) is type(packed) and moved.shape == packed.shape and packed.device.type == "cpu"
+    torch.testing.assert_close(moved.to_dense().cpu(), w.double(), rtol=0, atol=0)
+    torch.testing.assert_close(sparse_linear(x.double().to(device), moved).cpu(), x.double() @ w.double().T)
+    assert packed.to(torch.float16).dtype == torch.float16  # a dtype alone, as Tensor.to takes it
+    with pytest.raises(TypeError, match="dtype must be a floating"):
+        packed.to(device, torch.int32)

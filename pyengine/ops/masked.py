@@ -25,7 +25,7 @@ cuDNN/oneDNN convolution computes the masked result.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -118,6 +118,26 @@ class _Packed:
 
     def nbytes(self) -> int:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in self._fields)
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None):
+        """A copy on ``device`` with values of ``dtype`` (the indices keep theirs), checked again
+        as at construction: ``pack_sparse(W).to("cuda", torch.bfloat16)``."""
+        if isinstance(device, torch.dtype) and dtype is None:  # .to(torch.float16), as tensors take it
+            device, dtype = None, device
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"{type(self).__name__}.to: dtype must be a floating torch.dtype, got {dtype!r}")
+        dev = torch.device(device) if device is not None else self.device
+        moved = {f: getattr(self, f).to(dev) for f in self._fields}
+        moved["values"] = moved["values"].to(dtype) if dtype is not None else moved["values"]
+        return replace(self, **moved)
 
 
 def _check_fields(packed, *names: str) -> tuple[int, int]:
