@@ -533,3 +533,19 @@ def test_packed_formats_move_and_cast_like_tensors(device, fmt):
     assert packed.to(torch.float16).dtype == torch.float16  # a dtype alone, as Tensor.to takes it
     with pytest.raises(TypeError, match="dtype must be a floating"):
         packed.to(device, torch.int32)
+
+
+def test_masked_linear_under_autocast_keeps_the_inputs_dtype(device):
+    # the op's output dtype is its inputs' (as the fake kernel says), autocast or not: on CUDA the
+    # glue's cuBLAS addmm would otherwise be autocast to float16 / bfloat16
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(6, 24, generator=g).to(device), torch.randn(10, 24, generator=g).to(device)
+    m, b = (torch.rand(10, 24, generator=g) < 0.5).to(device), torch.randn(10, generator=g).to(device)
+    ref = masked_linear(x, w, m, b)
+    for dtype in (torch.bfloat16, torch.float16):
+        xa, wa = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=dtype):
+            y = masked_linear(xa, wa, m, b)
+        assert y.dtype == torch.float32 and torch.equal(y, ref)
+        y.sum().backward()
+        assert xa.grad.dtype == wa.grad.dtype == torch.float32

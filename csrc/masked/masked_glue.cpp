@@ -10,6 +10,7 @@
 // dense GEMMs plus two memory passes over W - about what W * M followed by cuBLAS costs, never
 // more - and an inference forward with an unchanged W costs the dense GEMM alone.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <c10/util/intrusive_ptr.h>
@@ -145,6 +146,9 @@ at::Tensor masked_linear_cuda(const at::Tensor& x_, const at::Tensor& weight, co
   pc::cuda_entry(op, x_, "x");
   check_masked_args(op, x_, weight, mask, bias);
   c10::cuda::CUDAGuard guard(x_.device());
+  // the inputs' precision, as on the CPU and in the fake kernel: under torch.autocast the addmm
+  // below would otherwise come back in float16 / bfloat16
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t m = x_.size(0), n = weight.size(0);
   const bool hb = bias.has_value() && bias->defined();
   if (m == 0 || n == 0 || x_.size(1) == 0) {
@@ -164,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_linear_backward_cuda(
   pc::cuda_entry(op, x, "x");
   check_masked_bwd_args(op, dy_, x, weight, mask);
   c10::cuda::CUDAGuard guard(x.device());
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);  // as the forward
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
   at::Tensor dx = at::empty({0}, x.options());
   at::Tensor dw = at::empty({0}, weight.options());
