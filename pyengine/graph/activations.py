@@ -216,8 +216,7 @@ def _has_node(value) -> bool:
     return bool(found)
 
 
-_ELEMENTWISE = {operator.add, operator.iadd, operator.sub, operator.mul, operator.truediv, torch.add, torch.mul,
-                torch.sub, torch.div}
+_ELEMENTWISE = _SUMS | {operator.sub, operator.mul, operator.truediv, torch.mul, torch.sub, torch.div}
 
 
 def _keeps_shape(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:

@@ -44,6 +44,19 @@ def same_device(a, b) -> bool:
     return a.type == "cpu"
 
 
+def nan_check_value(read, what: str, advice: str = ""):
+    """``read()``: a Python value taken from a tensor for a ``check_nan`` test. Under torch.func
+    transforms (vmap) a tensor's value cannot decide a Python branch: that is a ValueError saying
+    to pass ``check_nan=False`` instead of torch's data-dependent-control-flow error."""
+    try:
+        return read()
+    except RuntimeError as e:
+        if not torch._C._are_functorch_transforms_active():
+            raise
+        raise ValueError(f"check_nan cannot {what} under torch.vmap (a data-dependent check); pass "
+                         f"check_nan=False{advice}") from e
+
+
 def check_same_device(**tensors) -> None:
     items = [(k, v) for k, v in tensors.items() if v is not None]
     for name, t in items:

@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from pyengine import _native
-from pyengine.ops._checks import as_int, check_op_devices, check_tensor
+from pyengine.ops._checks import as_int, check_op_devices, check_tensor, nan_check_value
 
 # --------------------------------------------------------------------------- references
 
@@ -109,13 +109,7 @@ def _check_no_nan(nan_count: torch.Tensor) -> None:
         if nan_count.device.type == "cpu":
             torch._assert_async(nan_count == 0, f"x contains {_NAN_MESSAGE}")
         return
-    try:
-        n = int(nan_count)
-    except RuntimeError as e:
-        if not torch._C._are_functorch_transforms_active():
-            raise
-        raise ValueError("check_nan cannot read the NaN count under torch.vmap (a data-dependent check); pass "
-                         "check_nan=False") from e
+    n = nan_check_value(lambda: int(nan_count), "read the NaN count")
     if n > 0:
         raise ValueError(f"x contains {n} {_NAN_MESSAGE}")
 

@@ -34,7 +34,14 @@ import math
 import torch
 
 from pyengine import _native
-from pyengine.ops._checks import as_int, check_op_devices, check_same_device, check_tensor, same_device
+from pyengine.ops._checks import (
+    as_int,
+    check_op_devices,
+    check_same_device,
+    check_tensor,
+    nan_check_value,
+    same_device,
+)
 
 _SW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -264,8 +271,7 @@ def sliced_wasserstein(
         theta = directions.to(work)
     # torch.func transforms (grad, jacrev, vmap, ...) cannot run the op's registered autograd (torch
     # raised a confusing "must override the setup_context staticmethod"): they get the reference
-    functorch = torch._C._are_functorch_transforms_active()
-    if _native.native_available(x.device) and not functorch:
+    if _native.native_available(x.device) and not torch._C._are_functorch_transforms_active():
         need_grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
         out = torch.ops.pyengine.sliced_wasserstein_fwd(
             x.contiguous(), y.contiguous(), theta.contiguous(), p, reduce == "max", need_grad
@@ -274,23 +280,14 @@ def sliced_wasserstein(
         out = sliced_wasserstein_reference(x, y, theta, p, reduce)
     # NaN anywhere in x, y or the directions reaches the result; checking the B results is far
     # cheaper than scanning the inputs (a data-dependent check: eager mode only)
-    if check_nan and not torch.compiler.is_compiling() and _has_nan(out, functorch):
+    if check_nan and not torch.compiler.is_compiling() and nan_check_value(
+            lambda: bool(torch.isnan(out).any()), "look at the result", " and test the distances for NaN yourself"):
         bad = [name for name, t in (("x", x), ("y", y), ("directions", theta)) if bool(torch.isnan(t).any())]
         if bad:
             raise ValueError(f"{' and '.join(bad)} contain{'s' if len(bad) == 1 else ''} NaN")
         raise ValueError("the distance is NaN though x, y and the directions hold no NaN: an infinity in them, or "
                          "projections that overflow float32")
     return out[0] if single else out
-
-
-def _has_nan(out: torch.Tensor, functorch: bool) -> bool:
-    if not functorch:
-        return bool(torch.isnan(out).any())
-    try:
-        return bool(torch.isnan(out).any())
-    except RuntimeError as e:  # under torch.vmap a tensor's value cannot decide a Python branch
-        raise ValueError("check_nan cannot look at the result under torch.vmap (a data-dependent check); pass "
-                         "check_nan=False and test the distances for NaN yourself") from e
 
 
 def sliced_wasserstein_grouped(
