@@ -50,3 +50,86 @@ def test_egp_step_on_model_maps_activation_to_producer():
     assert masks.layer_stats()[0]["kept"] == 12
     assert masks.layer_stats()[1]["kept"] == 18  # the classifier has no activation after it
     assert rec["entropy"] == {"0.weight": 0.8}  # EGP's estimator: non-constant neurons
+
+
+# --------------------------------------------------------------------------------------------
+# A layer feeding several activations
+# --------------------------------------------------------------------------------------------
+
+def _rec(name, producer, h_all, h_nc, n, on=0, off=0):
+    return LayerEntropy(name, producer, mean=h_all, mean_nonconstant=h_nc, n_neurons=n, n_always_on=on,
+                        n_always_off=off, n_samples=10)
+
+
+@pytest.mark.parametrize("estimator", ["egp", "easier"])
+def test_shared_producer_entropy_is_the_neuron_weighted_mean_in_any_order(estimator):
+    # layer "0" feeds "a" (6 neurons, 2 of them constant) and "b" (2 neurons, all always OFF:
+    # entropy 0); the later record used to overwrite the earlier one, so with "b" last the layer
+    # read as zero-entropy and EGP never pruned it
+    a = _rec("a", "0", h_all=0.4, h_nc=0.6, n=6, on=1, off=1)
+    b = _rec("b", "0", h_all=0.0, h_nc=0.0, n=2, off=2)
+    # by hand: egp averages over non-constant neurons (a: 4, b: 0), easier over all (a: 6, b: 2)
+    expect = 0.6 if estimator == "egp" else (6 * 0.4 + 2 * 0.0) / 8
+    for order in ([a, b], [b, a]):
+        net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+        rec = egp_prune_step(MaskSet(net), {e.name: e for e in order}, EGPConfig(zeta=0.5, estimator=estimator))
+        assert rec["entropy"]["0.weight"] == pytest.approx(expect, abs=1e-15)
+        assert rec["zero_entropy_layers"] == []
+        assert rec["allocation"] == {"0.weight": 12}  # the only active layer: half its 24 weights
+
+
+def test_shared_producer_is_zero_entropy_only_when_every_activation_is():
+    a = _rec("a", "0", 0.0, 0.0, 6, on=6)
+    b = _rec("b", "0", 0.0, 0.0, 2, off=2)
+    c = _rec("c", "2", 0.3, 0.3, 3)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    rec = egp_prune_step(MaskSet(net), {"a": a, "b": b, "c": c}, EGPConfig(zeta=0.5))
+    assert rec["entropy"] == {"0.weight": 0.0, "2.weight": 0.3}
+    assert rec["zero_entropy_layers"] == ["0.weight"]
+    assert rec["allocation"] == {"0.weight": 0, "2.weight": 9}  # 0.5 * 18 to the only active layer
+
+
+class _TwoActivations(nn.Module):
+    """One Linear feeding a ReLU (all 6 features) and a GELU (features 0-1 of a normalised copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.relu = nn.ReLU()
+        self.gelu = nn.GELU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(torch.cat([self.relu(h), self.gelu(self.bn(h)[:, :2])], 1))
+
+
+@pytest.mark.parametrize("estimator", ["egp", "easier"])
+def test_shared_producer_entropy_measured_matches_plain_pytorch(estimator):
+    from pyengine.graph import activation_map
+    from pyengine.nn.entropy import measure_entropy
+
+    torch.manual_seed(0)
+    model = _TwoActivations().eval()
+    with torch.no_grad():
+        model.fc.bias[:3] = torch.tensor([-50.0, 50.0, 0.0])  # feature 0 always OFF, 1 always ON (ReLU)
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+    assert {s.name: s.producer for s in activation_map(model)} == {"relu": "fc", "gelu": "fc"}
+    data = [torch.randn(16, 4) for _ in range(3)]
+    ent = measure_entropy(model, data, torch.device("cpu"))
+    # reference: the inputs of both activations, binary entropy per neuron, by hand
+    with torch.no_grad():
+        h = torch.cat([model.fc(x) for x in data]).double()
+        z = {"relu": h, "gelu": model.bn(h.float()).double()[:, :2]}
+    per_neuron = []
+    for zi in z.values():
+        p = (zi > 0).double().mean(0)
+        hp = torch.where((p > 0) & (p < 1), -(p * p.log2() + (1 - p) * (1 - p).log2()), torch.zeros_like(p))
+        per_neuron.append((hp, (p > 0) & (p < 1)))
+    if estimator == "egp":  # the mean over the non-constant neurons of both activations
+        expect = float(torch.cat([hp[nc] for hp, nc in per_neuron]).mean())
+    else:  # the mean over all 6 + 2 neurons
+        expect = float(torch.cat([hp for hp, _ in per_neuron]).mean())
+    rec = egp_prune_step(MaskSet(model, ["fc.weight"]), ent, EGPConfig(zeta=0.5, estimator=estimator))
+    assert rec["entropy"]["fc.weight"] == pytest.approx(expect, abs=1e-6)

@@ -399,3 +399,29 @@ def test_per_batch_averaging_reaches_a_methods_measurement():
     assert got["batch"] == pytest.approx(want, abs=1e-12) and got["pooled"] != pytest.approx(want)
     with pytest.raises(ValueError, match="entropy-average must be one of pooled, batch"):
         pyengine.Compressor(net, "egp", example_input=batches[0][:1], options={"entropy_average": "mean"})
+
+
+def test_entropy_by_producer_weights_each_activation_by_its_neurons():
+    import itertools
+
+    from pyengine.nn.entropy import LayerEntropy, entropy_by_producer
+
+    def rec(name, producer, h_all, h_nc, n, on=0, off=0):
+        return LayerEntropy(name, producer, h_all, h_nc, n, on, off, 100)
+
+    # a layer feeding one activation keeps that activation's value bit for bit (3 * 0.1 / 3 is not 0.1)
+    one = [rec("a", "fc", 0.1, 0.1, 3)]
+    assert entropy_by_producer(one, "egp") == {"fc": 0.1} and entropy_by_producer(one, "easier") == {"fc": 0.1}
+    # three activations of one layer: by hand, weights = non-constant neurons (egp) or all neurons (easier)
+    recs = [rec("a", "conv", 0.3, 0.5, 10, on=2, off=2), rec("b", "conv", 0.7, 0.7, 4),
+            rec("c", "conv", 0.0, 0.0, 5, on=5), rec("d", None, 0.9, 0.9, 2), rec("e", "fc", 0.2, 0.25, 8, off=2)]
+    egp = (6 * 0.5 + 4 * 0.7 + 0 * 0.0) / 10
+    easier = (10 * 0.3 + 4 * 0.7 + 5 * 0.0) / 19
+    for est in ("egp", "easier"):  # the same floats in every order of the records
+        assert len({tuple(sorted(entropy_by_producer(p, est).items())) for p in itertools.permutations(recs)}) == 1
+    got = entropy_by_producer(recs, "egp")
+    assert got["conv"] == pytest.approx(egp, abs=1e-15) and got["fc"] == 0.25 and None not in got
+    assert entropy_by_producer(recs, "easier")["conv"] == pytest.approx(easier, abs=1e-15)
+    # every activation of the layer constant: 0 with either estimator
+    zero = [rec("a", "conv", 0.0, 0.0, 4, on=4), rec("b", "conv", 0.0, 0.0, 2, off=2)]
+    assert entropy_by_producer(zero, "egp") == {"conv": 0.0} == entropy_by_producer(zero, "easier")

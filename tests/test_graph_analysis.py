@@ -291,3 +291,38 @@ def test_a_compiled_model_gets_a_hint():
     compiled = torch.compile(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     with pytest.raises(TraceError, match=r"torch\.compile'd.*_orig_mod"):
         trace(compiled)
+
+
+LINEAR_STATES = [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.15), nn.PReLU(), nn.PReLU(5), nn.ELU(0.7), nn.CELU(1.3),
+                 nn.SELU(), nn.RReLU(), nn.GELU(), nn.SiLU(), nn.Hardswish(), nn.Mish()]
+
+
+@pytest.mark.parametrize("act", LINEAR_STATES, ids=lambda a: type(a).__name__)
+def test_linear_factor_is_what_the_activation_does_in_each_state(act):
+    # the factor is checked against the module's own forward on inputs of one sign (and 0): where
+    # a factor is given, module(z) == factor * z; where none is, no single factor fits
+    from pyengine.graph.activations import linear_factor
+
+    torch.manual_seed(0)
+    # an RReLU in train mode: its OFF slope is drawn at random there (in eval mode it is fixed, but
+    # a collapse edit also serves the network that goes on training)
+    act = act.double().train(isinstance(act, nn.RReLU))
+    if isinstance(act, nn.PReLU):
+        with torch.no_grad():
+            act.weight.uniform_(-1, 1)
+    z = torch.rand(64, 5, 3, dtype=torch.float64) * 10  # up to 10: a ReLU6 is not the identity there
+    z[0] = 0.0
+    for state, sign in (("on", 1.0), ("off", -1.0)):
+        x = sign * z
+        y = act(x)
+        f = linear_factor(act, state)
+        if f is None:
+            ratio = y[x != 0] / x[x != 0]
+            assert float(ratio.max() - ratio.min()) > 1e-3, f"{state}: {type(act).__name__} is linear there"
+            continue
+        factor = f.view(1, -1, 1) if isinstance(f, torch.Tensor) else f
+        assert torch.allclose(y, factor * x, rtol=1e-15, atol=0), state
+    with pytest.raises(ValueError, match="state"):
+        linear_factor(act, "both")
+    with pytest.raises(ValueError, match="not an activation"):
+        linear_factor(nn.Linear(2, 2), "on")

@@ -642,3 +642,184 @@ def test_a_gate_is_not_folded_into_a_transposed_convolution():
         folded, applied, refused = fold_network(edited, x)
         assert (folded(x) - edited(x)).abs().max() < 1e-12
     assert [e.describe() for e in applied] == ["fold relu2 into head"]  # forward, into the plain conv
+
+
+# --------------------------------------------------------------------------------------------
+# Collapsed activations of every kind: the exact linear map of their state
+# --------------------------------------------------------------------------------------------
+
+def _measured_states(model, name, x):
+    """(ON channels, channels) of activation ``name`` on ``x``, counted with plain PyTorch: its
+    input (B, C, H, W) per channel over batch and positions; every channel must be constant."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    z = seen[0].movedim(1, -1).reshape(-1, seen[0].shape[1])
+    p = (z > 0).double().mean(0)
+    assert bool(((p == 0) | (p == 1)).all()), "the test wants constant neurons"
+    return (p == 1).nonzero().flatten().tolist(), z.shape[1]
+
+
+class _ConvAct(nn.Module):
+    """conv 3x3 -> BN -> activation -> conv 1x1 -> linear head: the activation sits between two
+    layers that fold into one once it is a linear map."""
+
+    def __init__(self, act):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.act = act
+        self.conv2 = nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4 * 5 * 5, 2)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.act(self.bn(self.conv1(x)))).flatten(1))
+
+
+_ON, _OFF, _MIXED = [100.0] * 6, [-100.0] * 6, [100.0, -100.0, -100.0, 100.0, -100.0, 100.0]
+EXACT_STATES = [
+    # activation, BN shift (decides the states), the edit kind, whether conv2 folds into conv1
+    (lambda: nn.ReLU(), _ON, "linearise"),
+    (lambda: nn.ReLU(), _MIXED, "constant"),
+    (lambda: nn.ReLU6(), _OFF, "constant"),
+    (lambda: nn.LeakyReLU(0.1), _ON, "linearise"),
+    (lambda: nn.LeakyReLU(0.1), _OFF, "linearise"),
+    (lambda: nn.LeakyReLU(0.2), _MIXED, "linearise"),
+    (lambda: nn.PReLU(), _OFF, "linearise"),
+    (lambda: nn.PReLU(), _MIXED, "linearise"),
+    (lambda: nn.PReLU(6), _OFF, "linearise"),
+    (lambda: nn.ELU(), _ON, "linearise"),
+    (lambda: nn.CELU(0.5), _ON, "linearise"),
+    (lambda: nn.SELU(), _ON, "linearise"),
+    (lambda: nn.RReLU(), _ON, "linearise"),
+]
+
+
+@pytest.mark.parametrize("make,shift,kind", EXACT_STATES,
+                         ids=[f"{m().__class__.__name__}-{'on' if s is _ON else 'off' if s is _OFF else 'mixed'}"
+                              for m, s, _ in EXACT_STATES])
+def test_collapse_edit_folds_exactly_on_the_measured_data(make, shift, kind):
+    # an always-OFF LeakyReLU is slope * x and an always-ON SELU scale * x: linear maps that fold
+    # into their neighbours like an always-ON ReLU, where they used to be left in place
+    from pyengine.graph.edits import collapse_edit
+
+    torch.manual_seed(0)
+    model = _ConvAct(make()).to(D).eval()
+    random_bn(model, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.bn.bias.copy_(torch.tensor(shift, dtype=D))
+        if isinstance(model.act, nn.PReLU):
+            model.act.weight.uniform_(-1.0, 1.0)
+    x = torch.randn(16, 3, 5, 5, dtype=D)
+    expect = model(x)
+    on, channels = _measured_states(model, "act", x)
+    edit = collapse_edit("act", model.act, on, channels)
+    assert edit.kind == kind
+    edited = apply_edit(model, edit, x)
+    assert torch.allclose(edited(x), expect, rtol=1e-12, atol=1e-12)
+    folded, applied, refused = fold_network(edited, x)
+    assert torch.allclose(folded(x), expect, rtol=1e-10, atol=1e-10)
+    n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in folded.modules())
+    if shift is _OFF and kind == "constant":
+        assert n_layers == 0  # the whole network is a constant
+    else:  # conv2 folded into conv1 (through the gate where there is one)
+        assert n_layers == 2 and not any(isinstance(m, ChannelGate) for m in folded.modules())
+    # the records replay on a fresh base model, bit for bit
+    history = EditHistory.from_json(EditHistory([edit] + list(applied)).to_json())
+    again = replay(_ConvAct(make()).to(D), history, x)
+    again.load_state_dict(folded.state_dict())
+    assert torch.equal(again.eval()(x), folded(x))
+
+
+NOT_EXACT = [
+    (lambda: nn.GELU(), _ON), (lambda: nn.GELU(), _OFF), (lambda: nn.SiLU(), _OFF), (lambda: nn.ReLU6(), _ON),
+    (lambda: nn.ReLU6(), _MIXED), (lambda: nn.ELU(), _OFF), (lambda: nn.CELU(), _MIXED), (lambda: nn.SELU(), _OFF),
+    (lambda: nn.RReLU(), _OFF), (lambda: nn.Hardswish(), _ON), (lambda: nn.PReLU(6), _MIXED),
+]
+
+
+@pytest.mark.parametrize("make,shift", NOT_EXACT)
+def test_collapse_edit_refuses_states_that_are_not_linear(make, shift):
+    from pyengine.graph import activation_kind
+    from pyengine.graph.edits import collapse_edit
+
+    torch.manual_seed(0)
+    model = _ConvAct(make()).to(D).eval()
+    with torch.no_grad():
+        model.bn.bias.copy_(torch.tensor(shift, dtype=D))
+    x = torch.randn(4, 3, 5, 5, dtype=D)
+    on, channels = _measured_states(model, "act", x)
+    with pytest.raises(ValueError, match="not exactly linear"):
+        collapse_edit("act", model.act, on, channels)
+    if shift is _ON:  # NEPENTHE's --approximate: the identity all the same, and said so
+        edit = collapse_edit("act", model.act, on, channels, approximate=True)
+        assert (edit.kind, edit.args) == ("linearise", {"approximate": activation_kind(model.act)})
+    else:  # --approximate only ever replaces an always-ON activation
+        with pytest.raises(ValueError, match="not exactly linear"):
+            collapse_edit("act", model.act, on, channels, approximate=True)
+
+
+def test_collapse_edit_gives_the_records_relu_and_relu6_always_got():
+    # the built-in models (ReLU, ReLU6) must give the same edits, so the same runs: compared with
+    # the run's own decision (pyengine.methods.runner.collapse_edits) for every state
+    from types import SimpleNamespace
+
+    from pyengine.graph import activation_kind
+    from pyengine.graph.edits import collapse_edit
+    from pyengine.methods.runner import collapse_edits
+
+    for act in (nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(), nn.PReLU(), nn.GELU()):
+        for on in ([0, 1, 2, 3], [], [1, 3]):
+            for approximate in (False, True):
+                site = SimpleNamespace(name="a", kind=activation_kind(act), module=act)
+                summary = {"entropy_sites": [{"name": "a", "n_neurons": 4}], "constant_neurons": {"a": {"on": on}}}
+                theirs, refused = collapse_edits([site], summary, approximate)
+                if not theirs:
+                    continue  # refused there: a new exact edit here is allowed (LeakyReLU OFF, ...)
+                assert collapse_edit("a", act, on, 4, approximate=approximate).to_dict() == theirs[0].to_dict()
+
+
+def test_linearise_scale_is_checked_and_described():
+    model = _ConvAct(nn.LeakyReLU(0.1)).to(D).eval()
+    x = torch.randn(2, 3, 5, 5, dtype=D)
+    with pytest.raises(ValueError, match="6 channels"):
+        apply_edit(model, Edit("linearise", "act", {"scale": [1.0, 0.1]}), x)
+    with pytest.raises(TypeError, match="scale"):
+        apply_edit(model, Edit("linearise", "act", {"scale": "0.1"}), x)
+    with pytest.raises(ValueError, match="non-finite"):
+        apply_edit(model, Edit("linearise", "act", {"scale": float("nan")}), x)
+    e = Edit("linearise", "act", {"scale": 0.1})
+    apply_edit(model, e, x)
+    assert e.args == {"scale": 0.1, "dim": 1, "channels": 6}
+    assert e.describe() == "linearise act: x times 0.1"
+
+
+def test_uniform_scale_without_a_producer_is_an_exact_one_channel_gate():
+    from pyengine.graph.edits import collapse_edit
+
+    model = nn.Sequential(nn.LeakyReLU(0.3), nn.Flatten(), nn.Linear(12, 2)).to(D).eval()
+    x = -torch.rand(4, 3, 2, 2, dtype=D)  # every input negative: always OFF
+    edit = collapse_edit("0", model[0], [], 3)
+    edited = apply_edit(model, edit, x)
+    assert edit.args == {"scale": 0.3, "dim": -1, "channels": 1}
+    assert torch.allclose(edited(x), model(x), rtol=1e-14, atol=0)
+
+
+def test_gate_edits_read_the_graph_they_edit_without_tracing_it_again(monkeypatch):
+    # each gate edit traced the whole network again to find its producer: n edits, n traces
+    import pyengine.graph.activations as activations
+
+    model = _resnet()
+    x = torch.randn(1, 3, 8, 8, dtype=D)
+    sites = [s for s in activations.activation_map(model) if s.producer is not None]
+    traced = []
+    real = activations.trace
+    monkeypatch.setattr(activations, "trace", lambda m: traced.append(1) or real(m))
+    edits = [Edit("constant", s.name, {"on": [0]}) for s in sites]
+    edited, history = apply_edits(model, edits, x)
+    assert traced == []
+    # the same dimension and channel count as the producer the model's own map names
+    for s, e in zip(sites, history):
+        assert e.args["dim"] == 1 and e.args["channels"] == model.get_submodule(s.producer).out_channels

@@ -37,6 +37,7 @@ __all__ = [
     "activation_map",
     "find_producers",
     "linearise",
+    "linear_factor",
     "make_activations_distinct",
     "find_reused_activations",
     "find_functional_activations",
@@ -289,7 +290,18 @@ def _shapes(model: nn.Module, graph_module: torch.fx.GraphModule, example_input:
 
 def _producers_by_fx(model: nn.Module, names: Sequence[str], example_input: torch.Tensor | None = None
                      ) -> dict[str, tuple[str | None, int | None]]:
-    gm = trace(model)
+    return _producers_in_graph(trace(model), names, example_input, model, stacklevel=5)
+
+
+def _producers_in_graph(gm: torch.fx.GraphModule, names: Sequence[str],
+                       example_input: torch.Tensor | None = None, model: nn.Module | None = None, *,
+                       stacklevel: int = 2) -> dict[str, tuple[str | None, int | None]]:
+    """{activation: (producer, neuron dimension or None)} read from the graph of ``gm`` as it is,
+    without tracing again (a structural edit calls this on the GraphModule it is editing, whose
+    graph is current by construction). ``model`` (default ``gm``) is the module the graph was
+    traced from: its modules are looked up, and its train mode is restored after a shape
+    propagation. ``stacklevel``: of the warning for a dimension move that cannot be followed."""
+    model = gm if model is None else model
     graph = gm.graph
     modules = dict(model.named_modules())
     wanted = set(names)
@@ -314,7 +326,7 @@ def _producers_by_fx(model: nn.Module, names: Sequence[str], example_input: torc
                               "move dimensions, which could not be followed"
                               + ("" if example_input is not None else " without an example input")
                               + f": its neuron dimension is taken as {out[n][0]!r}'s own", RuntimeWarning,
-                              stacklevel=4)
+                              stacklevel=stacklevel)
             out[n] = (out[n][0], dim)
     for n in names:  # traced but never called in forward
         out.setdefault(n, (None, None))
@@ -433,6 +445,57 @@ def linearise(model: nn.Module, names: Iterable[str | ActivationSite]) -> nn.Mod
             raise ValueError(f"{name!r} is a {type(m).__name__}, not an activation")
         _set_submodule(model, name, nn.Identity())
     return model
+
+
+# SELU's scale (torch's constant): selu(z) = SELU_SCALE * z for z >= 0
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def linear_factor(module: nn.Module, state: str) -> float | torch.Tensor | None:
+    """The factor ``a`` with ``module(z) == a * z`` for every input ``z`` in ``state``, where the
+    activation is exactly linear there; None where it is not (or where ON/OFF counts cannot tell).
+
+    ``state`` is "on" (z >= 0) or "off" (z <= 0): every kind below has f(0) = 0, so both ON rules
+    (EGP's z > 0, EASIER's z >= 0; methods.md section 0) give the same answer. The factor is a
+    float, or for a PReLU with one weight per channel a 1-D tensor of those weights (a PReLU
+    applies them along dimension 1 of its input).
+
+    ======================  ===================  ==============================================
+    kind                    ON                   OFF
+    ======================  ===================  ==============================================
+    relu                    1                    0
+    relu6                   None (1 only < 6)    0
+    leaky_relu              1                    its negative_slope
+    prelu                   1                    its weight (one, or one per channel)
+    elu, celu               1                    None (alpha (exp(z) - 1))
+    selu                    SELU_SCALE           None
+    rrelu                   1                    None (a random slope in training)
+    gelu, silu, hardswish,  None                 None
+    mish, registered kinds
+    ======================  ===================  ==============================================
+
+    ReLU6 is the identity only below 6, which the ON/OFF statistics do not record. Raises
+    ValueError for a state other than "on"/"off" or a module that is not an activation.
+    """
+    if state not in ("on", "off"):
+        raise ValueError(f"state must be 'on' or 'off', got {state!r}")
+    kind = activation_kind(module)
+    if kind is None:
+        raise ValueError(f"a {type(module).__name__} is not an activation")
+    if state == "on":
+        if kind in ("relu", "leaky_relu", "prelu", "elu", "celu", "rrelu"):
+            return 1.0
+        if kind == "selu":
+            return SELU_SCALE
+        return None
+    if kind in ("relu", "relu6"):
+        return 0.0
+    if kind == "leaky_relu":
+        return float(module.negative_slope)
+    if kind == "prelu":
+        w = module.weight.detach()
+        return float(w) if w.numel() == 1 else w.flatten().clone()
+    return None
 
 
 def make_activations_distinct(model: nn.Module) -> nn.Module:

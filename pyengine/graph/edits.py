@@ -12,7 +12,12 @@ values (which layers are all-zero, the shape a constant reduces to) is written i
 
 Kinds (the graph is evaluated in eval mode: BatchNorm with running statistics, no dropout):
 
-- ``linearise``: an activation becomes the identity (always ON).
+- ``linearise``: an activation becomes the identity (always ON). With ``args["scale"]`` (a
+  number, or a list of one number per channel) it becomes ``x * scale`` instead, a
+  :class:`ChannelGate` of those factors on the neuron dimension (``args`` completed with ``dim``
+  and ``channels``), which ``fold_network`` folds like a ReLU's 0/1 gate: the linear map an
+  activation equals where its neurons stay in a linear state (a LeakyReLU always OFF: its
+  negative slope; a SELU always ON: its scale; see :func:`collapse_edit`).
 - ``constant``: a ReLU/ReLU6 whose input is always OFF becomes its constant output 0 (not its
   input): a :class:`ConstantZero` module under the same path, so that later edits still find
   every module; ``fold_network`` then propagates the constant and drops the layers that fed it
@@ -50,15 +55,16 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from pyengine.graph.activations import _producers_and_dims, activation_kind
+from pyengine.graph.activations import _producers_in_graph, activation_kind, linear_factor
 from pyengine.graph.linear_maps import (
     FoldRefused,
     compose_layers,
@@ -74,7 +80,7 @@ from pyengine.graph.modules import AddBias, AddConstant, ChannelGate, Constant, 
 from pyengine.graph.trace import is_weight_layer, trace
 
 __all__ = ["EDIT_KINDS", "Edit", "EditHistory", "apply_edit", "apply_edits", "replay",
-           "map_masks", "as_graph_module", "FoldRefused"]
+           "map_masks", "as_graph_module", "FoldRefused", "collapse_edit"]
 
 EDIT_KINDS = ("linearise", "constant", "fold_bn", "fold_linear", "remove_branch",
               "remove_identity", "drop_dead", "replace_block")
@@ -127,6 +133,14 @@ class Edit:
         if self.kind == "linearise":
             if a.get("approximate"):
                 return f"linearise {self.target} (approximate: a {a['approximate']} is not exactly the identity)"
+            scale = a.get("scale")
+            if isinstance(scale, list):
+                factors = sorted(set(scale))
+                shown = ", ".join(f"{v:g}" for v in factors[:4]) + (", ..." if len(factors) > 4 else "")
+                return (f"linearise {self.target}: x times a per-channel factor ({len(scale)} channels; "
+                        f"factors {shown})")
+            if scale is not None:
+                return f"linearise {self.target}: x times {scale:g}"
             return f"linearise {self.target}"
         if self.kind == "constant":
             if a.get("on"):
@@ -186,6 +200,72 @@ class EditHistory(list):
 
     def describe(self) -> list[str]:
         return [e.describe() for e in self]
+
+
+# --------------------------------------------------------------------------------------------
+# The exact edit of a collapsed activation
+# --------------------------------------------------------------------------------------------
+
+def collapse_edit(name: str, activation: nn.Module, on: Sequence[int], n_neurons: int, *,
+                  approximate: bool = False) -> Edit:
+    """The edit that replaces the activation ``name`` (the module ``activation``) by the linear
+    map it equals on the data its statistics were measured on, when each of its ``n_neurons``
+    neurons was constant there: the neurons in ``on`` always ON, the others always OFF
+    (methods.md section 0; the neuron dimension is its producer's). Where a neuron's state is
+    linear (:func:`pyengine.graph.activations.linear_factor`) the activation's output is that
+    factor times its input, so the edit changes nothing on that data:
+
+    - every neuron ON with factor 1 (ReLU, LeakyReLU, PReLU, ELU, CELU, RReLU): ``linearise``,
+      the identity; another factor (SELU: its scale): ``linearise`` with ``{"scale": f}``;
+    - every neuron OFF with factor 0 (ReLU, ReLU6): ``constant`` (the constant 0); another factor
+      (LeakyReLU: its negative slope; PReLU: its weight, one or one per channel): ``linearise``
+      with that ``scale``;
+    - some ON, the rest OFF: a ReLU's ``constant`` with ``{"on": on}`` (a 0/1 gate); a LeakyReLU
+      or a one-weight PReLU: ``linearise`` with one factor per channel (1 where ON, the slope
+      where OFF).
+
+    The ReLU and ReLU6 cases give the records they always gave. ``approximate``: an activation
+    whose every neuron is ON where it is not exactly linear there (GELU, ReLU6, SiLU, ...)
+    becomes the identity all the same, its record saying ``approximate`` (NEPENTHE's
+    linearisation of Swin-T and MobileNetV2). Raises ValueError, the reason in the message, where
+    no such edit exists (a GELU always OFF, an ELU partly OFF, a PReLU with one weight per channel
+    whose neurons differ: its weights lie on dimension 1 of its input, the neurons on their
+    producer's dimension, which need not be the same).
+    """
+    kind = activation_kind(activation)
+    if kind is None:
+        raise ValueError(f"{name!r} is a {type(activation).__name__}, not an activation")
+    if isinstance(n_neurons, bool) or not isinstance(n_neurons, int) or n_neurons < 1:
+        raise ValueError(f"{name!r}: n_neurons must be a positive int, got {n_neurons!r}")
+    on = sorted(int(i) for i in on)
+    if len(set(on)) != len(on) or any(not 0 <= i < n_neurons for i in on):
+        raise ValueError(f"{name!r}: 'on' must hold distinct neuron indices in [0, {n_neurons}), got {on}")
+    state = "always ON" if len(on) == n_neurons else ("always OFF" if not on else "ON or OFF per neuron")
+    not_linear = f"a {kind} whose neurons are {state} is not exactly linear"
+    f_on = linear_factor(activation, "on") if on else None
+    f_off = linear_factor(activation, "off") if len(on) < n_neurons else None
+    if len(on) == n_neurons:
+        if f_on is None:
+            if approximate:
+                return Edit("linearise", name, {"approximate": kind})
+            raise ValueError(not_linear)
+        return Edit("linearise", name, {} if f_on == 1.0 else {"scale": f_on})
+    if f_off is None or (on and f_on is None):
+        raise ValueError(not_linear)
+    if kind in _ZERO_WHEN_OFF and (not on or f_on == 1.0):
+        return Edit("constant", name, {"on": on})  # the constant 0, or a ReLU's 0/1 gate
+    if isinstance(f_off, Tensor):  # a PReLU's weights, on dimension 1 of its input
+        if on:
+            raise ValueError(f"{not_linear} as one gate: its {f_off.numel()} weights apply on dimension 1 of "
+                             "its input, the ON/OFF states on its neurons' dimension")
+        return Edit("linearise", name, {"scale": [float(v) for v in f_off], "dim": 1,
+                                        "channels": f_off.numel()})
+    if not on:
+        return Edit("linearise", name, {"scale": f_off})
+    scale = [f_off] * n_neurons
+    for i in on:
+        scale[i] = f_on
+    return Edit("linearise", name, {"scale": scale})
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,9 +590,55 @@ def _edit_linearise(gm, edit, example_input, structure_only, masks):
     nodes = _module_nodes(gm, edit.target)
     if not nodes:
         raise KeyError(f"activation {edit.target!r} is not called in the traced network")
+    if "scale" in edit.args:
+        _linearise_scaled(gm, edit, nodes, example_input)
+        return
     for node in nodes:
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
+
+
+def _scale_values(edit: Edit) -> list[float] | float:
+    """``args["scale"]`` checked: a finite number, or a non-empty list of them."""
+    scale = edit.args["scale"]
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if number(scale):
+        values = [scale]
+    elif isinstance(scale, (list, tuple)) and scale and all(number(v) for v in scale):
+        values = list(scale)
+    else:
+        raise TypeError(f"linearise {edit.target!r}: args 'scale' must be a number or a non-empty list "
+                        f"of numbers (one per channel), got {scale!r}")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"linearise {edit.target!r}: args 'scale' holds non-finite value(s) {bad}")
+    return [float(v) for v in values] if isinstance(scale, (list, tuple)) else float(scale)
+
+
+def _linearise_scaled(gm, edit, nodes, example_input):
+    """``linearise`` with ``args["scale"]``: the activation becomes ``x * scale`` (one factor, or one
+    per channel on the neuron dimension), a :class:`ChannelGate` under the same path. The channels
+    and their dimension come from the producer (or ``args["dim"]`` / ``["channels"]``), so that
+    ``fold_network`` can fold the gate into a neighbouring layer; a single factor on an activation
+    without a producer is kept as a one-channel gate (exact, broadcast on every channel)."""
+    scale = _scale_values(edit)
+    if isinstance(scale, float):
+        try:
+            dim, channels = _channels_of(gm, nodes[0], edit, example_input)
+        except ValueError:
+            dim, channels = -1, 1
+        values = [scale] * channels
+    else:
+        dim, channels = _channels_of(gm, nodes[0], edit, example_input)
+        if len(scale) != channels:
+            raise ValueError(f"linearise {edit.target!r}: args 'scale' has {len(scale)} factors, the "
+                             f"activation has {channels} channels (dimension {dim})")
+        values = scale
+    edit.args.update(dim=dim, channels=channels)
+    dtype, device = _model_dtype(gm)
+    gate = ChannelGate(channels, dim, [])
+    gate.gate = torch.tensor(values, dtype=torch.float64)  # the factors as recorded, then cast once
+    _set_module(gm, edit.target, gate.to(dtype=dtype, device=device))
 
 
 def _channels_of(gm, node: torch.fx.Node, edit: Edit, example_input: Tensor | None = None) -> tuple[int, int]:
@@ -520,9 +646,11 @@ def _channels_of(gm, node: torch.fx.Node, edit: Edit, example_input: Tensor | No
     if "dim" in edit.args and "channels" in edit.args:
         return int(edit.args["dim"]), int(edit.args["channels"])
     modules = dict(gm.named_modules())
-    producer, dim = _producers_and_dims(gm, [edit.target], example_input)[edit.target]
+    # the graph being edited is current (every earlier edit was recompiled into it): walked as it
+    # is, not traced again - a retrace per edit made a history of n gate edits cost n traces
+    producer, dim = _producers_in_graph(gm, [edit.target], example_input, stacklevel=6)[edit.target]
     if producer is None:
-        raise ValueError(f"constant {edit.target!r}: the activation has no producer Conv/Linear "
+        raise ValueError(f"{edit.kind} {edit.target!r}: the activation has no producer Conv/Linear "
                          "layer; give args 'dim' and 'channels' explicitly")
     layer = modules[producer]
     channels = layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features

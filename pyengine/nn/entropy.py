@@ -12,6 +12,7 @@ x position (DSD2).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,41 @@ class LayerEntropy:
 
     def value(self, estimator: str) -> float:
         return self.mean_nonconstant if estimator == "egp" else self.mean
+
+    def weight(self, estimator: str) -> int:
+        """The number of neurons :meth:`value` averages over: the non-constant ones (egp) or all
+        of them (easier). The weight of this activation in its producer's entropy
+        (:func:`entropy_by_producer`)."""
+        if estimator == "egp":
+            return self.n_neurons - self.n_always_on - self.n_always_off
+        return self.n_neurons
+
+
+def entropy_by_producer(entropies, estimator: str) -> dict[str, float]:
+    """The entropy of every producer layer, keyed by its module path, from the entropy of the
+    activations it feeds (``LayerEntropy`` records; those without a producer are skipped).
+
+    A layer feeding one activation gets that activation's entropy. A layer feeding several
+    (``h = conv(x); a = relu(h); b = gelu(h)``, a Linear whose output two activations read)
+    gets their mean weighted by the neurons each one's estimator averages over
+    (:meth:`LayerEntropy.weight`): the mean binary entropy over the union of those neurons, which
+    is what the estimator would give if the activations were one. So the layer's entropy is 0
+    (collapsible) only when every activation it feeds has entropy 0, and it does not depend on
+    the order of the records. With the egp estimator a layer none of whose activations has a
+    non-constant neuron gets 0; under per-batch averaging the weights are the pooled counts'."""
+    fed: dict[str, list[LayerEntropy]] = {}
+    for e in entropies:
+        if e.producer is not None:
+            fed.setdefault(e.producer, []).append(e)
+    out = {}
+    for producer, acts in fed.items():
+        if len(acts) == 1:  # its activation's value as it is (w * h / w may differ in the last bit)
+            out[producer] = acts[0].value(estimator)
+            continue
+        total = sum(e.weight(estimator) for e in acts)
+        # fsum: exactly rounded, so the value does not depend on the order of the records
+        out[producer] = math.fsum(e.weight(estimator) * e.value(estimator) for e in acts) / total if total > 0 else 0.0
+    return out
 
 
 def neuron_dim_of(model: nn.Module, producer: str | None, ndim: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyengine.methods.base import EntropyAverage, EntropySpec, Method, register
 from pyengine.methods.options import option
 from pyengine.methods.prune.magnitude import PruneTarget
-from pyengine.nn.entropy import LayerEntropy
+from pyengine.nn.entropy import LayerEntropy, entropy_by_producer
 from pyengine.nn.masks import MaskSet
 
 
@@ -67,19 +67,20 @@ def egp_prune_step(masks: MaskSet, entropies: dict[str, LayerEntropy], cfg: EGPC
     """One EGP round on ``masks`` given the entropy of every activation.
 
     Each activation's entropy is attributed to its producer layer's weight (ResNet relu1 ->
-    conv1, ...). Layers without an activation after them (e.g. the classifier) are not pruned
-    by EGP. Returns a record: entropy per layer, allocation, removed and emptied layers.
+    conv1, ...). A layer feeding several activations (``h = conv(x); relu(h); gelu(h)``) gets
+    their neuron-weighted mean (:func:`pyengine.nn.entropy.entropy_by_producer`): it is
+    zero-entropy, and so left out of the allocation, only when every activation it feeds is.
+    Layers without an activation after them (e.g. the classifier) are not pruned by EGP.
+    Returns a record: entropy per layer, allocation, removed and emptied layers.
     """
     ent, mabs, nnz = {}, {}, {}
-    for e in entropies.values():
-        if e.producer is None:
-            continue
-        wname = f"{e.producer}.weight"
+    for producer, h in entropy_by_producer(entropies.values(), cfg.estimator).items():
+        wname = f"{producer}.weight"
         if wname not in masks.masks:
             continue
         m = masks.masks[wname]
         kept = int(m.sum())
-        ent[wname] = e.value(cfg.estimator)
+        ent[wname] = h
         nnz[wname] = kept
         mabs[wname] = float(masks.params[wname].detach().abs()[m].mean()) if kept else 0.0
     alloc = egp_allocate(ent, mabs, nnz, cfg.zeta)
