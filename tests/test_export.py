@@ -166,3 +166,80 @@ def _onnx_available() -> bool:
     import importlib.util
 
     return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript"))
+
+
+class _MixedNet(torch.nn.Module):
+    """float16 layers, then float64 layers with a BatchNorm, then a float32 head; the forward
+    casts between them, as a mixed-precision model does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.act1 = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(8, 8)
+        self.act2 = torch.nn.ReLU()
+        self.fc3 = torch.nn.Linear(8, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.act3 = torch.nn.ReLU()
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.act2(self.fc2(self.act1(self.fc1(x.to(torch.float16)))))
+        h = self.act3(self.bn(self.fc3(h.to(torch.float64))))
+        return self.out(h.to(torch.float32))
+
+
+def _mixed_net():
+    m = _MixedNet()
+    m.fc1.half()
+    m.fc2.half()
+    m.fc3.double()
+    m.bn.double()
+    return m
+
+
+@pytest.mark.parametrize("edited", [False, True])
+@pytest.mark.parametrize("builder", ["float32", "mixed"])
+def test_an_export_in_mixed_precision_loads_back_in_its_dtypes(tmp_path, edited, builder):
+    # load_export cast the rebuilt base only when the file held one float dtype: the float16 and
+    # float64 layers came back float32 (load_state_dict copies into the network's dtype) and the
+    # forward failed on its first cast
+    from pyengine.graph import load_export
+
+    torch.manual_seed(0)
+    model = _mixed_net().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(7, 6)
+    history = []
+    if edited:  # linearise one activation, fold BatchNorm and the now adjacent linear layers
+        model, history = apply_edits(model, [Edit("linearise", "act3")], x[:1])
+        model, applied, _ = fold_network(model, x[:1])
+        history = list(history) + list(applied)
+    want_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    assert {torch.float16, torch.float64, torch.float32} <= set(want_dtypes.values())
+    with torch.no_grad():
+        want = model(x)
+    export_model(model, tmp_path, {"architecture": {"name": "user:MixedNet"}}, history, x[:1],
+                 formats=("safetensors",))
+    build = (lambda arch: _MixedNet()) if builder == "float32" else (lambda arch: _mixed_net())
+    loaded, _, _ = load_export(tmp_path, build)
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == want_dtypes
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with torch.no_grad():
+        got = loaded.eval()(x)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def test_a_float64_export_loads_back_in_float64(tmp_path):
+    from pyengine.graph import load_export
+
+    torch.manual_seed(0)
+    model = _TokenNet().double().eval()
+    ids = torch.randint(0, 20, (4, 5))
+    export_model(model, tmp_path, {"architecture": {"name": "user:TokenNet"}}, [], ids[:1], formats=("safetensors",))
+    loaded, _, _ = load_export(tmp_path, lambda arch: _TokenNet())  # built in float32
+    assert all(v.dtype == torch.float64 for v in loaded.state_dict().values())
+    assert torch.equal(loaded.eval()(ids), model(ids))

@@ -151,6 +151,24 @@ def export_model(model: nn.Module, folder: str | Path, description: dict,
     return written
 
 
+def _cast_like(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Give every floating parameter and buffer of ``model`` named in ``state`` that tensor's
+    dtype, in place (a parameter stays the same ``nn.Parameter`` object, so tied weights stay
+    tied). Names ``state`` lacks and non-floating tensors are left as they are."""
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for table in (mod._parameters, mod._buffers):
+            for name, t in table.items():
+                want = state.get(dot + name)
+                if t is None or want is None or not t.is_floating_point() or not want.is_floating_point() \
+                        or t.dtype == want.dtype:
+                    continue
+                if isinstance(t, nn.Parameter):
+                    t.data = t.data.to(want.dtype)
+                else:
+                    table[name] = t.to(want.dtype)
+
+
 def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="cpu"
                 ) -> tuple[nn.Module, dict[str, Tensor], dict]:
     """Rebuild a network written by :func:`export_model`: (model, masks, description).
@@ -159,7 +177,9 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     :func:`replay` of ``description["edits"]`` (older exports' ``architecture["linearised"]``
     list is honoured too) and the weights are loaded from model.safetensors. Keys or shapes
     that do not match, and masks of the wrong shape or for no parameter, raise ValueError naming
-    them. Nothing in the folder is executed (JSON + safetensors only).
+    them. Every parameter and buffer gets the dtype it was saved with, also when the saved
+    network mixes precisions (float16 / float32 / float64 layers side by side). Nothing in the
+    folder is executed (JSON + safetensors only).
     """
     from pyengine._io import read_safetensors
 
@@ -190,10 +210,15 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
     masks = {k[len(_MASK_PREFIX):]: v.bool() for k, v in tensors.items()
              if k.startswith(_MASK_PREFIX)}
     dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:  # rebuild in the exported precision, so loading casts nothing
+    built = {t.dtype for t in [*base.parameters(), *base.buffers()] if t.is_floating_point()}
+    if len(dtypes) == 1 and len(built) <= 1:  # rebuild in the exported precision, so loading casts nothing
         dtype = dtypes.pop()
         base = base.to(dtype)
         example = example.to(dtype) if example is not None and example.is_floating_point() else example
+    else:  # mixed precisions (in the file, or as ``build`` made the base on purpose): each
+        # tensor the base shares with the file takes the file's dtype, the others stay as built;
+        # before replay, which may run the network on the example
+        _cast_like(base, state)
     model = replay(base, history, example)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -205,6 +230,7 @@ def load_export(folder: str | Path, build: Callable[[dict], nn.Module], device="
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}, "
                          f"shape mismatch {wrong[:8]}")
     _check_masks(model, masks)
+    _cast_like(model, state)  # load_state_dict copies into the network's dtype: cast it first
     model.load_state_dict(state)
     model = model.to(device)
     masks = {k: v.to(device) for k, v in masks.items()}
