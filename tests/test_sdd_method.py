@@ -134,6 +134,53 @@ def test_detection_finds_the_dip_and_the_second_peak():
         detect_double_descent(sp, acc[:-1])
 
 
+def _loss_peak_markers(monkeypatch, tmp_path, rows, tol=1.0):
+    """The (x, y) of every '^' marker plot_curves draws on the test-loss panel of one curve."""
+    from pyengine.methods.sdd import plots
+
+    seen = {}
+    save = plots._save
+
+    def keep(fig, path):
+        ax = fig.axes[1]  # the loss panel
+        seen["loss"] = [(float(l.get_xdata()[0]), float(l.get_ydata()[0])) for l in ax.get_lines()
+                        if l.get_marker() == "^"]
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_curves([{"label": "run", "rows": rows, "analysis": analyse(rows, tol)}], tmp_path / "c.png")
+    return seen["loss"]
+
+
+def test_a_tiny_test_loss_bump_is_no_peak(monkeypatch, tmp_path):
+    # the loss peak was detected with tolerance 0, so any bump of noise height was marked
+    sp = [0, 0.2, 0.36, 0.49, 0.59, 0.67, 0.74, 0.79]
+    rem = [1 - s for s in sp]
+    acc = [90.0, 88.0, 84.0, 83.0, 87.0, 91.0, 89.0, 70.0]  # a double descent: 7 points deep
+    # rises from 0.5 to 2.5 with one bump 0.004 high at index 3 (its prominence: 0.004)
+    flat_bump = [0.5, 0.6, 0.7, 0.704, 0.7, 0.8, 0.9, 2.5]
+    rows = [{"sparsity": s, "remaining": r, "test_acc": a, "test_loss": l} for s, r, a, l in zip(sp, rem, acc, flat_bump)]
+    # by hand: the loss range is 2.0, so a peak needs 0.2; the bump's prominence is 0.004
+    assert _loss_peak_markers(monkeypatch, tmp_path, rows) == []
+    a = analyse(rows)
+    assert a["test_loss"]["prominence"] == pytest.approx(0.004)
+    assert not a["test_loss"]["double_descent"] and a["test_acc"]["double_descent"]
+    assert a["loss_tol"] == pytest.approx(0.1 * (2.5 - 0.5))
+    # a real loss peak: 1.5 at index 3, 0.5 above the best loss before (1.0) and 0.6 above after
+    # (0.9); range 1.1, so the tolerance 0.11 is met; marked at x = remaining[3], y = 1.5
+    peak = [1.0, 1.1, 1.4, 1.5, 1.2, 0.9, 1.0, 2.0]
+    rows = [{"sparsity": s, "remaining": r, "test_acc": a, "test_loss": l} for s, r, a, l in zip(sp, rem, acc, peak)]
+    assert analyse(rows)["test_loss"]["dip"]["index"] == 3
+    assert _loss_peak_markers(monkeypatch, tmp_path, rows) == [(pytest.approx(rem[3]), 1.5)]
+    # the same loss peak on a run whose accuracy falls monotonically: the report and the table
+    # call it no double descent, so the plot marks no loss peak either
+    mono = sorted(acc, reverse=True)
+    rows = [{"sparsity": s, "remaining": r, "test_acc": a, "test_loss": l} for s, r, a, l in zip(sp, rem, mono, peak)]
+    a = analyse(rows)
+    assert not a["test_acc"]["double_descent"] and not a["test_loss"]["double_descent"]
+    assert _loss_peak_markers(monkeypatch, tmp_path, rows) == []
+
+
 def test_vgglike_matches_dsd2_structure():
     from pyengine.graph import activation_map
     from pyengine.models import build_model

@@ -6,7 +6,15 @@ to a dip, rises to a second peak (near 98-99.5% sparsity on CIFAR with label noi
 :func:`detect_double_descent` finds the deepest valley of a curve: the point d whose drop below
 the best point before it *and* below the best point after it is largest (its prominence); it is a
 double descent when that prominence reaches ``tol`` (accuracy points). The second peak is the best
-point after the dip. The same rule on the test loss (lower is better) finds a loss peak.
+point after the dip. The same rule on the test loss (lower is better) finds a loss peak, the worst
+loss between two better regions. A loss peak counts (and is marked on the plots) only when
+
+- its prominence reaches :data:`LOSS_PEAK_FRACTION` (10%) of the loss curve's range (max - min over
+  the curve): a bump of noise height is no peak. The loss has no natural unit like the accuracy
+  point, so the tolerance is relative; see :func:`loss_tolerance`; and
+- the same curve's test accuracy shows a double descent by the rule above (``tol`` points), so a
+  loss peak is reported exactly on the runs that the report, the terminal table and the
+  accuracy plot call a double descent.
 """
 from __future__ import annotations
 
@@ -15,7 +23,10 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["CURVE_COLUMNS", "curve_rows", "detect_double_descent", "analyse", "write_curve", "read_curve"]
+__all__ = ["CURVE_COLUMNS", "LOSS_PEAK_FRACTION", "curve_rows", "detect_double_descent", "loss_tolerance", "analyse",
+           "write_curve", "read_curve"]
+
+LOSS_PEAK_FRACTION = 0.1  # a test-loss peak must rise this fraction of the loss curve's range above both sides
 
 CURVE_COLUMNS = ("round", "sparsity", "remaining", "target_sparsity", "kept", "total", "test_acc", "test_loss",
                  "train_acc", "train_loss", "train_clean_acc", "train_clean_loss", "entropy_mean",
@@ -70,18 +81,33 @@ def detect_double_descent(sparsity: list[float], values: list[float], *, higher_
     return out
 
 
+def loss_tolerance(losses: list[float]) -> float:
+    """The prominence a test-loss peak needs: :data:`LOSS_PEAK_FRACTION` of the curve's range."""
+    vals = [float(v) for v in losses if v is not None and math.isfinite(float(v))]
+    return LOSS_PEAK_FRACTION * (max(vals) - min(vals)) if vals else 0.0
+
+
 def analyse(rows: list[dict], tol: float = 1.0) -> dict:
-    """Dip / peak of the test accuracy and the test-loss peak of one curve, plus its best point."""
+    """Dip / peak of the test accuracy and the test-loss peak of one curve, plus its best point.
+
+    The accuracy dip needs a prominence of ``tol`` points; the loss peak needs
+    :func:`loss_tolerance` of the loss curve *and* a double descent of the accuracy (module
+    docstring). ``loss_tol`` in the result is the loss tolerance used."""
     sp = [r["sparsity"] for r in rows]
     acc = [r["test_acc"] for r in rows]
+    loss = [r["test_loss"] for r in rows]
+    loss_tol = loss_tolerance(loss)
     res = {"test_acc": detect_double_descent(sp, acc, tol=tol),
-           "test_loss": detect_double_descent(sp, [r["test_loss"] for r in rows], higher_is_better=False, tol=0.0)}
+           "test_loss": detect_double_descent(sp, loss, higher_is_better=False, tol=loss_tol)}
+    if res["test_loss"]["double_descent"] and not res["test_acc"]["double_descent"]:
+        res["test_loss"].update(double_descent=False, dip=None, peak=None, before=None, final_drop=None)
     if rows:
         b = max(range(len(rows)), key=lambda i: (acc[i], -i))
         res["best"] = {"index": b, "sparsity": sp[b], "test_acc": acc[b]}
         res["dense_acc"] = acc[0]
         res["final"] = {"sparsity": sp[-1], "test_acc": acc[-1]}
     res["tol"] = tol
+    res["loss_tol"] = loss_tol
     return res
 
 

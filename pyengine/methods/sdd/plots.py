@@ -46,7 +46,10 @@ def plot_curves(curves: list[dict], path: str | Path, title: str = "", with_loss
                 with_train: bool = True) -> Path:
     """``curves``: [{"label", "rows", "analysis"}] (analysis from curves.analyse). Test accuracy
     (train accuracy dashed) and, with ``with_loss``, test loss in a second panel; the dip (v) and
-    the second peak (^) of each curve that shows a double descent are marked."""
+    the second peak (^) of each curve that shows a double descent are marked, and the test-loss
+    peak (^) where the analysis found one: a peak at least ``curves.LOSS_PEAK_FRACTION`` of the
+    loss curve's range high, on a curve whose accuracy shows a double descent (the rule of
+    ``curves.analyse``, so the plot marks what the report and the table say)."""
     plt = _plt()
     n = 2 if with_loss else 1
     fig, axes = plt.subplots(1, n, figsize=(6.5 * n, 4.3), squeeze=False)
