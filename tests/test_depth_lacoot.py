@@ -318,8 +318,8 @@ def test_lacoot_cli_run_resume_and_onnx_export(tmp_path, monkeypatch, capsys):
 
 
 def test_block_capture_keeps_each_pairs_input_and_output():
-    """One forward hook per block when the pair is one module (ResNet), a pre-hook and a hook on
-    two modules otherwise (MobileNetV2's depthwise unit): the tensors kept are the block's own."""
+    """A pre-hook (input) and a hook (output) per pair, on one module (ResNet) or two (a split
+    pair): the tensors kept are the block's own."""
     from pyengine.methods.depth.lacoot import BlockCapture, BlockPair
 
     torch.manual_seed(0)
@@ -403,3 +403,106 @@ def test_removal_measures_a_float64_model(fast_latency):
     comp.method.score([(x, torch.zeros(8, dtype=torch.long))])
     rec = comp.step()
     assert rec["removed"] == ["2"] and rec["table"][1]["latency_ms_batch32"] > 0
+
+
+class _Res(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class _ResMLP(nn.Module):
+    """Three residual MLP blocks; ``after`` follows the first one (an in-place ReLU, or not);
+    ``out`` picks what the forward returns: the logits, (logits, features) or {"logits": ...}."""
+
+    def __init__(self, inplace=False, out="tensor"):
+        super().__init__()
+        self.inp = nn.Linear(16, 8)
+        self.blocks = nn.ModuleList(_Res() for _ in range(3))
+        self.after = nn.ReLU(inplace=inplace)
+        self.head = nn.Linear(8, 3)
+        self.out = out
+
+    def forward(self, x):
+        h = self.after(self.blocks[0](self.inp(x)))
+        for b in self.blocks[1:]:
+            h = b(h)
+        logits = self.head(h)
+        return {"tensor": logits, "tuple": (logits, h), "dict": {"logits": logits, "features": h}}[self.out]
+
+
+def test_a_block_output_changed_in_place_after_the_block_is_refused():
+    # nn.ReLU(inplace=True) after a monitored block rewrote the kept output: the distance compared
+    # the block's input with relu(output), silently
+    from pyengine.methods.depth.lacoot import BlockCapture, BlockPair
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+    for inplace in (False, True):
+        net = _ResMLP(inplace=inplace)
+        pairs = [BlockPair("blocks.0", "blocks.0", "blocks.0")]
+        with torch.no_grad(), BlockCapture(net, pairs) as cap:
+            net(x)
+            if inplace:
+                with pytest.raises(RuntimeError, match="output of block 'blocks.0' was changed in place after the block"):
+                    cap.take()
+                continue
+            (a, b), = cap.take()
+            h = net.inp(x)  # the reference, in plain PyTorch
+            assert torch.equal(a, h) and torch.equal(b, h + net.blocks[0].f(h))
+
+
+def test_an_input_changed_in_place_inside_the_block_is_refused():
+    from pyengine.methods.depth.lacoot import BlockCapture, BlockPair
+
+    class Inplace(nn.Module):
+        def forward(self, x):
+            return x.mul_(2.0)
+
+    net = nn.Sequential(nn.Linear(4, 4), Inplace(), nn.Linear(4, 2))
+    with torch.no_grad(), BlockCapture(net, [BlockPair("1", "1", "1")]) as cap:
+        net(torch.randn(3, 4))
+        with pytest.raises(RuntimeError, match="input of block '1' was changed in place inside the block"):
+            cap.take()
+
+
+@pytest.mark.parametrize("out", ["tuple", "dict"])
+def test_removal_of_a_model_returning_a_tuple_or_dict_measures_its_logits(fast_latency, out):
+    # the accuracy after each removal read the output as a tensor: AttributeError "'tuple' object
+    # has no attribute 'float'"
+    import pyengine
+
+    torch.manual_seed(0)
+    net = _ResMLP(out=out)
+    x, y = torch.randn(40, 16), torch.randint(0, 3, (40,))
+    batches = list(zip(x.split(16), y.split(16)))
+    comp = pyengine.Compressor(net, "lacoot", example_input=x[:1],
+                               options={"monitor_blocks": ["blocks.1", "blocks.2"], "remove_blocks": 1, "directions": 4},
+                               log=lambda s: None)
+    with torch.no_grad():  # the reference: top-1 accuracy of the unedited network, by hand
+        o = net.eval()(x)
+        logits = o[0] if out == "tuple" else o["logits"]
+        want = 100.0 * float((logits.argmax(1) == y).sum()) / len(y)
+    comp.method.score(batches)
+    rec = comp.step()
+    assert rec["table"][0]["val_acc"] == pytest.approx(want) and len(rec["removed"]) == 1
+
+
+def test_scoring_on_a_one_shot_iterator_is_refused(fast_latency):
+    # score() used up a generator, and the accuracy of every removal was then measured on nothing:
+    # 0% each, all "within the tolerance", so every block was removed
+    import pyengine
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    comp = pyengine.Compressor(_ResMLP(), "lacoot", example_input=x[:1],
+                               options={"monitor_blocks": ["blocks.1", "blocks.2"], "directions": 4},
+                               log=lambda s: None)
+    with pytest.raises(TypeError, match="one-shot generator"):
+        comp.method.score((a, b) for a, b in zip(x.split(16), y.split(16)))
+    with pytest.raises(ValueError, match=r"\(inputs, labels\) pairs, got a Tensor"):
+        comp.method.score(list(x.split(16)))  # scoring needs inputs only; the accuracy needs labels
+        comp.step()

@@ -32,6 +32,7 @@ here every architecture is ranked by its validation distance, as the paper descr
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -184,14 +185,26 @@ def lacoot_regulariser(pairs: list[tuple[Tensor, Tensor]], *, n_directions: int 
     return d.mean(), d
 
 
+def _version(t) -> int | None:
+    """A tensor's version counter (None where there is none: inference-mode tensors, non-tensors)."""
+    try:
+        return t._version
+    except (AttributeError, RuntimeError):
+        return None
+
+
 class BlockCapture:
-    """Forward hooks that keep, for every pair, the input of ``src`` and the output of ``dst`` of the
-    latest forward (only while ``enabled``); a context manager."""
+    """Forward hooks that keep, for every pair, the input of ``src`` (a pre-hook: before the block
+    runs) and the output of ``dst`` of the latest forward (only while ``enabled``); a context
+    manager. A kept tensor that an in-place operation changed afterwards (an
+    ``nn.ReLU(inplace=True)`` inside the block on its input, or after the block on its output)
+    no longer holds the block's input or output: :meth:`take` refuses it, naming the block."""
 
     def __init__(self, model: nn.Module, pairs: list[BlockPair]):
         self.model, self.pairs = model, pairs
         self.inputs: dict[str, Tensor] = {}
         self.outputs: dict[str, Tensor] = {}
+        self._versions: dict[tuple[str, str], int | None] = {}
         self.enabled = True
         self._handles = []
 
@@ -205,21 +218,15 @@ class BlockCapture:
             def pre(module, args, key=p.block):
                 if self.enabled:
                     self.inputs[key] = args[0]
+                    self._versions[("input", key)] = _version(args[0])
 
             def post(module, args, out, key=p.block):
                 if self.enabled:
                     self.outputs[key] = out
+                    self._versions[("output", key)] = _version(out)
 
-            def both(module, args, out, key=p.block):  # src == dst: one hook sees input and output
-                if self.enabled:
-                    self.inputs[key] = args[0]
-                    self.outputs[key] = out
-
-            if p.src == p.dst:
-                self._handles.append(named[p.src].register_forward_hook(both))
-            else:
-                self._handles.append(named[p.src].register_forward_pre_hook(pre))
-                self._handles.append(named[p.dst].register_forward_hook(post))
+            self._handles.append(named[p.src].register_forward_pre_hook(pre))
+            self._handles.append(named[p.dst].register_forward_hook(post))
         return self
 
     def __exit__(self, *exc):
@@ -231,12 +238,22 @@ class BlockCapture:
     def clear(self) -> None:
         self.inputs.clear()
         self.outputs.clear()
+        self._versions.clear()
 
     def take(self) -> list[tuple[Tensor, Tensor]]:
         missing = [p.block for p in self.pairs if p.block not in self.inputs or p.block not in self.outputs]
         if missing:
             raise RuntimeError(f"LaCoOT: the forward did not call the monitored module(s) of {missing}; in an "
                                "edited (traced) network the blocks are no longer modules that are called")
+        for p in self.pairs:
+            for side, table, where in (("input", self.inputs, "inside the block"),
+                                       ("output", self.outputs, "after the block")):
+                was = self._versions.get((side, p.block))
+                if was is not None and _version(table[p.block]) != was:
+                    raise RuntimeError(
+                        f"LaCoOT: the {side} of block {p.block!r} was changed in place {where} (an in-place "
+                        "operation, e.g. nn.ReLU(inplace=True) or x += ...), so it no longer holds what the "
+                        f"distance compares: make the operations that write on the block's {side} out-of-place")
         out = [(self.inputs[p.block], self.outputs[p.block]) for p in self.pairs]
         self.clear()
         return out
@@ -299,6 +316,47 @@ def score_blocks(model: nn.Module, pairs: list[BlockPair], loader, device, *, n_
     if n == 0:
         raise ValueError("LaCoOT: the scoring loader gave no batch")
     return {p.block: s / n for p, s in zip(pairs, totals)}
+
+
+def _logits(out, where: str = "the network"):
+    """The class scores in a network's output: the tensor itself, the first element of a tuple or
+    list (``(logits, features)``, as Hugging Face and torchvision's auxiliary outputs put them), or
+    a dict's ``"logits"``; anything else is refused, naming what it is."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    if isinstance(out, dict) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    what = f"a dict with keys {sorted(map(str, out))[:8]}" if isinstance(out, dict) else f"a {type(out).__name__}"
+    raise TypeError(f"LaCoOT measures the accuracy after each removal on class scores, but {where} returns {what}: "
+                    "return the logits, (logits, ...) or {'logits': ...}")
+
+
+class _Logits(nn.Module):
+    """``model`` with its output reduced to the class scores (:func:`_logits`)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return _logits(self.model(x), type(self.model).__name__)
+
+
+class _Labelled:
+    """The (inputs, labels) batches of ``loader``; a batch of another form is refused, naming it."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        for batch in self.loader:
+            if not (isinstance(batch, (list, tuple)) and len(batch) == 2):
+                form = f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (list, tuple)) else "")
+                raise ValueError(f"LaCoOT measures the accuracy after each removal: the loader's batches must be "
+                                 f"(inputs, labels) pairs, got {form}")
+            yield batch
 
 
 class _RegulariserStep(StepCallback):
@@ -396,6 +454,10 @@ class LaCoOT(Method):
             raise RuntimeError(f"LaCoOT ranks and removes blocks once, after training: this network was already "
                                f"edited ({len(self.removed)} block(s) removed: {self.removed}), and its remaining "
                                "blocks are no longer modules that a forward calls")
+        if isinstance(loader, Iterator):  # remove() reads the loader again, once per removal
+            raise TypeError("LaCoOT: score() needs a loader that can be read several times (a list of batches or "
+                            f"a DataLoader), got a one-shot {type(loader).__name__}: the blocks are scored on it, "
+                            "then the accuracy is measured on it after each removal")
         mb = max_batches if max_batches is not None else self.opt.score_batches
         self.scores = score_blocks(self.run.model, self.pairs, loader, self.run.device,
                                    n_directions=self.opt.directions, reduce=self.val_reduce, seed=self.seed,
@@ -408,7 +470,11 @@ class LaCoOT(Method):
 
         if loader is None:
             return None
-        return evaluate(model, loader, self.run.device, getattr(self.run, "train_cfg", None))["acc"]
+        res = evaluate(_Logits(model), _Labelled(loader), self.run.device, getattr(self.run, "train_cfg", None))
+        if res["n"] == 0:  # an accuracy of nothing would read 0% for every removal, all "within tolerance"
+            raise ValueError("LaCoOT: the loader gave no batch to measure the accuracy after each removal on "
+                             "(an iterator that was used up?)")
+        return res["acc"]
 
     def remove(self, val_loader, test_loader=None) -> dict:
         """Ranks the blocks by their scores, removes them one by one without fine-tuning, measures
