@@ -112,11 +112,21 @@ def print_summary(report: dict, out: Path, log=print) -> None:
                 lines.append(f"               {text}")
         for kind, n in counts.items():
             lines.append(f"               {n} {routine[kind]}")
+        if any((e.get("args") or {}).get("resolution_dependent") for e in fold["collapse_edits"] + fold["folds"]):
+            lines.append("             note: constant(s) that vary over positions (zero padding) were folded as buffers: "
+                         "the folded network only accepts inputs of the run's image size")
         for r in fold["refused"]:
             into = f" into {r['into']}" if r.get("into") else ""
             lines.append(f"             refused: {r.get('kind', 'edit')} {r.get('target')}{into}: {r.get('reason')}")
     elif report["config"].get("no_fold"):
-        lines.append("folding      off (--no-fold): the network keeps its dense shape")
+        kept = {}
+        for e in report.get("edits") or []:
+            kept[e.get("kind")] = kept.get(e.get("kind"), 0) + 1
+        if kept:  # the method's own structural edits (EASIER's identities, LaCoOT's removed blocks) stay
+            lines.append("folding      off (--no-fold): no exact folds; the method's own edits are kept ("
+                         + ", ".join(f"{n} {k}" for k, n in kept.items()) + ")")
+        else:
+            lines.append("folding      off (--no-fold): the network keeps its dense shape")
     if report.get("wall_seconds"):
         lines.append(f"wall time    {report['wall_seconds']:.0f} s")
     lines += [f"written      {out}/report.json, {out}/metrics.jsonl, {out}/*.png, {out}/final/", ""]

@@ -479,3 +479,26 @@ def test_a_data_warning_is_said_once_under_torchrun(tmp_path, monkeypatch, rank)
     assert rc == 2
     said = [w for w in seen if "broken.png" in str(w.message)]
     assert len(said) == (1 if rank == "0" else 0), [str(w.message) for w in seen]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_no_fold_summary_names_the_methods_own_edits(tmp_path, monkeypatch):
+    # with --no-fold the summary said "the network keeps its dense shape" even when LaCoOT had
+    # removed blocks (or EASIER linearised activations): the exported network was not dense
+    import functools
+
+    import pyengine.graph as g
+    from pyengine.train.checkpoint import load_model_export
+
+    monkeypatch.setattr(g, "measure_latency", functools.partial(g.measure_latency, warmup=1, min_run_time=0.02))
+    lines = []
+    rep = run(_cfg(tmp_path, method="lacoot", rounds=0, model_opts={"width": 8}, no_fold=True,
+                   options={"remove_blocks": 2, "directions": 4}), log=lines.append)
+    text = "\n".join(lines)
+    model, _, _ = load_model_export(tmp_path / "run" / "final")
+    names = {n for n, _ in model.named_modules()}
+    removed = [b for b in ("layer1.1", "layer2.1", "layer3.1", "layer4.1") if f"{b}.conv1" not in names]
+    assert len(removed) == 2  # the reference: the exported network itself
+    assert "keeps its dense shape" not in text
+    assert "no exact folds; the method's own edits are kept (2 replace_block)" in text
+    assert [e["kind"] for e in rep["edits"]] == ["replace_block"] * 2

@@ -108,7 +108,8 @@ class RunConfig:
                                  ".safetensors / .pt file, or a pyengine export folder")
     reset_head: bool = option(False, "with --weights: keep the new classifier (another number of classes) instead "
                               "of loading the checkpoint's")
-    no_fold: bool = option(False, "end with the pruned network in its dense shape: no structural edits")
+    no_fold: bool = option(False, "end without the final folds: the network keeps the shape the method left it in (the "
+                           "dense shape for the pruning methods; EASIER's identities and LaCoOT's removed blocks stay)")
     fold_max_mac_ratio: float = option(1.0, "merge two adjacent linear layers into one only when the merged layer "
                                        "has at most this many times their MACs (1: never more MACs; 0: no limit, "
                                        "e.g. depthwise + pointwise into one dense convolution)", low=0.0)
@@ -459,6 +460,26 @@ class RunContext:
         """Whether the method linearises always-ON activations that are not exactly linear
         (NEPENTHE's ``--approximate``)."""
         return bool(getattr(getattr(getattr(self, "method", None), "opt", None), "approximate", False))
+
+    def exact_collapse_summary(self, summary: dict, spec: EntropySpec | None) -> dict:
+        """The summary whose collapse edits a fold may apply exactly to the deployed (eval-mode)
+        network. A statistic gathered in train mode (EASIER's, NEPENTHE's ``--entropy-when train``:
+        BatchNorm batch statistics, augmented images) can call an activation always OFF that the
+        eval-mode network turns ON, so its constant / identity edit would change the outputs: the
+        collapse is then decided on an eval-mode pass over the training images without
+        augmentation (the random state is left as it was, so the run goes on unchanged).
+        Otherwise ``summary`` itself."""
+        loader = getattr(self, "entropy_loader", None)
+        if spec is None or spec.per_position or not (spec.when == "train" or spec.train_mode) or loader is None:
+            return summary
+        exact = dataclasses.replace(spec, when="pass", train_mode=False, average="pooled")
+        cfg = getattr(self, "cfg", None)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=devices):
+            ent, constant = self.measure(exact, loader, max_batches=cfg.entropy_batches if cfg is not None else None)
+        random.setstate(py_state)
+        return {**summary, "entropy_sites": [asdict(e) for e in ent.values()], "constant_neurons": constant}
 
     def fold_collapsed(self, summary: dict) -> dict:
         """The collapse edits of ``summary``, then every exact fold; returns a record for the report."""
@@ -953,7 +974,7 @@ class Run(RunContext):
             networks["dense"]["params_nonzero"] = self.rounds[0]["params_nonzero"]
         fold_rec = None
         if not self.cfg.no_fold:
-            fold_rec = self.fold_collapsed(result)
+            fold_rec = self.fold_collapsed(self.exact_collapse_summary(result, self.method.entropy_spec()))
             networks["folded"] = self._stats(self.model)
             folded_test = self.evaluate("test")
             networks["folded"]["test_acc"] = folded_test["acc"]

@@ -88,6 +88,9 @@ def folded_numbers(ctx, summary: dict, *, latency: bool = True) -> dict:
     from pyengine.graph import apply_edit, fold_network
     from pyengine.methods.runner import collapse_edits
 
+    exact = getattr(ctx, "exact_collapse_summary", None)
+    if exact is not None:  # the collapses the run's end will fold: decided on the eval-mode network
+        summary = exact(summary, ctx.method.entropy_spec())
     model = copy.deepcopy(ctx.model)
     model.eval()
     edits, _refused = collapse_edits(ctx.sites, summary, ctx.approximate_collapse)
