@@ -133,3 +133,94 @@ def test_shared_producer_entropy_measured_matches_plain_pytorch(estimator):
         expect = float(torch.cat([hp for hp, _ in per_neuron]).mean())
     rec = egp_prune_step(MaskSet(model, ["fc.weight"]), ent, EGPConfig(zeta=0.5, estimator=estimator))
     assert rec["entropy"]["fc.weight"] == pytest.approx(expect, abs=1e-6)
+
+
+class _TwoHeads(nn.Module):
+    """One Linear feeding two activations (a shared producer), on 8x8 digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(64, 24)
+        self.relu = nn.ReLU()
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc2 = nn.Linear(48, 10)
+
+    def forward(self, x):
+        h = self.fc1(self.flat(x))
+        return self.fc2(torch.cat([self.relu(h), self.leaky(h + 0.5)], dim=1))
+
+
+def test_the_round_report_pools_the_activations_of_a_shared_producer(tmp_path, monkeypatch):
+    # the report's per-layer row took the entropy of whichever activation came last
+    from pyengine.methods import runner as R
+
+    from _depth_helpers import quiet, tiny_cfg
+
+    monkeypatch.setattr(R.Run, "_base_model", lambda self: _TwoHeads())
+    rep = R.Run(tiny_cfg(tmp_path, "egp", rounds=1, epochs=1), **quiet).run()
+    rnd = rep["rounds"][0]
+    sites = {d["name"]: d for d in rnd["entropy_sites"]}
+    assert set(sites) == {"relu", "leaky"} and {d["producer"] for d in sites.values()} == {"fc1"}
+    row = next(r for r in rnd["layers"] if r["layer"] == "fc1.weight")
+    assert sorted(row["activation"].split(", ")) == ["leaky", "relu"]
+    # independent pooling from the records: EGP's mean over non-constant neurons, EASIER's over all
+    w = {n: d["n_neurons"] - d["n_always_on"] - d["n_always_off"] for n, d in sites.items()}
+    want = sum(w[n] * d["mean_nonconstant"] for n, d in sites.items()) / sum(w.values()) if sum(w.values()) else 0.0
+    want_all = sum(d["n_neurons"] * d["mean"] for d in sites.values()) / sum(d["n_neurons"] for d in sites.values())
+    assert row["entropy"] == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert row["entropy_all"] == pytest.approx(want_all, rel=1e-12, abs=1e-15)
+    assert row["neurons"] == 48
+    assert row["always_on"] == sum(d["n_always_on"] for d in sites.values())
+    assert sites["relu"]["mean"] != sites["leaky"]["mean"]  # the two differ, so the pooling is seen
+
+
+class _LeakyOff(nn.Module):
+    """A LeakyReLU whose input is always negative (a large negative bias): always OFF, so
+    exactly ``0.1 * z``, and fc1 -> leaky -> fc2 is one linear map (not a constant one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(64, 16)
+        self.leaky = nn.LeakyReLU(0.1)
+        self.fc2 = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.fc1.bias.fill_(-1e3)
+
+    def forward(self, x):
+        return self.fc2(self.leaky(self.fc1(self.flat(x))))
+
+
+def test_a_run_folds_an_always_off_leaky_relu_exactly(tmp_path, monkeypatch):
+    # the run's collapse kept any LeakyReLU that was always OFF (only ON ones became identities)
+    import copy
+
+    from pyengine.methods import runner as R
+
+    from _depth_helpers import quiet, tiny_cfg
+
+    seen = {}
+    fold = R.RunContext.fold_collapsed
+
+    def keep(self, summary):
+        seen["before"] = copy.deepcopy(self.model).eval()
+        rec = fold(self, summary)
+        seen["after"], seen["test"] = copy.deepcopy(self.model).eval(), self.loaders["test"]
+        return rec
+
+    monkeypatch.setattr(R.RunContext, "fold_collapsed", keep)
+    monkeypatch.setattr(R.Run, "_base_model", lambda self: _LeakyOff())
+    rep = R.Run(tiny_cfg(tmp_path, "egp", rounds=0, epochs=1), **quiet).run()
+    kinds = {(e["kind"], e["target"]) for e in rep["fold"]["collapse_edits"]}
+    assert ("linearise", "leaky") in kinds
+    leaky = next(e for e in rep["fold"]["collapse_edits"] if e["target"] == "leaky")
+    assert leaky["args"]["scale"] == pytest.approx(0.1)
+    assert not any(isinstance(m, nn.LeakyReLU) for m in seen["after"].modules())
+    assert sum(isinstance(m, nn.Linear) for m in seen["after"].modules()) == 1  # fc1 and fc2 merged
+    assert rep["networks"]["folded"]["depth"] == 1 and rep["networks"]["pruned"]["depth"] == 2
+    with torch.no_grad():
+        for x, _ in seen["test"]:
+            want = seen["before"](x).double()
+            got = seen["after"](x).double()
+            assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max().clamp_min(1.0))

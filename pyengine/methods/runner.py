@@ -32,7 +32,7 @@ from torch import nn
 from pyengine.methods import options as opts
 from pyengine.methods.base import EntropySpec, Method, StepCallback, get_method, list_methods
 from pyengine.methods.options import OptionError, option
-from pyengine.nn.entropy import EntropyCollector, collect_counts
+from pyengine.nn.entropy import EntropyCollector, collect_counts, entropy_by_producer
 from pyengine.nn.masks import MaskSet
 from pyengine.train.checkpoint import STATE_KEYS, atomic_torch_save, atomic_write_text, load_state
 from pyengine.train.dist import barrier, init_distributed, main_rank_first
@@ -246,10 +246,6 @@ def all_layer_sparsity(model: nn.Module) -> float:
 
 
 # activations that equal the identity wherever their input is ON (z > 0) / that output exactly 0 where it is OFF
-_IDENTITY_WHEN_ON = ("relu", "leaky_relu", "prelu")
-_ZERO_WHEN_OFF = ("relu", "relu6")
-
-
 def Edit_describe(d: dict) -> str:
     from pyengine.graph import Edit
 
@@ -257,36 +253,31 @@ def Edit_describe(d: dict) -> str:
 
 
 def collapse_edits(sites, summary: dict, approximate: bool = False) -> tuple[list, list[dict]]:
-    """The edits a round's collapse allows, exact on the measured data: an activation whose every
-    neuron was constant becomes the identity (all always ON: ReLU, LeakyReLU, PReLU), its constant 0
-    (a ReLU / ReLU6 always OFF) or a per-channel 0/1 gate (a ReLU with some neurons always ON and
-    the rest always OFF). Returns (edits, refused) - refused lists the collapsed activations for
-    which no such exact replacement exists (e.g. a GELU is not the identity where z > 0).
+    """The edits a round's collapse allows, exact on the measured data
+    (:func:`pyengine.graph.edits.collapse_edit`): an activation whose every neuron was constant
+    becomes the linear map it equals there - the identity (always ON: ReLU, LeakyReLU, PReLU,
+    ELU, CELU, RReLU), its scale (SELU always ON; LeakyReLU / PReLU always OFF: their slope),
+    the constant 0 (a ReLU / ReLU6 always OFF) or a per-channel gate (a ReLU with some neurons
+    always ON and the rest always OFF: 0/1; a LeakyReLU: 1/slope). Returns (edits, refused) -
+    refused lists the collapsed activations for which no such exact replacement exists (e.g. a
+    GELU is not the identity where z > 0), with the reason.
 
     approximate: an activation of another kind whose every neuron was always ON becomes the
     identity too (NEPENTHE's linearisation of Swin-T's GELUs and MobileNetV2's ReLU6s: close to
     the identity for z > 0, not equal); its edit's args say ``approximate``."""
-    from pyengine.graph import Edit
+    from pyengine.graph.edits import collapse_edit
 
     out, refused = [], []
-    kinds = {s.name: s.kind for s in sites}
+    by_name = {s.name: s for s in sites}
     sizes = {e["name"]: e["n_neurons"] for e in summary.get("entropy_sites", [])}
     for name, c in sorted(summary.get("constant_neurons", {}).items()):
-        kind = kinds.get(name)
-        if kind is None:
+        site = by_name.get(name)
+        if site is None or name not in sizes:
             continue
-        on = c["on"]
-        if len(on) == sizes.get(name) and kind in _IDENTITY_WHEN_ON:
-            out.append(Edit("linearise", name, {}))
-        elif len(on) == sizes.get(name) and approximate:
-            out.append(Edit("linearise", name, {"approximate": kind}))
-        elif not on and kind in _ZERO_WHEN_OFF:
-            out.append(Edit("constant", name, {"on": []}))
-        elif kind == "relu":
-            out.append(Edit("constant", name, {"on": on}))
-        else:
-            state = "always ON" if len(on) == sizes.get(name) else ("always OFF" if not on else "ON or OFF per neuron")
-            refused.append({"target": name, "reason": f"a {kind} whose neurons are {state} is not exactly linear"})
+        try:
+            out.append(collapse_edit(name, site.module, c["on"], sizes[name], approximate=approximate))
+        except ValueError as exc:
+            refused.append({"target": name, "reason": str(exc)})
     return out, refused
 
 
@@ -904,15 +895,22 @@ class Run(RunContext):
             ent, constant = self.measure(spec, self.entropy_loader, max_batches=cfg.entropy_batches, collector=col)
         estimator = spec.estimator if spec is not None else "egp"
         layer_rows = []
-        by_producer = {f"{e.producer}.weight": e for e in ent.values() if e.producer}
+        # a layer feeding several activations: their names, and the pooled entropy EGP uses for it
+        fed: dict[str, list] = {}
+        for e in ent.values():
+            if e.producer:
+                fed.setdefault(f"{e.producer}.weight", []).append(e)
+        h_est = {f"{k}.weight": v for k, v in entropy_by_producer(ent.values(), estimator).items()}
+        h_all = {f"{k}.weight": v for k, v in entropy_by_producer(ent.values(), "easier").items()}
         for r in self.masks.layer_stats():
-            e = by_producer.get(r["name"])
+            acts = fed.get(r["name"], [])
             layer_rows.append({"layer": r["name"], "numel": r["numel"], "kept": r["kept"], "sparsity": r["sparsity"],
-                               "activation": e.name if e else None,
-                               "entropy": e.value(estimator) if e else None,
-                               "entropy_all": e.mean if e else None,
-                               "always_on": e.n_always_on if e else None, "always_off": e.n_always_off if e else None,
-                               "neurons": e.n_neurons if e else None})
+                               "activation": ", ".join(e.name for e in acts) if acts else None,
+                               "entropy": h_est.get(r["name"]) if acts else None,
+                               "entropy_all": h_all.get(r["name"]) if acts else None,
+                               "always_on": sum(e.n_always_on for e in acts) if acts else None,
+                               "always_off": sum(e.n_always_off for e in acts) if acts else None,
+                               "neurons": sum(e.n_neurons for e in acts) if acts else None})
         summary = {
             "round": rnd, "test_acc": test["acc"], "test_loss": test["loss"],
             "val_acc": val["acc"] if val else None, "val_loss": val["loss"] if val else None,
