@@ -823,3 +823,192 @@ def test_gate_edits_read_the_graph_they_edit_without_tracing_it_again(monkeypatc
     # the same dimension and channel count as the producer the model's own map names
     for s, e in zip(sites, history):
         assert e.args["dim"] == 1 and e.args["channels"] == model.get_submodule(s.producer).out_channels
+
+
+# --------------------------------------------------------------------------------------------
+# Tied weights, mixed precision
+# --------------------------------------------------------------------------------------------
+
+class _TiedBN(nn.Module):
+    """``a`` then a BatchNorm (folds backward into ``a``); ``c`` uses a's weight (tied)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.r, self.c = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 4)
+        self.c.weight = self.a.weight
+
+    def forward(self, x):
+        return self.c(self.r(self.bn(self.a(x))))
+
+
+class _TiedBNForward(nn.Module):
+    """A leading BatchNorm (folds forward into ``a``); ``c`` uses a's weight and bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.a, self.r, self.c = nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)
+        self.c.weight, self.c.bias = self.a.weight, self.a.bias
+
+    def forward(self, x):
+        return self.c(self.r(self.a(self.bn(x))))
+
+
+class _TiedGateRows(nn.Module):
+    """A ReLU whose channels 0, 2 are always ON and 1, 3 always OFF (``a``'s bias): its gate folds
+    into the rows of ``a``, whose weight ``c`` shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.r, self.c = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)
+        self.c.weight = self.a.weight
+        self.a.bias.data = torch.tensor([100.0, -100.0, 100.0, -100.0])
+
+    def forward(self, x):
+        return self.c(self.r(self.a(x)) + x)
+
+
+class _TiedGateColumns(nn.Module):
+    """The same gate after ``p``, which has two users: it folds into the columns of ``a``, whose
+    weight ``c`` shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.p, self.r, self.a, self.c = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.c.weight = self.a.weight
+        self.p.bias.data = torch.tensor([100.0, -100.0, 100.0, -100.0])
+
+    def forward(self, x):
+        h = self.p(x)
+        return self.a(self.r(h)) + self.c(h)
+
+
+class _TiedBias(nn.Module):
+    """``z`` has all-zero weights: its constant output goes into the bias of ``b``, which ``c``
+    shares."""
+
+    def __init__(self):
+        super().__init__()
+        self.b, self.z, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.c.bias = self.b.bias
+        self.z.weight.data.zero_()
+
+    def forward(self, x):
+        return self.c(x) * 2 + (self.b(x) + self.z(x))
+
+
+@pytest.mark.parametrize("make, edits, folded_kind, into", [
+    (_TiedBN, [], "fold_bn", "a"),
+    (_TiedBNForward, [], "fold_bn", "a"),
+    (_TiedGateRows, [Edit("constant", "r", {"on": [0, 2]})], "fold_linear", "a"),
+    (_TiedGateColumns, [Edit("constant", "r", {"on": [0, 2]})], "fold_linear", "a"),
+    (_TiedBias, [], "remove_branch", None),
+])
+def test_a_fold_into_a_tied_layer_leaves_the_other_user_unchanged(make, edits, folded_kind, into):
+    # folding a BatchNorm / a gate / a constant into a layer rewrote its weights in place, and with
+    # them the other layer using the same Parameter (0.17 off for the BatchNorm, 0.8 for the gate):
+    # the folded layer now gets its own copy, as fold_linear's merged layer always had
+    torch.manual_seed(0)
+    model = make().to(D).eval()
+    random_bn(model, torch.Generator().manual_seed(0))
+    x = torch.randn(6, 4, dtype=D)
+    with torch.no_grad():
+        ref = model(x)  # the unedited network; the gated ReLUs are exactly their gates on x
+    edited, history = apply_edits(model, [Edit.from_dict(e.to_dict()) for e in edits], x)
+    mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(1)) > 0.3
+    masks = {"a.weight": mask.clone()} if into == "a" else None
+    folded, applied, refused = fold_network(edited, x, masks=masks)
+    assert [e.args.get("into") for e in applied if e.kind == folded_kind] == [into]
+    if folded_kind == "remove_branch":  # z's constant went into b's bias (tied), not a module of its own
+        assert not [n for n, _ in folded.named_modules() if "folded" in n]
+    with torch.no_grad():
+        assert rel(folded(x), ref) < 1e-12
+        assert rel(model(x), ref) == 0.0  # the model given is left as it was
+    if masks is not None:  # the tied weight's mask stays with both users
+        assert torch.equal(masks["c.weight"], mask) and set(masks) == {"a.weight", "c.weight"}
+        mapped = map_masks({"a.weight": mask}, edited, applied, x)
+        assert mapped.keys() == masks.keys() and all(torch.equal(mapped[k], masks[k]) for k in masks)
+    # the records replay: the rebuilt structure holds both tensors, and loads the folded weights
+    rebuilt = replay(make().to(D), list(history) + list(applied), x)
+    rebuilt.load_state_dict(folded.state_dict())
+    with torch.no_grad():
+        assert rel(rebuilt.eval()(x), ref) < 1e-12
+
+
+def test_a_refused_fold_into_a_tied_layer_keeps_the_tie():
+    model = _TiedBN()
+    model.a, model.c = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+    model.c.weight = model.a.weight
+    model.bn = nn.BatchNorm2d(3, track_running_stats=False)  # batch statistics: refused
+    model = model.to(D).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    folded, applied, refused = fold_network(model, x)
+    assert [r["target"] for r in refused if r["kind"] == "fold_bn"] == ["bn"]
+    assert folded.get_submodule("a").weight is folded.get_submodule("c").weight
+
+
+def test_a_folded_constant_keeps_the_dtype_of_the_value_it_replaces():
+    # the constants of a removed branch took the dtype of the model's first floating tensor (here
+    # a float16 layer): a float32 value came back rounded to float16, and the network's float32
+    # output became float16
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4).half()  # all-zero weights: a constant branch in float16
+            self.r = nn.ReLU()
+            self.out = nn.Linear(4, 3)        # float32, as is the rest
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            k = self.out(self.r(self.a(x.half())).float())  # a float32 constant
+            return self.b(x) * 2 + k, k  # met by a live value (a bias of its own), and alone
+
+    torch.manual_seed(0)
+    model = Mixed().eval()
+    with torch.no_grad():
+        model.a.weight.zero_()
+        model.a.bias.uniform_(-1, 1)
+        model.out.bias.uniform_(-1, 1)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        ref = model(x)
+    folded, applied, _ = fold_network(model, x[:1])
+    assert [e.kind for e in applied] == ["remove_branch"] and not hasattr(folded, "a")
+    with torch.no_grad():
+        got = folded(x)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype == torch.float32
+        torch.testing.assert_close(g, r)  # float32 tolerances: a float16 rounding (~1e-4) fails
+    assert {t.dtype for n, t in folded.state_dict().items() if n.startswith("folded_")} == {torch.float32}
+    rebuilt = replay(Mixed().eval(), applied, x[:1])
+    rebuilt.load_state_dict(folded.state_dict())
+    for n, t in rebuilt.state_dict().items():
+        assert t.dtype == folded.state_dict()[n].dtype, n
+
+
+def test_a_gate_keeps_its_inputs_dtype_in_a_mixed_precision_network():
+    # a gate made in the model's first floating dtype (float64 here) turned the float16 values
+    # it multiplies into float64, and the next float16 Linear refused them
+    from pyengine.graph import Edit, apply_edits
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 6).double()
+            self.fc2 = nn.Linear(6, 6).half()
+            self.act = nn.LeakyReLU(0.25)
+            self.fc3 = nn.Linear(6, 3).half()
+
+        def forward(self, x):
+            return self.fc3(self.act(self.fc2(self.fc1(x).half())))
+
+    torch.manual_seed(0)
+    net = Mixed()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    with torch.no_grad():
+        h = net.fc2(net.fc1(x).half())
+        want = net.fc3(h * 0.25)  # the LeakyReLU on its OFF side: 0.25 z, computed in float16
+    edited, _ = apply_edits(net, [Edit("linearise", "act", {"scale": 0.25})])
+    with torch.no_grad():
+        got = edited(x)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -6,7 +6,9 @@ Layer 3a of pyengine (below nn/ and models/; imports only torch, torch.fx and py
   submodule is named in a :class:`TraceError`), :func:`activation_map` / :func:`find_producers`
   (every activation and the Conv/Linear feeding it), :func:`neuron_dim`;
 - edits as data: :class:`Edit`, :class:`EditHistory`, :func:`apply_edit`, :func:`replay`,
-  :func:`map_masks`, and :func:`fold_network` (every exact fold, refusals with reasons);
+  :func:`map_masks`, :func:`collapse_edit` (the exact edit of an activation whose neurons are
+  each constant; :func:`linear_factor`: the factor an activation multiplies by where it is
+  linear), and :func:`fold_network` (every exact fold, refusals with reasons);
 - measurement: :func:`network_stats`, :func:`measure_latency`;
 - export: :func:`export_model` / :func:`load_export` (safetensors + JSON history + ONNX).
 
@@ -21,6 +23,7 @@ from pyengine.graph.activations import (
     find_producers,
     find_reused_activations,
     is_weight_layer,
+    linear_factor,
     linearise,
     make_activations_distinct,
     neuron_dim,
@@ -33,6 +36,7 @@ from pyengine.graph.edits import (
     apply_edit,
     apply_edits,
     as_graph_module,
+    collapse_edit,
     is_identity_like,
     map_masks,
     replay,
@@ -46,10 +50,10 @@ from pyengine.graph.trace import TraceError, trace
 
 __all__ = [
     "ActivationSite", "activation_kind", "activation_map", "find_functional_activations",
-    "find_producers", "find_reused_activations", "is_weight_layer", "linearise",
+    "find_producers", "find_reused_activations", "is_weight_layer", "linear_factor", "linearise",
     "make_activations_distinct", "neuron_dim", "register_activation",
     "EDIT_KINDS", "Edit", "EditHistory", "apply_edit", "apply_edits", "as_graph_module",
-    "is_identity_like", "map_masks", "replay", "fold_network", "FoldRefused", "compose_layers",
+    "collapse_edit", "is_identity_like", "map_masks", "replay", "fold_network", "FoldRefused", "compose_layers",
     "AddBias", "AddConstant", "ChannelGate", "Constant", "ConstantZero",
     "count_macs", "measure_latency", "network_depth", "network_stats",
     "TraceError", "trace", "export_model", "load_export",

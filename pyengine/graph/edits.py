@@ -50,9 +50,15 @@ Kinds (the graph is evaluated in eval mode: BatchNorm with running statistics, n
   that went with it.
 
 ``remove_branch`` needs ``example_input`` (the constants are computed on it).
+
+An edit that rewrites a layer's weights in place (``fold_bn``, a gate's ``fold_linear``, a
+constant moved into a bias) first gives that layer its own copy of any parameter it shares with
+another module (tied weights): the other user computes what it computed, as with the new layer
+a ``fold_linear`` of two layers builds.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -312,6 +318,39 @@ def _set_module(gm: nn.Module, path: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
 
 
+@contextlib.contextmanager
+def _own_parameters(gm: nn.Module, path: str, masks: dict | None = None):
+    """While an edit rewrites the weights of the layer ``path`` in place: the layer first gets its
+    own copy of every parameter it shares with another module of ``gm`` (tied weights: one
+    Parameter registered under several paths, e.g. a tied embedding and classifier), so that the
+    other users keep the original and compute what they computed - as ``fold_linear`` of two
+    layers builds the merged layer anew. A copy keeps ``requires_grad``; in ``masks`` every name
+    of a tied parameter gets the mask one of them had (they were one tensor). Where the edit
+    raises (a refused fold), the layer gets its shared parameters back."""
+    layer = gm.get_submodule(path)
+    names: dict[int, list[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    shared = []
+    for leaf, p in list(layer.named_parameters(recurse=False)):
+        users = names.get(id(p), [])
+        if len(users) <= 1:
+            continue
+        if masks is not None:
+            known = next((masks[n] for n in users if n in masks), None)
+            if known is not None:
+                for n in users:
+                    masks.setdefault(n, known.clone())
+        setattr(layer, leaf, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        shared.append((leaf, p))
+    try:
+        yield layer
+    except BaseException:
+        for leaf, p in shared:
+            setattr(layer, leaf, p)
+        raise
+
+
 def _has_path(gm: nn.Module, path: str) -> bool:
     try:
         gm.get_submodule(path)
@@ -499,7 +538,6 @@ def _propagate_constants(gm: torch.fx.GraphModule, edit: Edit, seeds: list[torch
                 const.add(node)
 
     recorded: dict = edit.args.setdefault("constants", {})
-    dtype, device = _model_dtype(gm)
     first_input = next(n for n in gm.graph.nodes if n.op == "placeholder")
     notes: list[str] = edit.args.get("resolution_dependent", [])
     for c in [n for n in gm.graph.nodes if n in const]:
@@ -508,6 +546,7 @@ def _propagate_constants(gm: torch.fx.GraphModule, edit: Edit, seeds: list[torch
                 continue
             key = f"{c.name}->{u.name}"
             v = values[c][:1]
+            dtype, device = v.dtype, v.device  # the value's own (a mixed-precision network has several)
             kind = _binary_kind(u)
             live = None
             if kind is not None and len(u.args) == 2:
@@ -536,7 +575,8 @@ def _propagate_constants(gm: torch.fx.GraphModule, edit: Edit, seeds: list[torch
             if live is not None:
                 owner = _bias_owner(gm, live, shape)
                 if owner is not None:
-                    _add_to_bias(owner, value, structure_only)
+                    with _own_parameters(gm, live.target) as owner:
+                        _add_to_bias(owner, value, structure_only)
                     u.replace_all_uses_with(live)
                     gm.graph.erase_node(u)
                     continue
@@ -708,7 +748,8 @@ def _edit_fold_bn(gm, edit, example_input, structure_only, masks):
         if isinstance(layer, nn.Linear) and shape is not None and len(shape) != 2:
             raise FoldRefused(f"{src.target} outputs {len(shape)}-D features: {edit.target} "
                               "normalises dimension 1, not the Linear's features")
-        fold_bn_backward(layer, bn, src.target, edit.target, structure_only)
+        with _own_parameters(gm, src.target, masks) as layer:
+            fold_bn_backward(layer, bn, src.target, edit.target, structure_only)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         edit.args.update(into=src.target, direction="backward")
@@ -721,7 +762,8 @@ def _edit_fold_bn(gm, edit, example_input, structure_only, masks):
         shape = _out_shape(node)
         if isinstance(layer, nn.Linear) and shape is not None and len(shape) != 2:
             raise FoldRefused(f"{edit.target} feeds {users[0].target} a {len(shape)}-D input")
-        fold_bn_forward(bn, layer, edit.target, users[0].target, structure_only)
+        with _own_parameters(gm, users[0].target, masks) as layer:
+            fold_bn_forward(bn, layer, edit.target, users[0].target, structure_only)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         edit.args.update(into=users[0].target, direction="forward")
@@ -749,8 +791,8 @@ def _edit_fold_linear(gm, edit, example_input, structure_only, masks):
                 and is_weight_layer(gm.get_submodule(src.target)) and into in (None, src.target)
                 and len(_module_nodes(gm, src.target)) == 1
                 and _gate_matches(gm.get_submodule(src.target), module, _out_shape(src))):
-            layer = gm.get_submodule(src.target)
-            gate_rows(layer, module.gate, structure_only)
+            with _own_parameters(gm, src.target, masks) as layer:
+                gate_rows(layer, module.gate, structure_only)
             if masks is not None and f"{src.target}.weight" in masks:
                 key = f"{src.target}.weight"
                 masks[key] = gate_mask_rows(masks[key], module.gate)
@@ -766,8 +808,8 @@ def _edit_fold_linear(gm, edit, example_input, structure_only, masks):
             if not ok:
                 raise FoldRefused(f"gate {edit.target} is neither after a Conv/Linear that feeds "
                                   "only it nor the only input of one (on its channel dimension)")
-            layer = gm.get_submodule(users[0].target)
-            gate_columns(layer, module.gate, structure_only)
+            with _own_parameters(gm, users[0].target, masks) as layer:
+                gate_columns(layer, module.gate, structure_only)
             key = f"{users[0].target}.weight"
             if masks is not None and key in masks:
                 groups = layer.groups if isinstance(layer, nn.modules.conv._ConvNd) else 1

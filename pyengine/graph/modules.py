@@ -21,12 +21,20 @@ def _broadcast_shape(ndim: int, dim: int, size: int) -> list[int]:
 
 
 class ChannelGate(nn.Module):
-    """Multiplies dimension ``dim`` of its input by a fixed 0/1 vector: the edit of a ReLU whose
-    neurons are each either always ON (gate 1: identity) or always OFF (gate 0: the ReLU's
-    constant output 0). A diagonal linear map, folded into the neighbouring layer by
-    ``fold_network``.
+    """Multiplies dimension ``dim`` of its input by a fixed vector of per-channel factors: a
+    diagonal linear map, folded into the neighbouring layer by ``fold_network``. Two edits make
+    one:
 
-    Buffers: ``gate`` of shape (num_channels,).
+    - ``constant`` with ``args["on"]``: a ReLU/ReLU6 whose neurons are each either always ON
+      (factor 1: identity) or always OFF (factor 0: the constant output 0) - a 0/1 gate, as the
+      constructor builds it from ``on``;
+    - ``linearise`` with ``args["scale"]``: an activation that is exactly linear in the state
+      its neurons stay in, with any factors - e.g. a LeakyReLU always OFF (its negative slope),
+      a SELU always ON (its scale), a LeakyReLU partly ON (1 where ON, the slope where OFF), or
+      a PReLU's weights. The edit sets ``gate`` to those factors after construction (a single
+      factor on an activation without a producer layer is a one-channel gate, broadcast).
+
+    Buffers: ``gate`` of shape (num_channels,): the factors (0/1 for a ReLU's gate).
     """
 
     def __init__(self, num_channels: int, dim: int, on: Sequence[int]) -> None:
@@ -39,7 +47,10 @@ class ChannelGate(nn.Module):
         self.register_buffer("gate", gate)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate.view(_broadcast_shape(x.dim(), self.dim, -1))
+        gate = self.gate
+        if gate.dtype != x.dtype and x.is_floating_point():  # a gate made in the model's first dtype
+            gate = gate.to(x.dtype)  # keeps a float16 activation float16 (the next layer expects it)
+        return x * gate.view(_broadcast_shape(x.dim(), self.dim, -1))
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, dim={self.dim}, on={int(self.gate.count_nonzero())}"
