@@ -1,4 +1,6 @@
 """Any registered method on a user's own model through pyengine.Compressor."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -314,3 +316,56 @@ def test_fold_with_a_loader_replaces_collapsed_activations_for_any_method():
     folded = comp.fold([(x, None)])
     assert [e["target"] for e in comp.fold_record["collapse_edits"]] == ["r2"]
     assert torch.allclose(folded(x), before, atol=1e-5)
+
+
+class _RandomLoader:
+    """Input batches that draw from torch's and Python's random state, as a shuffling or
+    augmenting loader does."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        import random
+
+        for i in range(0, len(self.x), 16):
+            random.random()
+            yield self.x[i:i + 16] + 0.0 * torch.rand(1, dtype=self.x.dtype)
+
+
+def test_fold_with_a_loader_equals_the_eval_network_when_the_method_counts_in_train_mode():
+    # EASIER counts its states in train mode (BatchNorm batch statistics); fold(loader) decided the
+    # collapses on that count, so the eval-mode network, which its running statistics turn ON here,
+    # folded into something else (a difference as large as the outputs). The collapses are decided
+    # on an eval-mode pass, as the CLI run's final fold does, and the random state is left alone.
+    import random
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():  # batch statistics: the ReLU "2" always OFF; running statistics: always ON
+        net[1].bias.fill_(-50.0)
+        net[1].running_mean.fill_(-1e4)
+    x = torch.randn(64, 1, 8, 8, dtype=torch.float64)
+    reference = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        want = reference(x)
+    # the same fold over a loader that draws nothing: where the random state should end up (the
+    # layers a fold builds draw their initialisation, the measurement nothing)
+    quiet = pyengine.Compressor(copy.deepcopy(net), "easier", example_input=x[:1], log=lambda *a: None)
+    torch.manual_seed(3)
+    quiet.fold([x[i:i + 16] for i in range(0, len(x), 16)])
+    next_torch = torch.rand(3)
+    comp = pyengine.Compressor(net, "easier", example_input=x[:1], log=lambda *a: None)
+    assert comp.method.entropy_spec().train_mode  # the case this is about
+    random.seed(3)
+    next_py = random.random()
+    random.seed(3)
+    torch.manual_seed(3)
+    folded = comp.fold(_RandomLoader(x))
+    after_py, after_torch = random.random(), torch.rand(3)
+    collapsed = {(e["kind"], e["target"]) for e in comp.fold_record["collapse_edits"]}
+    with torch.no_grad():
+        torch.testing.assert_close(folded.eval()(x), want, rtol=1e-12, atol=1e-9)
+    assert ("linearise", "2") in collapsed and ("constant", "2") not in collapsed
+    assert after_py == next_py and torch.equal(after_torch, next_torch)  # the loader's draws are undone

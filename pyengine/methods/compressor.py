@@ -205,18 +205,17 @@ class Compressor(RunContext):
         says what was applied and refused.
 
         Which activations collapsed comes from a measurement of the network as it is now: over
-        ``loader`` when given, else the latest :meth:`measure` - unless a :meth:`step` changed the
-        network after it (pruning can turn an always-ON activation into a mixed one, and folding on
-        the old statistics would change the outputs): then a RuntimeError asks for a new one.
-        ``summary`` folds on a measurement of your own making instead."""
+        ``loader`` when given (in eval mode, the network the fold keeps: a method that counts in
+        train mode, such as EASIER, is measured here without BatchNorm batch statistics), else the
+        latest :meth:`measure` - unless a :meth:`step` changed the network after it (pruning can
+        turn an always-ON activation into a mixed one, and folding on the old statistics would
+        change the outputs): then a RuntimeError asks for a new one. ``summary`` folds on a
+        measurement of your own making instead."""
         if isinstance(loader, dict) and summary is None:  # fold(summary), the older positional form
             summary, loader = loader, None
         if summary is None:
             if loader is not None:
-                # a method that measures nothing (magnitude, IMP) still folds what collapsed on loader
-                from pyengine.methods.base import EntropySpec
-
-                summary = self.measure(loader, max_batches=max_batches, spec=self.method.entropy_spec() or EntropySpec())
+                summary = self._measure_for_fold(loader, max_batches)
             elif self._last is not None:
                 summary = self._last
             elif self.method.entropy_spec() is None:
@@ -232,6 +231,25 @@ class Compressor(RunContext):
         self._last = None  # the folded network is a new one
         self._checked_optimizer = None
         return self.model
+
+    def _measure_for_fold(self, loader, max_batches: int | None) -> dict:
+        """The measurement a fold decides its collapses on: the method's statistic, taken on an
+        eval-mode pass over ``loader`` - the network the fold must leave unchanged. A statistic the
+        method gathers in train mode (EASIER's, NEPENTHE's ``entropy_when="train"``: BatchNorm batch
+        statistics) can call an activation always OFF that the eval-mode network turns ON, and its
+        edit would change the outputs; it is measured here in eval mode instead, with pooled counts,
+        as the CLI run's final fold does (:meth:`RunContext.exact_collapse_summary`). The random
+        state (torch, CUDA on the example's device, Python's ``random``) is left as it was, so a
+        shuffling or augmenting loader does not change what the user's loop draws next. A method
+        that measures nothing (magnitude, IMP) still folds what collapsed on ``loader``."""
+        from pyengine.methods.base import EntropySpec
+
+        spec = self.method.entropy_spec() or EntropySpec()
+        exact = self.fold_spec(spec)
+        if exact is None:
+            return self.measure(loader, max_batches=max_batches, spec=spec)
+        with self.random_state_kept():
+            return self.measure(loader, max_batches=max_batches, spec=exact)
 
     def export(self, folder: str | Path, formats=("safetensors", "onnx"), description: dict | None = None,
                preprocessing: dict | None = None) -> list[str]:

@@ -452,24 +452,42 @@ class RunContext:
         (NEPENTHE's ``--approximate``)."""
         return bool(getattr(getattr(getattr(self, "method", None), "opt", None), "approximate", False))
 
-    def exact_collapse_summary(self, summary: dict, spec: EntropySpec | None) -> dict:
-        """The summary whose collapse edits a fold may apply exactly to the deployed (eval-mode)
-        network. A statistic gathered in train mode (EASIER's, NEPENTHE's ``--entropy-when train``:
-        BatchNorm batch statistics, augmented images) can call an activation always OFF that the
-        eval-mode network turns ON, so its constant / identity edit would change the outputs: the
-        collapse is then decided on an eval-mode pass over the training images without
-        augmentation (the random state is left as it was, so the run goes on unchanged).
-        Otherwise ``summary`` itself."""
-        loader = getattr(self, "entropy_loader", None)
-        if spec is None or spec.per_position or not (spec.when == "train" or spec.train_mode) or loader is None:
-            return summary
-        exact = dataclasses.replace(spec, when="pass", train_mode=False, average="pooled")
-        cfg = getattr(self, "cfg", None)
+    @staticmethod
+    def fold_spec(spec: EntropySpec | None) -> EntropySpec | None:
+        """The statistic a fold decides its collapses on, where it differs from ``spec``: a
+        statistic gathered in train mode (EASIER's, NEPENTHE's ``--entropy-when train``: BatchNorm
+        batch statistics, augmented images) can call an activation always OFF that the eval-mode
+        network - the one the fold keeps - turns ON, so its constant / identity edit would change
+        the outputs; the fold counts on an eval-mode pass with pooled counts instead. None where
+        ``spec`` already counts on the eval-mode network (or per position: DSD2)."""
+        if spec is None or spec.per_position or not (spec.when == "train" or spec.train_mode):
+            return None
+        return dataclasses.replace(spec, when="pass", train_mode=False, average="pooled")
+
+    @contextlib.contextmanager
+    def random_state_kept(self):
+        """Runs its block with torch's (CPU and this run's CUDA device) and Python's random state
+        put back afterwards: an extra pass over a shuffling or augmenting loader leaves the draws
+        of the training that follows (and a resumed run) unchanged."""
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         py_state = random.getstate()
-        with torch.random.fork_rng(devices=devices):
+        try:
+            with torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            random.setstate(py_state)
+
+    def exact_collapse_summary(self, summary: dict, spec: EntropySpec | None) -> dict:
+        """The summary whose collapse edits a fold may apply exactly to the deployed (eval-mode)
+        network: ``summary`` itself, or where the method counts in train mode (:meth:`fold_spec`)
+        a new measurement on an eval-mode pass over the training images without augmentation."""
+        loader = getattr(self, "entropy_loader", None)
+        exact = self.fold_spec(spec)
+        if exact is None or loader is None:
+            return summary
+        cfg = getattr(self, "cfg", None)
+        with self.random_state_kept():
             ent, constant = self.measure(exact, loader, max_batches=cfg.entropy_batches if cfg is not None else None)
-        random.setstate(py_state)
         return {**summary, "entropy_sites": [asdict(e) for e in ent.values()], "constant_neurons": constant}
 
     def fold_collapsed(self, summary: dict) -> dict:
