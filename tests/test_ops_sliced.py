@@ -641,3 +641,115 @@ def test_grouped_backward_inside_autocast_keeps_the_inputs_dtype(device, reduce)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         sliced_wasserstein_grouped(b, ys, th, reduce=reduce).sum().backward()
     assert all(torch.equal(u.grad, v.grad) for u, v in zip(a, b))
+
+
+# ------------------------------------------------------- CPU results independent of the thread count
+
+_THREADS = (1, 2, 3, 4, 8)
+
+
+def _per_thread_count(fn):
+    """fn() under torch.set_num_threads(t) for each t of _THREADS; the thread count is restored."""
+    before = torch.get_num_threads()
+    try:
+        out = {}
+        for t in _THREADS:
+            torch.set_num_threads(t)
+            out[t] = [v.detach().clone() for v in fn()]
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def _assert_bitwise_same(runs, what):
+    for t in _THREADS[1:]:
+        for i, (a, b) in enumerate(zip(runs[_THREADS[0]], runs[t])):
+            assert torch.equal(a, b), (f"{what}: output {i} on {t} threads differs from {_THREADS[0]} thread(s) "
+                                       f"by up to {float((a.double() - b.double()).abs().max()):.3g}")
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("b,n,d,k,dtype", [
+    (1, 128, 1000, 50, torch.float32),
+    (3, 33, 1000, 300, torch.float32),
+    (2, 40, 16384, 9, torch.float32),
+    (1, 128, 16384, 50, torch.float64),
+    (1, 64, 65536, 50, torch.float32),
+    (2, 5, 65536, 3, torch.float32),
+])
+def test_cpu_result_is_the_same_on_any_thread_count(reduce, b, n, d, k, dtype):
+    """The projections' float sums (split across threads for long rows, and split by BLAS by its
+    thread count) run in one order whatever torch.set_num_threads says: distances and gradients
+    are bitwise equal on 1, 2, 3, 4 and 8 threads."""
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(d + n + k)
+    x = torch.randn(b, n, d, generator=g, dtype=dtype)
+    y = torch.randn(b, n, d, generator=g, dtype=dtype) * 1.3 + 0.2
+    theta = random_directions(k, d, generator=g, dtype=dtype)
+
+    def run():
+        xx, yy = x.clone().requires_grad_(True), y.clone().requires_grad_(True)
+        dist = sliced_wasserstein(xx, yy, theta, reduce=reduce)
+        return [dist, *torch.autograd.grad((dist * torch.arange(1.0, b + 1, dtype=dtype)).sum(), [xx, yy])]
+
+    _assert_bitwise_same(_per_thread_count(run), f"B={b} n={n} d={d} K={k} {reduce}")
+    # drawn directions too (the draw itself is thread-independent)
+    _assert_bitwise_same(_per_thread_count(
+        lambda: [sliced_wasserstein(x, y, n_directions=k, reduce=reduce, generator=torch.Generator().manual_seed(3))]),
+        "drawn directions")
+
+
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("b,n,d,k", [(2, 200, 9000, 70), (1, 64, 2000, 300)])
+def test_cpu_tiled_products_match_float64_reference(reduce, b, n, d, k):
+    """The CPU products are cut into tiles by shape (sliced_gemm_cpu.h): here into reduction pieces
+    with a remainder and several column tiles (the first case, and its mean's backward), and several
+    row tiles (the second); every tile lands where it belongs (float64: only the order differs)."""
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(b, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    y = (torch.randn(b, n, d, generator=g, dtype=torch.float64) * 1.2 + 0.1).requires_grad_(True)
+    theta = random_directions(k, d, generator=g, dtype=torch.float64)
+    w = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
+    got = sliced_wasserstein(x, y, theta, reduce=reduce)
+    want = sliced_wasserstein_reference(x, y, theta, 2.0, reduce)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    for a, r in zip(torch.autograd.grad((got * w).sum(), [x, y]), torch.autograd.grad((want * w).sum(), [x, y])):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("bn,k,d", [(64, 2048, 64), (8, 20000, 16), (128, 50, 4096)])
+def test_cpu_backward_op_is_the_same_on_any_thread_count(bn, k, d):
+    # the mean's backward is one (B n, K) x (K, d) product: with many directions and a small output
+    # BLAS splits the sum over K by its thread count
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(k)
+    theta = random_directions(k, d, generator=g)
+    cx, cy = torch.randn(2, bn, k, generator=g), torch.randn(2, bn, k, generator=g)
+    grad = torch.rand(2, generator=g)
+    runs = _per_thread_count(lambda: torch.ops.pyengine.sliced_wasserstein_bwd(
+        grad, cx, cy, theta, torch.empty(0, dtype=torch.long), False, True, True))
+    _assert_bitwise_same(runs, f"backward B n={2 * bn} K={k} d={d}")
+
+
+def test_cpu_long_rows_under_inference_mode():
+    # the projection's pieces of a long reduction ran on worker threads outside inference mode and
+    # wrote into inference tensors: "Inplace update to inference tensor outside InferenceMode"
+    # (d >= 16384 on 2+ threads)
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 16, 65536, generator=g), torch.randn(2, 16, 65536, generator=g)
+    theta = random_directions(5, 65536, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        want = sliced_wasserstein(x, y, theta)
+        with torch.inference_mode():
+            got = sliced_wasserstein(x, y, theta)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, want)

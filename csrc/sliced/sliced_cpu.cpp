@@ -1,5 +1,6 @@
 // CPU kernel: batched random-projection (max-)sliced Wasserstein distance.
-// Projections are one batched GEMM (BLAS); each (pair, direction) row is then sorted with its
+// Projections are BLAS GEMMs tiled so that the result does not depend on the thread count
+// (sliced_gemm_cpu.h); each (pair, direction) row is then sorted with its
 // permutation (LSD radix sort on the float bits for float32), the |sorted difference|^p costs are
 // reduced, and - when a gradient is wanted - d dist / d projection is written for the directions
 // that matter (only the winner for the max), all in one parallel pass over the rows.
@@ -16,6 +17,7 @@
 
 #include "common/buffer_pool.h"
 #include "sliced/sliced_args.h"
+#include "sliced/sliced_gemm_cpu.h"
 
 #define PYENGINE_SIMD_KERNELS "sliced/sliced_simd.inc"
 #include "common/simd.h"
@@ -160,32 +162,23 @@ void sw_cpu(const T* px, const T* py, int64_t B, int64_t K, int64_t n, double p,
   }
 }
 
-// (K, d) x (B, n, d) -> (B, K, n): every direction's projections contiguous. When the
-// reduction dimension d dominates (LaCoOT flattens whole feature maps: d = C*H*W), BLAS keeps
-// such a skinny product on one thread; splitting d across threads (split-K) and summing the
-// partial products uses them all.
-at::Tensor project(const at::Tensor& theta_in, const at::Tensor& x_in) {
+// theta (K, d) x (B, n, d) for x and y -> (B, K, n) each: every direction's projections contiguous.
+// The products are tiled by their shapes only (sliced_gemm_cpu.h): when the reduction dimension d
+// dominates (LaCoOT flattens whole feature maps: d = C*H*W) its pieces - which BLAS would keep on
+// one thread - are shared by the threads, and the result is the same on any number of them.
+std::pair<at::Tensor, at::Tensor> project(const at::Tensor& theta_in, const at::Tensor& x_in, const at::Tensor& y_in) {
   // below autograd already; detached views let the out= products run on inputs that require grad
-  const at::Tensor theta = theta_in.detach(), x = x_in.detach();
-  const int64_t B = x.size(0), n = x.size(1), d = x.size(2), K = theta.size(0);
-  const int64_t threads = at::get_num_threads();
-  const int64_t chunk = 4096;
-  if (threads < 2 || d < 4 * chunk || d < 8 * (K + n)) {
-    return at::matmul(theta, x.transpose(1, 2)).contiguous();
+  const at::Tensor theta = theta_in.detach(), x = x_in.detach(), y = y_in.detach();
+  const int64_t B = x.size(0), n = x.size(1), K = theta.size(0);
+  at::Tensor px = at::empty({B, K, n}, x.options()), py = at::empty({B, K, n}, x.options());
+  std::vector<OrderedMM> mms;
+  mms.reserve(2 * B);
+  for (int64_t b = 0; b < B; ++b) {
+    mms.push_back({px[b], theta, x[b].t()});
+    mms.push_back({py[b], theta, y[b].t()});
   }
-  const int64_t parts = std::min<int64_t>(threads, d / chunk);
-  auto partial = at::empty({parts, B, K, n}, x.options());
-  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t d0 = d * p / parts, d1 = d * (p + 1) / parts;
-      auto th = theta.narrow(1, d0, d1 - d0);
-      for (int64_t b = 0; b < B; ++b) {
-        auto out = partial[p][b];
-        at::mm_out(out, th, x[b].narrow(1, d0, d1 - d0).t());
-      }
-    }
-  });
-  return partial.sum(0);
+  ordered_mm_cpu(mms);
+  return {px, py};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fwd_cpu(
@@ -200,8 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sliced_wasserstein_fw
     const std::vector<int64_t> cshape = need_grad ? std::vector<int64_t>{0, n, use_max ? 1 : K} : std::vector<int64_t>{0};
     return {at::empty({0}, o), at::empty(cshape, o), at::empty(cshape, o), at::empty({0}, o.dtype(at::kLong))};
   }
-  auto px = project(theta, x);
-  auto py = project(theta, y);
+  auto [px, py] = project(theta, x, y);
   auto dist = at::empty({B}, x.options());
   const int64_t kg = use_max ? 1 : K;
   at::Tensor cx = need_grad ? at::zeros({B, n, kg}, x.options()) : at::empty({0}, x.options());
@@ -236,15 +228,12 @@ std::tuple<at::Tensor, at::Tensor> sliced_wasserstein_bwd_cpu(const at::Tensor& 
   // per-row scales (B, n, k): tiny next to the outputs
   const at::Tensor sx = (cx * grad.view({B, 1, 1})).contiguous();
   const at::Tensor sy = (cy * grad.view({B, 1, 1})).contiguous();
-  if (!use_max) {  // every pair shares theta: one (B n, K) x (K, d) GEMM per output
-    if (need_x) {
-      at::Tensor o = gx.view({B * n, d});
-      at::mm_out(o, sx.view({B * n, K}), theta);
-    }
-    if (need_y) {
-      at::Tensor o = gy.view({B * n, d});
-      at::mm_out(o, sy.view({B * n, K}), theta);
-    }
+  if (!use_max) {  // every pair shares theta: one (B n, K) x (K, d) product per output, tiled as the
+                   // projections are (with many directions BLAS would split the sum over K by thread count)
+    std::vector<OrderedMM> mms;
+    if (need_x) mms.push_back({gx.view({B * n, d}), sx.view({B * n, K}), theta});
+    if (need_y) mms.push_back({gy.view({B * n, d}), sy.view({B * n, K}), theta});
+    ordered_mm_cpu(mms);
     return {gx, gy};
   }
   const at::Tensor w = win.contiguous();
