@@ -735,12 +735,41 @@ def test_cpu_backward_op_is_the_same_on_any_thread_count(bn, k, d):
     _assert_bitwise_same(runs, f"backward B n={2 * bn} K={k} d={d}")
 
 
+@pytest.mark.parametrize("reduce", ["max", "mean"])
+@pytest.mark.parametrize("dims,k,drawn", [
+    ((1000, 16384, 3), 50, True),
+    ((65536, 20000), 50, False),
+    ((65536,), 1, True),
+    ((64, 48), 3000, False),
+])
+def test_grouped_cpu_result_is_the_same_on_any_thread_count(reduce, dims, k, drawn):
+    if not pyengine.HAS_NATIVE:
+        pytest.skip("native extension not built")
+    from pyengine.ops import sliced_wasserstein_grouped
+
+    g = torch.Generator().manual_seed(sum(dims) + k)
+    xs = [torch.randn(24, d, generator=g) for d in dims]
+    ys = [torch.randn(24, d, generator=g) * 0.7 + 0.1 for d in dims]
+    theta = None if drawn else torch.randn(k, sum(dims), generator=g)
+
+    def run():
+        a = [x.clone().requires_grad_(True) for x in xs]
+        b = [y.clone().requires_grad_(True) for y in ys]
+        dist = sliced_wasserstein_grouped(a, b, theta, n_directions=k, reduce=reduce,
+                                          generator=torch.Generator().manual_seed(1))
+        return [dist, *torch.autograd.grad((dist * torch.arange(1.0, len(dims) + 1)).sum(), a + b)]
+
+    _assert_bitwise_same(_per_thread_count(run), f"grouped dims={dims} K={k} {reduce}")
+
+
 def test_cpu_long_rows_under_inference_mode():
     # the projection's pieces of a long reduction ran on worker threads outside inference mode and
     # wrote into inference tensors: "Inplace update to inference tensor outside InferenceMode"
     # (d >= 16384 on 2+ threads)
     if not pyengine.HAS_NATIVE:
         pytest.skip("native extension not built")
+    from pyengine.ops import sliced_wasserstein_grouped
+
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 16, 65536, generator=g), torch.randn(2, 16, 65536, generator=g)
     theta = random_directions(5, 65536, generator=g)
@@ -748,8 +777,11 @@ def test_cpu_long_rows_under_inference_mode():
     try:
         torch.set_num_threads(2)
         want = sliced_wasserstein(x, y, theta)
+        want_g = sliced_wasserstein_grouped(list(x), list(y), n_directions=5, generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
             got = sliced_wasserstein(x, y, theta)
+            got_g = sliced_wasserstein_grouped(list(x), list(y), n_directions=5,
+                                               generator=torch.Generator().manual_seed(1))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(got_g, want_g)
