@@ -7,7 +7,10 @@
 // every product is cut into tiles - output blocks, and pieces of the reduction when it is long -
 // whose boundaries depend only on the shapes; each tile is one BLAS call on one thread, the threads
 // share the tiles, and the pieces' partial products are added in piece order. The tiles also make
-// long thin products (which BLAS keeps on one thread) parallel.
+// long thin products (which BLAS keeps on one thread) parallel. With MKL (torch's x86 builds) each
+// tile runs with MKL's thread-local count at 1 - its kernel choice follows that count - and float32
+// tiles of narrow outputs go through MKL's packed GEMM, whose kernel is the fast one on one thread;
+// elsewhere plain at::mm_out per tile.
 #pragma once
 
 #include <ATen/ATen.h>
