@@ -9,6 +9,26 @@ from pyengine.methods import RunConfig
 quiet = dict(log=lambda *a: None)
 
 
+def capture_fold(monkeypatch) -> dict:
+    """Makes every run's final fold record the eval-mode network before and after it ("before",
+    "after") and the run's test loader ("test"), in the dict returned."""
+    import copy
+
+    from pyengine.methods import runner as R
+
+    seen = {}
+    fold = R.RunContext.fold_collapsed
+
+    def keep(self, summary):
+        seen["before"] = copy.deepcopy(self.model).eval()
+        rec = fold(self, summary)
+        seen["after"], seen["test"] = copy.deepcopy(self.model).eval(), self.loaders["test"]
+        return rec
+
+    monkeypatch.setattr(R.RunContext, "fold_collapsed", keep)
+    return seen
+
+
 def tiny_cfg(tmp_path, method, name="run", **kw):
     base = dict(model="resnet18", method=method, dataset="digits", image_size=8, epochs=1, batch_size=128,
                 out=str(tmp_path / name), no_progress=True, entropy_batches=3, model_opts={"width": 8})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _depth_helpers import Stop, onnx_matches, quiet, stop_at, tiny_cfg
+from _depth_helpers import Stop, capture_fold, onnx_matches, quiet, stop_at, tiny_cfg
 from _depth_helpers import fast_latency  # noqa: F401 (a fixture, used by name)
 from pyengine.methods import run
 from pyengine.methods.depth.common import last_within_tolerance, tolerance_stop
@@ -156,20 +156,9 @@ def test_the_final_fold_equals_the_eval_network_when_entropy_is_counted_in_train
     # statistics): an activation always OFF there became the constant 0, though the eval-mode
     # network - the one evaluated, reported and exported - turns it ON, so the folded network
     # computed something else (test accuracy 18.4% against the reported 8.9% here)
-    import copy
-
     from pyengine.methods import runner as R
 
-    seen = {}
-    fold = R.RunContext.fold_collapsed
-
-    def keep(self, summary):
-        seen["before"] = copy.deepcopy(self.model).eval()
-        rec = fold(self, summary)
-        seen["after"], seen["test"] = copy.deepcopy(self.model).eval(), self.loaders["test"]
-        return rec
-
-    monkeypatch.setattr(R.RunContext, "fold_collapsed", keep)
+    seen = capture_fold(monkeypatch)
     holder = {}
 
     def stale_statistics(rnd, ep):  # before the last epoch: a BatchNorm whose running mean lags its batches

@@ -194,22 +194,11 @@ class _LeakyOff(nn.Module):
 
 def test_a_run_folds_an_always_off_leaky_relu_exactly(tmp_path, monkeypatch):
     # the run's collapse kept any LeakyReLU that was always OFF (only ON ones became identities)
-    import copy
-
     from pyengine.methods import runner as R
 
-    from _depth_helpers import quiet, tiny_cfg
+    from _depth_helpers import capture_fold, quiet, tiny_cfg
 
-    seen = {}
-    fold = R.RunContext.fold_collapsed
-
-    def keep(self, summary):
-        seen["before"] = copy.deepcopy(self.model).eval()
-        rec = fold(self, summary)
-        seen["after"], seen["test"] = copy.deepcopy(self.model).eval(), self.loaders["test"]
-        return rec
-
-    monkeypatch.setattr(R.RunContext, "fold_collapsed", keep)
+    seen = capture_fold(monkeypatch)
     monkeypatch.setattr(R.Run, "_base_model", lambda self: _LeakyOff())
     rep = R.Run(tiny_cfg(tmp_path, "egp", rounds=0, epochs=1), **quiet).run()
     kinds = {(e["kind"], e["target"]) for e in rep["fold"]["collapse_edits"]}
